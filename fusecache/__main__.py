@@ -1,0 +1,3 @@
+from fusecache.cli import main
+
+raise SystemExit(main())

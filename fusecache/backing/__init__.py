@@ -1,0 +1,149 @@
+"""The backing tree: the image directory fusecache mirrors.
+
+A backing is either a local directory (in production a kernel NFS mount) or an
+NFS export spoken to directly (`nfs://server/export`). Both implement
+`Backing`. Every method is *blocking*: the FUSE layer never calls one on the
+trio thread, it hands it to a worker thread (see `fusecache.fs`). Paths are
+relative to the backing root, '' is the root itself, components joined by '/'.
+Failures raise OSError with the right errno; callers turn that into FUSEError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attr:
+    """Attributes of a backing object, the subset FUSE and the cache need."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    rdev: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    # NFS change attribute where the protocol has one, else 0.
+    change: int = 0
+
+    @property
+    def version(self) -> tuple[int, int, int, int]:
+        """What identifies one version of a file's content (close-to-open check)."""
+        return (self.size, self.mtime_ns, self.ctime_ns, self.change)
+
+    @classmethod
+    def from_stat(cls, st: Any) -> Attr:
+        return cls(
+            ino=st.st_ino,
+            mode=st.st_mode,
+            nlink=st.st_nlink,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size,
+            rdev=st.st_rdev,
+            blocks=st.st_blocks,
+            atime_ns=st.st_atime_ns,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StatFs:
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    favail: int
+    namemax: int
+
+
+class Handle(Protocol):
+    """An open backing file. Opaque to callers; only its backing uses it."""
+
+
+class Backing(Protocol):
+    """A tree of files. Every call may block (network): run it off the trio loop."""
+
+    description: str  # for log lines: "/mnt/nfs/images" or "nfs://srv/export"
+
+    def lstat(self, path: str) -> Attr: ...
+    def listdir(self, path: str) -> list[str]: ...
+    def open(self, path: str, flags: int) -> Handle: ...
+    def create(self, path: str, flags: int, mode: int) -> Handle: ...
+    def fstat(self, fh: Handle) -> Attr: ...
+    def pread(self, fh: Handle, offset: int, size: int) -> bytes: ...
+    def pwrite(self, fh: Handle, data: bytes, offset: int) -> int: ...
+    def fsync(self, fh: Handle, datasync: bool) -> None: ...
+    def ftruncate(self, fh: Handle, size: int) -> None: ...
+    def close(self, fh: Handle) -> None: ...
+    def truncate(self, path: str, size: int) -> None: ...
+    def chmod(self, path: str, mode: int) -> None: ...
+    def chown(self, path: str, uid: int, gid: int) -> None: ...
+    def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None: ...
+    def mkdir(self, path: str, mode: int) -> None: ...
+    def rmdir(self, path: str) -> None: ...
+    def unlink(self, path: str) -> None: ...
+    def rename(self, old: str, new: str, flags: int) -> None: ...
+    def symlink(self, target: str, path: str) -> None: ...
+    def readlink(self, path: str) -> str: ...
+    def link(self, existing: str, new: str) -> None: ...
+    def mknod(self, path: str, mode: int, rdev: int) -> None: ...
+    def statfs(self) -> StatFs: ...
+    def getxattr(self, path: str, name: str) -> bytes: ...
+    def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None: ...
+    def listxattr(self, path: str) -> list[str]: ...
+    def removexattr(self, path: str, name: str) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+def open_backing(spec: str) -> Backing:
+    """Build the backing for a BACKING argument: a directory or an nfs:// URL."""
+    if spec.startswith("nfs://"):
+        from fusecache.backing.nfs import NfsBacking
+
+        return NfsBacking.from_url(spec)
+    from fusecache.backing.local import LocalBacking
+
+    return LocalBacking.from_path(spec)
+
+
+class OffLoop:
+    """A backing whose every call runs in a worker thread and is awaited.
+
+    The backing is NFS in production, where any call, even a stat, can block
+    for a server timeout; a blocking call on the trio thread would stall every
+    request of every guest. A worker-thread round trip costs ~0.1 ms here,
+    small next to a network round trip, so the rule is simple: every backing
+    call goes through this wrapper, none is made on the loop.
+    """
+
+    def __init__(self, backing: Backing, threads: int = 32) -> None:
+        import trio
+
+        self.sync = backing
+        self.description = backing.description
+        self._limiter = trio.CapacityLimiter(threads)
+        self._to_thread = trio.to_thread.run_sync
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """Run `fn(*args)` (a few backing calls made together) in a worker thread."""
+        return await self._to_thread(fn, *args, limiter=self._limiter)
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self.sync, name)
+
+        async def call(*args: Any) -> Any:
+            return await self._to_thread(fn, *args, limiter=self._limiter)
+
+        call.__name__ = name
+        return call

@@ -1,0 +1,122 @@
+"""Mounting the real `fusecache` command in tests, and always unmounting it.
+
+`Mounter.mount()` runs `fusecache mount` as a subprocess, waits for
+`os.path.ismount`, and remembers the daemon's PID. `Mounter.cleanup()` (run by
+the `mounter` fixture even when the test fails) unmounts with `fusecache
+umount`, then `fusermount3 -u`, then `-z`, and stops the daemon by its PID with
+SIGTERM, then SIGKILL, if it is still there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+FUSECACHE = [sys.executable, "-m", "fusecache"]
+
+
+@dataclasses.dataclass
+class Mount:
+    backing: str
+    mountpoint: str
+    pid: int | None
+    log: str
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+def run_fusecache(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FUSECACHE, *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+
+
+def is_mounted(path: str) -> bool:
+    path = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+class Mounter:
+    def __init__(self, tmp: str) -> None:
+        self.tmp = tmp
+        self.mounts: list[Mount] = []
+        self._n = 0
+
+    def mount(self, backing: str, *args: str, mountpoint: str | None = None) -> Mount:
+        if mountpoint is None:
+            self._n += 1
+            mountpoint = os.path.join(self.tmp, f"mnt{self._n}")
+            os.makedirs(mountpoint, exist_ok=True)
+        log = os.path.join(self.tmp, f"daemon{self._n}.log")
+        proc = run_fusecache("mount", backing, mountpoint, "--log-file", log, *args)
+        if proc.returncode != 0:
+            raise AssertionError(f"fusecache mount failed ({proc.returncode}): {proc.stderr.strip()}\n{_read(log)}")
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(mountpoint):
+            assert time.monotonic() < deadline, "mount did not appear"
+            time.sleep(0.02)
+        m = re.search(r"daemon pid (\d+)", proc.stderr)
+        mnt = Mount(backing, os.path.abspath(mountpoint), int(m.group(1)) if m else None, log)
+        self.mounts.append(mnt)
+        return mnt
+
+    def unmount(self, m: Mount) -> None:
+        proc = run_fusecache("umount", m.mountpoint, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert not is_mounted(m.mountpoint)
+        self.mounts.remove(m)
+
+    def cleanup(self) -> None:
+        for m in reversed(self.mounts):
+            force_unmount(m.mountpoint, m.pid)
+        self.mounts.clear()
+
+
+def force_unmount(mountpoint: str, pid: int | None) -> None:
+    """Unmount by every means, then stop the daemon by PID: nothing may stay mounted."""
+    if is_mounted(mountpoint):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            run_fusecache("umount", mountpoint, timeout=30)
+    for cmd in (["fusermount3", "-u", mountpoint], ["fusermount3", "-u", "-z", mountpoint]):
+        if not is_mounted(mountpoint):
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(cmd, capture_output=True, timeout=30)
+    if pid is not None:
+        stop_pid(pid)
+
+
+def stop_pid(pid: int, grace: float = 10.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            time.sleep(0.05)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()[-4000:]
+    except OSError:
+        return ""
