@@ -1,14 +1,50 @@
 """The data path: where file contents come from and go to.
 
-`Passthrough` sends every read and write to the backing file (in a worker
-thread): the mount without a cache, and the baseline every cache result is
-measured against.
+`Cache` is the read path of DESIGN.md: for each chunk of a request, the
+location index (ino, generation, chunk) -> the store's verified bytes (a
+hit, served inline on the trio thread); else the backing file, read in a
+worker thread (a miss), and offered to the admission policy. `Passthrough`
+sends everything to the backing: the mount with no cache, and the baseline.
+
+Never stale, in four rules:
+- A file's *generation* names one version of its content. At open and every
+  `revalidate` seconds the backing's version (size, mtime, ctime, NFS
+  change) is compared with the one recorded; if another host changed it, the
+  generation is bumped in memory at once, so no old chunk is found again.
+  Truncate and unlink bump it too.
+- A write goes to the backing first; the chunks it touched are then marked
+  dropped in memory (`FileState.dropped`) before the write returns, and the
+  drop is queued for the store. A dropped chunk is a miss until the store
+  has committed the drop.
+- A chunk read from the backing is admitted only if no write to that file
+  started or ended while it was being read (`FileState.epoch`), and the
+  generation is unchanged: a read that raced a write never caches old bytes.
+- The writer task applies queued changes in order, in one worker thread at a
+  time (the store's single writer), batched.
 """
 
 from __future__ import annotations
 
-from fusecache.backing import OffLoop
+import dataclasses
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import trio
+
+from fusecache.backing import Attr, OffLoop
 from fusecache.inodes import OpenFile
+from fusecache.policy import Admission
+from fusecache.store import Store, WriteBatch
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_VERSION = (-1, -1, -1, -1)
+MAX_PENDING_ADMIT_BYTES = 128 << 20  # past this, misses are served but not admitted: reads never wait for the writer
+MAX_BATCH_ADMITS = 1024
+ADMIT_READ = 1 << 20  # an admit command reads the backing this much at a time
 
 
 class Passthrough:
@@ -34,3 +70,389 @@ class Passthrough:
 
     def unlinked(self, ino: int) -> None:
         pass
+
+    def stats(self) -> dict[str, Any]:
+        return {"cache": None}
+
+    async def run(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(slots=True)
+class FileState:
+    ino: int
+    gen: int
+    version: tuple[int, int, int, int] | None  # None: not known; adopt the backing's at the next check
+    checked: float = 0.0  # time.monotonic() of the last version check
+    epoch: int = 0  # bumped when a write starts and when it ends
+    writing: int = 0  # writes in flight
+    dropped: dict[int, int] = dataclasses.field(default_factory=dict)  # chunk -> queue seq of its drop
+
+
+@dataclasses.dataclass(slots=True)
+class ImageCounters:
+    reads: int = 0
+    hit_bytes: int = 0
+    peer_bytes: int = 0
+    backing_bytes: int = 0
+    hit_chunks: int = 0
+    miss_chunks: int = 0
+    admitted_chunks: int = 0
+    writes: int = 0
+    write_bytes: int = 0
+    invalidations: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class _Fetch:
+    """One chunk being read from the backing; concurrent readers of it wait here instead of reading again."""
+
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    data: bytes = b""
+    error: OSError | None = None
+
+
+class Cache:
+    """The read path over a `Store`, with invalidation on writes and on version changes."""
+
+    def __init__(self, backing: OffLoop, store: Store, admission: Admission, *, revalidate: float = 2.0) -> None:
+        self.backing = backing
+        self.store = store
+        self.admission = admission
+        self.revalidate = revalidate
+        self.chunk_size = store.chunk_size
+        self._files: dict[int, FileState] = {}
+        self._inflight: dict[tuple[int, int, int], _Fetch] = {}
+        self.images: dict[str, ImageCounters] = defaultdict(ImageCounters)
+        self._names: dict[int, str] = {}  # ino -> the name it was last opened by
+        # the writer's queue: (seq, kind, item); seq orders drops against admissions
+        self._queue: list[tuple[int, str, Any]] = []
+        self._seq = 0
+        self._committed = 0
+        self._pending_admit_bytes = 0
+        self._wakeup = trio.Event()
+        self._writer_limiter = trio.CapacityLimiter(1)
+        self.skipped_admissions = 0
+
+    # ---- file state and versions --------------------------------------------
+    def _file(self, ino: int) -> FileState:
+        st = self._files.get(ino)
+        if st is None:
+            rec = self.store.file_record(ino)
+            st = FileState(ino, rec[0], rec[1]) if rec else FileState(ino, 1, None)
+            self._files[ino] = st
+        return st
+
+    def _check_version(self, st: FileState, attr: Attr) -> None:
+        version = attr.version
+        st.checked = time.monotonic()
+        if st.version == version:
+            return
+        if st.version is not None:
+            # changed behind our back (another host, or a tool on the NFS server)
+            st.gen += 1
+            st.dropped.clear()
+            self.images[self._names.get(st.ino, str(st.ino))].invalidations += 1
+            log.info("%s changed on the backing: its cached blocks are dropped", self._names.get(st.ino, st.ino))
+        st.version = version
+        self._enqueue("file", (st.ino, st.gen, version))
+
+    def _bump(self, st: FileState) -> None:
+        st.gen += 1
+        st.version = None
+        st.dropped.clear()
+        self._enqueue("file", (st.ino, st.gen, UNKNOWN_VERSION))
+
+    async def opened(self, f: OpenFile) -> None:
+        self._names[f.ino] = f.path
+        self._check_version(self._file(f.ino), f.attr)  # close-to-open: f.attr was read at this open
+
+    def closed(self, f: OpenFile) -> None:
+        pass
+
+    def resized(self, ino: int, size: int) -> None:
+        self._bump(self._file(ino))
+
+    def unlinked(self, ino: int) -> None:
+        st = self._file(ino)
+        st.gen += 1
+        st.version = None
+        st.dropped.clear()
+        self._enqueue("forget", ino)
+
+    async def _state(self, f: OpenFile) -> FileState:
+        st = self._file(f.ino)
+        if time.monotonic() - st.checked >= self.revalidate:
+            self._check_version(st, await self.backing.fstat(f.handle))
+        return st
+
+    # ---- reads ------------------------------------------------------------
+    async def read(self, f: OpenFile, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        st = await self._state(f)
+        cs = self.chunk_size
+        first, last = offset // cs, (offset + size - 1) // cs
+        counters = self.images[f.path]
+        counters.reads += 1
+        chunks: dict[int, bytes] = {}
+        need: list[int] = []
+        for c in range(first, last + 1):
+            data = None if c in st.dropped else self.store.read_chunk(st.ino, st.gen, c)
+            if data is None:
+                need.append(c)
+            else:
+                chunks[c] = data
+        if need:
+            chunks.update(await self._fetch(f, st, need))
+        out = []
+        for c in range(first, last + 1):
+            data = chunks[c]
+            lo = offset - c * cs if c == first else 0
+            hi = min(len(data), offset + size - c * cs)
+            if hi > lo:
+                out.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
+                if c in need:
+                    counters.backing_bytes += hi - lo
+                    counters.miss_chunks += 1
+                else:
+                    counters.hit_bytes += hi - lo
+                    counters.hit_chunks += 1
+            if len(data) < cs:
+                break  # end of file
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    async def _fetch(self, f: OpenFile, st: FileState, need: list[int]) -> dict[int, bytes]:
+        """Read missing chunks from the backing, one read per contiguous run; join reads already under way."""
+        got: dict[int, bytes] = {}
+        mine: list[tuple[int, _Fetch]] = []
+        theirs: list[tuple[int, _Fetch]] = []
+        for c in need:
+            key = (st.ino, st.gen, c)
+            fetch = self._inflight.get(key)
+            if fetch is None:
+                fetch = self._inflight[key] = _Fetch()
+                mine.append((c, fetch))
+            else:
+                theirs.append((c, fetch))
+        gen, epoch, quiet = st.gen, st.epoch, st.writing == 0
+        try:
+            for run in _runs(mine):
+                start = run[0][0] * self.chunk_size
+                data = await self.backing.pread(f.handle, start, len(run) * self.chunk_size)
+                admit = quiet and st.writing == 0 and st.epoch == epoch and st.gen == gen
+                for i, (c, fetch) in enumerate(run):
+                    piece = data[i * self.chunk_size : (i + 1) * self.chunk_size]
+                    fetch.data = got[c] = piece
+                    if admit and piece and self.admission.on_miss(f, gen, c, piece):
+                        self.admit(st.ino, gen, c, piece, f.path)
+        except OSError as exc:
+            for _, fetch in mine:
+                fetch.error = exc
+            raise
+        finally:
+            for c, fetch in mine:
+                self._inflight.pop((st.ino, gen, c), None)
+                fetch.done.set()
+        for c, fetch in theirs:
+            await fetch.done.wait()
+            if fetch.error is not None:
+                raise fetch.error
+            got[c] = fetch.data
+        return got
+
+    def admit(self, ino: int, gen: int, chunk: int, data: bytes, name: str | None = None) -> bool:
+        """Queue one chunk for the store; False (not admitted) when the writer is too far behind."""
+        if self._pending_admit_bytes + len(data) > MAX_PENDING_ADMIT_BYTES:
+            self.skipped_admissions += 1
+            return False
+        self._pending_admit_bytes += len(data)
+        self._enqueue("admit", (ino, gen, chunk, data))
+        self.images[name or self._names.get(ino, str(ino))].admitted_chunks += 1
+        return True
+
+    # ---- writes -----------------------------------------------------------
+    async def write(self, f: OpenFile, offset: int, data: bytes) -> int:
+        st = self._file(f.ino)
+        before = st.version
+        st.writing += 1
+        st.epoch += 1
+        written = 0
+        try:
+            written, attr = await self.backing.run(_pwrite_and_stat, self.backing.sync, f.handle, data, offset)
+        finally:
+            st.writing -= 1
+            st.epoch += 1
+            if data:
+                cs = self.chunk_size
+                for c in range(offset // cs, (offset + len(data) - 1) // cs + 1):
+                    st.dropped[c] = self._enqueue("drop", (st.ino, st.gen, c))
+        if before is None:
+            self._bump(st)  # the old size is not known: the old end-of-file chunk cannot be found
+        elif attr.size != before[0]:
+            # the chunk that held the old end of file is short in the store: it must not end reads early
+            old_eof = before[0] // self.chunk_size
+            st.dropped[old_eof] = self._enqueue("drop", (st.ino, st.gen, old_eof))
+        # our own write changed the version: adopt it rather than treat it as another host's change
+        st.version = attr.version
+        st.checked = time.monotonic()
+        self._enqueue("file", (st.ino, st.gen, attr.version))
+        counters = self.images[f.path]
+        counters.writes += 1
+        counters.write_bytes += written
+        return written
+
+    # ---- the writer -------------------------------------------------------
+    def _enqueue(self, kind: str, item: Any) -> int:
+        self._seq += 1
+        self._queue.append((self._seq, kind, item))
+        self._wakeup.set()
+        return self._seq
+
+    def _take_batch(self) -> tuple[WriteBatch, int]:
+        """The next batch: releases, then admissions, never a release queued after an admission.
+
+        The store applies a batch's releases before its admissions; cutting the
+        batch there keeps queue order (an admission followed by the drop of the
+        same chunk must end dropped).
+        """
+        batch = WriteBatch()
+        admits = 0
+        taken = 0
+        last = self._committed
+        for seq, kind, item in self._queue:
+            if kind == "admit":
+                if admits >= MAX_BATCH_ADMITS:
+                    break
+                admits += 1
+                batch.admit.append(item)
+            elif admits:
+                break
+            elif kind == "drop":
+                batch.drop.append(item)
+            elif kind == "file":
+                batch.files.append(item)
+            else:
+                batch.forget_files.append(item)
+            taken += 1
+            last = seq
+        del self._queue[:taken]
+        return batch, last
+
+    async def run(self) -> None:
+        """The writer task: applies queued changes to the store, one batch at a time, in a worker thread."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, last = self._take_batch()
+            try:
+                await trio.to_thread.run_sync(self.store.apply, batch, limiter=self._writer_limiter)
+            except Exception:
+                log.exception("the cache store failed to apply a batch: those blocks are not cached")
+            self._pending_admit_bytes -= sum(len(a[3]) for a in batch.admit)
+            self._committed = last
+            for st in self._files.values():
+                if st.dropped:
+                    st.dropped = {c: s for c, s in st.dropped.items() if s > last}
+
+    async def close(self) -> None:
+        """Apply what is queued, then close the store (marks a clean shutdown)."""
+        with trio.CancelScope(shield=True):
+            await self._drain()
+            await trio.to_thread.run_sync(self.store.close)
+
+    # ---- commands from the control socket -------------------------------------
+    def control_handlers(self) -> dict[str, Any]:
+        return {"admit": self._cmd_admit, "drop": self._cmd_drop}
+
+    async def _cmd_admit(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Admit a byte range of an image now (for external agents that know what a guest evicted)."""
+        from fusecache.control import CommandError
+
+        path, offset, length = request.get("image"), request.get("offset"), request.get("length")
+        if not isinstance(path, str) or not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0:
+            raise CommandError("admit needs image (a path in the mount), offset >= 0 and length >= 0")
+        sync = self.backing.sync
+        try:
+            handle = await self.backing.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise CommandError(f"cannot open {path}: {exc.strerror}")
+        admitted = 0
+        try:
+            attr = await self.backing.fstat(handle)
+            self._names[attr.ino] = path
+            st = self._file(attr.ino)
+            self._check_version(st, attr)
+            cs = self.chunk_size
+            pos = offset // cs * cs
+            end = min(offset + length, attr.size)
+            while pos < end:
+                n = min(ADMIT_READ, (end - pos + cs - 1) // cs * cs)
+                gen, epoch = st.gen, st.epoch
+                data = await self.backing.run(sync.pread, handle, pos, n)
+                for i in range(0, len(data), cs):
+                    piece = data[i : i + cs]
+                    if st.gen != gen or st.epoch != epoch or st.writing:
+                        break
+                    while not self.admit(st.ino, gen, (pos + i) // cs, piece, path):
+                        await trio.sleep(0.01)  # the writer is behind: wait for it rather than skip
+                    admitted += 1
+                if len(data) < n:
+                    break
+                pos += n
+        except OSError as exc:
+            raise CommandError(f"reading {path}: {exc.strerror}")
+        finally:
+            await self.backing.close(handle)
+        return {"image": path, "admitted_chunks": admitted}
+
+    async def _cmd_drop(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Forget the cached blocks of one image, or of every image."""
+        from fusecache.control import CommandError
+
+        path = request.get("image")
+        if path is not None:
+            if not isinstance(path, str):
+                raise CommandError("drop takes image: a path in the mount")
+            try:
+                attr = await self.backing.lstat(path)
+            except OSError as exc:
+                raise CommandError(f"cannot find {path}: {exc.strerror}")
+            self.unlinked(attr.ino)
+            return {"dropped_files": 1}
+        inos = set(self._files) | set(await self.backing.run(self.store.iter_files))
+        for ino in inos:
+            self.unlinked(ino)
+        return {"dropped_files": len(inos)}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "admission": self.admission.stats(),
+            "images": {name: dataclasses.asdict(c) for name, c in sorted(self.images.items())},
+            "store": self.store.stats(),
+            "queue": len(self._queue),
+            "skipped_admissions": self.skipped_admissions,
+        }
+
+
+def _pwrite_and_stat(backing: Any, handle: Any, data: bytes, offset: int) -> tuple[int, Attr]:
+    n = backing.pwrite(handle, data, offset)
+    return n, backing.fstat(handle)
+
+
+def _runs(chunks: list[tuple[int, _Fetch]]) -> list[list[tuple[int, _Fetch]]]:
+    runs: list[list[tuple[int, _Fetch]]] = []
+    for item in chunks:
+        if runs and runs[-1][-1][0] + 1 == item[0]:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 
 from fusecache import __version__
@@ -35,11 +37,69 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--log-file", metavar="PATH", help="the daemon's log (default /var/log/fusecache/MOUNTPOINT.log)")
     m.add_argument("--attr-timeout", type=float, default=1.0, metavar="SECONDS", help="kernel attribute cache time (default 1)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    c = m.add_argument_group("cache")
+    c.add_argument("--cache-dir", metavar="DIR", help="where the block cache lives (default /var/cache/fusecache/MOUNTPOINT)")
+    c.add_argument("--cache-size", type=size, default="2G", metavar="SIZE", help="the cache's bound, e.g. 8G (default 2G)")
+    c.add_argument("--reset-cache", action="store_true", help="empty the cache dir first (a corrupt, foreign or old-format cache)")
+    c.add_argument("--no-cache", action="store_true", help="plain passthrough: no cache at all")
+    c.add_argument("--admit", choices=["inclusive"], default="inclusive", help="what enters the cache: every block read (inclusive)")
+    c.add_argument("--revalidate", type=seconds, default=2.0, metavar="SECONDS",
+                   help="how often an open file's version is checked against the backing (default 2)")
+
+    st = sub.add_parser("stats", help="print a mount's counters")
+    st.add_argument("mountpoint", metavar="MOUNTPOINT")
+    st.add_argument("--json", action="store_true", help="all counters as JSON")
+
+    a = sub.add_parser("admit", help="admit a byte range of an image into the cache now")
+    a.add_argument("mountpoint", metavar="MOUNTPOINT")
+    a.add_argument("image", metavar="IMAGE", help="the image, as a path in the mount")
+    a.add_argument("offset", type=size, metavar="OFFSET", help="bytes, or with K/M/G/T")
+    a.add_argument("length", type=size, metavar="LENGTH", help="bytes, or with K/M/G/T")
+
+    d = sub.add_parser("drop", help="drop the cached blocks of one image, or of all")
+    d.add_argument("mountpoint", metavar="MOUNTPOINT")
+    d.add_argument("image", metavar="IMAGE", nargs="?", help="the image, as a path in the mount (default: every image)")
 
     u = sub.add_parser("umount", aliases=["unmount"], help="unmount and stop the daemon")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     u.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy; the daemon ends when the last user does")
     return p
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def size(text: str) -> int:
+    """'8G', '512M', '4096', '1.5T' -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use a number with K, M, G or T, e.g. 8G")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative: give a size of zero or more")
+    return int(value * _UNITS[unit])
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative: give zero or more seconds")
+    return value
+
+
+def _image_path(mountpoint: str, image: str) -> str:
+    """IMAGE as a path relative to the mount's root (it may be given absolute, under the mount)."""
+    if os.path.isabs(image):
+        rel = os.path.relpath(os.path.abspath(image), os.path.abspath(mountpoint))
+        if rel.startswith(".."):
+            raise QuietError(f"{image} is not under {mountpoint}: give the image's path in the mount")
+        return rel
+    return os.path.normpath(image)
 
 
 def _mount(args: argparse.Namespace, argv: list[str]) -> int:
@@ -54,7 +114,15 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         log_file=args.log_file,
         ready_fd=args.ready_fd,
         attr_timeout=args.attr_timeout,
+        cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+        cache_size=args.cache_size,
+        reset_cache=args.reset_cache,
+        admit=args.admit,
+        revalidate=args.revalidate,
     )
+    if args.cache_size < 1 << 20 and not args.no_cache:
+        raise QuietError(f"--cache-size {args.cache_size} is too small: give at least 1M (e.g. 8G), or --no-cache")
     if args.foreground:
         daemon.setup_logging(args.debug)
         daemon.serve(opts)
@@ -70,7 +138,38 @@ def _umount(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"mount": _mount, "umount": _umount, "unmount": _umount}
+def _stats(args: argparse.Namespace, argv: list[str]) -> int:
+    from fusecache import control
+
+    reply = control.request(args.mountpoint, "stats")
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    else:
+        from fusecache.top import summary_lines
+
+        print("\n".join(summary_lines(reply)))
+    return 0
+
+
+def _admit(args: argparse.Namespace, argv: list[str]) -> int:
+    from fusecache import control
+
+    image = _image_path(args.mountpoint, args.image)
+    reply = control.request(args.mountpoint, "admit", timeout=3600, image=image, offset=args.offset, length=args.length)
+    print(f"admitted {reply['admitted_chunks']} blocks of {image}")
+    return 0
+
+
+def _drop(args: argparse.Namespace, argv: list[str]) -> int:
+    from fusecache import control
+
+    image = _image_path(args.mountpoint, args.image) if args.image else None
+    reply = control.request(args.mountpoint, "drop", image=image)
+    print(f"dropped the cached blocks of {image or 'every image'} ({reply['dropped_files']} files)")
+    return 0
+
+
+COMMANDS = {"mount": _mount, "umount": _umount, "unmount": _umount, "stats": _stats, "admit": _admit, "drop": _drop}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,16 +23,18 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pyfuse3
 import trio
 
-from fusecache import mounts
+from fusecache import control, mounts
 from fusecache.backing import OffLoop, open_backing
-from fusecache.cache import Passthrough
+from fusecache.cache import Cache, Passthrough
 from fusecache.errors import QuietError
 from fusecache.fs import FuseOperations
 from fusecache.inodes import InodeTable
+from fusecache.policy import Inclusive
 
 log = logging.getLogger("fusecache")
 
@@ -49,6 +51,12 @@ class MountOptions:
     log_file: str | None = None
     ready_fd: int | None = None
     attr_timeout: float = 1.0
+    cache: bool = True
+    cache_dir: str | None = None
+    cache_size: int = 2 << 30
+    reset_cache: bool = False
+    admit: str = "inclusive"
+    revalidate: float = 2.0
 
 
 # ---- checks made before anything is mounted ---------------------------------
@@ -97,13 +105,24 @@ def _fuse_conf_allows_other() -> bool:
         return False
 
 
+def _mount_name(mountpoint: str) -> str:
+    return os.path.realpath(mountpoint).strip("/").replace("/", "-") or "root"
+
+
 def default_log_file(mountpoint: str) -> str:
-    name = os.path.realpath(mountpoint).strip("/").replace("/", "-") or "root"
     if os.geteuid() == 0:
         base = "/var/log/fusecache"
     else:
         base = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "fusecache")
-    return os.path.join(base, f"{name}.log")
+    return os.path.join(base, f"{_mount_name(mountpoint)}.log")
+
+
+def default_cache_dir(mountpoint: str) -> str:
+    if os.geteuid() == 0:
+        base = "/var/cache/fusecache"
+    else:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusecache")
+    return os.path.join(base, _mount_name(mountpoint))
 
 
 # ---- the command: start a daemon and wait for it ----------------------------
@@ -199,20 +218,24 @@ def setup_logging(debug: bool) -> None:
 def serve(opts: MountOptions) -> None:
     """Mount and serve in this process until unmounted or signalled. Raises QuietError on start failures."""
     readiness = Readiness(opts.ready_fd)
+    backing = None
     try:
         opts.mountpoint = check_mountpoint(opts.mountpoint)
         check_fuse(opts.allow_other)
         backing = open_backing(opts.backing)
         root = backing.lstat("")
+        offloop = OffLoop(backing)
+        data = _data_path(opts, offloop)
     except QuietError as exc:
         readiness.failed(exc.message)
+        if backing is not None:
+            backing.shutdown()
         raise
     except OSError as exc:
         msg = f"cannot read the backing {opts.backing}: {exc.strerror}"
         readiness.failed(msg)
         raise QuietError(msg)
-    offloop = OffLoop(backing)
-    ops = FuseOperations(offloop, Passthrough(offloop), InodeTable(root.ino), attr_timeout=opts.attr_timeout)
+    ops = FuseOperations(offloop, data, InodeTable(root.ino), attr_timeout=opts.attr_timeout)
     # From here on nothing may stat the mountpoint before pyfuse3.main serves it: it would wait for itself.
     rundir = mounts.runtime_dir(opts.mountpoint)
     options = set(pyfuse3.default_options) | {f"fsname={opts.backing}", "subtype=fusecache"}
@@ -223,13 +246,14 @@ def serve(opts: MountOptions) -> None:
     except RuntimeError as exc:
         msg = f"FUSE refused to mount on {opts.mountpoint} ({exc}): check /dev/fuse and that nothing else mounts there"
         readiness.failed(msg)
+        trio.run(data.close)
         raise QuietError(msg)
     log.info("mounted %s on %s (pid %d)", opts.backing, opts.mountpoint, os.getpid())
     try:
         os.makedirs(rundir, mode=0o700, exist_ok=True)
         with open(os.path.join(rundir, "pid"), "w") as f:
             f.write(f"{os.getpid()}\n")
-        trio.run(_main, opts, readiness)
+        trio.run(_main, opts, readiness, ops, data, rundir)
     finally:
         pyfuse3.close(unmount=True)
         with contextlib.suppress(OSError):
@@ -238,13 +262,43 @@ def serve(opts: MountOptions) -> None:
         log.info("unmounted %s", opts.mountpoint)
 
 
-async def _main(opts: MountOptions, readiness: Readiness) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signals)
-        _raise_readahead(opts.mountpoint)
-        readiness.ready()
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+def _data_path(opts: MountOptions, backing: OffLoop) -> Passthrough | Cache:
+    if not opts.cache:
+        return Passthrough(backing)
+    from fusecache.store import Store
+
+    cache_dir = opts.cache_dir or default_cache_dir(opts.mountpoint)
+    store = Store(cache_dir, opts.cache_size, reset=opts.reset_cache)
+    st = store.stats()
+    log.info("cache %s: %d of %d bytes held, %d blocks", cache_dir, st["bytes_stored"], st["capacity"], st["chunks"])
+    return Cache(backing, store, Inclusive(), revalidate=opts.revalidate)
+
+
+async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, data: Passthrough | Cache, rundir: str) -> None:
+    started = time.time()
+
+    async def stats(request: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "mountpoint": opts.mountpoint,
+            "backing": opts.backing,
+            "pid": os.getpid(),
+            "started": started,
+            "open_files": ops.open_files(),
+            **data.stats(),
+        }
+
+    handlers = {"stats": stats, **(data.control_handlers() if isinstance(data, Cache) else {})}
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signals)
+            nursery.start_soon(data.run)
+            await nursery.start(control.serve, os.path.join(rundir, "control.sock"), handlers)
+            _raise_readahead(opts.mountpoint)
+            readiness.ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        await data.close()
 
 
 async def _stop_on_signals() -> None:

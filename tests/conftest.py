@@ -46,3 +46,22 @@ def expect_log(caplog):
         caplog.expected_patterns = (*getattr(caplog, "expected_patterns", ()), *patterns)
 
     return expect
+
+
+class LocalImages:
+    """A backing that is a plain directory: `spec` is what `fusecache mount` takes, `path()` writes behind its back."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.spec = root
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+
+@pytest.fixture(params=["dir"])
+def images(request, tmp_path):
+    """The image store under test; every cache test runs once per kind of backing."""
+    root = tmp_path / "images"
+    root.mkdir()
+    return LocalImages(str(root))

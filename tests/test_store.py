@@ -1,0 +1,488 @@
+"""The store against real LMDB and a real slab in tmp_path: contents, dedup, eviction, crashes, bad dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from fusecache.errors import QuietError
+from fusecache.store import _LOC_KEY, _PAGE, PAGE_SIZE, Store, WriteBatch, _decode_loc
+
+CHUNK = 65536
+REPO = Path(__file__).resolve().parent.parent
+
+# Shared with the SIGKILL child: chunk contents are a pure function of the
+# key, so whatever survived a kill can be checked. Pages come from a pool
+# (dedup across chunks) with holes, and the last chunk of a file is short.
+CONTENT_SRC = """
+import random
+POOL = [bytes(4096)] + [random.Random(k).randbytes(4096) for k in range(1, 200)]
+def content(ino, gen, chunk):
+    pages = [POOL[(ino * 7919 + gen * 104729 + chunk * 613 + j * 97) % len(POOL)] for j in range(16)]
+    data = b"".join(pages)
+    return data[:10000] if chunk == 7 else data
+"""
+_ns: dict = {}
+exec(CONTENT_SRC, _ns)
+content = _ns["content"]
+
+CHILD_SRC = (
+    CONTENT_SRC
+    + """
+import sys
+from fusecache.store import Store, WriteBatch
+store = Store(sys.argv[1], 64 * 4096)
+rng = random.Random(int(sys.argv[2]))
+print("ready", flush=True)
+while True:
+    b = WriteBatch()
+    for _ in range(rng.randint(1, 6)):
+        ino, gen, chunk = rng.randint(1, 4), rng.randint(1, 2), rng.randint(0, 7)
+        b.admit.append((ino, gen, chunk, content(ino, gen, chunk)))
+    if rng.random() < 0.2:
+        b.files.append((rng.randint(1, 4), rng.randint(1, 2), (0, 0, 0, 0)))
+    if rng.random() < 0.2:
+        b.drop.append((rng.randint(1, 4), rng.randint(1, 2), rng.randint(0, 7)))
+    store.apply(b)
+"""
+)
+
+
+def unique(n: int = CHUNK) -> bytes:
+    return os.urandom(n)
+
+
+def admit(store: Store, *items: tuple[int, int, int, bytes]) -> None:
+    store.apply(WriteBatch(admit=list(items)))
+
+
+def check_integrity(store: Store) -> None:
+    """Refcounts equal loc references, every used slot is distinct and in range, free slots are unused."""
+    refs: dict[bytes, int] = {}
+    with store._env.begin() as txn:
+        for _, value in txn.cursor(db=store._loc):
+            for _, digest, _ in _decode_loc(value)[1]:
+                refs[digest] = refs.get(digest, 0) + 1
+        pages = {bytes(k): _PAGE.unpack(v) for k, v in txn.cursor(db=store._pages)}
+        free = {int.from_bytes(k, "big") for k in txn.cursor(db=store._free).iternext(values=False)}
+    assert {d: count for d, (_, count) in pages.items()} == refs
+    slots = [slot for slot, _ in pages.values()]
+    assert len(set(slots)) == len(slots)
+    assert all(slot < store.stats()["capacity"] // PAGE_SIZE for slot in slots)
+    assert not free & set(slots)
+    assert store.stats()["pages_used"] == len(slots)
+
+
+def test_hit_miss_and_file_record(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    data = unique()
+    store.apply(WriteBatch(admit=[(5, 1, 0, data)], files=[(5, 1, (CHUNK, 2, 3, 4))]))
+    assert store.read_chunk(5, 1, 0) == data
+    assert store.read_chunk(5, 1, 1) is None
+    assert store.read_chunk(5, 2, 0) is None
+    assert store.file_record(5) == (1, (CHUNK, 2, 3, 4))
+    assert store.file_record(6) is None
+    digests = store.chunk_digests(5, 1, 0)
+    assert digests is not None and len(digests) == 16
+    assert store.read_page(digests[3]) == data[3 * PAGE_SIZE : 4 * PAGE_SIZE]
+    assert store.read_page(b"\x01" * 16) is None
+    assert sorted(store.iter_digests()) == sorted(digests)
+    stats = store.stats()
+    assert (stats["hits"], stats["misses"], stats["chunks"]) == (1, 2, 1)
+    store.close()
+
+
+def test_dedup_stores_pages_once(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    data = unique()
+    admit(store, (1, 1, 0, data), (2, 1, 0, data), (2, 1, 1, data[:PAGE_SIZE] * 16))
+    assert store.read_chunk(1, 1, 0) == store.read_chunk(2, 1, 0) == data
+    assert store.read_chunk(2, 1, 1) == data[:PAGE_SIZE] * 16
+    stats = store.stats()
+    assert stats["pages_used"] == 16
+    assert stats["logical_bytes"] == 3 * CHUNK
+    assert stats["dedup_ratio"] == 3.0
+    check_integrity(store)
+
+
+def test_holes_take_no_slots(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    mixed = bytes(PAGE_SIZE) * 8 + unique(8 * PAGE_SIZE)
+    admit(store, (1, 1, 0, bytes(CHUNK)), (1, 1, 1, mixed))
+    assert store.read_chunk(1, 1, 0) == bytes(CHUNK)
+    assert store.read_chunk(1, 1, 1) == mixed
+    assert store.stats()["pages_used"] == 8
+    assert store.stats()["logical_bytes"] == 8 * PAGE_SIZE
+    holes = store.chunk_digests(1, 1, 0)
+    assert holes is not None and store.read_page(holes[0]) == bytes(PAGE_SIZE)
+
+
+def test_partial_chunk_at_eof(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    tail = unique(5000)
+    admit(store, (1, 1, 9, tail), (1, 1, 10, b""))
+    assert store.read_chunk(1, 1, 9) == tail
+    assert store.read_chunk(1, 1, 10) == b""
+    assert store.stats()["logical_bytes"] == 5000
+    # The padded last page dedups with a full page of the same bytes.
+    admit(store, (2, 1, 0, tail[4096:] + bytes(8192 - 5000)))
+    assert store.stats()["pages_used"] == 2
+
+
+def test_admitting_longer_than_a_chunk_is_a_bug(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    with pytest.raises(ValueError):
+        admit(store, (1, 1, 0, bytes(CHUNK + 1)))
+
+
+@pytest.mark.parametrize("policy", ["s3fifo", "lru"])
+def test_eviction_keeps_the_bound_and_the_hot_chunks(tmp_path: Path, policy: str) -> None:
+    store = Store(str(tmp_path), 16 * CHUNK, policy=policy)
+    hot = {(1, 1, c): unique() for c in range(3)}
+    admit(store, *((*k, v) for k, v in hot.items()))
+    admitted = {}
+    for n in range(60):
+        for k, v in hot.items():
+            assert store.read_chunk(*k) == v
+        key = (2, 1, n)
+        admitted[key] = unique()
+        admit(store, (*key, admitted[key]))
+        assert store.stats()["pages_used"] <= 16 * 16
+    stats = store.stats()
+    assert stats["evicted_chunks"] >= 60 + 3 - 16
+    assert stats["chunks"] <= 16
+    kept = [k for k, v in admitted.items() if store.read_chunk(*k) == v]
+    assert (2, 1, 59) in kept and len(kept) <= 13
+    check_integrity(store)
+
+
+def test_a_scan_does_not_flush_the_hot_set(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 8 * CHUNK)  # the default policy, S3-FIFO
+    hot = {c: unique() for c in range(3)}
+    admit(store, *((1, 1, c, v) for c, v in hot.items()))
+    for _ in range(2):
+        assert all(store.read_chunk(1, 1, c) == v for c, v in hot.items())
+    for c in range(30):  # a backup reading a region three times the cache, once
+        admit(store, (2, 1, c, unique()))
+    assert all(store.read_chunk(1, 1, c) == v for c, v in hot.items())
+
+
+def test_a_batch_larger_than_the_cache_is_partly_skipped(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 4 * CHUNK)
+    batch = [(1, 1, c, unique()) for c in range(10)]
+    admit(store, *batch)
+    stats = store.stats()
+    assert stats["pages_used"] <= 64
+    assert stats["skipped_chunks"] == 6
+    assert [store.read_chunk(*k) == d for *k, d in batch].count(True) == 4
+    check_integrity(store)
+
+
+def test_chunk_count_is_bounded_too(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), CHUNK)
+    for c in range(store.max_chunks + 5):
+        admit(store, (1, 1, c, bytes(CHUNK)))  # holes: no slots, but metadata
+    assert store.stats()["chunks"] == store.max_chunks
+
+
+def test_shared_pages_are_kept_longer(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 3 * CHUNK, policy="lru")
+    shared, b, d = unique(), unique(), unique()
+    admit(store, (1, 1, 0, shared), (2, 1, 0, b), (3, 1, 0, shared), (4, 1, 0, d))
+    admit(store, (5, 1, 0, unique()))
+    assert store.read_chunk(1, 1, 0) == shared  # spared: its pages are shared
+    assert store.read_chunk(2, 1, 0) is None
+    check_integrity(store)
+
+
+def test_pages_a_peer_holds_are_evicted_first(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 4 * CHUNK)
+    chunks = {c: unique() for c in range(4)}
+    admit(store, *((1, 1, c, v) for c, v in chunks.items()))
+    store.close()
+    store = Store(str(tmp_path), 4 * CHUNK)  # all in the main queue now
+    for c, v in chunks.items():
+        assert store.read_chunk(1, 1, c) == v  # each earns another lap
+    held = set(store.chunk_digests(1, 1, 2) or [])
+    store.set_peer_holds(lambda digest: digest in held)
+    admit(store, (1, 1, 9, unique()))
+    assert [store.read_chunk(1, 1, c) is not None for c in range(4)] == [True, True, False, True]
+
+
+def test_warm_reopen(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    data = {c: unique() for c in range(5)}
+    store.apply(WriteBatch(admit=[(1, 3, c, v) for c, v in data.items()], files=[(1, 3, (1, 2, 3, 4))]))
+    before = store.stats()
+    store.close()
+    store = Store(str(tmp_path), 1 << 20)
+    assert all(store.read_chunk(1, 3, c) == v for c, v in data.items())
+    assert store.file_record(1) == (3, (1, 2, 3, 4))
+    for k in ("pages_used", "logical_bytes", "chunks"):
+        assert store.stats()[k] == before[k]
+    check_integrity(store)
+    store.close()
+
+
+def test_recency_survives_a_clean_restart(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 4 * CHUNK, policy="lru")
+    admit(store, *((1, 1, c, unique()) for c in range(4)))
+    assert store.read_chunk(1, 1, 0) is not None  # now the most recent
+    store.close()
+    store = Store(str(tmp_path), 4 * CHUNK, policy="lru")
+    admit(store, (1, 1, 9, unique()))
+    assert store.read_chunk(1, 1, 0) is not None
+    assert store.read_chunk(1, 1, 1) is None
+
+
+def test_a_damaged_page_is_a_miss_and_healed_by_readmission(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    data = unique()
+    admit(store, (1, 1, 0, data))
+    with store._env.begin() as txn:
+        slot = _decode_loc(txn.get(_LOC_KEY.pack(1, 1, 0), db=store._loc))[1][5][2]
+    os.pwrite(store._slab_fd, b"torn" * 1024, slot * PAGE_SIZE)
+    assert store.read_chunk(1, 1, 0) is None
+    assert store.stats()["verify_failures"] == 1
+    admit(store, (2, 1, 0, data))  # same content from another image: dedup finds the page, and repairs it
+    assert store.read_chunk(1, 1, 0) == store.read_chunk(2, 1, 0) == data
+    assert store.stats()["healed_pages"] == 1
+
+
+def test_iter_digests_lists_every_page_once(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 320 * CHUNK)
+    for n in range(4):  # more pages than one read transaction's worth (4096)
+        admit(store, *((1, 1, n * 80 + c, unique()) for c in range(80)))
+    digests = list(store.iter_digests())
+    assert len(digests) == len(set(digests)) == store.stats()["pages_used"] == 5120
+
+
+def test_gen_bump_forget_and_drop(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    old, new, other = unique(), unique(), unique()
+    store.apply(WriteBatch(admit=[(1, 1, 0, old), (1, 1, 1, old), (2, 1, 0, other)], files=[(1, 1, (0, 0, 0, 0))]))
+    store.apply(WriteBatch(admit=[(1, 2, 0, new)], files=[(1, 2, (1, 0, 0, 0))]))
+    assert store.read_chunk(1, 1, 0) is None and store.read_chunk(1, 1, 1) is None
+    assert store.read_chunk(1, 2, 0) == new
+    # An admission of a superseded generation is stale: skipped.
+    admit(store, (1, 1, 0, old))
+    assert store.read_chunk(1, 1, 0) is None
+    store.apply(WriteBatch(drop=[(2, 1, 0)]))
+    assert store.read_chunk(2, 1, 0) is None
+    store.apply(WriteBatch(forget_files=[1]))
+    assert store.read_chunk(1, 2, 0) is None and store.file_record(1) is None
+    assert store.stats()["pages_used"] == 0 and store.stats()["chunks"] == 0
+    check_integrity(store)
+
+
+def test_readmission_replaces_the_chunk(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    a, b = unique(), unique()
+    admit(store, (1, 1, 0, a))
+    admit(store, (1, 1, 0, b), (2, 1, 0, a))  # a's pages change owner within one batch
+    assert store.read_chunk(1, 1, 0) == b and store.read_chunk(2, 1, 0) == a
+    assert store.stats()["pages_used"] == 32
+    check_integrity(store)
+
+
+def test_slot_reuse_under_an_old_reader_is_a_miss(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), CHUNK)  # room for exactly one chunk
+    a, b = unique(), unique()
+    admit(store, (1, 1, 0, a))
+    old_view = store._env.begin(buffers=True)
+    admit(store, (2, 1, 0, b))  # evicts a and reuses its slots
+    assert store._read_chunk(old_view, _LOC_KEY.pack(1, 1, 0)) is None
+    old_view.abort()
+    assert store.stats()["verify_failures"] == 1
+    assert store.read_chunk(1, 1, 0) is None
+    assert store.read_chunk(2, 1, 0) == b
+
+
+def test_concurrent_reader_never_sees_wrong_bytes(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 8 * CHUNK)
+    stop = threading.Event()
+
+    def writer() -> None:
+        rng = random.Random(1)
+        while not stop.is_set():
+            keys = [(rng.randint(1, 4), 1, rng.randint(0, 7)) for _ in range(3)]
+            admit(store, *((*k, content(*k)) for k in keys))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    rng = random.Random(2)
+    hits = 0
+    deadline = time.monotonic() + 1.0
+    try:
+        while time.monotonic() < deadline:
+            k = (rng.randint(1, 4), 1, rng.randint(0, 7))
+            got = store.read_chunk(*k)
+            assert got is None or got == content(*k)
+            hits += got is not None
+    finally:
+        stop.set()
+        thread.join()
+    assert hits > 0
+    check_integrity(store)
+
+
+def test_sigkill_during_admission_never_serves_wrong_bytes(tmp_path: Path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD_SRC)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rng = random.Random(3)
+    held = 0
+    for round_ in range(10):
+        child = subprocess.Popen([sys.executable, str(script), str(cache), str(round_)], stdout=subprocess.PIPE, env=env)
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        time.sleep(rng.uniform(0.0, 0.3))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        # Check after every kill: a later round could evict or repair what this one broke.
+        store = Store(str(cache), 64 * 4096)
+        for ino in range(1, 5):
+            for gen in (1, 2):
+                for chunk in range(8):
+                    got = store.read_chunk(ino, gen, chunk)
+                    assert got is None or got == content(ino, gen, chunk)
+                    held += got is not None
+        assert store.stats()["verify_failures"] == 0, f"round {round_}: a committed page lost its content"
+        check_integrity(store)
+        store._close_files()  # no clean close: the next child opens a cache that was killed
+    assert held > 0
+
+
+def test_host_crash_wipes_but_a_clean_reboot_keeps(tmp_path: Path, caplog: pytest.LogCaptureFixture, expect_log) -> None:
+    expect_log("host crashed")
+
+    def set_meta(**values: bytes) -> None:
+        env = lmdb.open(str(tmp_path / "meta.lmdb"), max_dbs=6)
+        with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+            for k, v in values.items():
+                txn.put(k.encode(), v)
+        env.close()
+
+    data = unique()
+    store = Store(str(tmp_path), 1 << 20)
+    admit(store, (1, 1, 0, data))
+    store.close()
+    set_meta(boot_id=b"another-boot")  # closed cleanly, then rebooted
+    store = Store(str(tmp_path), 1 << 20)
+    assert store.read_chunk(1, 1, 0) == data
+    store._close_files()  # as if the host went down with the cache open
+    set_meta(boot_id=b"another-boot")
+    store = Store(str(tmp_path), 1 << 20)
+    assert store.read_chunk(1, 1, 0) is None
+    assert "host crashed" in caplog.text
+
+
+def test_capacity_grow_and_shrink(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 4 * CHUNK)
+    data = {c: unique() for c in range(4)}
+    admit(store, *((1, 1, c, v) for c, v in data.items()))
+    store.close()
+    store = Store(str(tmp_path), 8 * CHUNK)
+    assert all(store.read_chunk(1, 1, c) == v for c, v in data.items())
+    admit(store, *((2, 1, c, unique()) for c in range(4)))
+    store.close()
+    store = Store(str(tmp_path), 2 * CHUNK)
+    assert store.stats()["pages_used"] <= 32
+    assert os.path.getsize(tmp_path / "pages.slab") == 2 * CHUNK
+    assert all(store.read_chunk(1, 1, c) in (None, v) for c, v in data.items())
+    check_integrity(store)
+    admit(store, (3, 1, 0, unique()))
+    check_integrity(store)
+
+
+def _bad_format(tmp_path: Path, **changes: object) -> None:
+    Store(str(tmp_path), 1 << 20).close()
+    env = lmdb.open(str(tmp_path / "meta.lmdb"), max_dbs=6)
+    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+        marker = json.loads(txn.get(b"format"))
+        txn.put(b"format", json.dumps({**marker, **changes}).encode())
+    env.close()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"format": 0}, "older fusecache"),
+        ({"format": 99}, "newer fusecache"),
+        ({"chunk_size": 131072}, "131072-byte chunks"),
+        ({"page_size": 8192}, "8192-byte pages"),
+        ({"program": "other"}, "not a fusecache cache"),
+    ],
+)
+def test_incompatible_format_is_a_quiet_error(tmp_path: Path, changes: dict, message: str) -> None:
+    _bad_format(tmp_path, **changes)
+    with pytest.raises(QuietError, match=message) as err:
+        Store(str(tmp_path), 1 << 20)
+    assert "--reset-cache" in str(err.value) and str(tmp_path) in str(err.value)
+    store = Store(str(tmp_path), 1 << 20, reset=True)
+    assert store.stats()["chunks"] == 0
+
+
+def test_bad_dirs_are_quiet_errors(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(QuietError, match="not a fusecache cache"):
+        Store(str(foreign), 1 << 20)
+    with pytest.raises(QuietError, match="not a fusecache cache"):
+        Store(str(foreign), 1 << 20, reset=True)  # reset never deletes what is not ours
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+    other_lmdb = tmp_path / "other"
+    (other_lmdb / "meta.lmdb").mkdir(parents=True)
+    lmdb.open(str(other_lmdb / "meta.lmdb")).close()
+    with pytest.raises(QuietError, match="not a fusecache cache"):
+        Store(str(other_lmdb), 1 << 20)
+
+    corrupt = tmp_path / "corrupt"
+    Store(str(corrupt), 1 << 20).close()
+    (corrupt / "meta.lmdb" / "data.mdb").write_bytes(b"garbage" * 5000)
+    with pytest.raises(QuietError, match="corrupt"):
+        Store(str(corrupt), 1 << 20)
+
+    truncated = tmp_path / "truncated"
+    Store(str(truncated), 1 << 20).close()
+    os.truncate(truncated / "pages.slab", 4096)
+    with pytest.raises(QuietError, match="truncated"):
+        Store(str(truncated), 1 << 20)
+
+    with pytest.raises(QuietError, match="unknown eviction policy"):
+        Store(str(tmp_path / "policy"), 1 << 20, policy="fifo")
+    with pytest.raises(QuietError, match="smaller than one chunk"):
+        Store(str(tmp_path / "tiny"), CHUNK - 1)
+
+    busy = Store(str(tmp_path / "busy"), 1 << 20)
+    with pytest.raises(QuietError, match="in use"):
+        Store(str(tmp_path / "busy"), 1 << 20)
+    with pytest.raises(QuietError, match="in use"):
+        Store(str(tmp_path / "busy"), 1 << 20, reset=True)
+    busy.close()
+
+
+def test_reset_starts_empty_even_from_a_corrupt_cache(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    admit(store, (1, 1, 0, unique()))
+    store.close()
+    (tmp_path / "meta.lmdb" / "data.mdb").write_bytes(b"garbage" * 5000)
+    store = Store(str(tmp_path), 1 << 20, reset=True)
+    assert store.read_chunk(1, 1, 0) is None
+    assert store.stats()["pages_used"] == 0
+    data = unique()
+    admit(store, (1, 1, 0, data))
+    assert store.read_chunk(1, 1, 0) == data
