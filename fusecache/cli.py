@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--log-file", metavar="PATH", help="the daemon's log (default /var/log/fusecache/MOUNTPOINT.log)")
     m.add_argument("--attr-timeout", type=float, default=1.0, metavar="SECONDS", help="kernel attribute cache time (default 1)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--metrics", type=address, metavar="ADDRESS:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9477)")
     c = m.add_argument_group("cache")
     c.add_argument("--cache-dir", metavar="DIR", help="where the block cache lives (default /var/cache/fusecache/MOUNTPOINT)")
     c.add_argument("--cache-size", type=size, default="2G", metavar="SIZE", help="the cache's bound, e.g. 8G (default 2G)")
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--admit", choices=["inclusive"], default="inclusive", help="what enters the cache: every block read (inclusive)")
     c.add_argument("--revalidate", type=seconds, default=2.0, metavar="SECONDS",
                    help="how often an open file's version is checked against the backing (default 2)")
+
+    t = sub.add_parser("top", help="a live dashboard of hit ratios")
+    t.add_argument("mountpoints", metavar="MOUNTPOINT", nargs="*", help="the mounts to watch (default: every fusecache mount)")
+    t.add_argument("--once", action="store_true", help="print one frame and exit (for scripts)")
+    t.add_argument("--interval", type=seconds, default=1.0, metavar="SECONDS", help="refresh period (default 1)")
 
     st = sub.add_parser("stats", help="print a mount's counters")
     st.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -92,6 +98,14 @@ def seconds(text: str) -> float:
     return value
 
 
+def address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:9477', '[::1]:9477', ':9477' -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ADDRESS:PORT, e.g. 127.0.0.1:9477")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def _image_path(mountpoint: str, image: str) -> str:
     """IMAGE as a path relative to the mount's root (it may be given absolute, under the mount)."""
     if os.path.isabs(image):
@@ -120,6 +134,7 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         reset_cache=args.reset_cache,
         admit=args.admit,
         revalidate=args.revalidate,
+        metrics=args.metrics,
     )
     if args.cache_size < 1 << 20 and not args.no_cache:
         raise QuietError(f"--cache-size {args.cache_size} is too small: give at least 1M (e.g. 8G), or --no-cache")
@@ -151,6 +166,12 @@ def _stats(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _top(args: argparse.Namespace, argv: list[str]) -> int:
+    from fusecache import top
+
+    return top.main(args.mountpoints, once=args.once, interval=args.interval)
+
+
 def _admit(args: argparse.Namespace, argv: list[str]) -> int:
     from fusecache import control
 
@@ -169,7 +190,7 @@ def _drop(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"mount": _mount, "umount": _umount, "unmount": _umount, "stats": _stats, "admit": _admit, "drop": _drop}
+COMMANDS = {"mount": _mount, "umount": _umount, "unmount": _umount, "stats": _stats, "top": _top, "admit": _admit, "drop": _drop}
 
 
 def main(argv: list[str] | None = None) -> int:

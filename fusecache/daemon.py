@@ -57,6 +57,7 @@ class MountOptions:
     reset_cache: bool = False
     admit: str = "inclusive"
     revalidate: float = 2.0
+    metrics: tuple[str, int] | None = None
 
 
 # ---- checks made before anything is mounted ---------------------------------
@@ -293,6 +294,10 @@ async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, d
             nursery.start_soon(_stop_on_signals)
             nursery.start_soon(data.run)
             await nursery.start(control.serve, os.path.join(rundir, "control.sock"), handlers)
+            if opts.metrics:
+                from fusecache import metrics
+
+                await nursery.start(metrics.serve, opts.metrics, lambda: stats({}))
             _raise_readahead(opts.mountpoint)
             readiness.ready()
             await pyfuse3.main()

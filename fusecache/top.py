@@ -42,3 +42,13 @@ def summary_lines(stats: dict[str, Any]) -> list[str]:
                 f"{human(c['peer_bytes']):>10}  {human(c['backing_bytes']):>10}  {c['admitted_chunks']:>8}"
             )
     return lines
+
+
+def main(mountpoints: list[str], once: bool = False, interval: float = 1.0) -> int:
+    """`fusecache top` (being written): for now, the stats summary of each mount."""
+    from fusecache import control, mounts
+
+    targets = mountpoints or [m.mountpoint for m in mounts.fusecache_mounts()]
+    for mp in targets:
+        print("\n".join(summary_lines(control.request(mp, "stats"))))
+    return 0
