@@ -133,6 +133,7 @@ class Cache:
         self._seq = 0
         self._committed = 0
         self._pending_admit_bytes = 0
+        self._pending: dict[tuple[int, int, int], bytes] = {}  # admitted, not yet committed: served from here
         self._wakeup = trio.Event()
         self._writer_limiter = trio.CapacityLimiter(1)
         self.skipped_admissions = 0
@@ -201,7 +202,7 @@ class Cache:
         chunks: dict[int, bytes] = {}
         need: list[int] = []
         for c in range(first, last + 1):
-            data = None if c in st.dropped else self.store.read_chunk(st.ino, st.gen, c)
+            data = None if c in st.dropped else self._lookup(st, c)
             if data is None:
                 need.append(c)
             else:
@@ -224,6 +225,10 @@ class Cache:
             if len(data) < cs:
                 break  # end of file
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _lookup(self, st: FileState, c: int) -> bytes | None:
+        """A chunk from the writer's queue (admitted, not yet committed) or from the store."""
+        return self._pending.get((st.ino, st.gen, c)) or self.store.read_chunk(st.ino, st.gen, c)
 
     async def _fetch(self, f: OpenFile, st: FileState, need: list[int]) -> dict[int, bytes]:
         """Read missing chunks from the backing, one read per contiguous run; join reads already under way."""
@@ -264,12 +269,63 @@ class Cache:
             got[c] = fetch.data
         return got
 
+    async def admit_current(self, key: tuple[int, int, int], data: bytes, wait: bool = False) -> bool:
+        """Admit a chunk read earlier, unless its file has changed since (generation) or is being written."""
+        ino, gen, chunk = key
+        st = self._file(ino)
+        if st.gen != gen or chunk in st.dropped or st.writing:
+            return False
+        while not self.admit(ino, gen, chunk, data):
+            if not wait:
+                return False
+            await trio.sleep(0.01)  # the writer is behind: wait for it
+            if st.gen != gen or chunk in st.dropped or st.writing:
+                return False
+        return True
+
+    async def read_for_admission(self, path: str, keys: list[tuple[int, int, int]]) -> list[tuple[tuple[int, int, int], bytes]]:
+        """Read chunks again from the backing, in a worker thread, for a delayed admission.
+
+        Chunks written or regenerated while this ran are left out (the
+        epoch check of the read path, for a read that is not a guest's).
+        """
+        if not keys:
+            return []
+        st = self._file(keys[0][0])
+        epoch, gen = st.epoch, st.gen
+        cs = self.chunk_size
+        sync = self.backing.sync
+
+        def read_all() -> list[tuple[tuple[int, int, int], bytes]]:
+            out = []
+            h = sync.open(path, os.O_RDONLY)
+            try:
+                if sync.fstat(h).ino != keys[0][0]:
+                    return []  # the name now holds another file
+                for key in sorted(keys):
+                    data = sync.pread(h, key[2] * cs, cs)
+                    if data:
+                        out.append((key, data))
+            finally:
+                sync.close(h)
+            return out
+
+        try:
+            got = await self.backing.run(read_all)
+        except OSError as exc:
+            log.info("%s: cannot read it again for admission: %s", path, exc.strerror)
+            return []
+        if st.epoch != epoch or st.gen != gen or st.writing:
+            return []
+        return got
+
     def admit(self, ino: int, gen: int, chunk: int, data: bytes, name: str | None = None) -> bool:
         """Queue one chunk for the store; False (not admitted) when the writer is too far behind."""
         if self._pending_admit_bytes + len(data) > MAX_PENDING_ADMIT_BYTES:
             self.skipped_admissions += 1
             return False
         self._pending_admit_bytes += len(data)
+        self._pending[(ino, gen, chunk)] = data
         self._enqueue("admit", (ino, gen, chunk, data))
         self.images[name or self._names.get(ino, str(ino))].admitted_chunks += 1
         return True
@@ -288,8 +344,10 @@ class Cache:
             st.epoch += 1
             if data:
                 cs = self.chunk_size
-                for c in range(offset // cs, (offset + len(data) - 1) // cs + 1):
+                touched = range(offset // cs, (offset + len(data) - 1) // cs + 1)
+                for c in touched:
                     st.dropped[c] = self._enqueue("drop", (st.ino, st.gen, c))
+                self.admission.written(st.ino, touched)
         if before is None:
             self._bump(st)  # the old size is not known: the old end-of-file chunk cannot be found
         elif attr.size != before[0]:
@@ -343,7 +401,13 @@ class Cache:
         return batch, last
 
     async def run(self) -> None:
-        """The writer task: applies queued changes to the store, one batch at a time, in a worker thread."""
+        """The writer task, and the admission policy's background work."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.admission.run)
+            await self._write_loop()
+
+    async def _write_loop(self) -> None:
+        """Applies queued changes to the store, one batch at a time, in a worker thread."""
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
@@ -356,7 +420,10 @@ class Cache:
                 await trio.to_thread.run_sync(self.store.apply, batch, limiter=self._writer_limiter)
             except Exception:
                 log.exception("the cache store failed to apply a batch: those blocks are not cached")
-            self._pending_admit_bytes -= sum(len(a[3]) for a in batch.admit)
+            for ino, gen, chunk, data in batch.admit:
+                self._pending_admit_bytes -= len(data)
+                if self._pending.get((ino, gen, chunk)) is data:
+                    del self._pending[(ino, gen, chunk)]
             self._committed = last
             for st in self._files.values():
                 if st.dropped:

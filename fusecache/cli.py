@@ -43,7 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache-size", type=size, default="2G", metavar="SIZE", help="the cache's bound, e.g. 8G (default 2G)")
     c.add_argument("--reset-cache", action="store_true", help="empty the cache dir first (a corrupt, foreign or old-format cache)")
     c.add_argument("--no-cache", action="store_true", help="plain passthrough: no cache at all")
-    c.add_argument("--admit", choices=["inclusive"], default="inclusive", help="what enters the cache: every block read (inclusive)")
+    c.add_argument(
+        "--admit",
+        choices=["second-chance", "inclusive"],
+        default="second-chance",
+        help="second-chance: blocks a guest evicts when its balloon inflates (default); inclusive: every block read",
+    )
+    c.add_argument("--balloon", action="append", default=[], metavar="SOURCE",
+                   help="watch guests' balloons: qmp:/path/to/qmp.sock (repeatable) or libvirt[:URI]")
+    c.add_argument("--staging-size", type=size, default="256M", metavar="SIZE",
+                   help="recently read blocks kept so admission need not read them again (default 256M)")
     c.add_argument("--revalidate", type=seconds, default=2.0, metavar="SECONDS",
                    help="how often an open file's version is checked against the backing (default 2)")
 
@@ -133,6 +142,8 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         cache_size=args.cache_size,
         reset_cache=args.reset_cache,
         admit=args.admit,
+        balloon=args.balloon,
+        staging_size=args.staging_size,
         revalidate=args.revalidate,
         metrics=args.metrics,
     )

@@ -34,7 +34,7 @@ from fusecache.cache import Cache, Passthrough
 from fusecache.errors import QuietError
 from fusecache.fs import FuseOperations
 from fusecache.inodes import InodeTable
-from fusecache.policy import Inclusive
+from fusecache.policy import Inclusive, SecondChance
 
 log = logging.getLogger("fusecache")
 
@@ -55,7 +55,9 @@ class MountOptions:
     cache_dir: str | None = None
     cache_size: int = 2 << 30
     reset_cache: bool = False
-    admit: str = "inclusive"
+    admit: str = "second-chance"
+    balloon: list[str] = dataclasses.field(default_factory=list)
+    staging_size: int = 256 << 20
     revalidate: float = 2.0
     metrics: tuple[str, int] | None = None
 
@@ -131,6 +133,7 @@ def start(opts: MountOptions, argv: list[str]) -> None:
     """Check, start the daemon process, return when the mount is ready (or raise QuietError)."""
     opts.mountpoint = check_mountpoint(opts.mountpoint)
     check_fuse(opts.allow_other)
+    _check_balloon(opts)
     open_backing(opts.backing).shutdown()  # a bad BACKING is the caller's error: say so here
     log_file = opts.log_file or default_log_file(opts.mountpoint)
     try:
@@ -263,6 +266,17 @@ def serve(opts: MountOptions) -> None:
         log.info("unmounted %s", opts.mountpoint)
 
 
+def _check_balloon(opts: MountOptions) -> None:
+    if not opts.balloon:
+        return
+    from fusecache.balloon import parse_source
+
+    for spec in opts.balloon:
+        parse_source(spec)  # raises QuietError naming the bad spec
+    if not opts.cache or opts.admit != "second-chance":
+        raise QuietError("--balloon feeds second-chance admission: drop --no-cache / use --admit second-chance, or drop --balloon")
+
+
 def _data_path(opts: MountOptions, backing: OffLoop) -> Passthrough | Cache:
     if not opts.cache:
         return Passthrough(backing)
@@ -272,11 +286,39 @@ def _data_path(opts: MountOptions, backing: OffLoop) -> Passthrough | Cache:
     store = Store(cache_dir, opts.cache_size, reset=opts.reset_cache)
     st = store.stats()
     log.info("cache %s: %d of %d bytes held, %d blocks", cache_dir, st["bytes_stored"], st["capacity"], st["chunks"])
-    return Cache(backing, store, Inclusive(), revalidate=opts.revalidate)
+    if opts.admit == "inclusive":
+        return Cache(backing, store, Inclusive(), revalidate=opts.revalidate)
+    policy = SecondChance(opts.mountpoint, staging_bytes=opts.staging_size)
+    cache = Cache(backing, store, policy, revalidate=opts.revalidate)
+    policy.bind(cache)
+    if not opts.balloon:
+        log.info("second-chance admission with no --balloon source: blocks enter the cache only by `fusecache admit`")
+    return cache
+
+
+def _balloon_monitor(opts: MountOptions, data: Passthrough | Cache) -> Any:
+    if not opts.balloon or not isinstance(data, Cache) or not isinstance(data.admission, SecondChance):
+        return None
+    from fusecache.balloon import BalloonMonitor
+
+    policy = data.admission
+    monitor = BalloonMonitor(opts.balloon, on_shrink=policy.on_shrink, on_guests=policy.on_guests)
+    policy.on_admitted = monitor.note_admitted
+    return monitor
+
+
+def _balloon_stats(monitor: Any, data: Passthrough | Cache) -> dict[str, Any]:
+    """Each guest as the monitor sees it, with what second-chance did for it."""
+    guests = monitor.snapshot() if monitor is not None else {}
+    admission = data.admission.stats() if isinstance(data, Cache) else {}
+    for name, reads in admission.get("guests", {}).items():
+        guests.setdefault(name, {}).update(reads)
+    return {"sources": [str(s) for s in monitor.sources] if monitor else [], "guests": guests}
 
 
 async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, data: Passthrough | Cache, rundir: str) -> None:
     started = time.time()
+    monitor = _balloon_monitor(opts, data)
 
     async def stats(request: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -286,6 +328,7 @@ async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, d
             "started": started,
             "open_files": ops.open_files(),
             **data.stats(),
+            "balloon": _balloon_stats(monitor, data),
         }
 
     handlers = {"stats": stats, **(data.control_handlers() if isinstance(data, Cache) else {})}
@@ -293,6 +336,8 @@ async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, d
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals)
             nursery.start_soon(data.run)
+            if monitor is not None:
+                nursery.start_soon(monitor.run)
             await nursery.start(control.serve, os.path.join(rundir, "control.sock"), handlers)
             if opts.metrics:
                 from fusecache import metrics

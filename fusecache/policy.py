@@ -1,16 +1,52 @@
 """Admission: which blocks a read brings into the cache, and when.
 
-`Inclusive` admits every block a guest reads, at once. Second-chance (the
-research's exclusive mode) is added with the balloon monitor: it remembers
-what each guest read and admits it when the guest's balloon makes it evict.
-The cache asks its admission object once per block read from the backing.
+`Inclusive` admits every block a guest reads, at once: for hosts without
+ballooning, and for comparison.
+
+`SecondChance` is the exclusive mode of the hypervisor-cache research: a
+block a guest reads is *not* stored (the guest holds it in its own page
+cache; a second copy would waste host memory). Its location is remembered in
+that guest's recently-read list, oldest first, and its bytes are kept for a
+while in a bounded staging buffer. When the balloon monitor reports that the
+guest gave up memory, the oldest entries of its list, up to the bytes its
+page cache lost, are what it most likely evicted: those are admitted, from
+the staging buffer when it still has them, else read again from the backing
+in the background (never on the read path).
+
+Which guest read a block: each guest's open images (from QMP `query-block`
+or the libvirt domain XML) are resolved to backing inodes; a read of an
+image counts for every guest that has it open (a shared base image is in
+the lists of all its guests, and admitted when any of them shrinks).
+Reads of images no guest has open are in the list of `HOST`, which only an
+explicit `fusecache admit` empties.
+
+Bookkeeping: one entry per 64 KiB chunk read, 179 bytes measured
+(tests/test_policy.py::test_bookkeeping_bytes_per_gib_of_reads), so 2.8 MiB
+per GiB of guest reads; a guest's list is bounded by its memory (it cannot
+have evicted more than it held).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import collections
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
 
 from fusecache.inodes import OpenFile
+
+if TYPE_CHECKING:
+    from fusecache.balloon import GuestState, Shrink
+    from fusecache.cache import Cache
+
+log = logging.getLogger(__name__)
+
+HOST = "(host)"
+DEFAULT_RECENT_LIMIT = 4 << 30  # bytes of reads remembered for a guest whose memory size is not known yet
 
 
 class Admission(Protocol):
@@ -20,16 +56,247 @@ class Admission(Protocol):
         """A block was read from the backing: True to admit it now."""
         ...
 
-    def stats(self) -> dict[str, object]: ...
+    def written(self, ino: int, chunks: range) -> None:
+        """These chunks of `ino` were just written: staged copies are stale."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def run(self) -> None: ...
 
 
 class Inclusive:
-    """Admit every block read (for hosts without ballooning, and for comparison)."""
+    """Admit every block read."""
 
     name = "inclusive"
 
     def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
         return True
 
-    def stats(self) -> dict[str, object]:
+    def written(self, ino: int, chunks: range) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
         return {"mode": self.name}
+
+    async def run(self) -> None:
+        pass
+
+
+Key = tuple[int, int, int]  # (ino, gen, chunk)
+
+
+@dataclasses.dataclass
+class GuestReads:
+    """One guest's recently-read chunks, oldest first, and what its shrinks admitted."""
+
+    recent: collections.OrderedDict[Key, int] = dataclasses.field(default_factory=collections.OrderedDict)
+    recent_bytes: int = 0
+    limit: int = DEFAULT_RECENT_LIMIT
+    shrinks: int = 0
+    evicted_estimate: int = 0
+    admitted_chunks: int = 0
+    admitted_bytes: int = 0
+    from_staging: int = 0
+    from_backing: int = 0
+
+    def add(self, key: Key, nbytes: int) -> None:
+        if key in self.recent:
+            self.recent.move_to_end(key)  # read again: now the newest
+            return
+        self.recent[key] = nbytes
+        self.recent_bytes += nbytes
+        while self.recent_bytes > self.limit:
+            _, n = self.recent.popitem(last=False)
+            self.recent_bytes -= n
+
+    def take_oldest(self, nbytes: int) -> list[Key]:
+        taken: list[Key] = []
+        got = 0
+        while self.recent and got < nbytes:
+            key, n = self.recent.popitem(last=False)
+            self.recent_bytes -= n
+            got += n
+            taken.append(key)
+        return taken
+
+
+class StagingBuffer:
+    """Bytes of recently read chunks, bounded, least recently staged dropped first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._data: collections.OrderedDict[Key, bytes] = collections.OrderedDict()
+
+    def put(self, key: Key, data: bytes) -> None:
+        if self.capacity <= 0:
+            return
+        old = self._data.pop(key, None)
+        if old is not None:
+            self.used -= len(old)
+        self._data[key] = data
+        self.used += len(data)
+        while self.used > self.capacity:
+            _, dropped = self._data.popitem(last=False)
+            self.used -= len(dropped)
+
+    def pop(self, key: Key) -> bytes | None:
+        data = self._data.pop(key, None)
+        if data is not None:
+            self.used -= len(data)
+        return data
+
+    def discard_chunks(self, ino: int, chunks: range) -> None:
+        for key in [k for k in self._data if k[0] == ino and k[2] in chunks]:
+            self.pop(key)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class SecondChance:
+    """Admit what a guest evicts when its balloon inflates (see the module docstring)."""
+
+    name = "second-chance"
+
+    def __init__(self, mountpoint: str, staging_bytes: int = 256 << 20) -> None:
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.staging = StagingBuffer(staging_bytes)
+        self.guests: dict[str, GuestReads] = collections.defaultdict(GuestReads)
+        self._guests_of: dict[int, set[str]] = {}  # backing ino -> guests with it open
+        self._paths: dict[int, str] = {}  # backing ino -> a path to reopen it by
+        self._cache: Cache | None = None
+        self._send, self._receive = trio.open_memory_channel[tuple[str, list[Key]]](256)
+        self._images_changed = trio.Event()
+        self._guest_images: dict[str, list[str]] = {}
+        self.on_admitted: Callable[[str, int], None] = lambda guest, nbytes: None
+
+    def bind(self, cache: Cache) -> None:
+        self._cache = cache
+
+    # ---- the read path (inline, on the loop) ---------------------------------
+    def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
+        key = (f.ino, gen, chunk)
+        self._paths[f.ino] = f.path
+        for guest in self._guests_of.get(f.ino) or (HOST,):
+            self.guests[guest].add(key, len(data))
+        self.staging.put(key, data)
+        return False
+
+    def written(self, ino: int, chunks: range) -> None:
+        self.staging.discard_chunks(ino, chunks)
+
+    # ---- from the balloon monitor (on the loop, must not block) ----------------
+    def on_guests(self, guests: dict[str, GuestState]) -> None:
+        self._guest_images = {name: list(g.images) for name, g in guests.items()}
+        for name, g in guests.items():
+            if g.actual:
+                self.guests[name].limit = max(g.actual, 64 << 20)
+        self._images_changed.set()
+
+    def on_shrink(self, shrink: Shrink) -> None:
+        reads = self.guests[shrink.guest]
+        reads.shrinks += 1
+        reads.evicted_estimate += shrink.evicted_estimate
+        keys = reads.take_oldest(shrink.evicted_estimate)
+        log.info(
+            "guest %s gave %d MiB to its balloon, ~%d MiB of page cache: admitting its %d oldest reads",
+            shrink.guest, shrink.balloon_bytes >> 20, shrink.evicted_estimate >> 20, len(keys),
+        )
+        if keys:
+            try:
+                self._send.send_nowait((shrink.guest, keys))
+            except trio.WouldBlock:
+                log.warning("admission queue full: guest %s's evicted blocks are not admitted", shrink.guest)
+
+    def admit_host_reads(self, ino: int) -> list[Key]:
+        """The unattributed reads of one file (an explicit admit covers them)."""
+        reads = self.guests.get(HOST)
+        return [k for k in reads.recent if k[0] == ino] if reads else []
+
+    # ---- background work --------------------------------------------------------
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._resolve_images)
+            async for guest, keys in self._receive:
+                await self._admit(guest, keys)
+
+    async def _admit(self, guest: str, keys: list[Key]) -> None:
+        cache = self._cache
+        assert cache is not None
+        reads = self.guests[guest]
+        refetch: dict[int, list[Key]] = collections.defaultdict(list)
+        for key in keys:
+            data = self.staging.pop(key)
+            if data is None:
+                refetch[key[0]].append(key)
+                continue
+            if await cache.admit_current(key, data, wait=True):
+                reads.from_staging += 1
+                self._count(guest, reads, len(data))
+        for ino, ks in refetch.items():
+            path = self._paths.get(ino)
+            if path is None:
+                continue
+            for key, data in await cache.read_for_admission(path, ks):
+                if await cache.admit_current(key, data, wait=True):
+                    reads.from_backing += 1
+                    self._count(guest, reads, len(data))
+
+    def _count(self, guest: str, reads: GuestReads, nbytes: int) -> None:
+        reads.admitted_chunks += 1
+        reads.admitted_bytes += nbytes
+        self.on_admitted(guest, nbytes)
+
+    async def _resolve_images(self) -> None:
+        """Keep `_guests_of` (backing ino -> guests) current as guests come and go."""
+        cache = self._cache
+        assert cache is not None
+        while True:
+            await self._images_changed.wait()
+            self._images_changed = trio.Event()
+            owners: dict[int, set[str]] = collections.defaultdict(set)
+            for guest, images in self._guest_images.items():
+                for image in images:
+                    rel = self._relative(image)
+                    if rel is None:
+                        continue
+                    try:
+                        attr = await cache.backing.lstat(rel)
+                    except OSError as exc:
+                        log.debug("guest %s image %s: %s", guest, image, exc.strerror)
+                        continue
+                    owners[attr.ino].add(guest)
+                    self._paths.setdefault(attr.ino, rel)
+            self._guests_of = dict(owners)
+            log.info("guests and their images: %s", {g: sorted(i) for g, i in self._guest_images.items()})
+
+    def _relative(self, image: str) -> str | None:
+        """The image's path inside the backing, if it is opened through this mount."""
+        path = os.path.abspath(image)
+        if path.startswith(self.mountpoint + os.sep):
+            return path[len(self.mountpoint) + 1 :]
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "mode": self.name,
+            "staging_bytes": self.staging.used,
+            "staging_capacity": self.staging.capacity,
+            "staged_chunks": len(self.staging),
+            "guests": {
+                name: {
+                    "recent_bytes": r.recent_bytes,
+                    "recent_chunks": len(r.recent),
+                    "recent_limit": r.limit,
+                    "shrinks": r.shrinks,
+                    "evicted_estimate": r.evicted_estimate,
+                    "admitted_chunks": r.admitted_chunks,
+                    "admitted_bytes": r.admitted_bytes,
+                    "from_staging": r.from_staging,
+                    "from_backing": r.from_backing,
+                }
+                for name, r in sorted(self.guests.items())
+            },
+        }

@@ -1,8 +1,44 @@
-"""`fusecache top` and the plain text of `fusecache stats`: what an operator reads."""
+"""`fusecache top` and the plain text of `fusecache stats`: what an operator reads.
+
+`top` polls each mount's control socket about once a second and draws one
+panel per mount: where reads came from (local hits, peer hits, misses), the
+rates since the previous poll, a minute of throughput as a sparkline, the
+cache's fill and health, and the balloon and peer tables when the daemon
+has them. Rates are computed here from the daemon's cumulative counters, so
+the daemon keeps no per-viewer state. A mount that disappears stays on
+screen, marked gone. Keys are read from the terminal in cbreak mode between
+polls, and the terminal is always put back the way it was.
+"""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
+import os
+import select
+import signal
+import sys
+import termios
+import time
+import tty
+from collections.abc import Iterator
 from typing import Any
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from fusecache import control, mounts
+from fusecache.errors import QuietError
+
+HISTORY = 60.0  # seconds of throughput the sparkline covers
+SPARK_WIDTH = 30  # characters: one per HISTORY / SPARK_WIDTH seconds
+STATS_TIMEOUT = 2.0  # a hung daemon delays a refresh by at most this
+ONCE_WIDTH = 100
 
 
 def human(n: float) -> str:
@@ -44,11 +80,395 @@ def summary_lines(stats: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(mountpoints: list[str], once: bool = False, interval: float = 1.0) -> int:
-    """`fusecache top` (being written): for now, the stats summary of each mount."""
-    from fusecache import control, mounts
+# ---- what is watched: samples and the rates between them ---------------------------
+def _read_bytes(c: dict[str, Any]) -> int:
+    return c.get("hit_bytes", 0) + c.get("peer_bytes", 0) + c.get("backing_bytes", 0)
 
-    targets = mountpoints or [m.mountpoint for m in mounts.fusecache_mounts()]
-    for mp in targets:
-        print("\n".join(summary_lines(control.request(mp, "stats"))))
-    return 0
+
+@dataclasses.dataclass
+class Rate:
+    reads: float  # requests per second
+    bytes: float  # bytes per second
+
+
+@dataclasses.dataclass
+class MountView:
+    """One watched mount: its latest stats, the rates since the sample before, and a minute of throughput."""
+
+    mountpoint: str
+    stats: dict[str, Any] | None = None
+    sampled: float = 0.0  # time.monotonic() of `stats`
+    error: str | None = None  # why the latest poll got no stats; None when it did
+    gone: bool = False  # no longer mounted (or never was)
+    rates: dict[str, Rate] = dataclasses.field(default_factory=dict)  # per image
+    total: Rate | None = None
+    history: collections.deque[tuple[float, float]] = dataclasses.field(default_factory=collections.deque)  # (time, bytes/s)
+
+    def update(self, stats: dict[str, Any], now: float) -> None:
+        prev, prev_t = self.stats, self.sampled
+        self.rates, self.total = {}, None
+        # A restarted daemon counts from zero again: no rate across the restart.
+        if prev is not None and prev.get("pid") == stats.get("pid") and now > prev_t:
+            dt = now - prev_t
+            old = prev.get("images") or {}
+            for name, c in (stats.get("images") or {}).items():
+                o = old.get(name, {})
+                self.rates[name] = Rate((c.get("reads", 0) - o.get("reads", 0)) / dt, (_read_bytes(c) - _read_bytes(o)) / dt)
+            self.total = Rate(sum(r.reads for r in self.rates.values()), sum(r.bytes for r in self.rates.values()))
+            self.history.append((now, self.total.bytes))
+        while self.history and self.history[0][0] < now - HISTORY:
+            self.history.popleft()
+        self.stats, self.sampled, self.error, self.gone = stats, now, None, False
+
+    def fail(self, message: str, gone: bool) -> None:
+        self.error, self.gone = message, gone
+        self.rates, self.total = {}, None
+
+
+def poll(view: MountView) -> None:
+    """Fetch `view`'s stats, or record why they could not be had."""
+    entry = mounts.find_mount(view.mountpoint)
+    if entry is None or entry.fstype != mounts.FSTYPE:
+        view.fail("gone: not mounted any more" if view.stats is not None else "not mounted", gone=True)
+        return
+    try:
+        stats = control.request(view.mountpoint, "stats", timeout=STATS_TIMEOUT)
+    except QuietError as exc:
+        view.fail(exc.message, gone=False)
+        return
+    view.update(stats, time.monotonic())
+
+
+class Dashboard:
+    """The mounts on screen: the named ones, or every fusecache mount as they come and go."""
+
+    def __init__(self, named: list[str]) -> None:
+        self.watch_all = not named
+        self.views: dict[str, MountView] = {mp: MountView(mp) for mp in named}
+
+    def refresh(self) -> None:
+        if self.watch_all:
+            for m in mounts.fusecache_mounts():
+                self.views.setdefault(m.mountpoint, MountView(m.mountpoint))
+        for view in self.views.values():
+            poll(view)
+
+
+def check_named(mountpoints: list[str]) -> list[str]:
+    """The named mountpoints, absolute, or a QuietError for the first one that is not a fusecache mount."""
+    out = []
+    for mp in mountpoints:
+        entry = mounts.find_mount(mp)
+        if entry is None:
+            raise QuietError(f"{mp} is not mounted: give the mount point of a running `fusecache mount` (or none, to watch all)")
+        if entry.fstype != mounts.FSTYPE:
+            raise QuietError(f"{mp} is not a fusecache mount (it is {entry.fstype}): give a fusecache mount point")
+        out.append(entry.mountpoint)
+    return out
+
+
+# ---- drawing -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Glyphs:
+    """Characters that depend on what the terminal can show."""
+
+    spark: str
+    full: str
+    empty: str
+    dash: str
+
+
+UNICODE = Glyphs(spark="▁▂▃▄▅▆▇█", full="█", empty="░", dash="—")
+ASCII = Glyphs(spark="_.-:=+*#", full="#", empty=".", dash="-")
+
+
+def _glyphs(console: Console) -> Glyphs:
+    return UNICODE if console.encoding.lower().startswith("utf") else ASCII
+
+
+def _short(n: float) -> str:
+    """A byte count in at most 6 characters: 0, 512K, 20.0M, 1.5G."""
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit in ("", "K") else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}P"
+
+
+def _mbs(rate: float) -> str:
+    return f"{rate / 1e6:.1f}"
+
+
+def _duration(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def sparkline(history: collections.deque[tuple[float, float]], now: float, g: Glyphs) -> str:
+    """The last HISTORY seconds in SPARK_WIDTH characters, oldest left; a blank where there is no sample yet."""
+    step = HISTORY / SPARK_WIDTH
+    buckets: list[list[float]] = [[] for _ in range(SPARK_WIDTH)]
+    for t, v in history:
+        i = SPARK_WIDTH - 1 - int((now - t) / step)
+        if 0 <= i < SPARK_WIDTH:
+            buckets[i].append(v)
+    means = [sum(b) / len(b) if b else None for b in buckets]
+    peak = max((m for m in means if m is not None), default=0.0)
+    top = len(g.spark) - 1
+    return "".join(
+        " " if m is None else g.spark[0] if peak <= 0 else g.spark[min(top, round(m / peak * top))] for m in means
+    )
+
+
+def _bar(fraction: float, width: int, g: Glyphs) -> str:
+    n = round(max(0.0, min(1.0, fraction)) * width)
+    return g.full * n + g.empty * (width - n)
+
+
+def _split(local: int, peer: int, miss: int) -> Text:
+    total = local + peer + miss
+    if not total:
+        return Text("no reads yet", style="dim")
+    t = Text()
+    for label, n, style in (("local", local, "green"), ("peer", peer, "cyan"), ("miss", miss, "red")):
+        if t:
+            t.append(" · ")
+        t.append(f"{label} {100 * n / total:.1f}%", style=style)
+        t.append(f" ({human(n)})")
+    return t
+
+
+def _totals(images: dict[str, dict[str, Any]]) -> tuple[int, int, int]:
+    return (
+        sum(c.get("hit_bytes", 0) for c in images.values()),
+        sum(c.get("peer_bytes", 0) for c in images.values()),
+        sum(c.get("backing_bytes", 0) for c in images.values()),
+    )
+
+
+def _cell(n: int, total: int) -> str:
+    return f"{_short(n)} {100 * n / total:3.0f}%" if total else _short(n)
+
+
+def _images_table(view: MountView, g: Glyphs) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, expand=True, show_edge=False)
+    table.add_column("image", ratio=1, min_width=12, overflow="ellipsis", no_wrap=True)
+    for name in ("reads/s", "MB/s", "hit%", "local", "peer", "miss", "admitted"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for name, c in ((view.stats or {}).get("images") or {}).items():
+        rate = view.rates.get(name)
+        total = _read_bytes(c)
+        r = hit_ratio(c)
+        table.add_row(
+            name,
+            g.dash if rate is None else f"{rate.reads:.0f}",
+            g.dash if rate is None else _mbs(rate.bytes),
+            g.dash if r is None else f"{100 * r:.1f}",
+            _cell(c.get("hit_bytes", 0), total),
+            _cell(c.get("peer_bytes", 0), total),
+            _cell(c.get("backing_bytes", 0), total),
+            str(c.get("admitted_chunks", 0)),
+        )
+    return table
+
+
+def _balloon_table(guests: dict[str, dict[str, Any]], g: Glyphs) -> Table:
+    table = Table(title="balloon", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
+    table.add_column("guest", overflow="ellipsis", no_wrap=True, max_width=30)
+    for name in ("state", "target", "actual", "est. evicted", "admitted"):
+        table.add_column(name, justify="right", no_wrap=True)
+
+    def size(v: Any) -> str:
+        return g.dash if v is None else human(v)
+
+    for name, s in guests.items():
+        running = s.get("running")
+        state = g.dash if running is None else Text("running", style="green") if running else Text("stopped", style="dim")
+        # the admission policy counts admitted bytes; the monitor alone counts `admitted`
+        admitted = s.get("admitted_bytes", s.get("admitted"))
+        table.add_row(name, state, size(s.get("target")), size(s.get("actual")), size(s.get("evicted_estimate")), size(admitted))
+    return table
+
+
+def _peers_table(peers: dict[str, dict[str, Any]], g: Glyphs) -> Table:
+    table = Table(title="peers", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
+    table.add_column("peer", overflow="ellipsis", no_wrap=True, max_width=30)
+    for name in ("state", "rtt ms", "hits given", "hits taken", "errors"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for name, p in peers.items():
+        up = p.get("up")
+        state = g.dash if up is None else Text("up", style="green") if up else Text("down", style="bold red")
+        rtt = p.get("rtt_ms")
+        table.add_row(
+            name,
+            state,
+            g.dash if rtt is None else f"{rtt:.2f}",
+            str(p.get("hits_given", g.dash)),
+            str(p.get("hits_taken", g.dash)),
+            str(p.get("errors", g.dash)),
+        )
+    return table
+
+
+def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
+    s = view.stats
+    title = Text(view.mountpoint, style="bold")
+    if view.gone or s is None:
+        style = "bold red" if view.gone else "yellow"
+        body: list[RenderableType] = [Text(view.error or "waiting for the first sample", style=style)]
+        if s is not None:
+            body.append(Text(f"last seen {_duration(now - view.sampled)} ago, backing {s.get('backing', g.dash)}", style="dim"))
+        return Panel(Group(*body), title=title, title_align="left", border_style="red" if view.gone else "yellow")
+    lines: list[RenderableType] = []
+    head = Text(f"{s.get('backing', g.dash)}  pid {s.get('pid', g.dash)}")
+    if "started" in s:
+        head.append(f"  up {_duration(time.time() - s['started'])}")
+    head.append(f"  {s.get('open_files', 0)} open files  admission {(s.get('admission') or {}).get('mode', g.dash)}")
+    lines.append(head)
+    if view.error:  # mounted, but this poll failed: show the last figures, and why they are old
+        lines.append(Text(f"{view.error} (figures from {_duration(now - view.sampled)} ago)", style="bold yellow"))
+    store = s.get("store")
+    if store:
+        cap = store.get("capacity", 0)
+        stored = store.get("bytes_stored", 0)
+        fill = stored / cap if cap else 0.0
+        t = Text("cache  ")
+        t.append(_bar(fill, 10, g), style="magenta")
+        t.append(f" {human(stored)} / {human(cap)} ({100 * fill:.0f}%)  dedup {store.get('dedup_ratio', 1.0):.2f}x")
+        t.append(f"  evicted {store.get('evicted_chunks', 0)}  verify failures ")
+        failures = store.get("verify_failures", 0)
+        t.append(str(failures), style="bold red" if failures else "")
+        lines.append(t)
+    else:
+        lines.append(Text("no cache (--no-cache): every read goes to the backing", style="dim"))
+    rate = Text("reads  ")
+    if view.total is None:
+        rate.append(f"{g.dash} /s  {g.dash} MB/s ")
+    else:
+        rate.append(f"{view.total.reads:.0f}/s  {_mbs(view.total.bytes)} MB/s ")
+    rate.append(sparkline(view.history, now, g), style="cyan")
+    peak = max((v for _, v in view.history), default=None)
+    rate.append(f" peak {g.dash if peak is None else _mbs(peak)} MB/s, last {HISTORY:.0f} s", style="dim")
+    lines.append(rate)
+    images = s.get("images") or {}
+    lines.append(Text("hits   ").append_text(_split(*_totals(images))))
+    if images:
+        lines.append(_images_table(view, g))
+    guests = (s.get("balloon") or {}).get("guests") or {}
+    peers = (s.get("peers") or {}).get("peers") or {}
+    if guests:
+        lines.append(_balloon_table(guests, g))
+    if peers:
+        lines.append(_peers_table(peers, g))
+    if not guests or not peers:
+        missing = [name for name, have in (("balloon", guests), ("peers", peers)) if not have]
+        lines.append(Text("  ".join(f"{name} {g.dash}" for name in missing), style="dim"))
+    return Panel(Group(*lines), title=title, title_align="left", border_style="blue")
+
+
+def render(dash: Dashboard, g: Glyphs, footer: str | None) -> RenderableType:
+    now = time.monotonic()
+    parts: list[RenderableType] = [_mount_panel(v, now, g) for v in dash.views.values()]
+    if not parts:
+        parts.append(Text("no fusecache mounts: waiting for one (`fusecache mount BACKING MOUNTPOINT`)", style="yellow"))
+    if footer:
+        parts.append(Text(footer, style="dim"))
+    return Group(*parts)
+
+
+# ---- the command ---------------------------------------------------------------------
+def main(mountpoints: list[str], once: bool = False, interval: float = 1.0) -> int:
+    """`fusecache top`: a live dashboard on a terminal; one plain frame with --once or when stdout is not one.
+
+    Exit status 0, or 1 when --once could not get every mount's stats.
+    """
+    dash = Dashboard(check_named(mountpoints))
+    if once or not sys.stdout.isatty():
+        return _once(dash, interval)
+    return _live(dash, max(interval, 0.1))
+
+
+def _once(dash: Dashboard, interval: float) -> int:
+    dash.refresh()
+    if not dash.views:
+        raise QuietError("no fusecache mounts: mount one with `fusecache mount BACKING MOUNTPOINT`")
+    if interval > 0:  # two samples, so the frame has rates
+        time.sleep(interval)
+        dash.refresh()
+    console = Console(width=ONCE_WIDTH, color_system=None, highlight=False, emoji=False)
+    console.print(render(dash, _glyphs(console), footer=None))
+    return 1 if any(v.error for v in dash.views.values()) else 0
+
+
+def _live(dash: Dashboard, interval: float) -> int:
+    console = Console(highlight=False, emoji=False)
+    glyphs = _glyphs(console)
+    footer = f"q or Ctrl-C quits; refreshes every {interval:g} s"
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    try:
+        with contextlib.ExitStack() as stack:
+            keys = stack.enter_context(_cbreak(sys.stdin))
+            stack.enter_context(_signals(wake_w))
+            live = stack.enter_context(Live(console=console, screen=True, auto_refresh=False, transient=True))
+            fds = [wake_r, *([keys] if keys is not None else [])]
+            deadline = time.monotonic()
+            while True:
+                dash.refresh()
+                live.update(render(dash, glyphs, footer), refresh=True)
+                deadline = max(deadline + interval, time.monotonic())
+                while (left := deadline - time.monotonic()) > 0:
+                    ready, _, _ = select.select(fds, [], [], left)
+                    if keys in ready and any(k in os.read(keys, 64) for k in (b"q", b"Q")):
+                        return 0
+                    if wake_r in ready:
+                        os.read(wake_r, 64)
+                        # the terminal changed size: draw the same figures at the new size now
+                        live.update(render(dash, glyphs, footer), refresh=True)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+@contextlib.contextmanager
+def _cbreak(stream: Any) -> Iterator[int | None]:
+    """Keys without Enter and without echo; the terminal's settings are restored however we leave."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = -1
+    if fd < 0 or not os.isatty(fd):
+        yield None  # no keyboard (stdin redirected): Ctrl-C still quits
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+
+
+@contextlib.contextmanager
+def _signals(wake_fd: int) -> Iterator[None]:
+    """SIGWINCH wakes the loop to redraw; SIGTERM and SIGHUP leave through the cleanup like Ctrl-C does."""
+
+    def resized(signum: int, frame: Any) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(wake_fd, b"w")
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    handlers = {signal.SIGWINCH: resized, signal.SIGTERM: stop, signal.SIGHUP: stop}
+    saved = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

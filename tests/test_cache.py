@@ -20,6 +20,7 @@ from tests.mounting import force_unmount, is_mounted, run_fusecache
 
 pytestmark = pytest.mark.mount
 MiB = 1 << 20
+INCLUSIVE = ("--admit", "inclusive")  # these tests exercise the store; second-chance has its own
 
 
 def stats(mountpoint: str) -> dict:
@@ -64,7 +65,7 @@ def write_random(path: str, size: int, seed: int) -> bytes:
 
 def test_hits_after_first_read(mounter, images, tmp_path):
     data = write_random(images.path("a.img"), 3 * MiB + 1234, 1)
-    m = mounter.mount(images.spec, "--cache-dir", str(tmp_path / "cache"))
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"))
     p = os.path.join(m.mountpoint, "a.img")
     assert read_all(p) == data
     wait_queue_empty(m.mountpoint)
@@ -79,7 +80,7 @@ def test_dedup_two_images_share_blocks(mounter, images, tmp_path):
     common = write_random(images.path("base.img"), 4 * MiB, 2)
     with open(images.path("clone.img"), "wb") as f:
         f.write(common[: 2 * MiB] + b"\0" * MiB + common[3 * MiB :])  # a clone with a hole punched in it
-    m = mounter.mount(images.spec, "--cache-dir", str(tmp_path / "cache"))
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"))
     read_all(os.path.join(m.mountpoint, "base.img"))
     read_all(os.path.join(m.mountpoint, "clone.img"))
     store = wait_queue_empty(m.mountpoint)["store"]
@@ -90,7 +91,7 @@ def test_dedup_two_images_share_blocks(mounter, images, tmp_path):
 
 def test_eviction_keeps_the_bound_and_the_bytes(mounter, images, tmp_path):
     data = write_random(images.path("big.img"), 24 * MiB, 3)
-    m = mounter.mount(images.spec, "--cache-dir", str(tmp_path / "cache"), "--cache-size", "4M")
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"), "--cache-size", "4M")
     p = os.path.join(m.mountpoint, "big.img")
     for _ in range(2):
         assert read_all(p) == data
@@ -102,11 +103,11 @@ def test_eviction_keeps_the_bound_and_the_bytes(mounter, images, tmp_path):
 def test_warm_restart(mounter, images, tmp_path):
     data = write_random(images.path("w.img"), 2 * MiB, 4)
     cache = str(tmp_path / "cache")
-    m = mounter.mount(images.spec, "--cache-dir", cache)
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", cache)
     read_all(os.path.join(m.mountpoint, "w.img"))
     wait_queue_empty(m.mountpoint)
     mounter.unmount(m)
-    m = mounter.mount(images.spec, "--cache-dir", cache)
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", cache)
     assert read_all(os.path.join(m.mountpoint, "w.img")) == data
     c = image_counters(m.mountpoint, "w.img")
     assert c["hit_bytes"] == len(data) and c["backing_bytes"] == 0
@@ -116,7 +117,7 @@ def test_sigkill_during_admission_then_every_byte_right(mounter, images, tmp_pat
     data = write_random(images.path("k.img"), 48 * MiB, 5)
     cache = str(tmp_path / "cache")
     for round_ in range(3):
-        m = mounter.mount(images.spec, "--cache-dir", cache)
+        m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", cache)
         p = os.path.join(m.mountpoint, "k.img")
         reader = threading.Thread(target=_read_ignoring_errors, args=(p,), daemon=True)
         reader.start()
@@ -126,7 +127,7 @@ def test_sigkill_during_admission_then_every_byte_right(mounter, images, tmp_pat
         force_unmount(m.mountpoint, m.pid)
         mounter.mounts.remove(m)
         assert not is_mounted(m.mountpoint)
-    m = mounter.mount(images.spec, "--cache-dir", cache)
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", cache)
     assert read_all(os.path.join(m.mountpoint, "k.img")) == data
     s = stats(m.mountpoint)
     assert s["store"]["verify_failures"] == 0 or s["images"]["k.img"]["backing_bytes"] > 0
@@ -141,7 +142,7 @@ def _read_ignoring_errors(path: str) -> None:
 
 def test_changed_behind_our_back_is_never_served_stale(mounter, images, tmp_path):
     write_random(images.path("s.img"), 2 * MiB, 6)
-    m = mounter.mount(images.spec, "--cache-dir", str(tmp_path / "cache"), "--revalidate", "0.5")
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"), "--revalidate", "0.5")
     p = os.path.join(m.mountpoint, "s.img")
     read_all(p)
     wait_queue_empty(m.mountpoint)
@@ -164,7 +165,7 @@ def test_changed_behind_our_back_is_never_served_stale(mounter, images, tmp_path
 
 def test_writes_through_the_mount_are_read_back(mounter, images, tmp_path):
     write_random(images.path("rw.img"), 4 * MiB, 8)
-    m = mounter.mount(images.spec, "--cache-dir", str(tmp_path / "cache"))
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"))
     p = os.path.join(m.mountpoint, "rw.img")
     before = read_all(p)
     wait_queue_empty(m.mountpoint)
@@ -187,7 +188,7 @@ def test_writes_through_the_mount_are_read_back(mounter, images, tmp_path):
 def test_rename_unlink_and_replace(mounter, images, tmp_path):
     a = write_random(images.path("a.img"), MiB, 9)
     b = write_random(images.path("b.img"), MiB, 10)
-    m = mounter.mount(images.spec, "--cache-dir", str(tmp_path / "cache"))
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"))
     mp = m.mountpoint
     read_all(os.path.join(mp, "a.img"))
     read_all(os.path.join(mp, "b.img"))
@@ -200,7 +201,7 @@ def test_rename_unlink_and_replace(mounter, images, tmp_path):
 
 
 def test_fio_verify_with_the_cache(mounter, images, tmp_path):
-    m = mounter.mount(images.spec, "--cache-dir", str(tmp_path / "cache"), "--cache-size", "32M")
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"), "--cache-size", "32M")
     cmd = [
         "fio", "--name=cache", f"--directory={m.mountpoint}", "--filename=vm.img", "--size=24M", "--offset_increment=24M",
         "--numjobs=3", "--rw=randrw", "--rwmixread=60", "--bsrange=4k-128k", "--direct=1", "--ioengine=psync",
@@ -214,7 +215,7 @@ def test_fio_verify_with_the_cache(mounter, images, tmp_path):
 
 def test_admit_and_drop_commands(mounter, images, tmp_path):
     data = write_random(images.path("x.img"), 2 * MiB, 12)
-    m = mounter.mount(images.spec, "--cache-dir", str(tmp_path / "cache"))
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"))
     proc = run_fusecache("admit", m.mountpoint, os.path.join(m.mountpoint, "x.img"), "0", "1M")
     assert proc.returncode == 0, proc.stderr
     assert "admitted 16 blocks" in proc.stdout
@@ -248,13 +249,13 @@ def test_foreign_and_corrupt_cache_dirs(mounter, images, tmp_path):
     assert "not a fusecache cache" in err and "--cache-dir" in err and (foreign / "thesis.tex").exists()
 
     cache = tmp_path / "cache"
-    m = mounter.mount(images.spec, "--cache-dir", str(cache))
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(cache))
     mounter.unmount(m)
     with open(cache / "meta.lmdb" / "data.mdb", "r+b") as f:
         f.write(b"\xde\xad" * 4096)
     err = _mount_fails(images, str(tmp_path / "m2"), "--cache-dir", str(cache))
     assert "--reset-cache" in err
-    mounter.mount(images.spec, "--cache-dir", str(cache), "--reset-cache")
+    mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(cache), "--reset-cache")
 
 
 @pytest.mark.parametrize(

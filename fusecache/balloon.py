@@ -1,0 +1,573 @@
+"""The balloon monitor: which guests run, which images they have open, and when they shrink.
+
+Owns: following guests through their sources (QEMU QMP sockets, libvirt),
+each guest's memory state (balloon actual and target, the guest's own
+memory statistics), and turning balloon inflation into `Shrink` reports for
+the policy. It knows nothing of the cache or the store: the caller decides
+what a shrink means (second-chance admission of that guest's oldest reads).
+
+Sources (`--balloon SPEC`, repeatable):
+
+- `qmp:/path/to/sock`: one QEMU's QMP socket. The monitor turns on the
+  balloon's statistics polling (`guest-stats-polling-interval`), follows
+  BALLOON_CHANGE events and polls `query-balloon` and `guest-stats` every
+  second; `query-block` gives the images (whole backing chains).
+- `libvirt`, `libvirt:URI` or a bare `qemu...://` URI: every running domain
+  of that libvirt daemon, followed as domains start and stop, by polling
+  `listAllDomains`, `memoryStats()` and the live domain XML every second.
+  libvirt-python blocks, so every call runs in a worker thread (one at a
+  time per connection), never on the trio loop.
+
+A guest that disappears, a socket that closes, libvirtd restarting: logged
+once, retried with capped exponential backoff; `run()` never raises.
+
+How a shrink is measured (`_ShrinkTracker`): while the balloon holds still,
+the baseline (balloon actual and the guest's page cache, `stat-disk-caches`)
+follows the guest. When actual falls, the monitor waits until it has held
+still for a poll and the guest has sent statistics taken after the last
+change (or a few seconds have passed), then reports the whole drop since the
+baseline as one Shrink and takes the current state as the new baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .errors import QuietError
+from .qmp import QmpClient, QmpClosed, QmpError, QmpTimeout, open_qmp
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 1.0  # seconds between polls of each guest; also the guest's stats polling interval
+IMAGES_EVERY = 5  # re-read a guest's images every this many polls (disks are rarely hot-plugged)
+BACKOFF_START = 0.5
+BACKOFF_CAP = 30.0
+SHRINK_MIN = 1 << 20  # smaller balloon moves are noise (the guest rounds to pages and chunks)
+STATS_WAIT = 5.0  # after the balloon stops, wait this long at most for fresh guest statistics
+PENDING_MAX = 15.0  # report a long, still-moving inflation in parts at least this often
+
+SPEC_FORMS = "qmp:/path/to/qmp.sock, libvirt, libvirt:URI or a qemu:///... URI"
+
+# libvirt's memoryStats() keys, in KiB (fault counts are counts), renamed to QEMU's guest-stats names.
+_LIBVIRT_STATS = {
+    "swap_in": "stat-swap-in",
+    "swap_out": "stat-swap-out",
+    "major_fault": "stat-major-faults",
+    "minor_fault": "stat-minor-faults",
+    "unused": "stat-free-memory",
+    "available": "stat-total-memory",
+    "usable": "stat-available-memory",
+    "disk_caches": "stat-disk-caches",
+    "hugetlb_pgalloc": "stat-htlb-pgalloc",
+    "hugetlb_pgfail": "stat-htlb-pgfail",
+}
+_LIBVIRT_COUNTS = {"major_fault", "minor_fault", "hugetlb_pgalloc", "hugetlb_pgfail"}
+
+
+@dataclass(frozen=True)
+class QmpSource:
+    """One QEMU's QMP socket."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"qmp:{self.path}"
+
+
+@dataclass(frozen=True)
+class LibvirtSource:
+    """A libvirt connection; uri None means libvirt's default."""
+
+    uri: str | None
+
+    def __str__(self) -> str:
+        return f"libvirt:{self.uri}" if self.uri else "libvirt"
+
+
+Source = QmpSource | LibvirtSource
+
+
+def parse_source(spec: str) -> Source:
+    """A balloon source spec, validated; QuietError naming the spec and the accepted forms if it is bad."""
+    if spec.startswith("qmp:"):
+        path = spec[4:]
+        if path.startswith("//"):
+            path = path[2:]
+        if path and not path.endswith("/"):
+            return QmpSource(os.path.abspath(path))
+    elif spec == "libvirt":
+        _need_libvirt(spec)
+        return LibvirtSource(None)
+    elif spec.startswith("libvirt:") and spec[8:]:
+        _need_libvirt(spec)
+        return LibvirtSource(spec[8:])
+    elif spec.split("://", 1)[0].split("+", 1)[0] == "qemu" and "://" in spec:
+        _need_libvirt(spec)
+        return LibvirtSource(spec)
+    raise QuietError(f"bad balloon source {spec!r}: expected {SPEC_FORMS}")
+
+
+def _need_libvirt(spec: str) -> None:
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        raise QuietError(f"balloon source {spec!r} needs libvirt-python: pip install 'fusecache[libvirt]'")
+
+
+@dataclass
+class GuestState:
+    """One running guest as the monitor sees it."""
+
+    name: str
+    images: list[str]  # absolute host paths of the files the guest has open as disks, backing chains included
+    actual: int  # guest memory now, bytes (balloon 'actual')
+    target: int | None  # what the host asked the balloon for, bytes; None when the source cannot tell (QMP)
+    stats: dict[str, int]  # guest statistics by QEMU's names (stat-disk-caches, stat-free-memory, ...), bytes; fault counts are counts
+    source: str = ""
+
+
+@dataclass
+class Shrink:
+    """A guest gave up memory to its balloon.
+
+    evicted_estimate is how many bytes of page cache the guest most likely
+    dropped: when the guest reports `stat-disk-caches`, the fall of that
+    statistic from just before the balloon moved to a sample taken after it
+    stopped, clamped to [0, balloon_bytes] (beyond what the balloon took,
+    a fall is the guest's own doing, e.g. deleted files, not eviction); when
+    the guest reports no statistics, or none fresh within a few seconds,
+    balloon_bytes itself (the balloon takes free memory first, so this
+    overestimates for a guest with much free memory).
+    """
+
+    guest: str
+    images: list[str]
+    balloon_bytes: int  # how much the balloon took since the last report
+    evicted_estimate: int
+
+
+@dataclass
+class _Totals:
+    shrinks: int = 0
+    balloon_bytes: int = 0
+    evicted_estimate: int = 0
+    admitted: int = 0
+
+
+class _ShrinkTracker:
+    """Per-guest shrink accounting over successive polls (see the module docstring)."""
+
+    def __init__(self, actual: int, cache: int | None) -> None:
+        self.base_actual = actual
+        self.base_cache = cache
+        self.pending_since: float | None = None
+        self.last_actual = actual
+        self.changed_at = 0.0
+        self.changed_stamp: int | None = None
+
+    def update(self, actual: int, cache: int | None, stamp: int | None, now: float) -> tuple[int, int] | None:
+        """Feed one poll: (balloon_bytes, evicted_estimate) when a shrink is complete, else None.
+
+        cache is stat-disk-caches in bytes (None if the guest does not report
+        it); stamp is the guest's last statistics update (any monotonic
+        counter: QEMU's last-update seconds).
+        """
+        if self.pending_since is None:
+            if actual <= self.base_actual - SHRINK_MIN:
+                self.pending_since = self.changed_at = now
+                self.last_actual = actual
+                self.changed_stamp = stamp
+            else:
+                self.base_actual, self.base_cache = actual, cache
+            return None
+        if actual != self.last_actual:
+            self.last_actual = actual
+            self.changed_at = now
+            self.changed_stamp = stamp
+            if now - self.pending_since < PENDING_MAX:
+                return None
+        # A sample the guest took after the balloon last moved; a source without timestamps gets STATS_WAIT instead.
+        waited = now - self.changed_at >= STATS_WAIT
+        if cache is None:
+            fresh = False
+        elif stamp is None:
+            fresh = waited
+        else:
+            fresh = self.changed_stamp is None or stamp > self.changed_stamp
+        if not fresh and not waited and now - self.pending_since < PENDING_MAX:
+            return None
+        balloon = self.base_actual - actual
+        if fresh and self.base_cache is not None and cache is not None:
+            evicted = min(max(self.base_cache - cache, 0), max(balloon, 0))
+        else:
+            evicted = max(balloon, 0)
+        self.base_actual, self.base_cache = actual, cache
+        self.pending_since = None
+        if balloon < SHRINK_MIN:
+            return None
+        return balloon, evicted
+
+
+class _Backoff:
+    """Capped exponential backoff that logs a failure once, not at every retry."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.delay = BACKOFF_START
+        self.failing: str | None = None
+
+    def ok(self) -> None:
+        if self.failing is not None:
+            log.info("balloon: %s: back", self.what)
+        self.failing = None
+        self.delay = BACKOFF_START
+
+    def failed(self, err: BaseException) -> None:
+        # Nurseries wrap a lone failure in a group: log the failure itself.
+        while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+            err = err.exceptions[0]
+        msg = f"{type(err).__name__}: {err}"
+        if msg != self.failing:
+            if isinstance(err, (OSError, QmpError, QmpTimeout, QmpClosed)) or type(err).__name__ == "libvirtError":
+                log.warning("balloon: %s: %s (retrying every <= %.0f s)", self.what, msg, BACKOFF_CAP)
+            else:
+                log.error("balloon: %s: unexpected failure (retrying)", self.what, exc_info=err)
+        self.failing = msg
+
+    async def sleep(self) -> None:
+        await trio.sleep(self.delay)
+        self.delay = min(self.delay * 2, BACKOFF_CAP)
+
+
+class BalloonMonitor:
+    """Follows every source's guests; calls on_shrink when one gives memory to its balloon.
+
+    on_guests is called with the whole `guests` dict whenever a guest appears,
+    disappears or its images change (not on every statistics poll). Both
+    callbacks run on the trio loop and must not block; an exception from one
+    is logged and the monitor carries on.
+    """
+
+    def __init__(
+        self,
+        sources: list[str],
+        on_shrink: Callable[[Shrink], None],
+        on_guests: Callable[[dict[str, GuestState]], None],
+    ) -> None:
+        self.sources = [parse_source(s) for s in sources]
+        self.on_shrink = on_shrink
+        self.on_guests = on_guests
+        self.guests: dict[str, GuestState] = {}
+        self._totals: dict[str, _Totals] = {}
+        self._trackers: dict[str, _ShrinkTracker] = {}
+
+    async def run(self) -> None:
+        """Follow every source until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for src in self.sources:
+                if isinstance(src, QmpSource):
+                    nursery.start_soon(self._follow_qmp, src)
+                else:
+                    nursery.start_soon(self._follow_libvirt, src)
+
+    def note_admitted(self, guest: str, nbytes: int) -> None:
+        """Record bytes the policy admitted because this guest shrank (shown by snapshot())."""
+        self._totals.setdefault(guest, _Totals()).admitted += nbytes
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able view for stats and `fusecache top`: every guest seen, running or not."""
+        out: dict[str, Any] = {}
+        for name in sorted(set(self.guests) | set(self._totals)):
+            g = self.guests.get(name)
+            t = self._totals.get(name, _Totals())
+            out[name] = {
+                "running": g is not None,
+                "source": g.source if g else None,
+                "images": list(g.images) if g else [],
+                "actual": g.actual if g else None,
+                "target": g.target if g else None,
+                "stats": dict(g.stats) if g else {},
+                "shrinks": t.shrinks,
+                "balloon_bytes": t.balloon_bytes,
+                "evicted_estimate": t.evicted_estimate,
+                "admitted": t.admitted,
+            }
+        return {"guests": out}
+
+    # -- shared bookkeeping
+
+    def _claim_name(self, name: str, source: Source) -> str:
+        """A guest key unique across sources: two QEMUs may share a -name."""
+        g = self.guests.get(name)
+        if g is None or g.source == str(source):
+            return name
+        return f"{name}@{source}"
+
+    def _guest_up(self, state: GuestState) -> None:
+        self.guests[state.name] = state
+        self._totals.setdefault(state.name, _Totals())
+        self._trackers[state.name] = _ShrinkTracker(state.actual, state.stats.get("stat-disk-caches"))
+        log.info("balloon: guest %s up (%s), images %s", state.name, state.source, state.images)
+        self._notify_guests()
+
+    def _guest_down(self, name: str) -> None:
+        if self.guests.pop(name, None) is not None:
+            self._trackers.pop(name, None)
+            log.info("balloon: guest %s gone", name)
+            self._notify_guests()
+
+    def _observe(
+        self, name: str, actual: int, target: int | None, stats: dict[str, int], stamp: int | None, images: list[str] | None
+    ) -> None:
+        """One poll's worth of a guest's state: update the live view, report a finished shrink."""
+        g = self.guests[name]
+        g.actual, g.target, g.stats = actual, target, stats
+        if images is not None and images != g.images:
+            g.images = images
+            self._notify_guests()
+        result = self._trackers[name].update(actual, stats.get("stat-disk-caches"), stamp, time.monotonic())
+        if result is None:
+            return
+        balloon_bytes, evicted = result
+        t = self._totals[name]
+        t.shrinks += 1
+        t.balloon_bytes += balloon_bytes
+        t.evicted_estimate += evicted
+        shrink = Shrink(guest=name, images=list(g.images), balloon_bytes=balloon_bytes, evicted_estimate=evicted)
+        log.info("balloon: %s shrank by %d MiB, evicted ~%d MiB", name, balloon_bytes >> 20, evicted >> 20)
+        try:
+            self.on_shrink(shrink)
+        except Exception:
+            log.exception("balloon: on_shrink failed for %s", name)
+
+    def _notify_guests(self) -> None:
+        try:
+            self.on_guests(self.guests)
+        except Exception:
+            log.exception("balloon: on_guests failed")
+
+    # -- QMP
+
+    async def _follow_qmp(self, src: QmpSource) -> None:
+        backoff = _Backoff(str(src))
+        while True:
+            name: list[str] = []  # set once the guest is registered, so it can be removed whatever happens
+            try:
+                async with open_qmp(src.path) as qmp:
+                    await self._serve_qmp(qmp, src, backoff, name)
+                raise QmpClosed("QMP connection closed (the guest shut down or was killed)")
+            except Exception as e:
+                backoff.failed(e)
+            finally:
+                if name:
+                    self._guest_down(name[0])
+            await backoff.sleep()
+
+    async def _serve_qmp(self, qmp: QmpClient, src: QmpSource, backoff: _Backoff, registered: list[str]) -> None:
+        qname = (await qmp.execute("query-name")).get("name") or os.path.splitext(os.path.basename(src.path))[0]
+        device = await _find_balloon(qmp)
+        if device is None:
+            raise QmpError("qom-list", "DeviceNotFound", "the guest has no virtio-balloon device")
+        interval = await qmp.execute("qom-get", {"path": device, "property": "guest-stats-polling-interval"})
+        if not interval or interval > POLL_INTERVAL:
+            await qmp.execute("qom-set", {"path": device, "property": "guest-stats-polling-interval", "value": int(POLL_INTERVAL)})
+        actual, stats, stamp = await _qmp_memory(qmp, device)
+        images = _block_images(await qmp.execute("query-block"))
+        name = self._claim_name(qname, src)
+        self._guest_up(GuestState(name=name, images=images, actual=actual, target=None, stats=stats, source=str(src)))
+        registered.append(name)
+        backoff.ok()
+        wake = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def follow_events() -> None:
+                nonlocal wake
+                async for event in qmp.events:
+                    if event.get("event") == "BALLOON_CHANGE":
+                        wake.set()
+                    elif event.get("event") == "SHUTDOWN":
+                        break
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(follow_events)
+            polls = 0
+            while True:
+                with trio.move_on_after(POLL_INTERVAL):
+                    await wake.wait()
+                wake = trio.Event()
+                polls += 1
+                actual, stats, stamp = await _qmp_memory(qmp, device)
+                images = _block_images(await qmp.execute("query-block")) if polls % IMAGES_EVERY == 0 else None
+                self._observe(name, actual, None, stats, stamp, images)
+
+    # -- libvirt
+
+    async def _follow_libvirt(self, src: LibvirtSource) -> None:
+        import libvirt
+
+        # libvirt prints every error to stderr by default; the monitor logs what matters itself.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        backoff = _Backoff(str(src))
+        limiter = trio.CapacityLimiter(1)  # one call at a time on a connection
+
+        async def call(fn: Callable[..., Any], *args: Any) -> Any:
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)
+
+        while True:
+            mine: dict[str, str] = {}  # domain UUID -> guest name, for the guests this source registered
+            conn = None
+            try:
+                conn = await call(libvirt.open, src.uri)
+                backoff.ok()
+                polls = 0
+                while True:
+                    want_images = set(mine) if polls % IMAGES_EVERY == 0 else set()
+                    domains = await call(_libvirt_poll, conn, set(mine), want_images)
+                    polls += 1
+                    for uuid in set(mine) - set(domains):
+                        self._guest_down(mine.pop(uuid))
+                    for uuid, d in domains.items():
+                        if uuid not in mine:
+                            name = self._claim_name(d["name"], src)
+                            mine[uuid] = name
+                            self._guest_up(GuestState(name, d["images"] or [], d["actual"], d["target"], d["stats"], str(src)))
+                        else:
+                            self._observe(mine[uuid], d["actual"], d["target"], d["stats"], d["stamp"], d["images"])
+                    await trio.sleep(POLL_INTERVAL)
+            except Exception as e:
+                backoff.failed(e)
+            finally:
+                for name in mine.values():
+                    self._guest_down(name)
+                if conn is not None:
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await call(conn.close)
+                        except Exception:
+                            pass  # a connection whose daemon went away may fail to close: nothing to do
+            await backoff.sleep()
+
+
+async def _find_balloon(qmp: QmpClient) -> str | None:
+    """The QOM path of the guest's virtio-balloon device (PCI or CCW proxy), or None.
+
+    Devices with an id live under /machine/peripheral (libvirt names it
+    balloon0), others under /machine/peripheral-anon/device[N]; both are
+    searched by type rather than trusting a fixed path.
+    """
+    for parent in ("/machine/peripheral", "/machine/peripheral-anon"):
+        try:
+            children = await qmp.execute("qom-list", {"path": parent})
+        except QmpError:
+            continue
+        for child in children:
+            ctype = child.get("type", "")
+            if ctype.startswith("child<virtio-balloon"):
+                return f"{parent}/{child['name']}"
+    return None
+
+
+def _clean_stats(raw: dict[str, Any]) -> dict[str, int]:
+    # QEMU reports a statistic the guest never sent as -1, which reaches JSON as 2**64 - 1.
+    return {k: int(v) for k, v in raw.items() if isinstance(v, int) and 0 <= v < 1 << 63}
+
+
+async def _qmp_memory(qmp: QmpClient, device: str) -> tuple[int, dict[str, int], int | None]:
+    """(balloon actual, guest stats, stats timestamp) of a QMP guest."""
+    actual = int((await qmp.execute("query-balloon"))["actual"])
+    try:
+        gs = await qmp.execute("qom-get", {"path": device, "property": "guest-stats"})
+    except QmpError:
+        # "guest hasn't updated any stats yet": its driver is not loaded yet, or it never reports statistics.
+        return actual, {}, None
+    return actual, _clean_stats(gs.get("stats", {})), gs.get("last-update") or None
+
+
+def _json_filenames(spec: Any) -> list[str]:
+    """The file names inside a `json:{...}` pseudo-filename (QEMU uses one for images with options)."""
+    if isinstance(spec, dict):
+        names = [spec["filename"]] if isinstance(spec.get("filename"), str) else []
+        return names + [n for k, v in spec.items() if k != "filename" for n in _json_filenames(v)]
+    if isinstance(spec, list):
+        return [n for v in spec for n in _json_filenames(v)]
+    return []
+
+
+def _block_images(devices: list[dict[str, Any]]) -> list[str]:
+    """Absolute paths of every image in query-block's answer, following backing chains."""
+    out: list[str] = []
+    for dev in devices:
+        image = dev.get("inserted", {}).get("image")
+        while image:
+            fname = image.get("filename", "")
+            names = _json_filenames(json.loads(fname[5:])) if fname.startswith("json:") else [fname]
+            for n in names:
+                # Only local files: nbd://, iscsi:// and friends have no host path to map to a mount.
+                if n.startswith("/") and os.path.abspath(n) not in out:
+                    out.append(os.path.abspath(n))
+            image = image.get("backing-image")
+    return out
+
+
+def _xml_images(xml: str) -> list[str]:
+    """Absolute paths of a libvirt domain's disks (file or block), backing stores included."""
+    out: list[str] = []
+    root = ET.fromstring(xml)
+    for disk in root.iterfind("./devices/disk"):
+        for source in disk.iter("source"):
+            path = source.get("file") or source.get("dev")
+            if path and path.startswith("/") and os.path.abspath(path) not in out:
+                out.append(os.path.abspath(path))
+    return out
+
+
+def _libvirt_poll(conn: Any, known: set[str], want_images: set[str]) -> dict[str, dict[str, Any]]:
+    """One poll of a libvirt connection, run in a worker thread: every running domain's state by UUID.
+
+    New domains get their statistics period set (libvirt leaves it off) and
+    their images read; known ones have their images re-read when in
+    want_images. A domain that stops between listing and querying is left
+    out; a dead connection raises libvirtError.
+    """
+    import libvirt
+
+    out: dict[str, dict[str, Any]] = {}
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        try:
+            uuid = dom.UUIDString()
+            if uuid not in known:
+                try:
+                    dom.setMemoryStatsPeriod(int(POLL_INTERVAL), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                except libvirt.libvirtError as e:
+                    log.debug("balloon: %s: no statistics period: %s", dom.name(), e)
+            raw = dom.memoryStats()
+            info = dom.info()
+            images = _xml_images(dom.XMLDesc(0)) if uuid not in known or uuid in want_images else None
+            name = dom.name()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                continue
+            raise
+        stats = {
+            qname: int(raw[key]) * (1 if key in _LIBVIRT_COUNTS else 1024)
+            for key, qname in _LIBVIRT_STATS.items()
+            if key in raw and 0 <= int(raw[key]) < 1 << 53
+        }
+        out[uuid] = {
+            "name": name,
+            "images": images,
+            "actual": int(raw.get("actual", info[2])) * 1024,
+            "target": int(info[2]) * 1024,
+            "stats": stats,
+            "stamp": raw.get("last_update") or None,
+        }
+    return out

@@ -1,0 +1,162 @@
+"""The cache and its admission policies, without FUSE: a real store and a real backing directory."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+import pytest
+import trio
+
+from fusecache.backing import OffLoop
+from fusecache.backing.local import LocalBacking
+from fusecache.balloon import GuestState, Shrink
+from fusecache.cache import Cache
+from fusecache.inodes import OpenFile
+from fusecache.policy import HOST, GuestReads, Inclusive, SecondChance
+from fusecache.store import Store
+
+MiB = 1 << 20
+CS = 65536
+
+
+class CountingBacking(LocalBacking):
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.preads = 0
+
+    def pread(self, fh, offset, size):
+        self.preads += 1
+        return super().pread(fh, offset, size)
+
+
+@pytest.fixture
+def env(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    backing = CountingBacking(str(images))
+    store = Store(str(tmp_path / "cache"), 64 * MiB)
+    yield images, backing, store
+    store.close()
+
+
+def open_file(backing: LocalBacking, path: str, fh: int = 1) -> OpenFile:
+    h = backing.open(path, os.O_RDWR)
+    return OpenFile(fh, 0, path, h, backing.fstat(h), True)
+
+
+async def settle(cache: Cache) -> None:
+    for _ in range(200):
+        await trio.sleep(0.01)
+        if not cache._queue:
+            return
+
+
+def test_second_chance_admits_what_the_guest_evicted(env, tmp_path):
+    images, backing, store = env
+    data = os.urandom(4 * MiB)
+    (images / "vm1.img").write_bytes(data)
+    mountpoint = str(tmp_path / "mnt")
+    policy = SecondChance(mountpoint, staging_bytes=2 * MiB)  # half the reads stay staged, half are read again
+    cache = Cache(OffLoop(backing), store, policy)
+    policy.bind(cache)
+    admitted = []
+    policy.on_admitted = lambda guest, n: admitted.append((guest, n))
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.run)
+            policy.on_guests({"vm1": GuestState("vm1", [mountpoint + "/vm1.img"], 512 * MiB, None, {})})
+            await trio.sleep(0.1)  # the policy resolves the image to its inode
+            f = open_file(backing, "vm1.img")
+            assert await cache.read(f, 0, 4 * MiB) == data
+            await settle(cache)
+            assert store.stats()["chunks"] == 0  # second chance: nothing stored on first read
+            reads = backing.preads
+            policy.on_shrink(Shrink("vm1", [mountpoint + "/vm1.img"], 3 * MiB, 3 * MiB))
+            await trio.sleep(0.3)
+            await settle(cache)
+            refetched = backing.preads - reads
+            hits_before = cache.images["vm1.img"].hit_bytes
+            assert await cache.read(f, 0, 4 * MiB) == data
+            nursery.cancel_scope.cancel()
+        return refetched, cache.images["vm1.img"].hit_bytes - hits_before
+
+    refetched, hit = trio.run(go)
+    g = policy.stats()["guests"]["vm1"]
+    assert g["admitted_chunks"] == 48  # the oldest 3 MiB of its reads
+    assert g["from_backing"] > 0 and g["from_staging"] > 0 and refetched >= 1
+    assert hit == 3 * MiB
+    assert sum(n for _, n in admitted) == 3 * MiB
+
+
+def test_staged_block_written_since_is_read_again(env, tmp_path):
+    images, backing, store = env
+    (images / "a.img").write_bytes(os.urandom(MiB))
+    policy = SecondChance(str(tmp_path / "mnt"))
+    cache = Cache(OffLoop(backing), store, policy)
+    policy.bind(cache)
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.run)
+            f = open_file(backing, "a.img")
+            await cache.read(f, 0, MiB)
+            await cache.write(f, 100, b"new bytes")
+            keys = [k for k in policy.guests[HOST].recent if k[2] == 0]
+            nursery.start_soon(policy._admit, HOST, keys)
+            await trio.sleep(0.3)
+            await settle(cache)
+            data = await cache.read(f, 0, 200)
+            nursery.cancel_scope.cancel()
+        return data
+
+    data = trio.run(go)
+    assert data[100:109] == b"new bytes"
+    assert (images / "a.img").read_bytes()[:200] == data
+
+
+def test_concurrent_misses_of_one_block_read_the_backing_once(env):
+    images, backing, store = env
+    (images / "b.img").write_bytes(os.urandom(CS * 4))
+    cache = Cache(OffLoop(backing), store, Inclusive())
+
+    async def go():
+        f = open_file(backing, "b.img")
+        results = []
+
+        async def reader():
+            results.append(await cache.read(f, 4096, 8192))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(reader)
+        return results
+
+    results = trio.run(go)
+    assert len(set(results)) == 1 and len(results[0]) == 8192
+    assert backing.preads == 1
+
+
+def test_guest_reads_are_bounded_and_oldest_first():
+    g = GuestReads(limit=10 * CS)
+    for c in range(15):
+        g.add((1, 1, c), CS)
+    g.add((1, 1, 7), CS)  # read again: newest now
+    assert g.recent_bytes == 10 * CS
+    assert g.take_oldest(3 * CS) == [(1, 1, 5), (1, 1, 6), (1, 1, 8)]
+
+
+def test_bookkeeping_bytes_per_gib_of_reads():
+    """Measured, printed for the README: what remembering one GiB of guest reads costs."""
+    g = GuestReads(limit=1 << 40)
+    n = (1 << 30) // CS
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for c in range(n):
+        g.add((123456789, 3, c), CS)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    per_entry = used / n
+    print(f"second-chance bookkeeping: {per_entry:.0f} bytes per 64 KiB chunk, {used / MiB:.1f} MiB per GiB of reads")
+    assert 50 < per_entry < 400
