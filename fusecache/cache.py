@@ -30,7 +30,8 @@ import logging
 import os
 import time
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -38,6 +39,9 @@ from fusecache.backing import Attr, OffLoop
 from fusecache.inodes import OpenFile
 from fusecache.policy import Admission
 from fusecache.store import Store, WriteBatch
+
+if TYPE_CHECKING:
+    from fusecache.peers import PeerSet
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +122,12 @@ class _Fetch:
 class Cache:
     """The read path over a `Store`, with invalidation on writes and on version changes."""
 
-    def __init__(self, backing: OffLoop, store: Store, admission: Admission, *, revalidate: float = 2.0) -> None:
+    def __init__(
+        self, backing: OffLoop, store: Store, admission: Admission, *, revalidate: float = 2.0, peers: PeerSet | None = None
+    ) -> None:
         self.backing = backing
+        self.peers = peers
+        self.on_committed: Callable[[int], None] = lambda admitted: None  # tells the peer server its summary aged
         self.store = store
         self.admission = admission
         self.revalidate = revalidate
@@ -207,8 +215,10 @@ class Cache:
                 need.append(c)
             else:
                 chunks[c] = data
+        from_peers: set[int] = set()
         if need:
-            chunks.update(await self._fetch(f, st, need))
+            got, from_peers = await self._fetch(f, st, need)
+            chunks.update(got)
         out = []
         for c in range(first, last + 1):
             data = chunks[c]
@@ -216,7 +226,10 @@ class Cache:
             hi = min(len(data), offset + size - c * cs)
             if hi > lo:
                 out.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
-                if c in need:
+                if c in from_peers:
+                    counters.peer_bytes += hi - lo
+                    counters.miss_chunks += 1
+                elif c in need:
                     counters.backing_bytes += hi - lo
                     counters.miss_chunks += 1
                 else:
@@ -230,9 +243,13 @@ class Cache:
         """A chunk from the writer's queue (admitted, not yet committed) or from the store."""
         return self._pending.get((st.ino, st.gen, c)) or self.store.read_chunk(st.ino, st.gen, c)
 
-    async def _fetch(self, f: OpenFile, st: FileState, need: list[int]) -> dict[int, bytes]:
-        """Read missing chunks from the backing, one read per contiguous run; join reads already under way."""
+    async def _fetch(self, f: OpenFile, st: FileState, need: list[int]) -> tuple[dict[int, bytes], set[int]]:
+        """Missing chunks: from peers that may hold them, else from the backing, one read per contiguous run.
+
+        A chunk some other request is already fetching is waited for, not read again.
+        """
         got: dict[int, bytes] = {}
+        from_peers: set[int] = set()
         mine: list[tuple[int, _Fetch]] = []
         theirs: list[tuple[int, _Fetch]] = []
         for c in need:
@@ -245,7 +262,21 @@ class Cache:
                 theirs.append((c, fetch))
         gen, epoch, quiet = st.gen, st.epoch, st.writing == 0
         try:
-            for run in _runs(mine):
+            remaining = mine
+            if self.peers is not None and mine and st.version is not None and st.version != UNKNOWN_VERSION:
+                offered = await self._ask_peers(st.ino, st.version, [c for c, _ in mine])
+                remaining = []
+                admit = quiet and st.writing == 0 and st.epoch == epoch and st.gen == gen
+                for c, fetch in mine:
+                    piece = offered.get(c)
+                    if piece is None:
+                        remaining.append((c, fetch))
+                        continue
+                    fetch.data = got[c] = piece
+                    from_peers.add(c)
+                    if admit and self.admission.on_miss(f, gen, c, piece):
+                        self.admit(st.ino, gen, c, piece, f.path)
+            for run in _runs(remaining):
                 start = run[0][0] * self.chunk_size
                 data = await self.backing.pread(f.handle, start, len(run) * self.chunk_size)
                 admit = quiet and st.writing == 0 and st.epoch == epoch and st.gen == gen
@@ -267,7 +298,24 @@ class Cache:
             if fetch.error is not None:
                 raise fetch.error
             got[c] = fetch.data
-        return got
+        return got, from_peers
+
+    async def _ask_peers(self, ino: int, version: tuple[int, int, int, int], chunks: list[int]) -> dict[int, bytes]:
+        """Chunks that peers send within one bounded wait (each checked against its page digests by PeerSet)."""
+        peers = self.peers
+        assert peers is not None
+        deadline = trio.current_time() + peers.fetch_timeout
+        offered: dict[int, bytes] = {}
+
+        async def one(c: int) -> None:
+            data = await peers.fetch_location(ino, version, c, deadline)
+            if data is not None:
+                offered[c] = data
+
+        async with trio.open_nursery() as nursery:
+            for c in chunks:
+                nursery.start_soon(one, c)
+        return offered
 
     async def admit_current(self, key: tuple[int, int, int], data: bytes, wait: bool = False) -> bool:
         """Admit a chunk read earlier, unless its file has changed since (generation) or is being written."""
@@ -425,6 +473,8 @@ class Cache:
                 if self._pending.get((ino, gen, chunk)) is data:
                     del self._pending[(ino, gen, chunk)]
             self._committed = last
+            if batch.admit:
+                self.on_committed(len(batch.admit))
             for st in self._files.values():
                 if st.dropped:
                     st.dropped = {c: s for c, s in st.dropped.items() if s > last}

@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="watch guests' balloons: qmp:/path/to/qmp.sock (repeatable) or libvirt[:URI]")
     c.add_argument("--staging-size", type=size, default="256M", metavar="SIZE",
                    help="recently read blocks kept so admission need not read them again (default 256M)")
+    pr = m.add_argument_group("peers")
+    pr.add_argument("--listen", metavar="ADDRESS:PORT", help="serve this host's cache to peers here (e.g. 0.0.0.0:7070)")
+    pr.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a host that mounts the same export (repeatable)")
+    pr.add_argument("--cluster-key-file", metavar="PATH", help="the shared key peers authenticate with (mode 0600)")
+    pr.add_argument("--peer-insecure", action="store_true", help="peer without a key: for tests on loopback only, refused elsewhere")
+    pr.add_argument("--peer-timeout", type=seconds, default=0.005, metavar="SECONDS",
+                    help="how long a miss waits for peers before reading the backing (default 0.005)")
     c.add_argument("--revalidate", type=seconds, default=2.0, metavar="SECONDS",
                    help="how often an open file's version is checked against the backing (default 2)")
 
@@ -146,6 +153,11 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         staging_size=args.staging_size,
         revalidate=args.revalidate,
         metrics=args.metrics,
+        listen=args.listen,
+        peers=args.peer,
+        cluster_key_file=args.cluster_key_file,
+        peer_insecure=args.peer_insecure,
+        peer_timeout=args.peer_timeout,
     )
     if args.cache_size < 1 << 20 and not args.no_cache:
         raise QuietError(f"--cache-size {args.cache_size} is too small: give at least 1M (e.g. 8G), or --no-cache")

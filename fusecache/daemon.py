@@ -60,6 +60,11 @@ class MountOptions:
     staging_size: int = 256 << 20
     revalidate: float = 2.0
     metrics: tuple[str, int] | None = None
+    listen: str | None = None
+    peers: list[str] = dataclasses.field(default_factory=list)
+    cluster_key_file: str | None = None
+    peer_insecure: bool = False
+    peer_timeout: float = 0.005
 
 
 # ---- checks made before anything is mounted ---------------------------------
@@ -134,6 +139,7 @@ def start(opts: MountOptions, argv: list[str]) -> None:
     opts.mountpoint = check_mountpoint(opts.mountpoint)
     check_fuse(opts.allow_other)
     _check_balloon(opts)
+    _cluster_key(opts)
     open_backing(opts.backing).shutdown()  # a bad BACKING is the caller's error: say so here
     log_file = opts.log_file or default_log_file(opts.mountpoint)
     try:
@@ -258,6 +264,9 @@ def serve(opts: MountOptions) -> None:
         with open(os.path.join(rundir, "pid"), "w") as f:
             f.write(f"{os.getpid()}\n")
         trio.run(_main, opts, readiness, ops, data, rundir)
+    except QuietError as exc:
+        readiness.failed(exc.message)
+        raise
     finally:
         pyfuse3.close(unmount=True)
         with contextlib.suppress(OSError):
@@ -275,6 +284,43 @@ def _check_balloon(opts: MountOptions) -> None:
         parse_source(spec)  # raises QuietError naming the bad spec
     if not opts.cache or opts.admit != "second-chance":
         raise QuietError("--balloon feeds second-chance admission: drop --no-cache / use --admit second-chance, or drop --balloon")
+
+
+def _cluster_key(opts: MountOptions) -> bytes | None:
+    """The key peers authenticate with; refuses peering without one unless --peer-insecure on loopback."""
+    if not opts.peers and not opts.listen:
+        return None
+    if not opts.cache:
+        raise QuietError("--peer and --listen share the cache: they cannot be used with --no-cache")
+    from fusecache.peers.protocol import load_cluster_key, session_key
+
+    if opts.cluster_key_file:
+        key = load_cluster_key(opts.cluster_key_file)
+    elif opts.peer_insecure:
+        key = None
+    else:
+        from fusecache.peers.protocol import INSECURE_REFUSED
+
+        raise QuietError(INSECURE_REFUSED)
+    session_key(key, [*opts.peers, *([opts.listen] if opts.listen else [])])  # refuses insecure peering off loopback
+    return key
+
+
+def _peering(opts: MountOptions, cache: Cache) -> tuple[Any, Any]:
+    """The peer server and peer set for this mount, wired to the cache (or (None, None))."""
+    if not opts.peers and not opts.listen:
+        return None, None
+    from fusecache.peers import PeerServer, PeerSet
+
+    key = _cluster_key(opts)
+    server = PeerServer(opts.listen, key, cache.store, capacity_pages=opts.cache_size // 4096) if opts.listen else None
+    peerset = PeerSet(opts.peers, key, fetch_timeout=opts.peer_timeout, server=server) if opts.peers else None
+    if server is not None:
+        cache.on_committed = server.note_change
+    if peerset is not None:
+        cache.peers = peerset
+        cache.store.set_peer_holds(peerset.may_hold)
+    return server, peerset
 
 
 def _data_path(opts: MountOptions, backing: OffLoop) -> Passthrough | Cache:
@@ -307,6 +353,14 @@ def _balloon_monitor(opts: MountOptions, data: Passthrough | Cache) -> Any:
     return monitor
 
 
+def _peer_stats(opts: MountOptions, server: Any, peerset: Any) -> dict[str, Any]:
+    return {
+        "listen": opts.listen,
+        "peers": {a: dataclasses.asdict(s) for a, s in peerset.stats().items()} if peerset is not None else {},
+        "served": {ip: dataclasses.asdict(s) for ip, s in server.stats().items()} if server is not None else {},
+    }
+
+
 def _balloon_stats(monitor: Any, data: Passthrough | Cache) -> dict[str, Any]:
     """Each guest as the monitor sees it, with what second-chance did for it."""
     guests = monitor.snapshot() if monitor is not None else {}
@@ -319,6 +373,7 @@ def _balloon_stats(monitor: Any, data: Passthrough | Cache) -> dict[str, Any]:
 async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, data: Passthrough | Cache, rundir: str) -> None:
     started = time.time()
     monitor = _balloon_monitor(opts, data)
+    server, peerset = _peering(opts, data) if isinstance(data, Cache) else (None, None)
 
     async def stats(request: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -329,6 +384,7 @@ async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, d
             "open_files": ops.open_files(),
             **data.stats(),
             "balloon": _balloon_stats(monitor, data),
+            "peers": _peer_stats(opts, server, peerset),
         }
 
     handlers = {"stats": stats, **(data.control_handlers() if isinstance(data, Cache) else {})}
@@ -339,6 +395,14 @@ async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, d
             if monitor is not None:
                 nursery.start_soon(monitor.run)
             await nursery.start(control.serve, os.path.join(rundir, "control.sock"), handlers)
+            if server is not None:
+                try:
+                    await nursery.start(server.run)
+                except OSError as exc:
+                    raise QuietError(f"cannot listen for peers on {opts.listen}: {exc.strerror}; choose another --listen address")
+                log.info("serving peers on %s", opts.listen)
+            if peerset is not None:
+                await nursery.start(peerset.run)
             if opts.metrics:
                 from fusecache import metrics
 

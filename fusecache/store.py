@@ -677,6 +677,42 @@ class Store:
                 return
             start = batch[-1] + b"\x00"
 
+    def read_location(self, ino: int, version: tuple[int, int, int, int], chunk: int) -> tuple[bytes, list[bytes]] | None:
+        """For a peer: the chunk and its page digests, only if the held record of `ino` has exactly `version`."""
+        rec = self.file_record(ino)
+        if rec is None or rec[1] != version:
+            return None
+        gen = rec[0]
+        data = self.read_chunk(ino, gen, chunk)
+        digests = self.chunk_digests(ino, gen, chunk)
+        if data is None or digests is None:
+            return None
+        return data, digests
+
+    def iter_locations(self) -> Iterator[tuple[int, tuple[int, int, int, int], int]]:
+        """(ino, version, chunk) of every held chunk of a file's current generation: the peers' location summary."""
+        with self._env.begin(db=self._files) as txn:
+            files = {_INO.unpack(k)[0]: _FILE.unpack(v) for k, v in txn.cursor().iternext()}
+        start = b""
+        while True:
+            with self._env.begin(db=self._loc) as txn:
+                cur = txn.cursor()
+                if not cur.set_range(start):
+                    return
+                batch = []
+                for key in cur.iternext(values=False):
+                    batch.append(key)
+                    if len(batch) == 4096:
+                        break
+            for key in batch:
+                ino, gen, chunk = _LOC_KEY.unpack(key)
+                rec = files.get(ino)
+                if rec is not None and rec[0] == gen and rec[1] >= 0:
+                    yield ino, tuple(rec[1:]), chunk
+            if len(batch) < 4096:
+                return
+            start = batch[-1] + b"\x00"
+
     def iter_files(self) -> list[int]:
         """The inode of every file with a record (for dropping the whole cache)."""
         with self._env.begin(db=self._files) as txn:

@@ -1,0 +1,410 @@
+"""The peer client: connections to every peer, their summaries, and fetches with a deadline.
+
+This module owns the asking side. `PeerSet` keeps one authenticated
+connection per peer (reconnecting with backoff), holds each peer's latest
+Bloom summaries, measures each peer's round trip, and fetches a page or a
+chunk from the peers whose summary says they may hold it, fastest first,
+giving up at a deadline so the caller can read the backing instead. Every
+block received is checked against its digests before it is returned; a peer
+that sends a wrong one is dropped and left alone for `ban_seconds`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import random
+from collections.abc import Callable
+
+import trio
+
+from fusecache.peers.protocol import (
+    CHUNK,
+    ERROR,
+    GET_LOCATION,
+    GET_PAGE,
+    HOLE_DIGEST,
+    MAX_HASHES,
+    MAX_SUMMARY_BYTES,
+    NOT_FOUND,
+    PAGE,
+    PAGE_SIZE,
+    PING,
+    PONG,
+    SUMMARY,
+    SUMMARY_DIGESTS,
+    SUMMARY_HEAD,
+    SUMMARY_LOCATIONS,
+    FramedStream,
+    ProtocolError,
+    Version,
+    chunk_matches,
+    client_handshake,
+    decode_chunk,
+    encode_location,
+    page_matches,
+    session_key,
+    split_address,
+)
+from fusecache.peers.server import PeerServer
+from fusecache.peers.summary import BloomFilter
+
+log = logging.getLogger(__name__)
+
+LOST = -1  # a local answer type: the connection went down before the answer came
+RTT_WEIGHT = 0.2  # of each new sample in the round-trip EWMA
+MIN_HEDGE = 0.0005  # ask the next peer after max(2 rtt, this) without an answer
+FIRST_BACKOFF = 0.05
+
+Answer = tuple["_Peer", int, bytes]
+
+
+@dataclasses.dataclass
+class PeerStats:
+    """One peer as this host sees it. `hits_given` is what our server gave that host."""
+
+    up: bool = False
+    rtt_ms: float | None = None
+    connects: int = 0
+    requests: int = 0
+    hits_taken: int = 0
+    hits_given: int = 0
+    not_found: int = 0
+    errors: int = 0
+    abandoned: int = 0  # requests given up on: deadline passed, or another peer answered first
+    corrupt_blocks: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    summary_pages: int = 0
+    summary_locations: int = 0
+
+
+@dataclasses.dataclass
+class _SummaryInProgress:
+    generation: int
+    bloom: BloomFilter
+    received: int = 0
+
+
+class _Peer:
+    """One peer's connection state; touched only on the trio thread."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.host, self.port = split_address(address)
+        self.ip: str | None = None
+        self.stats = PeerStats()
+        self.rtt: float | None = None
+        self.banned_until = 0.0
+        self.summaries: dict[int, BloomFilter] = {}
+        self.in_progress: dict[int, _SummaryInProgress] = {}
+        self.pending: dict[int, tuple[trio.MemorySendChannel[Answer] | None, float]] = {}
+        self.queue: trio.MemorySendChannel[tuple[int, int, bytes]] | None = None
+        self.scope: trio.CancelScope | None = None
+        self.connected = False  # authenticated, until `_keep_connected` notes the end
+        self._next_id = 0
+
+    def may_hold(self, kind: int, key: bytes) -> bool:
+        bloom = self.summaries.get(kind)
+        return self.queue is not None and bloom is not None and key in bloom
+
+    def new_request_id(self) -> int:
+        while True:
+            self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+            if self._next_id and self._next_id not in self.pending:
+                return self._next_id
+
+    def note_rtt(self, sample: float) -> None:
+        self.rtt = sample if self.rtt is None else (1 - RTT_WEIGHT) * self.rtt + RTT_WEIGHT * sample
+
+
+class PeerSet:
+    """Connections to `peers` ('host:port' each), and fetches from them."""
+
+    def __init__(
+        self,
+        peers: list[str],
+        key: bytes | None,
+        *,
+        fetch_timeout: float = 0.005,
+        connect_timeout: float = 1.0,
+        ping_interval: float = 1.0,
+        ban_seconds: float = 60.0,
+        max_backoff: float = 5.0,
+        max_outstanding: int = 256,
+        server: PeerServer | None = None,
+    ) -> None:
+        self._key = session_key(key, peers)
+        self._peers = [_Peer(a) for a in peers]
+        self.fetch_timeout = fetch_timeout
+        self._connect_timeout = connect_timeout
+        self._ping_interval = ping_interval
+        self._ban_seconds = ban_seconds
+        self._max_backoff = max_backoff
+        self._max_outstanding = max_outstanding
+        self._server = server
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep every peer connected until cancelled. Fetches before a peer is up return None."""
+        async with trio.open_nursery() as nursery:
+            for peer in self._peers:
+                nursery.start_soon(self._keep_connected, peer)
+            task_status.started()
+
+    def may_hold(self, digest: bytes) -> bool:
+        """Whether some reachable peer's summary says it may hold the page `digest`."""
+        return any(p.may_hold(SUMMARY_DIGESTS, digest) for p in self._peers)
+
+    def stats(self) -> dict[str, PeerStats]:
+        given = self._server.stats() if self._server is not None else {}
+        out = {}
+        for peer in self._peers:
+            s = dataclasses.replace(peer.stats, up=peer.queue is not None)
+            s.rtt_ms = peer.rtt * 1000 if peer.rtt is not None else None
+            if peer.ip in given:
+                s.hits_given = given[peer.ip].hits_given
+            out[peer.address] = s
+        return out
+
+    async def fetch_page(self, digest: bytes, deadline: float | None = None) -> bytes | None:
+        """The page named `digest` from a peer, checked, or None by `deadline` (trio clock;
+        default now + fetch_timeout)."""
+        if digest == HOLE_DIGEST:
+            return bytes(PAGE_SIZE)
+
+        def check(type_: int, payload: bytes) -> bytes | None:
+            if type_ == PAGE and page_matches(payload, digest):
+                return payload
+            raise ProtocolError(f"a wrong page for {digest.hex()}")
+
+        return await self._fetch(GET_PAGE, digest, SUMMARY_DIGESTS, digest, check, deadline)
+
+    async def fetch_location(self, ino: int, version: Version, chunk: int, deadline: float | None = None) -> bytes | None:
+        """Chunk `chunk` of version `version` of file `ino` from a peer, checked against its
+        page digests, or None by `deadline` (trio clock; default now + fetch_timeout)."""
+        location = encode_location(ino, version, chunk)
+
+        def check(type_: int, payload: bytes) -> bytes | None:
+            if type_ == CHUNK:
+                data, digests = decode_chunk(payload)
+                if chunk_matches(data, digests):
+                    return data
+            raise ProtocolError(f"a wrong chunk for ino {ino} chunk {chunk}")
+
+        return await self._fetch(GET_LOCATION, location, SUMMARY_LOCATIONS, location, check, deadline)
+
+    async def _fetch(
+        self,
+        type_: int,
+        payload: bytes,
+        kind: int,
+        key: bytes,
+        check: Callable[[int, bytes], bytes | None],
+        deadline: float | None,
+    ) -> bytes | None:
+        now = trio.current_time()
+        deadline = now + self.fetch_timeout if deadline is None else deadline
+        candidates = sorted((p for p in self._peers if p.may_hold(kind, key)), key=lambda p: p.rtt or 0.0)
+        if not candidates:
+            return None
+        answers_in, answers = trio.open_memory_channel[Answer](len(candidates))
+        asked: dict[_Peer, int] = {}
+        untried = collections.deque(candidates)
+
+        def ask_next() -> _Peer | None:
+            while untried:
+                peer = untried.popleft()
+                if self._ask(peer, type_, payload, answers_in, asked):
+                    return peer
+            return None
+
+        last = ask_next()
+        try:
+            with trio.move_on_at(deadline):
+                while asked:
+                    # Hedge: a peer slower than twice its usual round trip may be
+                    # stuck; ask the next one too and take whichever answers first.
+                    hedge_at = trio.current_time() + max(2 * (last.rtt or 0.0), MIN_HEDGE) if last and untried else math.inf
+                    answer = None
+                    with trio.move_on_at(hedge_at):
+                        answer = await answers.receive()
+                    if answer is None:
+                        last = ask_next() or last
+                        continue
+                    peer, answer_type, answer_payload = answer
+                    del asked[peer]
+                    if answer_type in (NOT_FOUND, ERROR, LOST):
+                        peer.stats.not_found += answer_type == NOT_FOUND
+                        peer.stats.errors += answer_type == ERROR
+                    else:
+                        try:
+                            block = check(answer_type, answer_payload)
+                        except ProtocolError as e:
+                            self._drop(peer, str(e))
+                        else:
+                            peer.stats.hits_taken += 1
+                            peer.stats.bytes_in += len(answer_payload)
+                            return block
+                    if not asked:
+                        last = ask_next()
+            return None
+        finally:
+            for peer, request_id in asked.items():
+                peer.pending.pop(request_id, None)
+                peer.stats.abandoned += 1
+
+    def _ask(self, peer: _Peer, type_: int, payload: bytes, answers: trio.MemorySendChannel[Answer], asked: dict[_Peer, int]) -> bool:
+        if peer.queue is None or len(peer.pending) >= self._max_outstanding:
+            return False
+        request_id = peer.new_request_id()
+        try:
+            peer.queue.send_nowait((type_, request_id, payload))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        peer.pending[request_id] = (answers, trio.current_time())
+        peer.stats.requests += 1
+        peer.stats.bytes_out += len(payload)
+        asked[peer] = request_id
+        return True
+
+    def _drop(self, peer: _Peer, reason: str) -> None:
+        """`peer` sent a block that fails its digests: disconnect, and ask it nothing for a while."""
+        peer.stats.corrupt_blocks += 1
+        peer.banned_until = trio.current_time() + self._ban_seconds
+        peer.summaries.clear()
+        log.warning("peer %s sent %s: disconnecting it for %.0f s", peer.address, reason, self._ban_seconds)
+        if peer.scope is not None:
+            peer.scope.cancel()
+
+    async def _keep_connected(self, peer: _Peer) -> None:
+        backoff = FIRST_BACKOFF
+        last_reason = None
+        while True:
+            await trio.sleep_until(peer.banned_until)
+            reason = "disconnected"
+            try:
+                await self._connect_and_serve(peer)
+            except* ProtocolError as group:
+                reason = "; ".join(str(e) for e in group.exceptions)
+            except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as group:
+                reason = "unreachable: " + "; ".join(str(e) or type(e).__name__ for e in group.exceptions)
+            if peer.connected:
+                if peer.banned_until <= trio.current_time():  # a drop was logged by `_drop`
+                    log.warning("peer %s is down: %s", peer.address, reason)
+                peer.connected = False
+                backoff = FIRST_BACKOFF
+            elif reason != last_reason:  # one line per new reason, not one per retry
+                log.warning("peer %s: %s", peer.address, reason)
+            last_reason = reason
+            await trio.sleep(backoff * random.uniform(0.8, 1.2))  # jitter: peers do not reconnect in step
+            backoff = min(2 * backoff, self._max_backoff)
+
+    async def _connect_and_serve(self, peer: _Peer) -> None:
+        with trio.fail_after(self._connect_timeout):
+            stream = await trio.open_tcp_stream(peer.host, peer.port)
+            try:
+                started = trio.current_time()
+                framed = await client_handshake(stream, self._key)
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        async with stream:
+            peer.ip = stream.socket.getpeername()[0]
+            peer.note_rtt((trio.current_time() - started) / 2)  # the handshake is two round trips
+            peer.connected = True
+            peer.stats.connects += 1
+            queue_in, queue_out = trio.open_memory_channel[tuple[int, int, bytes]](self._max_outstanding)
+            log.info("peer %s is up", peer.address)
+            try:
+                async with trio.open_nursery() as nursery:
+                    peer.scope = nursery.cancel_scope
+                    peer.queue = queue_in
+                    nursery.start_soon(self._write, framed, queue_out, nursery.cancel_scope)
+                    nursery.start_soon(self._ping, peer)
+                    try:
+                        await self._read(peer, framed)
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                peer.queue = peer.scope = None
+                peer.in_progress.clear()
+                for answers, _ in peer.pending.values():
+                    if answers is not None:
+                        try:
+                            answers.send_nowait((peer, LOST, b""))
+                        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+                peer.pending.clear()
+
+    @staticmethod
+    async def _write(framed: FramedStream, queue: trio.MemoryReceiveChannel[tuple[int, int, bytes]], scope: trio.CancelScope) -> None:
+        # The only task that writes to the stream: a fetch that gives up at its
+        # deadline never leaves half a frame behind.
+        try:
+            async for type_, request_id, payload in queue:
+                await framed.send(type_, request_id, payload)
+        finally:
+            scope.cancel()
+
+    async def _ping(self, peer: _Peer) -> None:
+        # Keeps the round-trip estimate fresh for idle peers and detects dead ones.
+        while peer.queue is not None:
+            request_id = peer.new_request_id()
+            peer.pending[request_id] = (None, trio.current_time())
+            try:
+                peer.queue.send_nowait((PING, request_id, b""))
+            except trio.WouldBlock:
+                peer.pending.pop(request_id)
+            await trio.sleep(self._ping_interval)
+
+    async def _read(self, peer: _Peer, framed: FramedStream) -> None:
+        while True:
+            with trio.move_on_after(3 * self._ping_interval):
+                frame = await framed.receive()
+                if frame is None:
+                    raise ProtocolError("the peer closed the connection")
+                type_, request_id, payload = frame
+                if type_ == SUMMARY:
+                    self._take_summary_part(peer, payload)
+                elif type_ in (PAGE, CHUNK, NOT_FOUND, ERROR, PONG):
+                    waiting = peer.pending.pop(request_id, None)
+                    if waiting is None:
+                        continue  # an answer its fetch stopped waiting for
+                    answers, sent_at = waiting
+                    peer.note_rtt(trio.current_time() - sent_at)
+                    if answers is not None:
+                        try:
+                            answers.send_nowait((peer, type_, payload))
+                        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+                else:
+                    raise ProtocolError(f"unknown or unexpected message type {type_}")
+                continue
+            raise ProtocolError(f"no answer for {3 * self._ping_interval:.1f} s")
+
+    def _take_summary_part(self, peer: _Peer, payload: bytes) -> None:
+        if len(payload) <= SUMMARY_HEAD.size:
+            raise ProtocolError("SUMMARY without filter bytes")
+        generation, kind, hashes, reserved, salt, nbits, items, offset = SUMMARY_HEAD.unpack_from(payload)
+        data = payload[SUMMARY_HEAD.size :]
+        nbytes = (nbits + 7) // 8
+        if kind not in (SUMMARY_DIGESTS, SUMMARY_LOCATIONS) or reserved or not 1 <= hashes <= MAX_HASHES:
+            raise ProtocolError(f"SUMMARY of kind {kind} with {hashes} hashes")
+        if nbits < 64 or nbytes > MAX_SUMMARY_BYTES or offset + len(data) > nbytes:
+            raise ProtocolError(f"SUMMARY of {nbits} bits, part at {offset}")
+        part = peer.in_progress.get(kind)
+        if offset == 0:
+            part = peer.in_progress[kind] = _SummaryInProgress(generation, BloomFilter(nbits, hashes, salt, bytearray(nbytes), items))
+        elif part is None or (part.generation, part.received, part.bloom.nbits, part.bloom.salt) != (generation, offset, nbits, salt):
+            raise ProtocolError("SUMMARY parts out of order")
+        part.bloom.bits[offset : offset + len(data)] = data
+        part.received += len(data)
+        if part.received == nbytes:
+            del peer.in_progress[kind]
+            peer.summaries[kind] = part.bloom
+            if kind == SUMMARY_DIGESTS:
+                peer.stats.summary_pages = items
+            else:
+                peer.stats.summary_locations = items

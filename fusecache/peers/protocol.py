@@ -1,0 +1,344 @@
+"""The peer wire protocol: frames, limits, the authenticated handshake, block checks.
+
+This module owns everything both ends of a peer connection must agree on
+(`docs/peer-protocol.md` is the spec): the frame layout and every length
+limit, the message encodings, the HMAC-SHA256 challenge-response handshake
+and the per-frame MACs under the session keys it derives, the page digest
+rule (xxh3-128, with a fixed marker for all-zero pages), and the checks on
+keys and addresses done before any socket is opened. The server and the
+client build on `FramedStream`; neither parses bytes itself.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+import stat
+import struct
+from collections.abc import Sequence
+
+import trio
+import xxhash
+
+from fusecache.errors import QuietError
+from fusecache.peers.summary import BloomFilter
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+MAGIC = b"FCPEER"
+
+PAGE_SIZE = 4096
+CHUNK_SIZE = 64 * 1024
+PAGES_PER_CHUNK = CHUNK_SIZE // PAGE_SIZE
+DIGEST_SIZE = 16
+# A page is named by the xxh3-128 of its 4096 bytes (a file's short last page
+# padded with zeros). An all-zero page, a hole, is never stored or sent: its
+# name is a fixed marker that any host answers with zeros by itself.
+HOLE_DIGEST = xxhash.xxh3_128_digest(bytes(PAGE_SIZE))
+
+# Frame: type u8, flags u8, request id u32, payload length u32, payload, then
+# (after the handshake) a 16-byte truncated HMAC-SHA256 tag.
+HEADER = struct.Struct("!BBII")
+TAG_SIZE = 16
+MAX_PAYLOAD = 1024 * 1024
+# Before authentication only HELLO and AUTH are allowed, and both are tiny:
+# an unauthenticated host cannot make us buffer more than this.
+MAX_PREAUTH_PAYLOAD = 64
+NONCE_SIZE = 32
+MIN_KEY_SIZE = 16
+
+# Message types.
+HELLO = 1
+AUTH = 2
+GET_PAGE = 16
+GET_LOCATION = 17
+PING = 18
+SUMMARY = 32
+PAGE = 33
+CHUNK = 34
+NOT_FOUND = 35
+ERROR = 36
+PONG = 37
+
+HELLO_BODY = struct.Struct(f"!{len(MAGIC)}sH{NONCE_SIZE}s")
+# (ino, size, mtime_ns, ctime_ns, change, chunk_no): a location, and the bytes
+# the location summary hashes.
+LOCATION = struct.Struct("!QQqqQQ")
+CHUNK_HEAD = struct.Struct("!H")
+ERROR_HEAD = struct.Struct("!H")
+MAX_ERROR_TEXT = 256
+# generation, kind, k, reserved, salt, nbits, items, offset; then filter bytes.
+SUMMARY_HEAD = struct.Struct("!IBBHQQQQ")
+SUMMARY_DIGESTS = 0
+SUMMARY_LOCATIONS = 1
+MAX_SUMMARY_BYTES = 128 * 1024 * 1024  # ~1.1e8 items at 1%: a 400 GiB cache
+MAX_HASHES = 16
+# Filter bytes per SUMMARY frame: small enough that answers to requests are
+# not queued long behind a summary on the same connection.
+SUMMARY_PART = 256 * 1024
+
+ERROR_INTERNAL = 1
+
+# Payload lengths every request and fixed-size answer must have exactly.
+REQUEST_SIZES = {GET_PAGE: DIGEST_SIZE, GET_LOCATION: LOCATION.size, PING: 0}
+
+Version = tuple[int, int, int, int]  # (size, mtime_ns, ctime_ns, change)
+
+
+class ProtocolError(Exception):
+    """The other end broke the protocol; the connection is closed with a log line."""
+
+
+class AuthError(ProtocolError):
+    """The other end does not hold the cluster key (or is not a fusecache peer)."""
+
+
+def page_digest(page: bytes | memoryview) -> bytes:
+    """The name of a page: xxh3-128 of its bytes padded with zeros to PAGE_SIZE."""
+    if len(page) < PAGE_SIZE:
+        page = bytes(page).ljust(PAGE_SIZE, b"\0")
+    return xxhash.xxh3_128_digest(page)
+
+
+def page_matches(page: bytes | memoryview, digest: bytes) -> bool:
+    """Whether `page` (at most PAGE_SIZE bytes, not empty) is the page named `digest`."""
+    return 0 < len(page) <= PAGE_SIZE and page_digest(page) == digest
+
+
+def chunk_matches(data: bytes, digests: Sequence[bytes]) -> bool:
+    """Whether `data` is exactly the pages `digests` name, in order (the last may be short)."""
+    if not digests or len(digests) > PAGES_PER_CHUNK:
+        return False
+    if not (len(digests) - 1) * PAGE_SIZE < len(data) <= len(digests) * PAGE_SIZE:
+        return False
+    view = memoryview(data)
+    return all(page_matches(view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], d) for i, d in enumerate(digests))
+
+
+def encode_location(ino: int, version: Version, chunk: int) -> bytes:
+    size, mtime_ns, ctime_ns, change = version
+    return LOCATION.pack(ino, size, mtime_ns, ctime_ns, change, chunk)
+
+
+def decode_location(payload: bytes) -> tuple[int, Version, int]:
+    ino, size, mtime_ns, ctime_ns, change, chunk = LOCATION.unpack(payload)
+    return ino, (size, mtime_ns, ctime_ns, change), chunk
+
+
+def encode_chunk(data: bytes, digests: Sequence[bytes]) -> bytes:
+    return CHUNK_HEAD.pack(len(digests)) + b"".join(digests) + data
+
+
+def decode_chunk(payload: bytes) -> tuple[bytes, list[bytes]]:
+    """Split a CHUNK payload; the sizes are checked here, the content by `chunk_matches`."""
+    if len(payload) < CHUNK_HEAD.size:
+        raise ProtocolError("CHUNK shorter than its header")
+    (count,) = CHUNK_HEAD.unpack_from(payload)
+    end = CHUNK_HEAD.size + count * DIGEST_SIZE
+    if not 1 <= count <= PAGES_PER_CHUNK or len(payload) - end > CHUNK_SIZE or len(payload) < end:
+        raise ProtocolError(f"CHUNK with {count} pages and {len(payload)} bytes")
+    digests = [payload[i : i + DIGEST_SIZE] for i in range(CHUNK_HEAD.size, end, DIGEST_SIZE)]
+    return payload[end:], digests
+
+
+def encode_error(code: int, text: str) -> bytes:
+    return ERROR_HEAD.pack(code) + text.encode()[:MAX_ERROR_TEXT]
+
+
+def encode_summary(generation: int, kind: int, bloom: BloomFilter) -> list[bytes]:
+    """The SUMMARY payloads that carry `bloom`, in the order they must be sent."""
+    bits = bytes(bloom.bits)
+    head = (generation, kind, bloom.hashes, 0, bloom.salt, bloom.nbits, bloom.items)
+    return [SUMMARY_HEAD.pack(*head, offset) + bits[offset : offset + SUMMARY_PART] for offset in range(0, len(bits), SUMMARY_PART)]
+
+
+class FramedStream:
+    """One peer connection as a sequence of frames, MAC'd once the handshake is done.
+
+    `receive()` returns one checked frame; `encode()` builds one frame to send.
+    Frames must be sent in the order they were encoded (the MAC covers a
+    per-direction sequence number, so a frame replayed, dropped or reordered
+    on the path is detected).
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._buffer = bytearray()
+        self._send_key: bytes | None = None
+        self._receive_key: bytes | None = None
+        self._send_seq = 0
+        self._receive_seq = 0
+
+    def start_session(self, send_key: bytes, receive_key: bytes) -> None:
+        self._send_key, self._receive_key = send_key, receive_key
+
+    def encode(self, type_: int, request_id: int, payload: bytes = b"") -> bytes:
+        header = HEADER.pack(type_, 0, request_id, len(payload))
+        frame = header + payload
+        if self._send_key is not None:
+            frame += _tag(self._send_key, self._send_seq, frame)
+            self._send_seq += 1
+        return frame
+
+    async def send(self, type_: int, request_id: int, payload: bytes = b"") -> None:
+        await self.stream.send_all(self.encode(type_, request_id, payload))
+
+    async def receive(self) -> tuple[int, int, bytes] | None:
+        """The next frame as (type, request id, payload), or None at a clean end of stream."""
+        if not await self._fill(HEADER.size, at_boundary=True):
+            return None
+        type_, flags, request_id, length = HEADER.unpack_from(self._buffer)
+        limit = MAX_PAYLOAD if self._receive_key is not None else MAX_PREAUTH_PAYLOAD
+        if length > limit:
+            raise ProtocolError(f"frame of {length} bytes, over the limit of {limit}")
+        if flags != 0:
+            raise ProtocolError(f"frame with unknown flags {flags:#x}")
+        tag_size = TAG_SIZE if self._receive_key is not None else 0
+        total = HEADER.size + length + tag_size
+        await self._fill(total, at_boundary=False)
+        frame = bytes(self._buffer[:total])
+        del self._buffer[:total]
+        if self._receive_key is not None:
+            body, tag = frame[:-TAG_SIZE], frame[-TAG_SIZE:]
+            if not hmac.compare_digest(_tag(self._receive_key, self._receive_seq, body), tag):
+                raise ProtocolError("frame with a wrong MAC (altered or injected on the path)")
+            self._receive_seq += 1
+        return type_, request_id, frame[HEADER.size : HEADER.size + length]
+
+    async def _fill(self, size: int, *, at_boundary: bool) -> bool:
+        while len(self._buffer) < size:
+            data = await self.stream.receive_some(max(size - len(self._buffer), 256 * 1024))
+            if not data:
+                if at_boundary and not self._buffer:
+                    return False
+                raise ProtocolError("connection closed in the middle of a frame")
+            self._buffer += data
+        return True
+
+
+def _tag(key: bytes, seq: int, frame: bytes) -> bytes:
+    return hmac.digest(key, seq.to_bytes(8, "big") + frame, "sha256")[:TAG_SIZE]
+
+
+def _proof(key: bytes, label: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    return hmac.digest(key, b"fusecache-peer v1 " + label + client_nonce + server_nonce, "sha256")
+
+
+async def _receive_hello(framed: FramedStream) -> bytes:
+    frame = await framed.receive()
+    if frame is None:
+        raise ProtocolError("closed before HELLO")
+    type_, _, payload = frame
+    if type_ != HELLO or len(payload) != HELLO_BODY.size:
+        raise ProtocolError(f"expected HELLO, got a frame of type {type_} and {len(payload)} bytes")
+    magic, version, nonce = HELLO_BODY.unpack(payload)
+    if magic != MAGIC:
+        raise ProtocolError("not a fusecache peer (bad magic in HELLO)")
+    if version != VERSION:
+        raise ProtocolError(f"speaks peer protocol version {version}, this host speaks {VERSION}")
+    return nonce
+
+
+async def _receive_proof(framed: FramedStream) -> bytes:
+    frame = await framed.receive()
+    if frame is None:
+        raise AuthError("closed during authentication (the other end holds a different cluster key?)")
+    type_, _, payload = frame
+    if type_ != AUTH or len(payload) != 32:
+        raise ProtocolError(f"expected AUTH, got a frame of type {type_} and {len(payload)} bytes")
+    return payload
+
+
+def _session_keys(key: bytes, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes, bytes]:
+    """(client-to-server, server-to-client) MAC keys, fresh for every connection."""
+    return _proof(key, b"c2s", client_nonce, server_nonce), _proof(key, b"s2c", client_nonce, server_nonce)
+
+
+async def client_handshake(stream: trio.abc.Stream, key: bytes) -> FramedStream:
+    """Authenticate to a server: HELLO both ways, our proof first, then the server's."""
+    framed = FramedStream(stream)
+    client_nonce = secrets.token_bytes(NONCE_SIZE)
+    await framed.send(HELLO, 0, HELLO_BODY.pack(MAGIC, VERSION, client_nonce))
+    server_nonce = await _receive_hello(framed)
+    await framed.send(AUTH, 0, _proof(key, b"client", client_nonce, server_nonce))
+    if not hmac.compare_digest(await _receive_proof(framed), _proof(key, b"server", client_nonce, server_nonce)):
+        raise AuthError("the server's proof is wrong: it does not hold our cluster key")
+    c2s, s2c = _session_keys(key, client_nonce, server_nonce)
+    framed.start_session(send_key=c2s, receive_key=s2c)
+    return framed
+
+
+async def server_handshake(stream: trio.abc.Stream, key: bytes) -> FramedStream:
+    """Authenticate a client. The server proves itself only after the client did, so a
+    host without the key receives nothing computed from the key: only a random nonce."""
+    framed = FramedStream(stream)
+    client_nonce = await _receive_hello(framed)
+    server_nonce = secrets.token_bytes(NONCE_SIZE)
+    await framed.send(HELLO, 0, HELLO_BODY.pack(MAGIC, VERSION, server_nonce))
+    if not hmac.compare_digest(await _receive_proof(framed), _proof(key, b"client", client_nonce, server_nonce)):
+        raise AuthError("wrong proof: the client does not hold this cluster key")
+    await framed.send(AUTH, 0, _proof(key, b"server", client_nonce, server_nonce))
+    c2s, s2c = _session_keys(key, client_nonce, server_nonce)
+    framed.start_session(send_key=s2c, receive_key=c2s)
+    return framed
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or ':port' (all addresses) -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise QuietError(f"peer address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: it could resolve anywhere
+
+
+INSECURE_REFUSED = (
+    "peering without --cluster-key-file is refused: disk images hold tenants' data; "
+    "make a key with `head -c 32 /dev/urandom > /etc/fusecache/cluster.key`"
+)
+
+
+def session_key(key: bytes | None, addresses: Sequence[str]) -> bytes:
+    """The key to authenticate with. None (--peer-insecure) is allowed only when every
+    address is loopback; it then becomes the empty key, so the same handshake and
+    frame MACs run and an insecure host can never pair with a keyed one."""
+    if key is None:
+        if not all(is_loopback(split_address(a)[0]) for a in addresses):
+            raise QuietError(INSECURE_REFUSED)
+        return b""
+    if len(key) < MIN_KEY_SIZE:
+        raise QuietError(f"the cluster key has {len(key)} bytes, fewer than {MIN_KEY_SIZE}: {INSECURE_REFUSED.split('; ')[-1]}")
+    return key
+
+
+def load_cluster_key(path: str) -> bytes:
+    """The cluster key: the whole content of `path`, which only its owner may read."""
+    make = f"make one with `head -c 32 /dev/urandom > {path} && chmod 600 {path}`"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise QuietError(f"cluster key file {path} does not exist: {make}")
+    except PermissionError:
+        raise QuietError(f"cluster key file {path} is not readable by this user: run as its owner")
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if mode & 0o077:
+            raise QuietError(
+                f"cluster key file {path} is open to group or others (mode {stat.S_IMODE(mode):04o}): `chmod 600 {path}`"
+            )
+        key = f.read()
+    if len(key) < MIN_KEY_SIZE:
+        raise QuietError(f"cluster key file {path} holds {len(key)} bytes, fewer than {MIN_KEY_SIZE}: {make}")
+    return key

@@ -1,0 +1,592 @@
+"""Peers over real trio TCP on loopback, serving from a fake in-memory provider.
+
+Every test runs its own server on 127.0.0.1 port 0. Tests that misbehave on
+purpose speak the protocol by hand with the primitives of
+`fusecache.peers.protocol`. No test asserts a timing beyond "gave up by the
+deadline plus generous slack".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections.abc import AsyncIterator
+
+import hypothesis.strategies as st
+import pytest
+import trio
+import xxhash
+from hypothesis import HealthCheck, given, settings
+
+from fusecache.errors import QuietError
+from fusecache.peers import HOLE_DIGEST, BloomFilter, PeerServer, PeerSet, RemoteStats, Version, load_cluster_key, page_digest
+from fusecache.peers.protocol import (
+    CHUNK,
+    GET_LOCATION,
+    GET_PAGE,
+    HEADER,
+    HELLO,
+    HELLO_BODY,
+    MAGIC,
+    MAX_PAYLOAD,
+    PAGE,
+    PING,
+    PONG,
+    REQUEST_SIZES,
+    SUMMARY,
+    SUMMARY_LOCATIONS,
+    VERSION,
+    AuthError,
+    FramedStream,
+    ProtocolError,
+    chunk_matches,
+    client_handshake,
+    encode_chunk,
+    encode_location,
+    encode_summary,
+    page_matches,
+    server_handshake,
+)
+from fusecache.store import ZERO_DIGEST
+
+KEY = b"k" * 32
+SLACK = 2.0  # seconds past a deadline a loaded CI machine may take to notice it
+VERSION_A: Version = (1 << 20, 1_700_000_000_000_000_000, 1_700_000_000_000_000_001, 7)
+
+
+class FakeStore:
+    """The provider: pages by digest, chunks by (ino, version, chunk_no)."""
+
+    def __init__(self, pages: int = 64, chunks: int = 8) -> None:
+        self.pages: dict[bytes, bytes] = {}
+        self.locations: dict[tuple[int, Version, int], tuple[bytes, list[bytes]]] = {}
+        for _ in range(pages):
+            page = os.urandom(4096)
+            self.pages[page_digest(page)] = page
+        for n in range(chunks):
+            # A hole in the middle and a short tail on the last chunk: both must verify.
+            data = os.urandom(4096 * 5) + bytes(4096) + os.urandom(4096 * 9 + (100 if n == chunks - 1 else 4096))
+            self.locations[(42, VERSION_A, n)] = (data, [page_digest(data[i : i + 4096]) for i in range(0, len(data), 4096)])
+
+    def read_page(self, digest: bytes) -> bytes | None:
+        return self.pages.get(digest)
+
+    def read_location(self, ino: int, version: Version, chunk: int) -> tuple[bytes, list[bytes]] | None:
+        return self.locations.get((ino, version, chunk))
+
+    def iter_digests(self) -> list[bytes]:
+        return list(self.pages)
+
+    def iter_locations(self) -> list[tuple[int, Version, int]]:
+        return list(self.locations)
+
+
+class CorruptingStore(FakeStore):
+    """A peer with bad memory: right digests, one flipped byte in the data."""
+
+    def read_page(self, digest: bytes) -> bytes | None:
+        page = self.pages.get(digest)
+        return None if page is None else bytes([page[0] ^ 1]) + page[1:]
+
+    def read_location(self, ino: int, version: Version, chunk: int) -> tuple[bytes, list[bytes]] | None:
+        found = self.locations.get((ino, version, chunk))
+        if found is None:
+            return None
+        data, digests = found
+        return data[:-1] + bytes([data[-1] ^ 1]), digests
+
+
+@contextlib.asynccontextmanager
+async def serving(store: FakeStore, key: bytes | None = KEY, **kwargs: object) -> AsyncIterator[PeerServer]:
+    async with trio.open_nursery() as nursery:
+        server = PeerServer("127.0.0.1:0", key, store, **kwargs)
+        await nursery.start(server.run)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def peer_set(ports: list[int], key: bytes | None = KEY, **kwargs: object) -> AsyncIterator[PeerSet]:
+    async with trio.open_nursery() as nursery:
+        peers = PeerSet([f"127.0.0.1:{p}" for p in ports], key, **kwargs)
+        await nursery.start(peers.run)
+        yield peers
+        nursery.cancel_scope.cancel()
+
+
+async def wait_for_summaries(peers: PeerSet) -> None:
+    """Until some peer is up and both its summaries have arrived."""
+    with trio.fail_after(10):
+        while not any(s.up and s.summary_pages > 0 and s.summary_locations > 0 for s in peers.stats().values()):
+            await trio.sleep(0.01)
+
+
+def far() -> float:
+    """A deadline for tests that check answers, not giving up."""
+    return trio.current_time() + 5
+
+
+async def read_to_eof(stream: trio.SocketStream) -> bytes:
+    received = b""
+    with trio.fail_after(10):
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:  # the server reset: what we sent was left unread
+                return received
+            if not data:
+                return received
+            received += data
+
+
+async def answers_until_eof(framed: FramedStream) -> list[int]:
+    """Types of the frames the server sends until it closes, summaries left out."""
+    types = []
+    with trio.fail_after(10):
+        while True:
+            try:
+                frame = await framed.receive()
+            except (trio.BrokenResourceError, ProtocolError):  # closed, perhaps mid-summary
+                return types
+            if frame is None:
+                return types
+            if frame[0] != SUMMARY:
+                types.append(frame[0])
+
+
+async def still_serves(server: PeerServer, store: FakeStore) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        framed = await client_handshake(stream, KEY)
+        digest = next(iter(store.pages))
+        await framed.send(GET_PAGE, 9, digest)
+        with trio.fail_after(10):
+            while (frame := await framed.receive()) is not None and frame[0] == SUMMARY:
+                pass
+        assert frame == (PAGE, 9, store.pages[digest])
+
+
+def test_fetch_by_digest_and_by_location() -> None:
+    store = FakeStore()
+
+    async def main() -> None:
+        async with serving(store) as server, peer_set([server.port], server=server) as peers:
+            await wait_for_summaries(peers)
+            for digest, page in store.pages.items():
+                assert peers.may_hold(digest)
+                assert await peers.fetch_page(digest, far()) == page
+            for (ino, version, n), (data, digests) in store.locations.items():
+                got = await peers.fetch_location(ino, version, n, far())
+                assert got == data and chunk_matches(got, digests)
+            # Another version of the same file is not this content: never asked, never served.
+            other = (VERSION_A[0], VERSION_A[1] + 1, *VERSION_A[2:])
+            assert await peers.fetch_location(42, other, 0, far()) is None
+            unknown = os.urandom(16)
+            assert await peers.fetch_page(unknown, far()) is None
+            stats = peers.stats()[f"127.0.0.1:{server.port}"]
+            assert stats.up and stats.rtt_ms is not None and stats.corrupt_blocks == 0
+            assert stats.hits_taken == len(store.pages) + len(store.locations)
+            assert stats.hits_given == stats.hits_taken  # this host is its own peer here
+
+    trio.run(main)
+
+
+def test_many_concurrent_requests_share_one_connection() -> None:
+    store = FakeStore(pages=200)
+
+    async def main() -> None:
+        async with serving(store) as server, peer_set([server.port]) as peers:
+            await wait_for_summaries(peers)
+            results: dict[bytes, bytes | None] = {}
+
+            async def fetch(digest: bytes) -> None:
+                results[digest] = await peers.fetch_page(digest, far())
+
+            async def fetch_chunk(n: int) -> None:
+                results[bytes([n])] = await peers.fetch_location(42, VERSION_A, n, far())
+
+            async with trio.open_nursery() as nursery:
+                for digest in store.pages:
+                    nursery.start_soon(fetch, digest)
+                for n in range(len(store.locations)):
+                    nursery.start_soon(fetch_chunk, n)
+            assert all(results[d] == p for d, p in store.pages.items())
+            assert all(results[bytes([n])] == store.locations[(42, VERSION_A, n)][0] for n in range(len(store.locations)))
+            remote = server.stats()["127.0.0.1"]
+            assert remote.connections == 1 and remote.peak_in_flight > 1
+
+    trio.run(main)
+
+
+def test_wrong_key_is_refused_and_learns_nothing(expect_log) -> None:
+    expect_log("refused: wrong proof", "closed during authentication")
+    store = FakeStore()
+
+    async def main() -> None:
+        async with serving(store) as server:
+            # By hand: the server answers HELLO with its nonce, and after a wrong proof
+            # sends nothing at all (no proof of its own, no data) and closes.
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                await stream.send_all(HEADER.pack(HELLO, 0, 0, HELLO_BODY.size) + HELLO_BODY.pack(MAGIC, VERSION, os.urandom(32)))
+                await stream.send_all(HEADER.pack(2, 0, 0, 32) + os.urandom(32))
+                received = await read_to_eof(stream)
+            assert len(received) == HEADER.size + HELLO_BODY.size and received[0] == HELLO
+            # Through the client: a wrong key never comes up and fetches nothing.
+            with pytest.raises(AuthError):
+                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                async with stream:
+                    await client_handshake(stream, b"x" * 32)
+            async with peer_set([server.port], key=b"x" * 32) as peers:
+                await trio.sleep(0.3)
+                assert not peers.stats()[f"127.0.0.1:{server.port}"].up
+                assert await peers.fetch_page(next(iter(store.pages))) is None
+            assert server.stats()["127.0.0.1"].refused >= 2
+            assert server.stats()["127.0.0.1"].hits_given == 0
+
+    trio.run(main)
+
+
+def test_a_client_refuses_a_server_without_the_key() -> None:
+    async def impostor(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(AuthError, trio.BrokenResourceError):
+            await server_handshake(stream, b"x" * 32)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, impostor, 0)
+            port = listeners[0].socket.getsockname()[1]
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                with pytest.raises(AuthError):
+                    await client_handshake(stream, KEY)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def half_answering_server(store: FakeStore, then: str):
+    """A peer that authenticates, publishes its locations, then dies (`then`='close') or
+    hangs (`then`='hang') halfway through its first CHUNK."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        framed = await server_handshake(stream, KEY)
+        bloom = BloomFilter.for_capacity(100)
+        for location in store.locations:
+            bloom.add(encode_location(*location))
+        for part in encode_summary(1, SUMMARY_LOCATIONS, bloom):
+            await framed.send(SUMMARY, 0, part)
+        while (frame := await framed.receive()) is not None:
+            type_, request_id, _ = frame
+            if type_ == PING:
+                await framed.send(PONG, request_id)
+            elif type_ == GET_LOCATION:
+                whole = framed.encode(CHUNK, request_id, encode_chunk(*store.locations[(42, VERSION_A, 0)]))
+                await stream.send_all(whole[: len(whole) // 2])
+                if then == "hang":
+                    await trio.sleep_forever()
+                await stream.aclose()
+                return
+
+    return handler
+
+
+@pytest.mark.parametrize("then", ["close", "hang"])
+def test_peer_dying_mid_transfer_costs_only_the_deadline(then: str, expect_log) -> None:
+    expect_log("is down")
+    store = FakeStore()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, half_answering_server(store, then), 0)
+            port = listeners[0].socket.getsockname()[1]
+            async with peer_set([port]) as peers:
+                with trio.fail_after(10):
+                    while not peers.stats()[f"127.0.0.1:{port}"].summary_locations:
+                        await trio.sleep(0.01)
+                deadline = trio.current_time() + 0.2
+                assert await peers.fetch_location(42, VERSION_A, 0, deadline) is None
+                assert trio.current_time() <= deadline + SLACK
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_stuck_peer_is_hedged_around(expect_log) -> None:
+    expect_log("is down")
+    store = FakeStore()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, half_answering_server(store, "hang"), 0)
+            stuck = listeners[0].socket.getsockname()[1]
+            async with serving(store) as server, peer_set([stuck, server.port]) as peers:
+                await wait_for_summaries(peers)
+                with trio.fail_after(10):
+                    while not peers.stats()[f"127.0.0.1:{stuck}"].summary_locations:
+                        await trio.sleep(0.01)
+                # Whichever is asked first, the answer comes from the live peer.
+                for n in range(len(store.locations)):
+                    assert await peers.fetch_location(42, VERSION_A, n, far()) == store.locations[(42, VERSION_A, n)][0]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_restarted_peer_is_reconnected(expect_log) -> None:
+    expect_log("is down", "unreachable")
+    store = FakeStore()
+
+    async def main() -> None:
+        async with serving(store) as server:
+            port = server.port
+        async with peer_set([port], max_backoff=0.2) as peers:
+            address = f"127.0.0.1:{port}"
+            await trio.sleep(0.3)
+            assert not peers.stats()[address].up
+            async with trio.open_nursery() as nursery:
+                await nursery.start(PeerServer(address, KEY, store).run)
+                await wait_for_summaries(peers)
+                digest = next(iter(store.pages))
+                assert await peers.fetch_page(digest, far()) == store.pages[digest]
+                nursery.cancel_scope.cancel()
+            with trio.fail_after(10):
+                while peers.stats()[address].up:
+                    await trio.sleep(0.01)
+
+    trio.run(main)
+
+
+def test_corrupt_blocks_are_rejected_counted_and_the_peer_dropped(expect_log) -> None:
+    expect_log("sent a wrong")
+    store = CorruptingStore()
+
+    async def main() -> None:
+        async with serving(store) as server, peer_set([server.port], ban_seconds=30) as peers:
+            address = f"127.0.0.1:{server.port}"
+            await wait_for_summaries(peers)
+            assert await peers.fetch_location(42, VERSION_A, 0, far()) is None
+            stats = peers.stats()[address]
+            assert stats.corrupt_blocks == 1 and stats.hits_taken == 0
+            await trio.sleep(0.2)
+            assert not peers.stats()[address].up
+            # Not asked again while banned, though it holds the page.
+            digest = next(iter(store.pages))
+            assert not peers.may_hold(digest)
+            assert await peers.fetch_page(digest, far()) is None
+            assert peers.stats()[address].requests == stats.requests
+
+        # A wrong page by digest is caught the same way.
+        async with serving(store) as server, peer_set([server.port]) as peers:
+            await wait_for_summaries(peers)
+            assert await peers.fetch_page(next(iter(store.pages)), far()) is None
+            assert peers.stats()[f"127.0.0.1:{server.port}"].corrupt_blocks == 1
+
+    trio.run(main)
+
+
+MUTATIONS = ["none", "flags", "longer", "shorter", "huge", "mac", "truncate"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(garbage=st.binary(max_size=200))
+def test_garbage_before_authentication_is_refused(garbage: bytes, expect_log) -> None:
+    expect_log("refused")
+    store = FakeStore(pages=4, chunks=1)
+
+    async def main() -> None:
+        async with serving(store) as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(garbage)
+                    await stream.send_eof()
+                received = await read_to_eof(stream)
+            # At most the server's HELLO: never a proof, never data.
+            assert len(received) <= HEADER.size + HELLO_BODY.size
+            await still_serves(server, store)
+
+    trio.run(main)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    type_=st.one_of(st.sampled_from(sorted(REQUEST_SIZES)), st.integers(0, 255)),
+    request_id=st.integers(0, 2**32 - 1),
+    payload=st.one_of(st.binary(max_size=64), st.sampled_from([b"", bytes(16), bytes(48)])),
+    mutation=st.sampled_from(MUTATIONS),
+)
+def test_malformed_frames_close_the_connection(type_: int, request_id: int, payload: bytes, mutation: str, expect_log) -> None:
+    expect_log("closing the connection")
+    store = FakeStore(pages=4, chunks=1)
+
+    async def main() -> None:
+        async with serving(store) as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                framed = await client_handshake(stream, KEY)
+                frame = bytearray(framed.encode(type_, request_id, payload))
+                if mutation == "flags":
+                    frame[1] = 1
+                elif mutation in ("longer", "shorter", "huge"):
+                    length = {"longer": len(payload) + 1, "shorter": max(len(payload) - 1, 0), "huge": MAX_PAYLOAD + 1}[mutation]
+                    frame[6:10] = struct.pack("!I", length)
+                elif mutation == "mac":
+                    frame[-1] ^= 0x80
+                elif mutation == "truncate":
+                    del frame[-3:]
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(bytes(frame))
+                    await stream.send_eof()
+                answers = await answers_until_eof(framed)
+            well_formed = mutation == "none" or (mutation == "shorter" and not payload)
+            if not (well_formed and REQUEST_SIZES.get(type_) == len(payload)):
+                assert answers == []
+            await still_serves(server, store)
+
+    trio.run(main)
+
+
+def test_an_oversized_frame_is_refused_before_its_payload(expect_log) -> None:
+    expect_log("over the limit")
+    store = FakeStore(pages=4, chunks=1)
+
+    async def main() -> None:
+        async with serving(store) as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                framed = await client_handshake(stream, KEY)
+                # Only the header: the server must not wait for 16 MiB that never come.
+                await stream.send_all(HEADER.pack(GET_PAGE, 0, 1, 16 << 20))
+                assert await answers_until_eof(framed) == []
+            assert server.stats()["127.0.0.1"].protocol_errors == 1
+            await still_serves(server, store)
+
+    trio.run(main)
+
+
+def test_a_flood_from_one_peer_is_bounded_and_others_are_served() -> None:
+    store = FakeStore(pages=64)
+    per_peer = 8
+
+    async def flood(port: int) -> None:
+        # From another loopback address, so it is another peer; it never reads.
+        stream = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+        async with stream:
+            framed = await client_handshake(stream, KEY)
+            digest = next(iter(store.pages))
+            request = b"".join(framed.encode(GET_PAGE, i, digest) for i in range(256))
+            while True:
+                await stream.send_all(request)
+
+    async def main() -> None:
+        async with (
+            serving(store, max_in_flight_per_peer=per_peer, max_in_flight=4 * per_peer) as server,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(flood, server.port)
+            # Wait until the server stops reading the flood: its answers fill the
+            # socket buffers, its slots fill, and its request count stands still.
+            with trio.fail_after(20):
+                seen = -1
+                while "127.0.0.2" not in server.stats() or server.stats()["127.0.0.2"].requests != seen:
+                    seen = server.stats().get("127.0.0.2", RemoteStats()).requests
+                    await trio.sleep(0.3)
+            assert server.stats()["127.0.0.2"].in_flight == per_peer
+            async with peer_set([server.port]) as peers:
+                await wait_for_summaries(peers)
+                for digest, page in store.pages.items():
+                    assert await peers.fetch_page(digest, far()) == page
+            flooder = server.stats()["127.0.0.2"]
+            assert flooder.peak_in_flight == per_peer and flooder.requests == seen
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_pages_and_holes_are_named_as_the_store_names_them() -> None:
+    assert HOLE_DIGEST == ZERO_DIGEST
+    assert page_digest(bytes(100)) == HOLE_DIGEST  # a short tail of zeros is a hole too
+    tail = os.urandom(100)
+    assert page_matches(tail, xxhash.xxh3_128_digest(tail + bytes(4096 - 100)))
+    assert not page_matches(b"", HOLE_DIGEST)
+
+
+def test_summary_false_positive_rate_is_near_one_percent() -> None:
+    bloom = BloomFilter.for_capacity(20_000)
+    for _ in range(20_000):
+        bloom.add(os.urandom(16))
+    false_positives = sum(os.urandom(16) in bloom for _ in range(20_000))
+    assert false_positives / 20_000 < 0.03
+    assert len(bloom.bits) < 20_000 * 1.3  # ~1.2 bytes per key at 1%
+
+
+def test_summary_has_no_false_negatives_over_the_wire() -> None:
+    store = FakeStore(pages=3000)
+
+    async def main() -> None:
+        async with serving(store, capacity_pages=3000) as server, peer_set([server.port]) as peers:
+            await wait_for_summaries(peers)
+            assert all(peers.may_hold(d) for d in store.pages)
+            false_positives = sum(peers.may_hold(os.urandom(16)) for _ in range(3000))
+            assert false_positives / 3000 < 0.05
+
+    trio.run(main)
+
+
+def test_summary_is_rebuilt_when_the_store_changed_a_lot() -> None:
+    store = FakeStore(pages=10)
+
+    async def main() -> None:
+        async with (
+            serving(store, summary_interval=3600, min_summary_interval=0.05) as server,
+            peer_set([server.port]) as peers,
+        ):
+            await wait_for_summaries(peers)
+            page = os.urandom(4096)
+            store.pages[page_digest(page)] = page
+            assert not peers.may_hold(page_digest(page))
+            server.note_change()
+            with trio.fail_after(10):
+                while not peers.may_hold(page_digest(page)):
+                    await trio.sleep(0.01)
+            assert await peers.fetch_page(page_digest(page), far()) == page
+
+    trio.run(main)
+
+
+def test_peering_without_a_key_only_on_loopback() -> None:
+    store = FakeStore(pages=4)
+
+    async def main() -> None:
+        async with serving(store, key=None) as server, peer_set([server.port], key=None) as peers:
+            await wait_for_summaries(peers)
+            digest = next(iter(store.pages))
+            assert await peers.fetch_page(digest, far()) == store.pages[digest]
+
+    trio.run(main)
+    with pytest.raises(QuietError, match="cluster-key-file"):
+        PeerSet(["127.0.0.1:7070", "10.0.0.2:7070"], None)
+    with pytest.raises(QuietError, match="cluster-key-file"):
+        PeerServer("0.0.0.0:7070", None, store)
+    with pytest.raises(QuietError, match="cluster-key-file"):
+        PeerSet(["host2:7070"], None)
+    PeerSet(["localhost:7070", "[::1]:7070"], None)
+
+
+def test_load_cluster_key(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "cluster.key")
+    with pytest.raises(QuietError, match="does not exist"):
+        load_cluster_key(path)
+    with open(path, "wb") as f:
+        f.write(os.urandom(32))
+    os.chmod(path, 0o644)
+    with pytest.raises(QuietError, match="chmod 600"):
+        load_cluster_key(path)
+    os.chmod(path, 0o600)
+    assert len(load_cluster_key(path)) == 32
+    with open(path, "wb") as f:
+        f.write(b"short")
+    with pytest.raises(QuietError, match="fewer than 16"):
+        load_cluster_key(path)
