@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -37,6 +37,7 @@ from fusecache.inodes import InodeTable
 from fusecache.policy import Inclusive, SecondChance
 
 log = logging.getLogger("fusecache")
+E = TypeVar("E", bound=BaseException)
 
 READY_TIMEOUT = 180.0  # an NFS server that does not answer takes its timeout to say so
 
@@ -263,7 +264,13 @@ def serve(opts: MountOptions) -> None:
         os.makedirs(rundir, mode=0o700, exist_ok=True)
         with open(os.path.join(rundir, "pid"), "w") as f:
             f.write(f"{os.getpid()}\n")
-        trio.run(_main, opts, readiness, ops, data, rundir)
+        try:
+            trio.run(_main, opts, readiness, ops, data, rundir)
+        except BaseExceptionGroup as group:
+            quiet = _find_in(group, QuietError)
+            if quiet is None:
+                raise
+            raise quiet from None
     except QuietError as exc:
         readiness.failed(exc.message)
         raise
@@ -398,8 +405,11 @@ async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, d
             if server is not None:
                 try:
                     await nursery.start(server.run)
-                except OSError as exc:
-                    raise QuietError(f"cannot listen for peers on {opts.listen}: {exc.strerror}; choose another --listen address")
+                except (OSError, BaseExceptionGroup) as exc:
+                    err = _find_in(exc, OSError)
+                    if err is None:
+                        raise
+                    raise QuietError(f"cannot listen for peers on {opts.listen}: {err.strerror}; choose another --listen address")
                 log.info("serving peers on %s", opts.listen)
             if peerset is not None:
                 await nursery.start(peerset.run)
@@ -413,6 +423,17 @@ async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, d
             nursery.cancel_scope.cancel()
     finally:
         await data.close()
+
+
+def _find_in(exc: BaseException, cls: type[E]) -> E | None:
+    """`exc` itself or the first exception of type `cls` inside its (nested) exception groups."""
+    if isinstance(exc, cls):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _find_in(inner, cls)) is not None:
+                return found
+    return None
 
 
 async def _stop_on_signals() -> None:
