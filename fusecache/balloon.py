@@ -23,10 +23,14 @@ once, retried with capped exponential backoff; `run()` never raises.
 
 How a shrink is measured (`_ShrinkTracker`): while the balloon holds still,
 the baseline (balloon actual and the guest's page cache, `stat-disk-caches`)
-follows the guest. When actual falls, the monitor waits until it has held
-still for a poll and the guest has sent statistics taken after the last
-change (or a few seconds have passed), then reports the whole drop since the
-baseline as one Shrink and takes the current state as the new baseline.
+follows the guest. When actual falls, the monitor waits until the balloon
+has held still and the guest has sent two statistics samples, taken after
+the last change, that agree on the page cache (the guest's kswapd goes on
+reclaiming a little after the balloon stops), or until STATS_WAIT has
+passed; then it reports the whole drop since the baseline as one Shrink and
+takes the current state as the new baseline. An inflation still moving after
+PENDING_MAX is reported in parts. With 1 s statistics this puts a Shrink
+about 2-3 s after the balloon stops.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ BACKOFF_CAP = 30.0
 SHRINK_MIN = 1 << 20  # smaller balloon moves are noise (the guest rounds to pages and chunks)
 STATS_WAIT = 5.0  # after the balloon stops, wait this long at most for fresh guest statistics
 PENDING_MAX = 15.0  # report a long, still-moving inflation in parts at least this often
+LIBVIRT_CALL_TIMEOUT = 30.0
 
 SPEC_FORMS = "qmp:/path/to/qmp.sock, libvirt, libvirt:URI or a qemu:///... URI"
 
@@ -140,13 +145,14 @@ class Shrink:
     """A guest gave up memory to its balloon.
 
     evicted_estimate is how many bytes of page cache the guest most likely
-    dropped: when the guest reports `stat-disk-caches`, the fall of that
+    dropped. When the guest reports `stat-disk-caches`: the fall of that
     statistic from just before the balloon moved to a sample taken after it
-    stopped, clamped to [0, balloon_bytes] (beyond what the balloon took,
-    a fall is the guest's own doing, e.g. deleted files, not eviction); when
-    the guest reports no statistics, or none fresh within a few seconds,
-    balloon_bytes itself (the balloon takes free memory first, so this
-    overestimates for a guest with much free memory).
+    stopped and the cache stopped falling, clamped to [0, balloon_bytes]
+    (beyond what the balloon took, a fall is the guest's own doing, e.g.
+    deleted files, not eviction). When the guest reports no statistics, or
+    none fresh within STATS_WAIT: balloon_bytes itself (the balloon takes
+    free memory first, so this overestimates for a guest with much free
+    memory).
     """
 
     guest: str
@@ -173,37 +179,40 @@ class _ShrinkTracker:
         self.last_actual = actual
         self.changed_at = 0.0
         self.changed_stamp: int | None = None
+        self.sample: tuple[int, int] | None = None  # (stamp, cache) of the last sample taken after the balloon stopped
 
     def update(self, actual: int, cache: int | None, stamp: int | None, now: float) -> tuple[int, int] | None:
         """Feed one poll: (balloon_bytes, evicted_estimate) when a shrink is complete, else None.
 
         cache is stat-disk-caches in bytes (None if the guest does not report
-        it); stamp is the guest's last statistics update (any monotonic
-        counter: QEMU's last-update seconds).
+        it); stamp is the guest's last statistics update (any increasing
+        counter: QEMU's last-update seconds; None if the source has none).
         """
         if self.pending_since is None:
-            if actual <= self.base_actual - SHRINK_MIN:
-                self.pending_since = self.changed_at = now
-                self.last_actual = actual
-                self.changed_stamp = stamp
-            else:
-                self.base_actual, self.base_cache = actual, cache
-            return None
+            if actual > self.base_actual - SHRINK_MIN:
+                self.base_actual, self.base_cache, self.last_actual = actual, cache, actual
+                return None
+            self.pending_since = now
         if actual != self.last_actual:
-            self.last_actual = actual
-            self.changed_at = now
-            self.changed_stamp = stamp
+            self.last_actual, self.changed_at, self.changed_stamp = actual, now, stamp
+            self.sample = None
             if now - self.pending_since < PENDING_MAX:
                 return None
-        # A sample the guest took after the balloon last moved; a source without timestamps gets STATS_WAIT instead.
-        waited = now - self.changed_at >= STATS_WAIT
-        if cache is None:
-            fresh = False
-        elif stamp is None:
-            fresh = waited
-        else:
-            fresh = self.changed_stamp is None or stamp > self.changed_stamp
-        if not fresh and not waited and now - self.pending_since < PENDING_MAX:
+        # A balloon still moving after PENDING_MAX is reported in parts, each against the latest sample.
+        too_long = now - self.pending_since >= PENDING_MAX
+        waited = too_long or now - self.changed_at >= STATS_WAIT
+        fresh = stable = False
+        if cache is not None and stamp is None:
+            # No timestamps: trust the statistics once the balloon has been still for STATS_WAIT.
+            fresh = stable = waited
+        elif cache is not None and stamp is not None and (too_long or self.changed_stamp is None or stamp > self.changed_stamp):
+            # Sampled after the balloon stopped. The guest's kswapd may still be reclaiming towards its
+            # watermark, so wait for two such samples that agree before taking the cache's fall.
+            fresh = True
+            if self.sample is None or stamp != self.sample[0]:
+                stable = self.sample is not None and abs(cache - self.sample[1]) < SHRINK_MIN
+                self.sample = (stamp, cache)
+        if not stable and not waited:
             return None
         balloon = self.base_actual - actual
         if fresh and self.base_cache is not None and cache is not None:
@@ -212,6 +221,7 @@ class _ShrinkTracker:
             evicted = max(balloon, 0)
         self.base_actual, self.base_cache = actual, cache
         self.pending_since = None
+        self.last_actual, self.changed_stamp, self.sample = actual, None, None
         if balloon < SHRINK_MIN:
             return None
         return balloon, evicted
@@ -273,6 +283,7 @@ class BalloonMonitor:
     async def run(self) -> None:
         """Follow every source until cancelled."""
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)  # with no sources, still run until cancelled
             for src in self.sources:
                 if isinstance(src, QmpSource):
                     nursery.start_soon(self._follow_qmp, src)
@@ -390,7 +401,7 @@ class BalloonMonitor:
         async with trio.open_nursery() as nursery:
 
             async def follow_events() -> None:
-                nonlocal wake
+                # BALLOON_CHANGE (QEMU sends at most one a second) polls at once rather than at the next tick.
                 async for event in qmp.events:
                     if event.get("event") == "BALLOON_CHANGE":
                         wake.set()
@@ -417,12 +428,18 @@ class BalloonMonitor:
         # libvirt prints every error to stderr by default; the monitor logs what matters itself.
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         backoff = _Backoff(str(src))
-        limiter = trio.CapacityLimiter(1)  # one call at a time on a connection
-
-        async def call(fn: Callable[..., Any], *args: Any) -> Any:
-            return await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)
 
         while True:
+            # One call at a time on a connection. A fresh limiter per connection: a call stuck on a hung
+            # libvirtd keeps its thread (and token) until it returns, and must not hold up the next connection.
+            limiter = trio.CapacityLimiter(1)
+
+            async def call(fn: Callable[..., Any], *args: Any, limiter: trio.CapacityLimiter = limiter) -> Any:
+                # Without a libvirt event loop there are no keepalives: a hung daemon is noticed by this timeout.
+                with trio.move_on_after(LIBVIRT_CALL_TIMEOUT):
+                    return await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)
+                raise TimeoutError(f"libvirt did not answer {getattr(fn, '__name__', fn)} in {LIBVIRT_CALL_TIMEOUT:.0f} s")
+
             mine: dict[str, str] = {}  # domain UUID -> guest name, for the guests this source registered
             conn = None
             try:
@@ -509,7 +526,10 @@ def _block_images(devices: list[dict[str, Any]]) -> list[str]:
         image = dev.get("inserted", {}).get("image")
         while image:
             fname = image.get("filename", "")
-            names = _json_filenames(json.loads(fname[5:])) if fname.startswith("json:") else [fname]
+            try:
+                names = _json_filenames(json.loads(fname[5:])) if fname.startswith("json:") else [fname]
+            except ValueError:
+                names = []  # not JSON after all: no path to take from it
             for n in names:
                 # Only local files: nbd://, iscsi:// and friends have no host path to map to a mount.
                 if n.startswith("/") and os.path.abspath(n) not in out:

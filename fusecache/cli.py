@@ -16,7 +16,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the problem and where help is."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise QuietError(f"{self.prog}: {message} (see `{self.prog} --help`)", exitcode=2)
+        raise QuietError(f"{message} (see `{self.prog} --help`)", exitcode=2)
 
 
 def build_parser() -> argparse.ArgumentParser:

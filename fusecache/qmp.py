@@ -107,15 +107,21 @@ class QmpClient:
             msg["arguments"] = arguments
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
         self._pending[msg_id] = send
+        sending = sent = False
         try:
             with trio.fail_after(self.command_timeout if timeout is None else timeout):
                 async with self._send_lock:
+                    sending = True
                     await self._stream.send_all(json.dumps(msg).encode() + b"\n")
+                    sent = True
                 try:
                     reply = await receive.receive()
                 except trio.EndOfChannel:
                     raise QmpClosed(f"QMP {command}: connection closed ({self._closed})")
         except trio.TooSlowError:
+            if sending and not sent:
+                # Cut off mid-line, the stream can carry no more commands.
+                self._shut(QmpTimeout(f"QMP {command}: sending timed out"))
             raise QmpTimeout(f"QMP {command}: no answer in {self.command_timeout if timeout is None else timeout} s")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise QmpClosed(f"QMP {command}: {e}")
