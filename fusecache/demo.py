@@ -1,0 +1,235 @@
+"""`make demo`: fusecache end to end on its own sample images, in about a minute, with nothing else set up.
+
+Two hosts (two fusecache mounts on this machine, peers of each other over
+loopback) share one image directory, the embedded default: a base image and
+a clone of it that differs in a few places. Three emulated guests
+(`fusecache.simguest`) read their disks with a skewed pattern: vm1 (base) and
+vm2 (the clone) on host1, vm3 (the base, later) on host2. Partway, host1
+inflates its guests' balloons: they evict page cache, fusecache's balloon
+monitor sees it over QMP, and second-chance admission stores what they
+evicted. Then vm3 boots on host2 and finds host1's blocks one hop away, and
+vm1 and vm2 get their memory back and read again: from the cache, not the
+backing. `fusecache top` shows it live when there is a terminal; a summary
+is printed at the end either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import trio
+
+from fusecache.errors import QuietError
+from fusecache.simguest import EmulatedGuest
+
+MiB = 1 << 20
+IMAGE = 96 * MiB
+MEMORY = 80 * MiB
+READS = 3000  # 64 KiB reads per guest per phase
+FUSECACHE = [sys.executable, "-m", "fusecache"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FUSECACHE, *args], capture_output=True, text=True, timeout=120)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_images(d: str) -> None:
+    """base.img: 96 MiB with a quarter of it zeros (holes, as in real images); clone.img: base with 8 MiB rewritten."""
+    rng = open("/dev/urandom", "rb")  # noqa: SIM115 - closed below
+    with rng, open(os.path.join(d, "base.img"), "wb") as base:
+        for i in range(IMAGE // MiB):
+            base.write(bytes(MiB) if i % 4 == 3 else rng.read(MiB))
+    shutil.copyfile(os.path.join(d, "base.img"), os.path.join(d, "clone.img"))
+    with open("/dev/urandom", "rb") as r, open(os.path.join(d, "clone.img"), "r+b") as clone:
+        for off in range(0, 8 * MiB, MiB):
+            clone.seek(off * 11)
+            clone.write(r.read(MiB))
+
+
+def _stats(mp: str) -> dict[str, Any]:
+    proc = _run("stats", mp, "--json")
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
+class Demo:
+    def __init__(self, work: str) -> None:
+        self.work = work
+        self.images = os.path.join(work, "images")
+        self.hosts = [os.path.join(work, "host1"), os.path.join(work, "host2")]
+        self.mounted: list[str] = []
+        self.top: subprocess.Popen[bytes] | None = None
+
+    def mount(self, host: str, port: int, peer: int, balloons: list[str]) -> None:
+        os.makedirs(host)
+        args = ["mount", self.images, host, "--cache-dir", host + ".cache", "--cache-size", "256M",
+                "--log-file", host + ".log", "--listen", f"127.0.0.1:{port}", "--peer", f"127.0.0.1:{peer}",
+                "--peer-insecure", "--peer-timeout", "0.05"]
+        for b in balloons:
+            args += ["--balloon", f"qmp:{b}"]
+        proc = _run(*args)
+        if proc.returncode != 0:
+            raise QuietError(f"the demo could not mount fusecache: {proc.stderr.strip()}")
+        self.mounted.append(host)
+
+    def unmount_all(self) -> None:
+        for mp in reversed(self.mounted):
+            if _run("umount", mp).returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+        self.mounted.clear()
+
+    def start_top(self) -> None:
+        if sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb":
+            self.top = subprocess.Popen([*FUSECACHE, "top", *self.hosts])
+
+    def stop_top(self) -> None:
+        if self.top is not None:
+            self.top.send_signal(signal.SIGINT)
+            try:
+                self.top.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.top.kill()
+            self.top = None
+
+
+async def _phase(guests: list[EmulatedGuest], seed: int) -> None:
+    async with trio.open_nursery() as nursery:
+        for i, g in enumerate(guests):
+            blocks = g.zipf_blocks(READS, seed + i)
+            nursery.start_soon(trio.to_thread.run_sync, lambda g=g, b=blocks: [g.read_block(x) for x in b])
+
+
+async def _wait_admitted(mp: str, guests: list[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = await trio.to_thread.run_sync(_stats, mp)
+        g = s.get("balloon", {}).get("guests", {})
+        if all(g.get(name, {}).get("admitted_chunks", 0) > 0 for name in guests) and s.get("queue", 1) == 0:
+            return
+        await trio.sleep(0.5)
+
+
+async def _demo(demo: Demo, say: Any) -> dict[str, Any]:
+    host1, host2 = demo.hosts
+    sock = os.path.join(demo.work, "{}.qmp")
+    vm1 = EmulatedGuest("vm1", os.path.join(host1, "base.img"), MEMORY, sock.format("vm1"))
+    vm2 = EmulatedGuest("vm2", os.path.join(host1, "clone.img"), MEMORY, sock.format("vm2"))
+    vm3 = EmulatedGuest("vm3", os.path.join(host2, "base.img"), MEMORY, sock.format("vm3"))
+    async with trio.open_nursery() as nursery:
+        for g in (vm1, vm2, vm3):
+            await nursery.start(g.serve_qmp)
+        p1, p2 = _free_port(), _free_port()
+        say("mounting two hosts (fusecache peers on loopback) over the sample images")
+        await trio.to_thread.run_sync(demo.mount, host1, p1, p2, [vm1.qmp_path, vm2.qmp_path])
+        await trio.to_thread.run_sync(demo.mount, host2, p2, p1, [vm3.qmp_path])
+        demo.start_top()
+        for g in (vm1, vm2, vm3):
+            g.open()
+        await trio.sleep(2)  # the balloon monitors find the guests
+        say("vm1 and vm2 read their disks on host1 (cold: from the backing)")
+        await _phase([vm1, vm2], seed=1)
+        first = (vm1.disk_reads, vm2.disk_reads)
+        say("host1 inflates vm1's and vm2's balloons: they evict page cache; fusecache admits what they evicted")
+        for g in (vm1, vm2):
+            g.set_balloon(MEMORY // 3)
+        await _wait_admitted(host1, ["vm1", "vm2"])
+        say("vm3 boots on host2 from the same base image: host1's blocks are one hop away")
+        await _phase([vm3], seed=1)
+        say("vm1 and vm2 get their memory back and read again")
+        for g in (vm1, vm2):
+            g.set_balloon(MEMORY)
+        await _phase([vm1, vm2], seed=1)
+        await trio.sleep(1.5)  # one more refresh of top
+        nursery.cancel_scope.cancel()
+    for g in (vm1, vm2, vm3):
+        g.close()
+    return {
+        "first": first,
+        "again": (vm1.disk_reads - first[0], vm2.disk_reads - first[1]),
+        "host1": await trio.to_thread.run_sync(_stats, host1),
+        "host2": await trio.to_thread.run_sync(_stats, host2),
+    }
+
+
+def _summary(r: dict[str, Any]) -> list[str]:
+    h1, h2 = r["host1"], r["host2"]
+    lines = ["", "fusecache demo: what happened"]
+    for name, image in (("vm1", "base.img"), ("vm2", "clone.img")):
+        c = h1["images"][image]
+        lines.append(
+            f"  {name} on host1 ({image}): read {c['backing_bytes'] / MiB:.0f} MiB from the backing, "
+            f"then {c['hit_bytes'] / MiB:.0f} MiB from the cache after its balloon inflated"
+        )
+    c3 = h2["images"]["base.img"]
+    lines.append(
+        f"  vm3 on host2 (base.img): {c3['peer_bytes'] / MiB:.0f} MiB from host1's cache (peer hits), "
+        f"{c3['backing_bytes'] / MiB:.0f} MiB from the backing"
+    )
+    g = h1["balloon"]["guests"]
+    for name in ("vm1", "vm2"):
+        lines.append(
+            f"  {name}'s balloon: ~{g[name].get('evicted_estimate', 0) / MiB:.0f} MiB evicted by the guest, "
+            f"{g[name].get('admitted_bytes', 0) / MiB:.0f} MiB admitted"
+        )
+    store = h1["store"]
+    saved = sum(c["hit_bytes"] + c["peer_bytes"] for h in (h1, h2) for c in h["images"].values())
+    total = saved + sum(c["backing_bytes"] for h in (h1, h2) for c in h["images"].values())
+    lines.append(
+        f"  host1's cache: {store['bytes_stored'] / MiB:.0f} MiB stored for {store['logical_bytes'] / MiB:.0f} MiB of image data "
+        f"(dedup {store['dedup_ratio']:.2f}x: the clone shares the base's blocks; zero blocks take no space)"
+    )
+    lines.append(f"  reads that did not go to the backing: {saved / MiB:.0f} of {total / MiB:.0f} MiB ({100 * saved / max(total, 1):.0f}%)")
+    return lines
+
+
+def main() -> int:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        print("fusecache demo: run it as root on a machine with /dev/fuse (it mounts FUSE filesystems)", file=sys.stderr)
+        return 1
+    work = tempfile.mkdtemp(prefix="fusecache-demo-")
+    demo = Demo(work)
+    quiet = sys.stdout.isatty()
+
+    def say(msg: str) -> None:
+        if not quiet or demo.top is None:
+            print(f"-- {msg}", flush=True)
+
+    try:
+        os.makedirs(demo.images)
+        say(f"making sample images in {demo.images}")
+        _make_images(demo.images)
+        result = trio.run(_demo, demo, say)
+    except QuietError as exc:
+        print(f"fusecache demo: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        demo.stop_top()
+        demo.unmount_all()
+        if os.environ.get("FUSECACHE_DEMO_KEEP"):
+            print(f"-- kept {work} (FUSECACHE_DEMO_KEEP is set)")
+        else:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(work)
+    print("\n".join(_summary(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
