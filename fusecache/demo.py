@@ -144,6 +144,7 @@ async def _demo(demo: Demo, say: Any) -> dict[str, Any]:
         say("vm1 and vm2 read their disks on host1 (cold: from the backing)")
         await _phase([vm1, vm2], seed=1)
         first = (vm1.disk_reads, vm2.disk_reads)
+        await trio.sleep(2.5)  # the guests settle; the monitor's next polls see their full page caches
         say("host1 inflates vm1's and vm2's balloons: they evict page cache; fusecache admits what they evicted")
         for g in (vm1, vm2):
             g.set_balloon(MEMORY // 3)

@@ -112,13 +112,19 @@ class EmulatedGuest:
     async def _session(self, stream: trio.SocketStream) -> None:
         send, receive = trio.open_memory_channel[dict[str, Any]](64)
         self._events.append(send)
+        lock = trio.Lock()  # events and replies share the stream: one message at a time
+
+        async def reply(obj: dict[str, Any]) -> None:
+            async with lock:
+                await stream.send_all(_line(obj))
+
         try:
             async with stream, trio.open_nursery() as nursery:
-                await stream.send_all(_line({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}))
+                await reply({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}})
 
                 async def events() -> None:
                     async for ev in receive:
-                        await stream.send_all(_line(ev))
+                        await reply(ev)
 
                 nursery.start_soon(events)
                 buf = b""
@@ -130,7 +136,7 @@ class EmulatedGuest:
                     while b"\n" in buf:
                         line, buf = buf.split(b"\n", 1)
                         if line.strip():
-                            await stream.send_all(_line(self._answer(json.loads(line))))
+                            await reply(self._answer(json.loads(line)))
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
