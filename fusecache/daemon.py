@@ -370,7 +370,7 @@ def _peer_stats(opts: MountOptions, server: Any, peerset: Any) -> dict[str, Any]
 
 def _balloon_stats(monitor: Any, data: Passthrough | Cache) -> dict[str, Any]:
     """Each guest as the monitor sees it, with what second-chance did for it."""
-    guests = monitor.snapshot() if monitor is not None else {}
+    guests = monitor.snapshot()["guests"] if monitor is not None else {}
     admission = data.admission.stats() if isinstance(data, Cache) else {}
     for name, reads in admission.get("guests", {}).items():
         guests.setdefault(name, {}).update(reads)

@@ -16,15 +16,20 @@ Threads and transactions
   freed in a transaction is reused only by a later one, so a crash between a
   page write and the commit that references it never leaves a committed page
   entry pointing at overwritten data.
-- Page data is written with `os.pwrite` into free slots *before* the commit
+- Page data is written with `os.pwritev` into free slots *before* the commit
   that references them; LMDB is opened without fsync (a SIGKILLed process
   loses nothing committed, the OS page cache has it; a host crash wipes).
-- Readers (`read_chunk`, `read_page`, ... on the trio loop) take an LMDB read
-  transaction (MVCC: they never wait for the writer) and copy pages out of a
-  read-only mmap of the slab. The writer may reuse a slot a reader's older
-  view still points at, so every page is copied first and then checked
-  against its xxh3-128 digest: a mismatch is a miss (`verify_failures`),
-  never wrong data.
+  An admission batch allocates its new pages in runs of adjacent slots
+  (lowest free extent first), so a chunk's pages usually sit in one run and
+  are written, and later read, with one call.
+- Readers (`read_chunk`, `read_chunks`, `read_page`, ... on the trio loop)
+  take an LMDB read transaction (MVCC: they never wait for the writer) and
+  copy bytes out of a read-only mmap of the slab. The writer may reuse a slot
+  a reader's older view still points at, so every byte served is copied
+  first and then checked against a digest: the chunk digest when the whole
+  chunk is read (one hash), else the digest of each page overlapping the
+  range read (pages outside it are neither read nor checked). A mismatch is
+  a miss (`verify_failures`), never wrong data.
 - Recency is kept in memory by an eviction policy (`S3FifoPolicy` by
   default, `LruPolicy`; bench/eviction.py compares them); the loop thread
   touches it on every hit under a short lock, the writer asks it for victims.
@@ -47,20 +52,25 @@ second process out.
 On-disk format (version FORMAT_VERSION; all integers big-endian)
 ----------------------------------------------------------------
 - `files`: ino u64 -> gen u64, size i64, mtime_ns i64, ctime_ns i64, change i64.
-- `loc`: ino u64, gen u64, chunk_no u32 -> length u32, then a presence bitmap
-  of ceil(pages/8) bytes (page i is bit i%8 of byte i//8; set = stored,
-  clear = a hole), then for each stored page in order: xxh3-128
-  digest (16 bytes) + slot u32. pages = ceil(length/4096); a partial last
-  page is hashed and stored padded with zeros.
+- `loc`: ino u64, gen u64, chunk_no u32 -> a header of length u32, flags u8
+  and the chunk digest (xxh3-128 of the chunk's `length` bytes, holes as
+  zeros: 16 bytes); then a presence bitmap of ceil(pages/8) bytes (page i is
+  bit i%8 of byte i//8; set = stored, clear = a hole); then the slot (u32) of
+  each stored page in page order; then the xxh3-128 digest (16 bytes) of each
+  stored page in the same order. pages = ceil(length/4096); a partial last
+  page is hashed and stored padded with zeros (the chunk digest covers only
+  `length` bytes). Flag bit 0 (RUN): every page is stored, in consecutive
+  slots starting at the first slot, so the chunk is one slice of the slab.
 - `pages`: digest (16 bytes) -> slot u32, refcount u32.
-- `free`: slot u32 -> empty. Slots below the high-water mark that are free;
-  slots at or above it were never used.
+- `free`: first slot u32 -> count u32: the free extents (runs of free slots),
+  never adjacent (freeing merges neighbours), none past the slab's end.
 - `meta`: b"format" -> JSON {"program": "fusecache", "format": N,
   "page_size": 4096, "chunk_size": C}; b"boot_id" -> ASCII boot id of the
   host that last opened it; b"clean" -> b"\\x01" after `close`, b"\\x00" while
-  open; b"slots" -> u32 slot count of pages.slab; b"high_water" -> u32;
-  b"logical_bytes" -> u64 non-hole bytes held by loc entries; b"order" (only
-  after a clean close) -> the loc keys in eviction order, victim first.
+  open; b"slots" -> u32 slot count of pages.slab; b"free_slots" -> u32 total
+  of the free extents; b"logical_bytes" -> u64 non-hole bytes held by loc
+  entries; b"order" (only after a clean close) -> the loc keys in eviction
+  order, victim first.
 - `pages.slab`: slot s holds a page at byte offset s * 4096.
 """
 
@@ -85,7 +95,7 @@ from fusecache.errors import QuietError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PAGE_SIZE = 4096
 PROGRAM = "fusecache"
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -101,8 +111,11 @@ _INO = struct.Struct(">Q")
 _LOC_KEY = struct.Struct(">QQI")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_PAGE_REF = struct.Struct(">16sI")
 _PAGE = struct.Struct(">II")
+_EXTENT = struct.Struct(">I")  # a free extent's count (its key is the first slot, _U32)
+_LOC_HEAD = struct.Struct(">IB16s")  # length, flags, chunk digest
+_RUN = 1  # loc flag: every page stored, in consecutive slots
+_IOV_MAX = 1024
 _SHIFT = PAGE_SIZE.bit_length() - 1
 # Files a cache directory may hold besides ours (a dedicated filesystem's lost+found).
 _TOLERATED = {"lost+found"}
@@ -289,36 +302,66 @@ class S3FifoPolicy:
 POLICIES: dict[str, type[LruPolicy] | type[S3FifoPolicy]] = {"s3fifo": S3FifoPolicy, "lru": LruPolicy}
 
 
+_REFS: dict[int, struct.Struct] = {}
+
+
+def _refs_struct(n: int) -> struct.Struct:
+    """n slots then n digests: a loc value's arrays, unpacked in one call."""
+    st = _REFS.get(n)
+    if st is None:
+        st = _REFS[n] = struct.Struct(f">{n}I" + "16s" * n)
+    return st
+
+
 def _decode_loc(value: bytes | memoryview) -> tuple[int, list[tuple[int, bytes, int]]]:
     """A loc value -> (chunk length, [(page index, digest, slot) for each stored page])."""
-    (length,) = _U32.unpack_from(value)
+    length, _, _ = _LOC_HEAD.unpack_from(value)
     npages = (length + PAGE_SIZE - 1) >> _SHIFT
     nbytes = (npages + 7) >> 3
-    present = int.from_bytes(value[4 : 4 + nbytes], "little")
-    pos = 4 + nbytes
-    refs = []
-    for i in range(npages):
-        if present >> i & 1:
-            digest, slot = _PAGE_REF.unpack_from(value, pos)
-            refs.append((i, digest, slot))
-            pos += _PAGE_REF.size
-    return length, refs
+    pos = _LOC_HEAD.size + nbytes
+    present = int.from_bytes(value[_LOC_HEAD.size : pos], "little")
+    n = present.bit_count()
+    arrays = _refs_struct(n).unpack_from(value, pos)
+    pages = range(npages) if n == npages else [i for i in range(npages) if present >> i & 1]
+    return length, list(zip(pages, arrays[n:], arrays[:n], strict=True))
 
 
-def _encode_loc(length: int, refs: list[tuple[int, bytes, int]]) -> bytes:
+def _encode_loc(length: int, chunk_digest: bytes, refs: list[tuple[int, bytes, int]]) -> bytes:
+    """refs: (page index, digest, slot) of each stored page, in page order."""
     npages = (length + PAGE_SIZE - 1) >> _SHIFT
     present = 0
-    parts = []
-    for i, digest, slot in refs:
+    for i, _, _ in refs:
         present |= 1 << i
-        parts.append(_PAGE_REF.pack(digest, slot))
-    return _U32.pack(length) + present.to_bytes((npages + 7) >> 3, "little") + b"".join(parts)
+    slots = [slot for _, _, slot in refs]
+    n = len(slots)
+    run = n == npages and n > 0 and slots[-1] - slots[0] == n - 1 and slots == list(range(slots[0], slots[0] + n))
+    return (
+        _LOC_HEAD.pack(length, _RUN if run else 0, chunk_digest)
+        + present.to_bytes((npages + 7) >> 3, "little")
+        + _refs_struct(n).pack(*slots, *(d for _, d, _ in refs))
+    )
 
 
 def _held_bytes(length: int, refs: list[tuple[int, bytes, int]]) -> int:
     """Non-hole bytes of a chunk (logical bytes for the dedup ratio)."""
     last = (length - 1) >> _SHIFT
     return sum(PAGE_SIZE if i != last else length - (last << _SHIFT) for i, _, _ in refs)
+
+
+def _runs(slots: Iterable[int]) -> list[tuple[int, int]]:
+    """Ascending slots -> (first, count) of each run of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    start = end = -1
+    for slot in slots:
+        if slot == end:
+            end += 1
+            continue
+        if end >= 0:
+            runs.append((start, end - start))
+        start, end = slot, slot + 1
+    if end >= 0:
+        runs.append((start, end - start))
+    return runs
 
 
 def _boot_id() -> str:
@@ -337,21 +380,20 @@ def _boot_time() -> int:
 class _Admission:
     """One chunk to admit, hashed before the write transaction starts."""
 
-    __slots__ = ("data", "key", "length", "pages")
+    __slots__ = ("chunk_digest", "data", "key", "length", "pages")
 
     def __init__(self, key: Key, data: bytes) -> None:
         self.key = key
         self.length = len(data)
+        self.chunk_digest = xxhash.xxh3_128_digest(data)
         npages = (self.length + PAGE_SIZE - 1) >> _SHIFT
         if self.length != npages << _SHIFT:
             data = bytes(data) + bytes((npages << _SHIFT) - self.length)
-        self.data = memoryview(data)
+        self.data = view = memoryview(data)
         # (page index, digest) of the stored pages; holes are left out.
-        self.pages = []
-        for i in range(npages):
-            digest = xxhash.xxh3_128_digest(self.data[i << _SHIFT : (i + 1) << _SHIFT])
-            if digest != ZERO_DIGEST:
-                self.pages.append((i, digest))
+        digest = xxhash.xxh3_128_digest
+        pages = [(i, digest(view[i << _SHIFT : (i + 1) << _SHIFT])) for i in range(npages)]
+        self.pages = [p for p in pages if p[1] != ZERO_DIGEST]
 
 
 class Store:
@@ -387,7 +429,6 @@ class Store:
         self._env: lmdb.Environment | None = None
         self._slab_fd = -1
         self._mmap: mmap.mmap | None = None
-        self._slab: memoryview | None = None
         self._lmdb_path = os.path.join(self.cache_dir, "meta.lmdb")
         self._slab_path = os.path.join(self.cache_dir, "pages.slab")
         try:
@@ -509,7 +550,7 @@ class Store:
             )
 
     def _init_meta(self) -> dict[bytes, bytes]:
-        meta = {b"format": self._format_marker(), b"slots": _U32.pack(0), b"high_water": _U32.pack(0), b"logical_bytes": _U64.pack(0)}
+        meta = {b"format": self._format_marker(), b"slots": _U32.pack(0), b"free_slots": _U32.pack(0), b"logical_bytes": _U64.pack(0)}
         with self._env.begin(write=True, db=self._meta) as txn:
             for k, v in meta.items():
                 txn.put(k, v)
@@ -527,6 +568,10 @@ class Store:
         with self._env.begin(write=True) as txn:
             if self._nslots < old_slots:
                 self._shrink(txn)
+            elif self._nslots > old_slots:
+                w = _WriteTxn(self, txn)
+                w.free_run(old_slots, self._nslots - old_slots)
+                w.finish()
             txn.put(b"slots", _U32.pack(self._nslots), db=self._meta)
             txn.put(b"boot_id", _boot_id().encode(), db=self._meta)
             txn.put(b"clean", b"\x00", db=self._meta)
@@ -535,7 +580,6 @@ class Store:
         if size > self._nslots * PAGE_SIZE:
             os.ftruncate(self._slab_fd, self._nslots * PAGE_SIZE)
         self._mmap = mmap.mmap(self._slab_fd, self._nslots * PAGE_SIZE, prot=mmap.PROT_READ)
-        self._slab = memoryview(self._mmap)
 
     def _shrink(self, txn: lmdb.Transaction) -> None:
         """Drop every chunk holding a slot past the new end, then forget those slots."""
@@ -543,11 +587,7 @@ class Store:
         doomed = [bytes(k) for k, v in txn.cursor(db=self._loc) if any(slot >= self._nslots for _, _, slot in _decode_loc(v)[1])]
         for key in doomed:
             w.remove_chunk(key)
-        cur = txn.cursor(db=self._free)
-        if cur.set_range(_U32.pack(self._nslots)):
-            while cur.delete():
-                pass
-        w.high_water = min(w.high_water, self._nslots)
+        w.truncate()
         w.finish()
         self._counters["evicted_chunks"] += len(doomed)
         if doomed:
@@ -575,9 +615,6 @@ class Store:
         if self._env is not None:
             self._env.close()
             self._env = None
-        if self._slab is not None:
-            self._slab.release()
-            self._slab = None
         if self._mmap is not None:
             self._mmap.close()
             self._mmap = None
@@ -587,11 +624,15 @@ class Store:
 
     # --- reads (loop thread, lock-free) ----------------------------------
 
-    def read_chunk(self, ino: int, gen: int, chunk: int) -> bytes | None:
-        """The chunk's bytes (shorter than chunk_size at EOF), verified; None if absent or any page fails."""
+    def read_chunk(self, ino: int, gen: int, chunk: int, lo: int = 0, hi: int | None = None) -> bytes | None:
+        """Bytes [lo, hi) of the chunk, clamped to its length (shorter than chunk_size at EOF), verified.
+
+        None if the chunk is absent or a page overlapping [lo, hi) fails its check.
+        Only those pages are read; the whole chunk is checked with one hash.
+        """
         key = _LOC_KEY.pack(ino, gen, chunk)
         with self._env.begin(db=self._loc, buffers=True) as txn:
-            data = self._read_chunk(txn, key)
+            data = self._read_chunk(txn, key, lo, hi)
         if data is None:
             self._counters["misses"] += 1
             return None
@@ -599,26 +640,118 @@ class Store:
         self._policy.touch(key)
         return data
 
-    def _read_chunk(self, txn: lmdb.Transaction, key: Key) -> bytes | None:
+    def read_chunks(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> list[bytes | None]:
+        """`read_chunk` of chunks first..last under one read transaction: one request's chunks.
+
+        lo is the offset of the request in chunk `first`, hi its end in chunk
+        `last` (None: the chunk's end); the chunks between are read whole. One
+        entry per chunk; after a chunk shorter than chunk_size (end of file)
+        the entries are None, not looked up.
+        """
+        out: list[bytes | None] = []
+        hits: list[Key] = []
+        cs = self.chunk_size
+        with self._env.begin(db=self._loc, buffers=True) as txn:
+            for c in range(first, last + 1):
+                key = _LOC_KEY.pack(ino, gen, c)
+                data = self._read_chunk(txn, key, lo if c == first else 0, hi if c == last else None)
+                out.append(data)
+                if data is None:
+                    continue
+                hits.append(key)
+                if len(data) < (hi if c == last and hi is not None else cs) - (lo if c == first else 0):
+                    out.extend([None] * (last - c))  # end of file
+                    break
+        self._counters["hits"] += len(hits)
+        self._counters["misses"] += len(out) - len(hits)
+        for key in hits:
+            self._policy.touch(key)
+        return out
+
+    def _read_chunk(self, txn: lmdb.Transaction, key: Key, lo: int = 0, hi: int | None = None) -> bytes | None:
         value = txn.get(key, db=self._loc)
         if value is None:
             return None
-        length, refs = _decode_loc(value)
-        slab = self._slab
-        parts: list[bytes | memoryview] = [ZERO_PAGE] * ((length + PAGE_SIZE - 1) >> _SHIFT)
-        for i, _, slot in refs:
-            if slot >= self._nslots:
+        length, flags, chunk_digest = _LOC_HEAD.unpack_from(value)
+        if hi is None or hi > length:
+            hi = length
+        lo = max(lo, 0)
+        if lo >= hi:
+            return b""
+        npages = (length + PAGE_SIZE - 1) >> _SHIFT
+        pos = _LOC_HEAD.size + ((npages + 7) >> 3)
+        mm = self._mmap
+        whole = lo == 0 and hi == length
+        if flags & _RUN:
+            (first_slot,) = _U32.unpack_from(value, pos)
+            if first_slot + npages > self._nslots:
                 self._counters["verify_failures"] += 1
                 return None
-            parts[i] = slab[slot << _SHIFT : (slot + 1) << _SHIFT]
-        # Copy first, verify the copy: the writer may be reusing a slot right now.
-        data = b"".join(parts)
-        view = memoryview(data)
-        for i, digest, _ in refs:
-            if xxhash.xxh3_128_digest(view[i << _SHIFT : (i + 1) << _SHIFT]) != digest:
-                self._counters["verify_failures"] += 1
-                return None
-        return data if len(data) == length else data[:length]
+            base = first_slot << _SHIFT
+            if whole:
+                # Copy first, verify the copy: the writer may be reusing a slot right now.
+                data = mm[base : base + length]
+                if xxhash.xxh3_128_digest(data) != chunk_digest:
+                    self._counters["verify_failures"] += 1
+                    return None
+                return data
+            p0, p1 = lo >> _SHIFT, (hi - 1) >> _SHIFT
+            data = mm[base + (p0 << _SHIFT) : base + ((p1 + 1) << _SHIFT)]
+            dpos = pos + 4 * npages + 16 * p0
+            digests = bytes(value[dpos : dpos + 16 * (p1 - p0 + 1)])
+            view = memoryview(data)
+            for j in range(p1 - p0 + 1):
+                if xxhash.xxh3_128_digest(view[j << _SHIFT : (j + 1) << _SHIFT]) != digests[16 * j : 16 * j + 16]:
+                    self._counters["verify_failures"] += 1
+                    return None
+        else:
+            p0, p1 = (0, npages - 1) if whole else (lo >> _SHIFT, (hi - 1) >> _SHIFT)
+            present = int.from_bytes(value[_LOC_HEAD.size : pos], "little")
+            n = present.bit_count()
+            arrays = _refs_struct(n).unpack_from(value, pos)
+            k = (present & ((1 << p0) - 1)).bit_count()  # index of page p0's slot, if stored
+            parts: list[bytes] = []
+            checks: list[tuple[int, bytes]] = []
+            start = end = -1
+            nslots = self._nslots
+            for i in range(p0, p1 + 1):
+                if present >> i & 1:
+                    slot = arrays[k]
+                    if slot >= nslots:
+                        self._counters["verify_failures"] += 1
+                        return None
+                    if not whole:
+                        checks.append(((i - p0) << _SHIFT, arrays[n + k]))
+                    k += 1
+                    if slot == end:
+                        end += 1
+                        continue
+                    if end >= 0:
+                        parts.append(mm[start << _SHIFT : end << _SHIFT])
+                    start, end = slot, slot + 1
+                else:
+                    if end >= 0:
+                        parts.append(mm[start << _SHIFT : end << _SHIFT])
+                        end = -1
+                    parts.append(ZERO_PAGE)
+            if end >= 0:
+                parts.append(mm[start << _SHIFT : end << _SHIFT])
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            if whole:
+                if len(data) != length:
+                    data = data[:length]
+                if xxhash.xxh3_128_digest(data) != chunk_digest:
+                    self._counters["verify_failures"] += 1
+                    return None
+                return data
+            view = memoryview(data)
+            for off, digest in checks:
+                if xxhash.xxh3_128_digest(view[off : off + PAGE_SIZE]) != digest:
+                    self._counters["verify_failures"] += 1
+                    return None
+        lo -= p0 << _SHIFT
+        hi -= p0 << _SHIFT
+        return data if lo == 0 and hi == len(data) else data[lo:hi]
 
     def file_record(self, ino: int) -> tuple[int, tuple[int, int, int, int]] | None:
         """(gen, version) recorded for `ino`, or None."""
@@ -653,7 +786,7 @@ class Store:
         if slot >= self._nslots:
             self._counters["verify_failures"] += 1
             return None
-        page = bytes(self._slab[slot << _SHIFT : (slot + 1) << _SHIFT])
+        page = self._mmap[slot << _SHIFT : (slot + 1) << _SHIFT]
         if xxhash.xxh3_128_digest(page) != digest:
             self._counters["verify_failures"] += 1
             return None
@@ -720,11 +853,10 @@ class Store:
 
     def stats(self) -> dict[str, int | float]:
         with self._env.begin(buffers=True) as txn:
-            free = txn.stat(self._free)["entries"]
             chunks = txn.stat(self._loc)["entries"]
-            (high_water,) = _U32.unpack(txn.get(b"high_water", db=self._meta))
+            (free,) = _U32.unpack(txn.get(b"free_slots", db=self._meta))
             (logical,) = _U64.unpack(txn.get(b"logical_bytes", db=self._meta))
-        used = high_water - free
+        used = self._nslots - free
         return {
             "capacity": self._nslots * PAGE_SIZE,
             "page_size": PAGE_SIZE,
@@ -791,22 +923,73 @@ class _WriteTxn:
     def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
         self.s = store
         self.txn = txn
-        (self.high_water,) = _U32.unpack(txn.get(b"high_water", db=store._meta))
+        (self.free_count,) = _U32.unpack(txn.get(b"free_slots", db=store._meta))
         (self.logical,) = _U64.unpack(txn.get(b"logical_bytes", db=store._meta))
         # Freed here, reusable only after this transaction commits.
         self.freed: list[int] = []
 
     def finish(self) -> None:
         s, txn = self.s, self.txn
-        for slot in self.freed:
-            if slot < s._nslots:
-                txn.put(_U32.pack(slot), b"", db=s._free)
-        txn.put(b"high_water", _U32.pack(self.high_water), db=s._meta)
+        for start, count in _runs(sorted(slot for slot in self.freed if slot < s._nslots)):
+            self.free_run(start, count)
+        self.freed = []
+        txn.put(b"free_slots", _U32.pack(self.free_count), db=s._meta)
         txn.put(b"logical_bytes", _U64.pack(self.logical), db=s._meta)
+
+    def free_run(self, start: int, count: int) -> None:
+        """Add slots start..start+count-1 to the free extents, merged with adjacent ones."""
+        txn, free = self.txn, self.s._free
+        self.free_count += count
+        after = txn.pop(_U32.pack(start + count), db=free)
+        if after is not None:
+            count += _EXTENT.unpack(after)[0]
+        cur = txn.cursor(db=free)
+        if (cur.set_range(_U32.pack(start)) and cur.prev()) or cur.last():
+            (prev,) = _U32.unpack(cur.key())
+            (prev_count,) = _EXTENT.unpack(cur.value())
+            if prev < start and prev + prev_count == start:
+                cur.put(cur.key(), _EXTENT.pack(prev_count + count))
+                return
+        txn.put(_U32.pack(start), _EXTENT.pack(count), db=free)
+
+    def alloc(self, n: int) -> list[tuple[int, int]]:
+        """Take n free slots, lowest extents first: (first, count) runs. The caller checked n <= free_count."""
+        runs = []
+        self.free_count -= n
+        cur = self.txn.cursor(db=self.s._free)
+        if n and not cur.first():
+            raise AssertionError("free extents do not add up to free_slots")
+        while n > 0:
+            (start,) = _U32.unpack(cur.key())
+            (count,) = _EXTENT.unpack(cur.value())
+            cur.delete()
+            if count > n:
+                self.txn.put(_U32.pack(start + n), _EXTENT.pack(count - n), db=self.s._free)
+                count = n
+            runs.append((start, count))
+            n -= count
+            if n and not cur.key():
+                raise AssertionError("free extents do not add up to free_slots")
+        return runs
+
+    def truncate(self) -> None:
+        """Forget free extents past the slab's end (after a shrink)."""
+        txn, free, end = self.txn, self.s._free, self.s._nslots
+        cur = txn.cursor(db=free)
+        if (cur.set_range(_U32.pack(end)) and cur.prev()) or cur.last():
+            (start,) = _U32.unpack(cur.key())
+            (count,) = _EXTENT.unpack(cur.value())
+            if start < end < start + count:
+                cur.put(cur.key(), _EXTENT.pack(end - start))
+                self.free_count -= start + count - end
+        if cur.set_range(_U32.pack(end)):
+            while cur.key():
+                self.free_count -= _EXTENT.unpack(cur.value())[0]
+                cur.delete()
 
     def free_slots(self) -> int:
         """Slots usable by the next transaction."""
-        return self.txn.stat(self.s._free)["entries"] + len(self.freed) + self.s._nslots - self.high_water
+        return self.free_count + len(self.freed)
 
     def refcount(self, digest: bytes) -> int:
         value = self.txn.get(digest, db=self.s._pages)
@@ -817,15 +1000,22 @@ class _WriteTxn:
         length, refs = _decode_loc(value)
         self.logical -= _held_bytes(length, refs)
         gone = []
-        pages = self.s._pages
+        txn, pages = self.txn, self.s._pages
+        counts: dict[bytes, int] = {}
         for _, digest, _ in refs:
-            slot, count = _PAGE.unpack(self.txn.get(digest, db=pages))
-            if count <= 1:
-                self.txn.delete(digest, db=pages)
+            counts[digest] = counts.get(digest, 0) + 1
+        updates = []
+        for digest, page in txn.cursor(db=pages).getmulti(sorted(counts)):
+            slot, count = _PAGE.unpack(page)
+            count -= counts[digest]
+            if count <= 0:
+                txn.delete(digest, db=pages)
                 self.freed.append(slot)
                 gone.append(digest)
             else:
-                self.txn.put(digest, _PAGE.pack(slot, count - 1), db=pages)
+                updates.append((digest, _PAGE.pack(slot, count)))
+        if updates:
+            txn.cursor(db=pages).putmulti(updates)
         return gone
 
     def remove_chunk(self, key: Key) -> list[bytes] | None:
@@ -864,8 +1054,9 @@ class _WriteTxn:
         if value is None:
             return 0
         shared = freeable = peer = 0
-        for _, digest, _ in _decode_loc(value)[1]:
-            if self.refcount(digest) > 1:
+        digests = sorted({digest for _, digest, _ in _decode_loc(value)[1]})
+        for digest, page in self.txn.cursor(db=self.s._pages).getmulti(digests):
+            if _PAGE.unpack(page)[1] > 1:
                 shared += 1
             else:
                 freeable += 1
@@ -892,9 +1083,9 @@ class _WriteTxn:
                 continue
             digests |= new_digests
             fitting.append(a)
-        needed = sum(1 for d in digests if self.txn.get(d, db=s._pages) is None)
+        needed = len(digests) - len(self.txn.cursor(db=s._pages).getmulti(sorted(digests)))
         keys = {a.key for a in fitting}
-        new_chunks = sum(1 for k in keys if self.txn.get(k, db=s._loc) is None)
+        new_chunks = len(keys) - len(self.txn.cursor(db=s._loc).getmulti(sorted(keys)))
         free = self.free_slots()
         evicted = 0
         while free < needed or len(s._policy) + new_chunks > s.max_chunks:
@@ -909,51 +1100,81 @@ class _WriteTxn:
         s._counters["evicted_chunks"] += evicted
         return fitting
 
-    def _alloc(self) -> int | None:
-        cur = self.txn.cursor(db=self.s._free)
-        if cur.first():
-            (slot,) = _U32.unpack(cur.key())
-            cur.delete()
-            return slot
-        if self.high_water < self.s._nslots:
-            self.high_water += 1
-            return self.high_water - 1
-        return None
-
     def admit(self, admissions: list[_Admission]) -> None:
+        """Admit in bulk: one getmulti for the pages, one allocation, pwritev per slot run, one putmulti per table."""
         s, txn = self.s, self.txn
-        pages, loc = s._pages, s._loc
-        fd, slab = s._slab_fd, s._slab
-        replaced = []
+        pages_db, loc_db = s._pages, s._loc
+        # A key admitted twice in one batch: the last one wins.
+        admissions = list({a.key: a for a in admissions}.values())
+        wanted = sorted({d for a in admissions for _, d in a.pages})
+        # digest -> [slot, count]; slot -1 until allocated. Known pages first.
+        pages: dict[bytes, list[int]] = {bytes(d): list(_PAGE.unpack(v)) for d, v in txn.cursor(db=pages_db).getmulti(wanted)}
+        known = set(pages)
+        fresh: list[tuple[bytes, memoryview]] = []  # new pages, in admission order
+        admitted: list[_Admission] = []
+        room = self.free_count  # only slots free before this transaction
         for a in admissions:
-            unknown = {d for _, d in a.pages if txn.get(d, db=pages) is None}
-            if len(unknown) > self.free_slots() - len(self.freed):
+            new = []
+            for i, digest in a.pages:
+                if digest not in pages:
+                    pages[digest] = [-1, 0]
+                    new.append((digest, a.data[i << _SHIFT : (i + 1) << _SHIFT]))
+            if len(new) > room:
+                for digest, _ in new:
+                    del pages[digest]
                 s._counters["skipped_chunks"] += 1
                 continue
-            refs = []
-            for i, digest in a.pages:
-                page = a.data[i << _SHIFT : (i + 1) << _SHIFT]
-                value = txn.get(digest, db=pages)
-                if value is None:
-                    slot = self._alloc()
-                    assert slot is not None  # counted above
-                    os.pwrite(fd, page, slot << _SHIFT)  # before the commit that references it
-                    txn.put(digest, _PAGE.pack(slot, 1), db=pages)
-                else:
-                    slot, count = _PAGE.unpack(value)
-                    if bytes(slab[slot << _SHIFT : (slot + 1) << _SHIFT]) != page:
-                        # Heal a page whose slot lost its content (disk damage): we hold the right bytes.
-                        os.pwrite(fd, page, slot << _SHIFT)
-                        s._counters["healed_pages"] += 1
-                    txn.put(digest, _PAGE.pack(slot, count + 1), db=pages)
-                refs.append((i, digest, slot))
-            old = txn.get(a.key, db=loc)
-            if old is not None:
-                replaced.append(bytes(old))
-            txn.put(a.key, _encode_loc(a.length, refs), db=loc)
+            room -= len(new)
+            fresh += new
+            for _, digest in a.pages:
+                pages[digest][1] += 1
+            admitted.append(a)
+        # Slots for the new pages, in runs; each run written with one pwritev before the commit.
+        fd = s._slab_fd
+        pos = 0
+        for start, count in self.alloc(len(fresh)):
+            run = fresh[pos : pos + count]
+            for j, (digest, _) in enumerate(run):
+                pages[digest][0] = start + j
+            for k in range(0, count, _IOV_MAX):
+                os.pwritev(fd, [page for _, page in run[k : k + _IOV_MAX]], (start + k) << _SHIFT)
+            pos += count
+        self._heal(admitted, known, pages)
+        txn.cursor(db=pages_db).putmulti([(d, _PAGE.pack(*pages[d])) for d in sorted(pages)])
+        keys = sorted({a.key for a in admitted})
+        replaced = [bytes(v) for _, v in txn.cursor(db=loc_db).getmulti(keys)]
+        entries = {}
+        for a in admitted:
+            refs = [(i, d, pages[d][0]) for i, d in a.pages]
+            entries[a.key] = _encode_loc(a.length, a.chunk_digest, refs)
             self.logical += _held_bytes(a.length, refs)
             s._policy.insert(a.key)
-            s._counters["admitted_chunks"] += 1
+        txn.cursor(db=loc_db).putmulti(sorted(entries.items()))
+        s._counters["admitted_chunks"] += len(admitted)
         # Old versions of re-admitted chunks last: their pages may be the new ones too.
         for value in replaced:
             self.release(value)
+
+    def _heal(self, admitted: list[_Admission], known: set[bytes], pages: dict[bytes, list[int]]) -> None:
+        """Rewrite a page whose slot lost its content (disk damage): we hold the right bytes. One compare per slot run."""
+        s = self.s
+        mm, fd = s._mmap, s._slab_fd
+        seen: set[bytes] = set()
+        for a in admitted:
+            todo = [(pages[d][0], i) for i, d in a.pages if d in known and d not in seen]
+            if not todo:
+                continue
+            seen.update(d for _, d in a.pages)
+            j = 0
+            while j < len(todo):
+                slot, i = todo[j]
+                n = 1
+                while j + n < len(todo) and todo[j + n] == (slot + n, i + n):
+                    n += 1
+                if mm[slot << _SHIFT : (slot + n) << _SHIFT] != bytes(a.data[i << _SHIFT : (i + n) << _SHIFT]):
+                    for m in range(n):
+                        page = bytes(a.data[(i + m) << _SHIFT : (i + m + 1) << _SHIFT])
+                        if mm[(slot + m) << _SHIFT : (slot + m + 1) << _SHIFT] != page:
+                            os.pwrite(fd, page, (slot + m) << _SHIFT)
+                            s._counters["healed_pages"] += 1
+                j += n

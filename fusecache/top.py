@@ -107,7 +107,7 @@ class MountView:
     def update(self, stats: dict[str, Any], now: float) -> None:
         prev, prev_t = self.stats, self.sampled
         self.rates, self.total = {}, None
-        # A restarted daemon counts from zero again: no rate across the restart.
+        # The counters only grow while one daemon runs; a restarted one counts from zero: no rate across it.
         if prev is not None and prev.get("pid") == stats.get("pid") and now > prev_t:
             dt = now - prev_t
             old = prev.get("images") or {}
@@ -358,15 +358,23 @@ def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
     lines.append(Text("hits   ").append_text(_split(*_totals(images))))
     if images:
         lines.append(_images_table(view, g))
-    guests = (s.get("balloon") or {}).get("guests") or {}
-    peers = (s.get("peers") or {}).get("peers") or {}
+    balloon = s.get("balloon") or {}
+    peering = s.get("peers") or {}
+    guests = balloon.get("guests") or {}
+    peers = peering.get("peers") or {}
     if guests:
         lines.append(_balloon_table(guests, g))
     if peers:
         lines.append(_peers_table(peers, g))
-    if not guests or not peers:
-        missing = [name for name, have in (("balloon", guests), ("peers", peers)) if not have]
-        lines.append(Text("  ".join(f"{name} {g.dash}" for name in missing), style="dim"))
+    # what is on but has nothing to show yet, or "—" for what this mount does not do
+    idle = []
+    if not guests:
+        sources = balloon.get("sources")
+        idle.append(f"balloon: watching {', '.join(sources)}, no guests yet" if sources else f"balloon {g.dash}")
+    if not peers:
+        idle.append(f"peers: serving on {peering['listen']}, none to ask" if peering.get("listen") else f"peers {g.dash}")
+    if idle:
+        lines.append(Text("  ".join(idle), style="dim"))
     return Panel(Group(*lines), title=title, title_align="left", border_style="blue")
 
 
@@ -405,7 +413,9 @@ def _once(dash: Dashboard, interval: float) -> int:
 
 
 def _live(dash: Dashboard, interval: float) -> int:
-    console = Console(highlight=False, emoji=False)
+    # COLUMNS and LINES, when exported, would pin rich to one size: the screen must follow the terminal's resizes
+    environ = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    console = Console(highlight=False, emoji=False, _environ=environ)
     glyphs = _glyphs(console)
     footer = f"q or Ctrl-C quits; refreshes every {interval:g} s"
     wake_r, wake_w = os.pipe()
@@ -423,8 +433,12 @@ def _live(dash: Dashboard, interval: float) -> int:
                 deadline = max(deadline + interval, time.monotonic())
                 while (left := deadline - time.monotonic()) > 0:
                     ready, _, _ = select.select(fds, [], [], left)
-                    if keys in ready and any(k in os.read(keys, 64) for k in (b"q", b"Q")):
-                        return 0
+                    if keys in ready:
+                        typed = os.read(keys, 64)
+                        if b"q" in typed or b"Q" in typed:
+                            return 0
+                        if not typed:  # the terminal hung up: stop listening to it, or select spins
+                            fds.remove(keys)
                     if wake_r in ready:
                         os.read(wake_r, 64)
                         # the terminal changed size: draw the same figures at the new size now

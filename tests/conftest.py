@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from tests.guest import guest_build, libvirtd  # noqa: F401 - fixtures for every test module
 from tests.mounting import Mounter
 
 

@@ -54,6 +54,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -657,3 +658,20 @@ def guest_build() -> GuestBuild:
     if not Path(BUSYBOX).exists():
         pytest.skip("busybox-static not installed")
     return build_guest()
+
+
+@pytest.fixture
+def libvirtd(tmp_path: Path) -> Iterator[Libvirtd]:
+    for tool in ("libvirtd", "virsh", "unshare"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            pytest.skip(f"{tool} not installed")
+    if os.geteuid() != 0:
+        pytest.skip("libvirtd in system mode needs root")
+    pytest.importorskip("libvirt")
+    Libvirtd.ensure_users()
+    daemon = Libvirtd(tmp_path / "libvirt")
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from fusecache.balloon import (
 )
 from fusecache.errors import QuietError
 from fusecache.qmp import QmpClosed, QmpError, QmpTimeout, open_qmp
-from tests.guest import CommandChannel, Guest, GuestBuild, Libvirtd, domain_xml, guest_build, make_disk  # noqa: F401 - guest_build is a fixture
+from tests.guest import CommandChannel, Guest, GuestBuild, Libvirtd, domain_xml, make_disk
 
 MiB = 1 << 20
 FILE_MIB = 256
@@ -249,7 +248,7 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def guest(guest_build: GuestBuild, disk: Path, tmp_path: Path) -> Iterator[Guest]:  # noqa: F811 - pytest fixture injection
+def guest(guest_build: GuestBuild, disk: Path, tmp_path: Path) -> Iterator[Guest]:
     with Guest(tmp_path / "guest", guest_build) as g:
         g.start(disk, memory_mib=GUEST_MIB)
         yield g
@@ -315,7 +314,7 @@ def test_qmp_source_reports_shrink(guest: Guest, disk: Path) -> None:
 
 @pytest.mark.guest
 def test_monitor_survives_guest_death(
-    guest_build: GuestBuild,  # noqa: F811
+    guest_build: GuestBuild,
     disk: Path,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -355,28 +354,11 @@ def test_monitor_survives_guest_death(
 # -- libvirt
 
 
-@pytest.fixture
-def libvirtd(tmp_path: Path) -> Iterator[Libvirtd]:
-    for tool in ("libvirtd", "virsh", "unshare"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            pytest.skip(f"{tool} not installed")
-    if os.geteuid() != 0:
-        pytest.skip("libvirtd in system mode needs root")
-    pytest.importorskip("libvirt")
-    Libvirtd.ensure_users()
-    daemon = Libvirtd(tmp_path / "libvirt")
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-
-
 @pytest.mark.guest
 @pytest.mark.libvirt
 def test_libvirt_source_reports_shrink(
     libvirtd: Libvirtd,
-    guest_build: GuestBuild,  # noqa: F811
+    guest_build: GuestBuild,
     disk: Path,
     tmp_path: Path,
     expect_log: Callable[..., None],

@@ -79,6 +79,8 @@ def test_a_block_read_on_one_host_is_a_peer_hit_on_the_others(mounter, images, t
     taken = sum(p["hits_taken"] for p in stats(b.mountpoint)["peers"]["peers"].values())
     assert taken == 64
     assert all(p["corrupt_blocks"] == 0 for p in stats(b.mountpoint)["peers"]["peers"].values())
+    assert read_all(os.path.join(c.mountpoint, "base.img")) == data  # the third host: from a (or b, once b's summary says so)
+    assert stats(c.mountpoint)["images"]["base.img"]["peer_bytes"] == len(data)
 
 
 def test_a_file_changed_on_the_backing_is_not_served_stale_by_a_peer(mounter, images, tmp_path, key_file):

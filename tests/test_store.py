@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import lmdb
 import pytest
 
 from fusecache.errors import QuietError
-from fusecache.store import _LOC_KEY, _PAGE, PAGE_SIZE, Store, WriteBatch, _decode_loc
+from fusecache.store import _LOC_KEY, _PAGE, _RUN, PAGE_SIZE, Store, WriteBatch, _decode_loc
 
 CHUNK = 65536
 REPO = Path(__file__).resolve().parent.parent
@@ -74,13 +75,17 @@ def check_integrity(store: Store) -> None:
             for _, digest, _ in _decode_loc(value)[1]:
                 refs[digest] = refs.get(digest, 0) + 1
         pages = {bytes(k): _PAGE.unpack(v) for k, v in txn.cursor(db=store._pages)}
-        free = {int.from_bytes(k, "big") for k in txn.cursor(db=store._free).iternext(values=False)}
+        extents = sorted((int.from_bytes(k, "big"), int.from_bytes(v, "big")) for k, v in txn.cursor(db=store._free))
+    free = {slot for start, count in extents for slot in range(start, start + count)}
+    assert all(a + n < b for (a, n), (b, _) in itertools.pairwise(extents))  # sorted, never overlapping or adjacent
+    nslots = store.stats()["capacity"] // PAGE_SIZE
+    assert all(slot < nslots for slot in free)
     assert {d: count for d, (_, count) in pages.items()} == refs
     slots = [slot for slot, _ in pages.values()]
     assert len(set(slots)) == len(slots)
     assert all(slot < store.stats()["capacity"] // PAGE_SIZE for slot in slots)
     assert not free & set(slots)
-    assert store.stats()["pages_used"] == len(slots)
+    assert store.stats()["pages_used"] == len(slots) == nslots - len(free)
 
 
 def test_hit_miss_and_file_record(tmp_path: Path) -> None:
@@ -486,3 +491,168 @@ def test_reset_starts_empty_even_from_a_corrupt_cache(tmp_path: Path) -> None:
     data = unique()
     admit(store, (1, 1, 0, data))
     assert store.read_chunk(1, 1, 0) == data
+
+
+# --- ranges, the chunk digest, runs of slots ----------------------------------
+
+
+def loc_value(store: Store, ino: int, gen: int, chunk: int) -> bytes:
+    with store._env.begin() as txn:
+        return bytes(txn.get(_LOC_KEY.pack(ino, gen, chunk), db=store._loc))
+
+
+def slots_of(store: Store, ino: int, gen: int, chunk: int) -> dict[int, int]:
+    """Page index -> slot of each stored page of a chunk."""
+    return {i: slot for i, _, slot in _decode_loc(loc_value(store, ino, gen, chunk))[1]}
+
+
+def is_run(store: Store, ino: int, gen: int, chunk: int) -> bool:
+    return bool(loc_value(store, ino, gen, chunk)[4] & _RUN)
+
+
+def damage(store: Store, slot: int) -> None:
+    os.pwrite(store._slab_fd, b"torn" * 1024, slot * PAGE_SIZE)
+
+
+RANGES = [
+    (0, None),
+    (0, CHUNK),
+    (0, 1),
+    (1, 2),
+    (100, 5000),
+    (4096, 8192),
+    (4095, 4097),
+    (8191, 3 * 4096 + 1),
+    (5 * 4096, 9 * 4096),
+    (CHUNK - 1, CHUNK),
+    (CHUNK - 5000, None),
+    (1000, CHUNK + 999),
+    (CHUNK, None),
+    (CHUNK + 10, CHUNK + 20),
+    (30, 30),
+    (40, 20),
+]
+
+
+def test_ranges_of_dense_sparse_and_short_chunks(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    dense = unique()
+    pool = [unique(PAGE_SIZE) for _ in range(3)]
+    # Holes, a page twice, pages another chunk holds: not one run of slots.
+    sparse = b"".join([pool[0], bytes(PAGE_SIZE), pool[1], pool[0], *[bytes(PAGE_SIZE)] * 5, dense[:PAGE_SIZE], *[pool[2]] * 6])
+    short = unique(3 * PAGE_SIZE + 700)
+    short_hole_end = unique(PAGE_SIZE) + bytes(2000)
+    chunks = {0: dense, 1: sparse, 2: short, 3: short_hole_end, 4: bytes(CHUNK)}
+    admit(store, *((1, 1, c, v) for c, v in chunks.items()))
+    assert is_run(store, 1, 1, 0) and is_run(store, 1, 1, 2)
+    assert not is_run(store, 1, 1, 1) and not is_run(store, 1, 1, 3) and not is_run(store, 1, 1, 4)
+    for c, data in chunks.items():
+        assert store.read_chunk(1, 1, c) == data
+        for lo, hi in RANGES:
+            assert store.read_chunk(1, 1, c, lo, hi) == data[lo:hi], (c, lo, hi)
+            assert store.read_chunk(1, 1, c, lo=lo) == data[lo:]
+    assert store.read_chunk(1, 1, 9, 0, 10) is None
+    assert store.stats()["verify_failures"] == 0
+    check_integrity(store)
+
+
+@pytest.mark.parametrize("layout", ["run", "scattered"])
+def test_a_damaged_page_fails_only_the_ranges_that_hold_it(tmp_path: Path, layout: str) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    data = unique()
+    if layout == "scattered":
+        # The last page is shared with an earlier chunk: this chunk's slots are not one run.
+        admit(store, (2, 1, 0, bytes(CHUNK - PAGE_SIZE) + data[-PAGE_SIZE:]))
+    admit(store, (1, 1, 0, data))
+    assert is_run(store, 1, 1, 0) == (layout == "run")
+    damage(store, slots_of(store, 1, 1, 0)[5])
+    assert store.read_chunk(1, 1, 0, 0, 5 * PAGE_SIZE) == data[: 5 * PAGE_SIZE]  # pages 0-4
+    assert store.read_chunk(1, 1, 0, 6 * PAGE_SIZE, None) == data[6 * PAGE_SIZE :]  # pages 6-15
+    assert store.read_chunks(1, 1, 0, 0, 6 * PAGE_SIZE, None) == [data[6 * PAGE_SIZE :]]
+    assert store.stats()["verify_failures"] == 0
+    assert store.read_chunk(1, 1, 0, 5 * PAGE_SIZE + 100, 5 * PAGE_SIZE + 200) is None  # inside page 5
+    assert store.read_chunk(1, 1, 0, 4 * PAGE_SIZE, 6 * PAGE_SIZE + 1) is None  # across it
+    assert store.read_chunk(1, 1, 0) is None  # the whole chunk: its digest fails
+    assert store.read_chunks(1, 1, 0, 0, 0, None) == [None]
+    assert store.stats()["verify_failures"] == 4
+    admit(store, (1, 1, 0, data))  # the same bytes again: healed
+    assert store.read_chunk(1, 1, 0) == data
+    check_integrity(store)
+
+
+def test_the_chunk_digest_covers_every_byte(tmp_path: Path) -> None:
+    """A whole-chunk read is checked with one hash, not per page: damage anywhere fails it, even in a short last page."""
+    store = Store(str(tmp_path), 1 << 20)
+    tail = unique(5 * PAGE_SIZE + 123)
+    admit(store, (1, 1, 0, tail))
+    last = slots_of(store, 1, 1, 0)[5]
+    os.pwrite(store._slab_fd, b"\xff", last * PAGE_SIZE + 122)
+    assert store.read_chunk(1, 1, 0) is None
+    assert store.read_chunk(1, 1, 0, 0, 5 * PAGE_SIZE) == tail[: 5 * PAGE_SIZE]
+    os.pwrite(store._slab_fd, tail[-1:], last * PAGE_SIZE + 122)
+    os.pwrite(store._slab_fd, b"\xff", last * PAGE_SIZE + 200)  # past the end: padding the page digest covers
+    assert store.read_chunk(1, 1, 0) == tail
+    assert store.read_chunk(1, 1, 0, 5 * PAGE_SIZE, None) is None
+
+
+def test_read_chunks_is_read_chunk_per_chunk(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    chunks = {c: unique() for c in range(4)}
+    chunks[2] = bytes(CHUNK // 2) + unique(CHUNK // 2)
+    chunks[4] = unique(10000)  # end of file
+    admit(store, *((1, 1, c, v) for c, v in chunks.items() if c != 3))  # 3 is a miss
+    for first, last, lo, hi in [(0, 0, 0, None), (0, 3, 100, 200), (1, 2, CHUNK - 1, 1), (2, 6, 0, None), (4, 6, 9000, 5), (5, 6, 0, None)]:
+        got = store.read_chunks(1, 1, first, last, lo, hi)
+        want = []
+        for c in range(first, last + 1):
+            data = chunks.get(c) if c != 3 else None
+            if data is not None:
+                data = data[lo if c == first else 0 : hi if c == last and hi is not None else CHUNK]
+            want.append(data)
+        if last >= 5:
+            want[5 - first :] = [None] * (last - 4)  # past the short chunk: not looked up
+        assert got == want, (first, last, lo, hi)
+    assert store.stats()["verify_failures"] == 0
+
+
+def test_slots_are_allocated_in_runs_and_reused(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 8 * CHUNK, policy="lru")
+    first = {c: unique() for c in range(8)}
+    admit(store, *((1, 1, c, v) for c, v in first.items()))
+    assert all(is_run(store, 1, 1, c) for c in first)
+    assert store.stats()["pages_used"] == 128
+    # Free every other chunk: four 16-slot extents that do not touch.
+    store.apply(WriteBatch(drop=[(1, 1, c) for c in (0, 2, 4, 6)]))
+    check_integrity(store)
+    held = sorted(slots_of(store, 1, 1, 1).values())
+    admit(store, (2, 1, 0, unique()), (2, 1, 1, unique()))
+    assert is_run(store, 2, 1, 0) and is_run(store, 2, 1, 1)
+    assert min(slots_of(store, 2, 1, 0).values()) == 0  # the lowest extent first
+    assert held[0] not in slots_of(store, 2, 1, 0).values()
+    # Frees that touch merge: dropping chunks 1 and 3 joins them with the free extent between them.
+    store.apply(WriteBatch(drop=[(1, 1, 1), (1, 1, 3)]))
+    check_integrity(store)
+    big = [(3, 1, c, unique()) for c in range(3)]
+    admit(store, *big)
+    assert all(is_run(store, 3, 1, c) for c in range(3))
+    for *k, v in big:
+        assert store.read_chunk(*k) == v
+    # A full cache: admissions evict and reuse the freed slots, in runs when they can.
+    for n in range(20):
+        admit(store, (4, 1, n, unique()), (4, 1, n + 100, bytes(CHUNK // 2) + unique(CHUNK // 2)))
+        check_integrity(store)
+        assert store.read_chunk(4, 1, n) is not None
+    assert store.stats()["pages_used"] <= 128
+    assert store.stats()["verify_failures"] == 0
+
+
+def test_same_key_twice_in_one_batch(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    a, b = unique(), unique()
+    admit(store, (1, 1, 0, a), (1, 1, 0, b))
+    assert store.read_chunk(1, 1, 0) == b
+    check_integrity(store)
+    admit(store, (1, 1, 0, a), (1, 1, 0, a))
+    assert store.read_chunk(1, 1, 0) == a
+    assert store.stats()["pages_used"] == 16
+    check_integrity(store)
