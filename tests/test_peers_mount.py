@@ -89,8 +89,7 @@ def test_a_file_changed_on_the_backing_is_not_served_stale_by_a_peer(mounter, im
     a, b = cluster(mounter, images, tmp_path, 2, ["--cluster-key-file", key_file])
     read_all(os.path.join(a.mountpoint, "v.img"))
     wait_for(lambda: any(p["summary_locations"] >= 32 for p in stats(b.mountpoint)["peers"]["peers"].values()), "a's summary")
-    with open(images.path("v.img"), "r+b") as f:  # another host rewrites the image on NFS
-        f.write(b"2" * 2 * MiB)
+    images.write_behind("v.img", b"2" * 2 * MiB)  # another host rewrites the image on NFS
     assert read_all(os.path.join(b.mountpoint, "v.img")) == b"2" * 2 * MiB
     assert stats(b.mountpoint)["images"]["v.img"]["peer_bytes"] == 0
 
