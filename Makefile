@@ -19,7 +19,7 @@ deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
 venv: $(STAMP)
@@ -27,20 +27,22 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,libvirt]'
+	$(PY) -m pip install -q -e '.[test,libvirt,bench]'
 	touch $(STAMP)
 
 demo: setup
 	$(PY) -m fusecache.demo
 
 test: setup lint
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
 
 lint: venv
 	$(VENV)/bin/ruff check fusecache tests bench
 
 bench: setup
-	$(PY) bench/passthrough.py
+	for b in passthrough hitpath store_profile eviction blocksize nfs_raw nfs secondchance peer_latency cluster; do \
+		test -f bench/$$b.py && $(PY) bench/$$b.py || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
