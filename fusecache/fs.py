@@ -41,7 +41,7 @@ _STRIP = getattr(os, "O_DIRECT", 0) | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.
 class DataPath(Protocol):
     """Where file contents come from and go to: `cache.Cache` or `cache.Passthrough`."""
 
-    async def read(self, f: OpenFile, offset: int, size: int) -> bytes: ...
+    async def read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview: ...
     async def write(self, f: OpenFile, offset: int, data: bytes) -> int: ...
     async def opened(self, f: OpenFile) -> None: ...
     def closed(self, f: OpenFile) -> None: ...
@@ -397,7 +397,7 @@ class FuseOperations(pyfuse3.Operations):
         await self.data.opened(f)
         return self._file_info(f), await self.getattr(inode, ctx)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         f = self._open[fh]
         with _errno(f.path):
             return await self.data.read(f, off, size)

@@ -21,15 +21,18 @@ Threads and transactions
   loses nothing committed, the OS page cache has it; a host crash wipes).
   An admission batch allocates its new pages in runs of adjacent slots
   (lowest free extent first), so a chunk's pages usually sit in one run and
-  are written, and later read, with one call.
-- Readers (`read_chunk`, `read_chunks`, `read_page`, ... on the trio loop)
-  take an LMDB read transaction (MVCC: they never wait for the writer) and
-  copy bytes out of a read-only mmap of the slab. The writer may reuse a slot
-  a reader's older view still points at, so every byte served is copied
-  first and then checked against a digest: the chunk digest when the whole
-  chunk is read (one hash), else the digest of each page overlapping the
-  range read (pages outside it are neither read nor checked). A mismatch is
-  a miss (`verify_failures`), never wrong data.
+  are written, and later read, with one call. Admissions are applied
+  ADMIT_SLICE chunks at a time (one getmulti, one allocation, pwritev per
+  run, one putmulti per table): the writer's Python stretches stay short and
+  the LMDB and pwritev calls between them release the GIL to the loop.
+- Readers (`read_chunk`, `read_chunks`, `read_span`, `read_page`, ... on the
+  trio loop) take an LMDB read transaction (MVCC: they never wait for the
+  writer) and copy bytes out of a read-only mmap of the slab. The writer may
+  reuse a slot a reader's older view still points at, so every byte served
+  is copied first and then checked against a digest: the chunk digest when
+  the whole chunk is read (one hash), else the digest of each page
+  overlapping the range read (pages outside it are neither read nor
+  checked). A mismatch is a miss (`verify_failures`), never wrong data.
 - Recency is kept in memory by an eviction policy (`S3FifoPolicy` by
   default, `LruPolicy`; bench/eviction.py compares them); the loop thread
   touches it on every hit under a short lock, the writer asks it for victims.
@@ -86,7 +89,7 @@ import os
 import shutil
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Set
 
 import lmdb
 import xxhash
@@ -116,6 +119,8 @@ _EXTENT = struct.Struct(">I")  # a free extent's count (its key is the first slo
 _LOC_HEAD = struct.Struct(">IB16s")  # length, flags, chunk digest
 _RUN = 1  # loc flag: every page stored, in consecutive slots
 _IOV_MAX = 1024
+# Admissions per stretch of Python work in `apply`; the LMDB and pwritev calls between stretches release the GIL.
+ADMIT_SLICE = 64
 _SHIFT = PAGE_SIZE.bit_length() - 1
 # Files a cache directory may hold besides ours (a dedicated filesystem's lost+found).
 _TOLERATED = {"lost+found"}
@@ -326,26 +331,25 @@ def _decode_loc(value: bytes | memoryview) -> tuple[int, list[tuple[int, bytes, 
     return length, list(zip(pages, arrays[n:], arrays[:n], strict=True))
 
 
-def _encode_loc(length: int, chunk_digest: bytes, refs: list[tuple[int, bytes, int]]) -> bytes:
-    """refs: (page index, digest, slot) of each stored page, in page order."""
+def _encode_loc(length: int, chunk_digest: bytes, present: int, slots: list[int], digests: list[bytes]) -> bytes:
+    """present: bit i set for each stored page i; slots and digests: of the stored pages, in page order."""
     npages = (length + PAGE_SIZE - 1) >> _SHIFT
-    present = 0
-    for i, _, _ in refs:
-        present |= 1 << i
-    slots = [slot for _, _, slot in refs]
     n = len(slots)
     run = n == npages and n > 0 and slots[-1] - slots[0] == n - 1 and slots == list(range(slots[0], slots[0] + n))
     return (
         _LOC_HEAD.pack(length, _RUN if run else 0, chunk_digest)
         + present.to_bytes((npages + 7) >> 3, "little")
-        + _refs_struct(n).pack(*slots, *(d for _, d, _ in refs))
+        + _refs_struct(n).pack(*slots, *digests)
     )
 
 
-def _held_bytes(length: int, refs: list[tuple[int, bytes, int]]) -> int:
+def _held_bytes(length: int, present: int) -> int:
     """Non-hole bytes of a chunk (logical bytes for the dedup ratio)."""
+    if not length:
+        return 0
     last = (length - 1) >> _SHIFT
-    return sum(PAGE_SIZE if i != last else length - (last << _SHIFT) for i, _, _ in refs)
+    held = present.bit_count() << _SHIFT
+    return held - ((last + 1) << _SHIFT) + length if present >> last & 1 else held
 
 
 def _runs(slots: Iterable[int]) -> list[tuple[int, int]]:
@@ -380,7 +384,7 @@ def _boot_time() -> int:
 class _Admission:
     """One chunk to admit, hashed before the write transaction starts."""
 
-    __slots__ = ("chunk_digest", "data", "key", "length", "pages")
+    __slots__ = ("chunk_digest", "data", "key", "length", "pages", "present")
 
     def __init__(self, key: Key, data: bytes) -> None:
         self.key = key
@@ -394,6 +398,12 @@ class _Admission:
         digest = xxhash.xxh3_128_digest
         pages = [(i, digest(view[i << _SHIFT : (i + 1) << _SHIFT])) for i in range(npages)]
         self.pages = [p for p in pages if p[1] != ZERO_DIGEST]
+        if len(self.pages) == npages:
+            self.present = (1 << npages) - 1
+        else:
+            self.present = 0
+            for i, _ in self.pages:
+                self.present |= 1 << i
 
 
 class Store:
@@ -429,6 +439,7 @@ class Store:
         self._env: lmdb.Environment | None = None
         self._slab_fd = -1
         self._mmap: mmap.mmap | None = None
+        self._slab: memoryview | None = None
         self._lmdb_path = os.path.join(self.cache_dir, "meta.lmdb")
         self._slab_path = os.path.join(self.cache_dir, "pages.slab")
         try:
@@ -580,6 +591,7 @@ class Store:
         if size > self._nslots * PAGE_SIZE:
             os.ftruncate(self._slab_fd, self._nslots * PAGE_SIZE)
         self._mmap = mmap.mmap(self._slab_fd, self._nslots * PAGE_SIZE, prot=mmap.PROT_READ)
+        self._slab = memoryview(self._mmap)
 
     def _shrink(self, txn: lmdb.Transaction) -> None:
         """Drop every chunk holding a slot past the new end, then forget those slots."""
@@ -615,6 +627,9 @@ class Store:
         if self._env is not None:
             self._env.close()
             self._env = None
+        if self._slab is not None:
+            self._slab.release()
+            self._slab = None
         if self._mmap is not None:
             self._mmap.close()
             self._mmap = None
@@ -752,6 +767,108 @@ class Store:
         lo -= p0 << _SHIFT
         hi -= p0 << _SHIFT
         return data if lo == 0 and hi == len(data) else data[lo:hi]
+
+    def read_span(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> memoryview | None:
+        """A whole request in one buffer, copied once: chunks first..last as `read_chunks` reads them, joined.
+
+        Every chunk is copied straight into one buffer and verified there (the
+        chunk digest for a whole chunk, page digests for the pages of a
+        partial first or last one), so no second copy joins them. Returns a
+        read-only memoryview (pyfuse3 replies from any buffer), shorter at end
+        of file; None unless every chunk is a verified hit, and then counts
+        no hits or misses: ask `read_chunks` for the per-chunk answer.
+        """
+        cs = self.chunk_size
+        buf = bytearray((last - first + 1) * cs)  # zeros: holes are not copied
+        view = memoryview(buf)
+        slab, nslots = self._slab, self._nslots
+        full_pages = cs >> _SHIFT
+        run_at = _LOC_HEAD.size + ((full_pages + 7) >> 3)
+        whole_from = first if lo <= 0 else first + 1  # chunks from here to whole_to are read whole
+        whole_to = last if hi is None or hi >= cs else last - 1
+        digest = xxhash.xxh3_128_digest
+        pos = begin = 0
+        keys = []
+        with self._env.begin(db=self._loc, buffers=True) as txn:
+            for c in range(first, last + 1):
+                key = _LOC_KEY.pack(ino, gen, c)
+                value = txn.get(key)
+                if value is None:
+                    return None
+                length, flags, chunk_digest = _LOC_HEAD.unpack_from(value)
+                if flags & _RUN and length == cs and whole_from <= c <= whole_to:
+                    # The common case: a whole chunk, one run of slots: one copy, one hash.
+                    (slot,) = _U32.unpack_from(value, run_at)
+                    if slot + full_pages > nslots:
+                        self._counters["verify_failures"] += 1
+                        return None
+                    view[pos : pos + cs] = slab[slot << _SHIFT : (slot << _SHIFT) + cs]
+                    if digest(view[pos : pos + cs]) != chunk_digest:
+                        self._counters["verify_failures"] += 1
+                        return None
+                    keys.append(key)
+                    pos += cs
+                    continue
+                clo = lo if c == first else 0
+                chi = length if c != last or hi is None or hi > length else hi
+                if clo >= chi:
+                    break  # the request starts at or past the end of the file
+                keys.append(key)
+                npages = (length + PAGE_SIZE - 1) >> _SHIFT
+                whole = clo == 0 and chi == length
+                p0, p1 = (0, npages - 1) if whole else (clo >> _SHIFT, (chi - 1) >> _SHIFT)
+                if c == first:
+                    begin = clo - (p0 << _SHIFT)
+                head = _LOC_HEAD.size + ((npages + 7) >> 3)
+                if flags & _RUN:
+                    (slot,) = _U32.unpack_from(value, head)
+                    if slot + npages > nslots:
+                        self._counters["verify_failures"] += 1
+                        return None
+                    a = (slot + p0) << _SHIFT
+                    n = length if whole else (p1 + 1 - p0) << _SHIFT
+                    view[pos : pos + n] = slab[a : a + n]
+                    checks = [] if whole else list(zip(range(p0, p1 + 1), range(p0, p1 + 1), strict=True))
+                    digests_at = head + 4 * npages
+                else:
+                    present = int.from_bytes(value[_LOC_HEAD.size : head], "little")
+                    count = present.bit_count()
+                    arrays = _refs_struct(count).unpack_from(value, head)
+                    k = (present & ((1 << p0) - 1)).bit_count()
+                    checks = []
+                    for i in range(p0, p1 + 1):
+                        if present >> i & 1:
+                            slot = arrays[k]
+                            if slot >= nslots:
+                                self._counters["verify_failures"] += 1
+                                return None
+                            at = pos + ((i - p0) << _SHIFT)
+                            view[at : at + PAGE_SIZE] = slab[slot << _SHIFT : (slot + 1) << _SHIFT]
+                            checks.append((i, k))
+                            k += 1
+                    digests_at = head + 4 * count
+                # Verify the copy: the writer may be reusing a slot right now.
+                if whole:
+                    ok = xxhash.xxh3_128_digest(view[pos : pos + length]) == chunk_digest
+                    pos += length
+                else:
+                    ok = True
+                    for i, k in checks:
+                        at = pos + ((i - p0) << _SHIFT)
+                        d = digests_at + 16 * k
+                        if xxhash.xxh3_128_digest(view[at : at + PAGE_SIZE]) != bytes(value[d : d + 16]):
+                            ok = False
+                            break
+                    pos += chi - (p0 << _SHIFT)  # the next chunk's bytes follow this one's
+                if not ok:
+                    self._counters["verify_failures"] += 1
+                    return None
+                if length < cs:
+                    break  # end of file
+        self._counters["hits"] += len(keys)
+        for key in keys:
+            self._policy.touch(key)
+        return view[begin:pos].toreadonly()
 
     def file_record(self, ino: int) -> tuple[int, tuple[int, int, int, int]] | None:
         """(gen, version) recorded for `ino`, or None."""
@@ -997,15 +1114,20 @@ class _WriteTxn:
 
     def release(self, value: bytes) -> list[bytes]:
         """Drop one reference to each page of a loc value; return the digests whose last reference went."""
-        length, refs = _decode_loc(value)
-        self.logical -= _held_bytes(length, refs)
+        length, _, _ = _LOC_HEAD.unpack_from(value)
+        npages = (length + PAGE_SIZE - 1) >> _SHIFT
+        pos = _LOC_HEAD.size + ((npages + 7) >> 3)
+        present = int.from_bytes(value[_LOC_HEAD.size : pos], "little")
+        n = present.bit_count()
+        digests = _refs_struct(n).unpack_from(value, pos)[n:]
+        self.logical -= _held_bytes(length, present)
         gone = []
         txn, pages = self.txn, self.s._pages
-        counts: dict[bytes, int] = {}
-        for _, digest, _ in refs:
-            counts[digest] = counts.get(digest, 0) + 1
+        counts = dict.fromkeys(digests, 1)
+        if len(counts) != n:  # a page twice in the chunk
+            counts = collections.Counter(digests)
         updates = []
-        for digest, page in txn.cursor(db=pages).getmulti(sorted(counts)):
+        for digest, page in txn.cursor(db=pages).getmulti(list(counts)):
             slot, count = _PAGE.unpack(page)
             count -= counts[digest]
             if count <= 0:
@@ -1101,80 +1223,98 @@ class _WriteTxn:
         return fitting
 
     def admit(self, admissions: list[_Admission]) -> None:
-        """Admit in bulk: one getmulti for the pages, one allocation, pwritev per slot run, one putmulti per table."""
-        s, txn = self.s, self.txn
-        pages_db, loc_db = s._pages, s._loc
+        """Admit in slices of ADMIT_SLICE chunks; old versions of re-admitted chunks are released last."""
         # A key admitted twice in one batch: the last one wins.
         admissions = list({a.key: a for a in admissions}.values())
-        wanted = sorted({d for a in admissions for _, d in a.pages})
-        # digest -> [slot, count]; slot -1 until allocated. Known pages first.
-        pages: dict[bytes, list[int]] = {bytes(d): list(_PAGE.unpack(v)) for d, v in txn.cursor(db=pages_db).getmulti(wanted)}
-        known = set(pages)
-        fresh: list[tuple[bytes, memoryview]] = []  # new pages, in admission order
-        admitted: list[_Admission] = []
-        room = self.free_count  # only slots free before this transaction
-        for a in admissions:
-            new = []
-            for i, digest in a.pages:
-                if digest not in pages:
-                    pages[digest] = [-1, 0]
-                    new.append((digest, a.data[i << _SHIFT : (i + 1) << _SHIFT]))
-            if len(new) > room:
-                for digest, _ in new:
-                    del pages[digest]
-                s._counters["skipped_chunks"] += 1
-                continue
-            room -= len(new)
-            fresh += new
-            for _, digest in a.pages:
-                pages[digest][1] += 1
-            admitted.append(a)
-        # Slots for the new pages, in runs; each run written with one pwritev before the commit.
-        fd = s._slab_fd
-        pos = 0
-        for start, count in self.alloc(len(fresh)):
-            run = fresh[pos : pos + count]
-            for j, (digest, _) in enumerate(run):
-                pages[digest][0] = start + j
-            for k in range(0, count, _IOV_MAX):
-                os.pwritev(fd, [page for _, page in run[k : k + _IOV_MAX]], (start + k) << _SHIFT)
-            pos += count
-        self._heal(admitted, known, pages)
-        txn.cursor(db=pages_db).putmulti([(d, _PAGE.pack(*pages[d])) for d in sorted(pages)])
-        keys = sorted({a.key for a in admitted})
-        replaced = [bytes(v) for _, v in txn.cursor(db=loc_db).getmulti(keys)]
-        entries = {}
-        for a in admitted:
-            refs = [(i, d, pages[d][0]) for i, d in a.pages]
-            entries[a.key] = _encode_loc(a.length, a.chunk_digest, refs)
-            self.logical += _held_bytes(a.length, refs)
-            s._policy.insert(a.key)
-        txn.cursor(db=loc_db).putmulti(sorted(entries.items()))
-        s._counters["admitted_chunks"] += len(admitted)
-        # Old versions of re-admitted chunks last: their pages may be the new ones too.
+        replaced: list[bytes] = []
+        written: set[bytes] = set()  # pages written by this transaction: not compared again
+        for k in range(0, len(admissions), ADMIT_SLICE):
+            replaced += self._admit_slice(admissions[k : k + ADMIT_SLICE], written)
+        # Last: their pages may be the new ones too.
         for value in replaced:
             self.release(value)
 
-    def _heal(self, admitted: list[_Admission], known: set[bytes], pages: dict[bytes, list[int]]) -> None:
-        """Rewrite a page whose slot lost its content (disk damage): we hold the right bytes. One compare per slot run."""
+    def _admit_slice(self, admissions: list[_Admission], written: set[bytes]) -> list[bytes]:
+        """One getmulti for the pages, one allocation, one pwritev per run of slots, one putmulti per table.
+
+        Returns the loc values the admitted chunks replace. Between the Python
+        stretches, LMDB and pwritev calls release the GIL to the loop thread.
+        """
+        s, txn = self.s, self.txn
+        pages_db, loc_db = s._pages, s._loc
+        wanted = list({d for a in admissions for _, d in a.pages})
+        known = {bytes(d): _PAGE.unpack(v) for d, v in txn.cursor(db=pages_db).getmulti(wanted)}
+        fresh: list[bytes] = []  # digests of new pages, in admission order
+        fresh_pages: list[memoryview] = []
+        fresh_set: set[bytes] = set()
+        admitted: list[_Admission] = []
+        for a in admissions:
+            new = [(i, d) for i, d in a.pages if d not in known and d not in fresh_set]
+            if new:
+                if len({d for _, d in new}) != len(new):  # a page twice in one chunk
+                    seen: set[bytes] = set()
+                    new = [(i, d) for i, d in new if not (d in seen or seen.add(d))]
+                if len(new) > self.free_count - len(fresh):
+                    s._counters["skipped_chunks"] += 1
+                    continue
+                fresh_set.update(d for _, d in new)
+                fresh += [d for _, d in new]
+                data = a.data
+                fresh_pages += [data[i << _SHIFT : (i + 1) << _SHIFT] for i, _ in new]
+            admitted.append(a)
+        # Slots for the new pages, lowest extents first; each run written with one pwritev before the commit.
+        slot_of = {d: slot for d, (slot, _) in known.items()}
+        slots: list[int] = []
+        fd, pos = s._slab_fd, 0
+        for start, count in self.alloc(len(fresh)):
+            for j in range(0, count, _IOV_MAX):
+                os.pwritev(fd, fresh_pages[pos + j : pos + min(count, j + _IOV_MAX)], (start + j) << _SHIFT)
+            slots += range(start, start + count)
+            pos += count
+        slot_of.update(zip(fresh, slots, strict=True))
+        self._heal(admitted, known.keys() - written, slot_of)
+        written.update(fresh)
+        counts = collections.Counter([d for a in admitted for _, d in a.pages])
+        base = {d: count for d, (_, count) in known.items()}
+        txn.cursor(db=pages_db).putmulti([(d, _PAGE.pack(slot_of[d], base.get(d, 0) + n)) for d, n in counts.items()])
+        entries = {}
+        for a in admitted:
+            digests = [d for _, d in a.pages]
+            entries[a.key] = _encode_loc(a.length, a.chunk_digest, a.present, [slot_of[d] for d in digests], digests)
+            self.logical += _held_bytes(a.length, a.present)
+            s._policy.insert(a.key)
+        loc = txn.cursor(db=loc_db)
+        replaced = [bytes(v) for _, v in loc.getmulti(list(entries))]
+        loc.putmulti(sorted(entries.items()))
+        s._counters["admitted_chunks"] += len(admitted)
+        return replaced
+
+    def _heal(self, admitted: list[_Admission], known: Set[bytes], slot_of: dict[bytes, int]) -> None:
+        """Rewrite a page whose slot lost its content (disk damage): we hold the right bytes.
+
+        Checks each page this batch shares with earlier ones, by hashing the slab in place: one hash
+        (the chunk digest) when the chunk's pages are exactly one run of slots, else one per page.
+        """
         s = self.s
-        mm, fd = s._mmap, s._slab_fd
+        slab, fd = s._slab, s._slab_fd
+        digest = xxhash.xxh3_128_digest
         seen: set[bytes] = set()
         for a in admitted:
-            todo = [(pages[d][0], i) for i, d in a.pages if d in known and d not in seen]
+            todo = [(slot_of[d], i, d) for i, d in a.pages if d in known and d not in seen]
             if not todo:
                 continue
             seen.update(d for _, d in a.pages)
-            j = 0
-            while j < len(todo):
-                slot, i = todo[j]
-                n = 1
-                while j + n < len(todo) and todo[j + n] == (slot + n, i + n):
-                    n += 1
-                if mm[slot << _SHIFT : (slot + n) << _SHIFT] != bytes(a.data[i << _SHIFT : (i + n) << _SHIFT]):
-                    for m in range(n):
-                        page = bytes(a.data[(i + m) << _SHIFT : (i + m + 1) << _SHIFT])
-                        if mm[(slot + m) << _SHIFT : (slot + m + 1) << _SHIFT] != page:
-                            os.pwrite(fd, page, (slot + m) << _SHIFT)
-                            s._counters["healed_pages"] += 1
-                j += n
+            first = todo[0][0]
+            npages = len(a.data) >> _SHIFT
+            if (
+                len(todo) == npages
+                and a.length == npages << _SHIFT
+                and todo[-1][0] == first + npages - 1
+                and digest(slab[first << _SHIFT : (first + npages) << _SHIFT]) == a.chunk_digest
+                and [slot for slot, _, _ in todo] == list(range(first, first + npages))
+            ):
+                continue
+            for slot, i, d in todo:
+                if digest(slab[slot << _SHIFT : (slot + 1) << _SHIFT]) != d:
+                    os.pwrite(fd, a.data[i << _SHIFT : (i + 1) << _SHIFT], slot << _SHIFT)
+                    s._counters["healed_pages"] += 1

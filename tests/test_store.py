@@ -334,6 +334,11 @@ def test_concurrent_reader_never_sees_wrong_bytes(tmp_path: Path) -> None:
             got = store.read_chunk(*k)
             assert got is None or got == content(*k)
             hits += got is not None
+            lo = rng.randrange(CHUNK)
+            part = store.read_chunk(*k, lo, lo + rng.randrange(3 * PAGE_SIZE))
+            assert part is None or part == content(*k)[lo : lo + len(part)]
+            span = store.read_span(k[0], 1, 0, 7, lo, None)
+            assert span is None or bytes(span) == content(k[0], 1, 0)[lo:] + b"".join(content(k[0], 1, c) for c in range(1, 8))
     finally:
         stop.set()
         thread.join()
@@ -551,6 +556,10 @@ def test_ranges_of_dense_sparse_and_short_chunks(tmp_path: Path) -> None:
         for lo, hi in RANGES:
             assert store.read_chunk(1, 1, c, lo, hi) == data[lo:hi], (c, lo, hi)
             assert store.read_chunk(1, 1, c, lo=lo) == data[lo:]
+            span = store.read_span(1, 1, c, c, lo, hi)
+            assert span is not None and bytes(span) == data[lo:hi], (c, lo, hi)
+        span = store.read_span(1, 1, 0, 2, 1000, 2000)  # dense, sparse, short: one buffer
+        assert span is not None and bytes(span) == dense[1000:] + sparse + short[:2000]
     assert store.read_chunk(1, 1, 9, 0, 10) is None
     assert store.stats()["verify_failures"] == 0
     check_integrity(store)
@@ -569,12 +578,17 @@ def test_a_damaged_page_fails_only_the_ranges_that_hold_it(tmp_path: Path, layou
     assert store.read_chunk(1, 1, 0, 0, 5 * PAGE_SIZE) == data[: 5 * PAGE_SIZE]  # pages 0-4
     assert store.read_chunk(1, 1, 0, 6 * PAGE_SIZE, None) == data[6 * PAGE_SIZE :]  # pages 6-15
     assert store.read_chunks(1, 1, 0, 0, 6 * PAGE_SIZE, None) == [data[6 * PAGE_SIZE :]]
+    span = store.read_span(1, 1, 0, 0, 6 * PAGE_SIZE + 1, None)
+    assert span is not None and bytes(span) == data[6 * PAGE_SIZE + 1 :]
     assert store.stats()["verify_failures"] == 0
+    assert store.read_span(1, 1, 0, 0, 5 * PAGE_SIZE, 5 * PAGE_SIZE + 1) is None
+    assert store.read_span(1, 1, 0, 0) is None
+    assert store.stats()["verify_failures"] == 2
     assert store.read_chunk(1, 1, 0, 5 * PAGE_SIZE + 100, 5 * PAGE_SIZE + 200) is None  # inside page 5
     assert store.read_chunk(1, 1, 0, 4 * PAGE_SIZE, 6 * PAGE_SIZE + 1) is None  # across it
     assert store.read_chunk(1, 1, 0) is None  # the whole chunk: its digest fails
     assert store.read_chunks(1, 1, 0, 0, 0, None) == [None]
-    assert store.stats()["verify_failures"] == 4
+    assert store.stats()["verify_failures"] == 6
     admit(store, (1, 1, 0, data))  # the same bytes again: healed
     assert store.read_chunk(1, 1, 0) == data
     check_integrity(store)
@@ -612,6 +626,17 @@ def test_read_chunks_is_read_chunk_per_chunk(tmp_path: Path) -> None:
         if last >= 5:
             want[5 - first :] = [None] * (last - 4)  # past the short chunk: not looked up
         assert got == want, (first, last, lo, hi)
+        # read_span: the same bytes joined, or None unless every chunk up to the end of the file hits.
+        parts: list[bytes] | None = []
+        for c, data in enumerate(got, first):
+            if data is None:
+                parts = None
+                break
+            parts.append(data)
+            if len(chunks[c]) < CHUNK:
+                break
+        span = store.read_span(1, 1, first, last, lo, hi)
+        assert (None if span is None else bytes(span)) == (None if parts is None else b"".join(parts)), (first, last, lo, hi)
     assert store.stats()["verify_failures"] == 0
 
 
