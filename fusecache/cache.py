@@ -377,6 +377,29 @@ class Cache:
             return []
         return got
 
+    def peer_holds(self, key: tuple[int, int, int]) -> bool:
+        """Whether a peer's summary says it holds this chunk of the file's current version."""
+        st = self._file(key[0])
+        if self.peers is None or st.gen != key[1] or st.version is None or st.version == UNKNOWN_VERSION:
+            return False
+        return self.peers.may_hold_location(key[0], st.version, key[2])
+
+    async def cluster_holdings(self, limit: int = 200_000) -> dict[str, int]:
+        """Chunks held here that a peer also holds, and chunks held only here (a sample of up to `limit`)."""
+        also = only = 0
+        if self.peers is None:
+            return {"chunks_also_on_peers": 0, "chunks_only_here": 0, "sampled": 0}
+        for n, (ino, version, chunk) in enumerate(self.store.iter_locations()):
+            if n >= limit:
+                break
+            if self.peers.may_hold_location(ino, version, chunk):
+                also += 1
+            else:
+                only += 1
+            if n % 1000 == 999:
+                await trio.sleep(0)  # let requests in
+        return {"chunks_also_on_peers": also, "chunks_only_here": only, "sampled": also + only}
+
     def admit(self, ino: int, gen: int, chunk: int, data: bytes, name: str | None = None) -> bool:
         """Queue one chunk for the store; False (not admitted) when the writer is too far behind."""
         if self._pending_admit_bytes + len(data) > MAX_PENDING_ADMIT_BYTES:

@@ -327,6 +327,8 @@ def _peering(opts: MountOptions, cache: Cache) -> tuple[Any, Any]:
     if peerset is not None:
         cache.peers = peerset
         cache.store.set_peer_holds(peerset.may_hold)
+        if isinstance(cache.admission, SecondChance):
+            cache.admission.peer_holds = cache.peer_holds
     return server, peerset
 
 
@@ -381,6 +383,17 @@ async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, d
     started = time.time()
     monitor = _balloon_monitor(opts, data)
     server, peerset = _peering(opts, data) if isinstance(data, Cache) else (None, None)
+    holdings: dict[str, int] = {}
+
+    async def count_holdings() -> None:
+        """Every 10 s: how much of this cache a peer also holds (the dedup across hosts)."""
+        assert isinstance(data, Cache)
+        while True:
+            holdings.update(await data.cluster_holdings())
+            images = data.images.values()
+            holdings["peer_bytes_taken"] = sum(c.peer_bytes for c in images)
+            holdings["bytes_given"] = sum(s.bytes_out for s in server.stats().values()) if server is not None else 0
+            await trio.sleep(10)
 
     async def stats(request: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -391,7 +404,7 @@ async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, d
             "open_files": ops.open_files(),
             **data.stats(),
             "balloon": _balloon_stats(monitor, data),
-            "peers": _peer_stats(opts, server, peerset),
+            "peers": {**_peer_stats(opts, server, peerset), "cluster": holdings},
         }
 
     handlers = {"stats": stats, **(data.control_handlers() if isinstance(data, Cache) else {})}
@@ -413,6 +426,7 @@ async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, d
                 log.info("serving peers on %s", opts.listen)
             if peerset is not None:
                 await nursery.start(peerset.run)
+                nursery.start_soon(count_holdings)
             if opts.metrics:
                 from fusecache import metrics
 

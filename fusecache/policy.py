@@ -99,6 +99,7 @@ class GuestReads:
     admitted_bytes: int = 0
     from_staging: int = 0
     from_backing: int = 0
+    by_reference: int = 0  # evicted chunks a peer already held: left there, one hop away, not stored twice
 
     def add(self, key: Key, nbytes: int) -> None:
         if key in self.recent:
@@ -171,6 +172,8 @@ class SecondChance:
         self._images_changed = trio.Event()
         self._guest_images: dict[str, list[str]] = {}
         self.on_admitted: Callable[[str, int], None] = lambda guest, nbytes: None
+        # (ino, gen, chunk) -> True when a peer already holds that chunk: admitted "by reference", not stored
+        self.peer_holds: Callable[[Key], bool] | None = None
 
     def bind(self, cache: Cache) -> None:
         self._cache = cache
@@ -228,6 +231,10 @@ class SecondChance:
         reads = self.guests[guest]
         refetch: dict[int, list[Key]] = collections.defaultdict(list)
         for key in keys:
+            if self.peer_holds is not None and self.peer_holds(key):
+                self.staging.pop(key)
+                reads.by_reference += 1
+                continue
             data = self.staging.pop(key)
             if data is None:
                 refetch[key[0]].append(key)
@@ -296,6 +303,7 @@ class SecondChance:
                     "admitted_bytes": r.admitted_bytes,
                     "from_staging": r.from_staging,
                     "from_backing": r.from_backing,
+                    "by_reference": r.by_reference,
                 }
                 for name, r in sorted(self.guests.items())
             },

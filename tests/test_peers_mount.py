@@ -81,6 +81,10 @@ def test_a_block_read_on_one_host_is_a_peer_hit_on_the_others(mounter, images, t
     assert all(p["corrupt_blocks"] == 0 for p in stats(b.mountpoint)["peers"]["peers"].values())
     assert read_all(os.path.join(c.mountpoint, "base.img")) == data  # the third host: from a (or b, once b's summary says so)
     assert stats(c.mountpoint)["images"]["base.img"]["peer_bytes"] == len(data)
+    # the dedup across hosts, as each mount reports it: c holds what a also holds, and says so
+    wait_for(lambda: stats(c.mountpoint)["peers"]["cluster"].get("chunks_also_on_peers", 0) == 64, "c's cluster counters")
+    held = stats(c.mountpoint)["peers"]["cluster"]
+    assert held["chunks_only_here"] == 0 and held["peer_bytes_taken"] == len(data)
 
 
 def test_a_file_changed_on_the_backing_is_not_served_stale_by_a_peer(mounter, images, tmp_path, key_file):

@@ -160,3 +160,45 @@ def test_bookkeeping_bytes_per_gib_of_reads():
     per_entry = used / n
     print(f"second-chance bookkeeping: {per_entry:.0f} bytes per 64 KiB chunk, {used / MiB:.1f} MiB per GiB of reads")
     assert 50 < per_entry < 400
+
+
+class PeersHolding:
+    """Stands in for PeerSet: its summaries say it holds the chunks in `held` (any version)."""
+
+    fetch_timeout = 0.001
+
+    def __init__(self, held: set[int]) -> None:
+        self.held = held
+
+    def may_hold_location(self, ino, version, chunk) -> bool:
+        return chunk in self.held
+
+    async def fetch_location(self, ino, version, chunk, deadline):
+        return None
+
+
+def test_evicted_chunks_a_peer_holds_are_admitted_by_reference(env, tmp_path):
+    images, backing, store = env
+    (images / "vm.img").write_bytes(os.urandom(MiB))
+    mountpoint = str(tmp_path / "mnt")
+    policy = SecondChance(mountpoint)
+    cache = Cache(OffLoop(backing), store, policy, peers=PeersHolding(set(range(0, 16, 2))))
+    policy.bind(cache)
+    policy.peer_holds = cache.peer_holds
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.run)
+            policy.on_guests({"vm": GuestState("vm", [mountpoint + "/vm.img"], 512 * MiB, None, {})})
+            await trio.sleep(0.1)
+            f = open_file(backing, "vm.img")
+            await cache.read(f, 0, MiB)
+            policy.on_shrink(Shrink("vm", [], MiB, MiB))
+            await trio.sleep(0.3)
+            await settle(cache)
+            nursery.cancel_scope.cancel()
+
+    trio.run(go)
+    g = policy.stats()["guests"]["vm"]
+    assert g["by_reference"] == 8 and g["admitted_chunks"] == 8  # the even chunks stay on the peer
+    assert store.stats()["chunks"] == 8

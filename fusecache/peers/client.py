@@ -157,6 +157,11 @@ class PeerSet:
         """Whether some reachable peer's summary says it may hold the page `digest`."""
         return any(p.may_hold(SUMMARY_DIGESTS, digest) for p in self._peers)
 
+    def may_hold_location(self, ino: int, version: Version, chunk: int) -> bool:
+        """Whether some reachable peer's summary says it may hold that chunk of that version of the file."""
+        key = encode_location(ino, version, chunk)
+        return any(p.may_hold(SUMMARY_LOCATIONS, key) for p in self._peers)
+
     def stats(self) -> dict[str, PeerStats]:
         given = self._server.stats() if self._server is not None else {}
         out = {}
