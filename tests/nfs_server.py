@@ -92,6 +92,12 @@ def _wait_dead(proc: subprocess.Popen[bytes], timeout: float) -> None:
         proc.wait()
 
 
+_RPCBIND_SH = (
+    "for m in $(awk '$3 ~ /^fuse/ {print $2}' /proc/self/mounts); do umount -l \"$m\" 2>/dev/null; done; "
+    "mount -t tmpfs fusecache-test-run /run && exec rpcbind -f -w"
+)
+
+
 class NfsServer:
     """ganesha exporting `workdir/export` in namespace `netns`, reachable through 127.0.0.1.
 
@@ -133,12 +139,14 @@ class NfsServer:
     def _setup(self) -> None:
         subprocess.run(["ip", "netns", "add", self.netns], check=True)
         subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
+        # The private mount namespace starts as a copy of ours, FUSE mounts included: a copy would keep
+        # such a mount's daemon alive after `fusermount3 -u` in our namespace, so drop them there first.
         # rpcbind -f stays in the foreground, so the PID we hold is rpcbind's
         # own (unshare, nsenter and sh all exec) and its mount namespace is
         # the one with the private /run that ganesha must share.
         self.rpcbind = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--", "nsenter", f"--net=/run/netns/{self.netns}",
-             "sh", "-c", "mount -t tmpfs fusecache-test-run /run && exec rpcbind -f -w"],
+             "sh", "-c", _RPCBIND_SH],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 5

@@ -37,6 +37,7 @@ from fusecache.peers.protocol import (
     SUMMARY_DIGESTS,
     SUMMARY_HEAD,
     SUMMARY_LOCATIONS,
+    BadFrame,
     FramedStream,
     ProtocolError,
     Version,
@@ -75,6 +76,8 @@ class PeerStats:
     errors: int = 0
     abandoned: int = 0  # requests given up on: deadline passed, or another peer answered first
     corrupt_blocks: int = 0
+    protocol_errors: int = 0  # sessions that ended on a bad frame (wrong MAC, malformed): the peer is then banned
+    lost: int = 0  # requests in flight when a session ended
     bytes_in: int = 0
     bytes_out: int = 0
     summary_pages: int = 0
@@ -289,12 +292,23 @@ class PeerSet:
         while True:
             await trio.sleep_until(peer.banned_until)
             reason = "disconnected"
+            bad_frames = False
             try:
                 await self._connect_and_serve(peer)
             except* ProtocolError as group:
                 reason = "; ".join(str(e) for e in group.exceptions)
+                bad_frames = any(isinstance(e, BadFrame) for e in group.exceptions)
             except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as group:
                 reason = "unreachable: " + "; ".join(str(e) or type(e).__name__ for e in group.exceptions)
+            if bad_frames and peer.banned_until <= trio.current_time():
+                # A peer (or the path to it) that sends frames failing their MAC is broken or tampered
+                # with: leave it alone for a while instead of reconnecting in a tight loop.
+                peer.stats.protocol_errors += 1
+                peer.banned_until = trio.current_time() + self._ban_seconds
+                log.warning("peer %s: %s: not asked again for %.0f s", peer.address, reason, self._ban_seconds)
+                peer.connected = False
+                last_reason = reason
+                continue
             if peer.connected:
                 if peer.banned_until <= trio.current_time():  # a drop was logged by `_drop`
                     log.warning("peer %s is down: %s", peer.address, reason)
@@ -337,6 +351,7 @@ class PeerSet:
                 peer.in_progress.clear()
                 for answers, _ in peer.pending.values():
                     if answers is not None:
+                        peer.stats.lost += 1
                         try:
                             answers.send_nowait((peer, LOST, b""))
                         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -385,25 +400,25 @@ class PeerSet:
                         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                             pass
                 else:
-                    raise ProtocolError(f"unknown or unexpected message type {type_}")
+                    raise BadFrame(f"unknown or unexpected message type {type_}")
                 continue
             raise ProtocolError(f"no answer for {3 * self._ping_interval:.1f} s")
 
     def _take_summary_part(self, peer: _Peer, payload: bytes) -> None:
         if len(payload) <= SUMMARY_HEAD.size:
-            raise ProtocolError("SUMMARY without filter bytes")
+            raise BadFrame("SUMMARY without filter bytes")
         generation, kind, hashes, reserved, salt, nbits, items, offset = SUMMARY_HEAD.unpack_from(payload)
         data = payload[SUMMARY_HEAD.size :]
         nbytes = (nbits + 7) // 8
         if kind not in (SUMMARY_DIGESTS, SUMMARY_LOCATIONS) or reserved or not 1 <= hashes <= MAX_HASHES:
-            raise ProtocolError(f"SUMMARY of kind {kind} with {hashes} hashes")
+            raise BadFrame(f"SUMMARY of kind {kind} with {hashes} hashes")
         if nbits < 64 or nbytes > MAX_SUMMARY_BYTES or offset + len(data) > nbytes:
-            raise ProtocolError(f"SUMMARY of {nbits} bits, part at {offset}")
+            raise BadFrame(f"SUMMARY of {nbits} bits, part at {offset}")
         part = peer.in_progress.get(kind)
         if offset == 0:
             part = peer.in_progress[kind] = _SummaryInProgress(generation, BloomFilter(nbits, hashes, salt, bytearray(nbytes), items))
         elif part is None or (part.generation, part.received, part.bloom.nbits, part.bloom.salt) != (generation, offset, nbits, salt):
-            raise ProtocolError("SUMMARY parts out of order")
+            raise BadFrame("SUMMARY parts out of order")
         part.bloom.bits[offset : offset + len(data)] = data
         part.received += len(data)
         if part.received == nbytes:

@@ -93,6 +93,10 @@ class ProtocolError(Exception):
     """The other end broke the protocol; the connection is closed with a log line."""
 
 
+class BadFrame(ProtocolError):
+    """A frame that fails its MAC or breaks the format: a broken peer, or tampering on the path."""
+
+
 class AuthError(ProtocolError):
     """The other end does not hold the cluster key (or is not a fusecache peer)."""
 
@@ -136,11 +140,11 @@ def encode_chunk(data: bytes, digests: Sequence[bytes]) -> bytes:
 def decode_chunk(payload: bytes) -> tuple[bytes, list[bytes]]:
     """Split a CHUNK payload; the sizes are checked here, the content by `chunk_matches`."""
     if len(payload) < CHUNK_HEAD.size:
-        raise ProtocolError("CHUNK shorter than its header")
+        raise BadFrame("CHUNK shorter than its header")
     (count,) = CHUNK_HEAD.unpack_from(payload)
     end = CHUNK_HEAD.size + count * DIGEST_SIZE
     if not 1 <= count <= PAGES_PER_CHUNK or len(payload) - end > CHUNK_SIZE or len(payload) < end:
-        raise ProtocolError(f"CHUNK with {count} pages and {len(payload)} bytes")
+        raise BadFrame(f"CHUNK with {count} pages and {len(payload)} bytes")
     digests = [payload[i : i + DIGEST_SIZE] for i in range(CHUNK_HEAD.size, end, DIGEST_SIZE)]
     return payload[end:], digests
 
@@ -194,9 +198,9 @@ class FramedStream:
         type_, flags, request_id, length = HEADER.unpack_from(self._buffer)
         limit = MAX_PAYLOAD if self._receive_key is not None else MAX_PREAUTH_PAYLOAD
         if length > limit:
-            raise ProtocolError(f"frame of {length} bytes, over the limit of {limit}")
+            raise BadFrame(f"frame of {length} bytes, over the limit of {limit}")
         if flags != 0:
-            raise ProtocolError(f"frame with unknown flags {flags:#x}")
+            raise BadFrame(f"frame with unknown flags {flags:#x}")
         tag_size = TAG_SIZE if self._receive_key is not None else 0
         total = HEADER.size + length + tag_size
         await self._fill(total, at_boundary=False)
@@ -205,7 +209,7 @@ class FramedStream:
         if self._receive_key is not None:
             body, tag = frame[:-TAG_SIZE], frame[-TAG_SIZE:]
             if not hmac.compare_digest(_tag(self._receive_key, self._receive_seq, body), tag):
-                raise ProtocolError("frame with a wrong MAC (altered or injected on the path)")
+                raise BadFrame("frame with a wrong MAC (altered or injected on the path)")
             self._receive_seq += 1
         return type_, request_id, frame[HEADER.size : HEADER.size + length]
 
