@@ -26,6 +26,7 @@ import asyncio
 import collections
 import ctypes
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -178,7 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.netns:
         join_netns(args.netns)
     print("READY", *(s.getsockname()[1] for s, _ in listeners), flush=True)
-    asyncio.run(_serve(listeners, args.delay_ms / 1000.0))
+    # select() takes a float timeout; asyncio's default epoll loop rounds every wait up to a whole
+    # millisecond, which made any delay under 1 ms one way come out as ~1.1 ms.
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selectors.SelectSelector())) as runner:
+        runner.run(_serve(listeners, args.delay_ms / 1000.0))
 
 
 class DelayProxy:

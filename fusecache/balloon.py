@@ -159,6 +159,7 @@ class Shrink:
     images: list[str]
     balloon_bytes: int  # how much the balloon took since the last report
     evicted_estimate: int
+    cache_before: int | None = None  # the guest's page cache (stat-disk-caches) just before the balloon moved
 
 
 @dataclass
@@ -181,8 +182,8 @@ class _ShrinkTracker:
         self.changed_stamp: int | None = None
         self.sample: tuple[int, int] | None = None  # (stamp, cache) of the last sample taken after the balloon stopped
 
-    def update(self, actual: int, cache: int | None, stamp: int | None, now: float) -> tuple[int, int] | None:
-        """Feed one poll: (balloon_bytes, evicted_estimate) when a shrink is complete, else None.
+    def update(self, actual: int, cache: int | None, stamp: int | None, now: float) -> tuple[int, int, int | None] | None:
+        """Feed one poll: (balloon_bytes, evicted_estimate, cache_before) when a shrink is complete, else None.
 
         cache is stat-disk-caches in bytes (None if the guest does not report
         it); stamp is the guest's last statistics update (any increasing
@@ -215,6 +216,7 @@ class _ShrinkTracker:
         if not stable and not waited:
             return None
         balloon = self.base_actual - actual
+        cache_before = self.base_cache
         if fresh and self.base_cache is not None and cache is not None:
             evicted = min(max(self.base_cache - cache, 0), max(balloon, 0))
         else:
@@ -224,7 +226,7 @@ class _ShrinkTracker:
         self.last_actual, self.changed_stamp, self.sample = actual, None, None
         if balloon < SHRINK_MIN:
             return None
-        return balloon, evicted
+        return balloon, evicted, cache_before
 
 
 class _Backoff:
@@ -348,12 +350,12 @@ class BalloonMonitor:
         result = self._trackers[name].update(actual, stats.get("stat-disk-caches"), stamp, time.monotonic())
         if result is None:
             return
-        balloon_bytes, evicted = result
+        balloon_bytes, evicted, cache_before = result
         t = self._totals[name]
         t.shrinks += 1
         t.balloon_bytes += balloon_bytes
         t.evicted_estimate += evicted
-        shrink = Shrink(guest=name, images=list(g.images), balloon_bytes=balloon_bytes, evicted_estimate=evicted)
+        shrink = Shrink(guest=name, images=list(g.images), balloon_bytes=balloon_bytes, evicted_estimate=evicted, cache_before=cache_before)
         log.info("balloon: %s shrank by %d MiB, evicted ~%d MiB", name, balloon_bytes >> 20, evicted >> 20)
         try:
             self.on_shrink(shrink)

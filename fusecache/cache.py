@@ -587,7 +587,7 @@ class Cache:
             "admission": self.admission.stats(),
             "images": {name: dataclasses.asdict(c) for name, c in sorted(self.images.items())},
             "store": self.store.stats(),
-            "queue": len(self._queue),
+            "queue": self._seq - self._committed,  # queued or being applied: not yet committed
             "skipped_admissions": self.skipped_admissions,
         }
 

@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--balloon", action="append", default=[], metavar="SOURCE",
                    help="watch guests' balloons: qmp:/path/to/qmp.sock (repeatable) or libvirt[:URI]")
-    c.add_argument("--staging-size", type=size, default="256M", metavar="SIZE",
-                   help="recently read blocks kept so admission need not read them again (default 256M)")
+    c.add_argument("--staging-size", type=size, metavar="SIZE",
+                   help="recently read blocks kept so admission need not read them again (default: a quarter of --cache-size, "
+                        "at most 256M)")
     pr = m.add_argument_group("peers")
     pr.add_argument("--listen", metavar="ADDRESS:PORT", help="serve this host's cache to peers here (e.g. 0.0.0.0:7070)")
     pr.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a host that mounts the same export (repeatable)")
@@ -150,7 +151,7 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         reset_cache=args.reset_cache,
         admit=args.admit,
         balloon=args.balloon,
-        staging_size=args.staging_size,
+        staging_size=args.staging_size if args.staging_size is not None else min(256 << 20, args.cache_size // 4),
         revalidate=args.revalidate,
         metrics=args.metrics,
         listen=args.listen,

@@ -29,6 +29,7 @@ have evicted more than it held).
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import logging
 import os
@@ -100,6 +101,7 @@ class GuestReads:
     from_staging: int = 0
     from_backing: int = 0
     by_reference: int = 0  # evicted chunks a peer already held: left there, one hop away, not stored twice
+    aged_out: int = 0  # bytes of reads the guest had dropped on its own before a shrink: not admitted
 
     def add(self, key: Key, nbytes: int) -> None:
         if key in self.recent:
@@ -110,6 +112,15 @@ class GuestReads:
         while self.recent_bytes > self.limit:
             _, n = self.recent.popitem(last=False)
             self.recent_bytes -= n
+
+    def forget_older_than_newest(self, nbytes: int) -> int:
+        """Drop entries beyond the newest `nbytes`: the guest's page cache cannot hold them any more."""
+        dropped = 0
+        while self.recent and self.recent_bytes > nbytes:
+            _, n = self.recent.popitem(last=False)
+            self.recent_bytes -= n
+            dropped += n
+        return dropped
 
     def take_oldest(self, nbytes: int) -> list[Key]:
         taken: list[Key] = []
@@ -154,6 +165,13 @@ class StagingBuffer:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 class SecondChance:
@@ -202,6 +220,10 @@ class SecondChance:
         reads = self.guests[shrink.guest]
         reads.shrinks += 1
         reads.evicted_estimate += shrink.evicted_estimate
+        if shrink.cache_before is not None:
+            # What the guest evicted comes from what it still held: at most its page cache just before
+            # the balloon moved, i.e. the newest reads. Older ones it had already dropped on its own.
+            reads.aged_out += reads.forget_older_than_newest(shrink.cache_before)
         keys = reads.take_oldest(shrink.evicted_estimate)
         log.info(
             "guest %s gave %d MiB to its balloon, ~%d MiB of page cache: admitting its %d oldest reads",
@@ -226,6 +248,13 @@ class SecondChance:
                 await self._admit(guest, keys)
 
     async def _admit(self, guest: str, keys: list[Key]) -> None:
+        try:
+            await self._admit_keys(guest, keys)
+        finally:
+            # 64 KiB staging buffers come from malloc's heap: give what was freed back to the system
+            await trio.to_thread.run_sync(_malloc_trim)
+
+    async def _admit_keys(self, guest: str, keys: list[Key]) -> None:
         cache = self._cache
         assert cache is not None
         reads = self.guests[guest]
@@ -304,6 +333,7 @@ class SecondChance:
                     "from_staging": r.from_staging,
                     "from_backing": r.from_backing,
                     "by_reference": r.by_reference,
+                    "aged_out": r.aged_out,
                 }
                 for name, r in sorted(self.guests.items())
             },

@@ -76,18 +76,24 @@ class EmulatedGuest:
         weights = [1 / (i + 1) ** skew for i in range(nblocks)]
         return [ranks[i] for i in rng.choices(range(nblocks), weights=weights, k=count)]
 
-    def _shrink_cache(self) -> None:
+    def _shrink_cache(self) -> list[int]:
+        evicted = []
         while len(self.cache) > self.cache_capacity:
-            self.cache.popitem(last=False)
+            evicted.append(self.cache.popitem(last=False)[0])
+        return evicted
 
     # ---- the balloon ---------------------------------------------------------------
-    def set_balloon(self, actual: int) -> None:
-        """The host moved the balloon: the guest now has `actual` bytes and evicts what no longer fits."""
+    def set_balloon(self, actual: int) -> list[int]:
+        """The host moved the balloon: the guest now has `actual` bytes and evicts what no longer fits.
+
+        Returns the blocks its page cache evicted, oldest first (the benchmarks' exact view of it).
+        """
         self.actual = actual
-        self._shrink_cache()
+        evicted = self._shrink_cache()
         for ch in list(self._events):
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                 ch.send_nowait({"event": "BALLOON_CHANGE", "data": {"actual": actual}, "timestamp": _stamp()})
+        return evicted
 
     def guest_stats(self) -> dict[str, int]:
         cached = len(self.cache) * BLOCK

@@ -111,7 +111,7 @@ def test_tracker_reports_cache_drop_once_stats_are_fresh() -> None:
     assert t.update(170 * MiB, 120 * MiB, stamp=13, now=4) is None  # a sample, but the guest may still be reclaiming
     assert t.update(170 * MiB, 100 * MiB, stamp=14, now=5) is None  # it was
     assert t.update(170 * MiB, 100 * MiB, stamp=14, now=5.5) is None  # no new sample
-    assert t.update(170 * MiB, 100 * MiB, stamp=15, now=6) == (342 * MiB, 210 * MiB)  # two samples agree
+    assert t.update(170 * MiB, 100 * MiB, stamp=15, now=6) == (342 * MiB, 210 * MiB, 310 * MiB)  # two samples agree
     assert t.update(170 * MiB, 100 * MiB, stamp=16, now=7) is None  # reported once
 
 
@@ -120,17 +120,17 @@ def test_tracker_clamps_and_falls_back() -> None:
     t.update(412 * MiB, 400 * MiB, stamp=1, now=0)
     t.update(412 * MiB, 50 * MiB, stamp=2, now=1)
     # The cache fell by more than the balloon took: only the balloon's part counts.
-    assert t.update(412 * MiB, 50 * MiB, stamp=3, now=2) == (100 * MiB, 100 * MiB)
+    assert t.update(412 * MiB, 50 * MiB, stamp=3, now=2) == (100 * MiB, 100 * MiB, 400 * MiB)
     # Statistics that stop coming: after STATS_WAIT the last fresh sample is used.
     t = _ShrinkTracker(512 * MiB, 300 * MiB)
     t.update(256 * MiB, 300 * MiB, stamp=1, now=0)
     assert t.update(256 * MiB, 200 * MiB, stamp=2, now=1) is None
-    assert t.update(256 * MiB, 200 * MiB, stamp=2, now=STATS_WAIT) == (256 * MiB, 100 * MiB)
+    assert t.update(256 * MiB, 200 * MiB, stamp=2, now=STATS_WAIT) == (256 * MiB, 100 * MiB, 300 * MiB)
     # A guest without statistics: after STATS_WAIT the balloon delta is the estimate.
     t = _ShrinkTracker(512 * MiB, None)
     t.update(256 * MiB, None, stamp=None, now=0)
     assert t.update(256 * MiB, None, stamp=None, now=1) is None
-    assert t.update(256 * MiB, None, stamp=None, now=STATS_WAIT) == (256 * MiB, 256 * MiB)
+    assert t.update(256 * MiB, None, stamp=None, now=STATS_WAIT) == (256 * MiB, 256 * MiB, None)
     # Deflating, or inflating and deflating back, is no shrink.
     t = _ShrinkTracker(256 * MiB, 10 * MiB)
     assert t.update(512 * MiB, 10 * MiB, stamp=1, now=0) is None

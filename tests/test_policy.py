@@ -202,3 +202,18 @@ def test_evicted_chunks_a_peer_holds_are_admitted_by_reference(env, tmp_path):
     g = policy.stats()["guests"]["vm"]
     assert g["by_reference"] == 8 and g["admitted_chunks"] == 8  # the even chunks stay on the peer
     assert store.stats()["chunks"] == 8
+
+
+def test_a_shrink_admits_from_what_the_guest_could_still_hold():
+    """Reads older than the guest's page cache size were dropped by the guest itself before the balloon moved."""
+    policy = SecondChance("/mnt")
+    reads = policy.guests["vm"]
+    reads.limit = 100 * CS
+    for c in range(100):
+        reads.add((1, 1, c), CS)
+    sent = []
+    policy._send = type("S", (), {"send_nowait": lambda self, item: sent.append(item)})()
+    policy.on_shrink(Shrink("vm", [], 20 * CS, 10 * CS, cache_before=40 * CS))
+    # the guest held at most the newest 40 reads (60..99); it evicted the oldest 10 of those
+    assert sent == [("vm", [(1, 1, c) for c in range(60, 70)])]
+    assert policy.stats()["guests"]["vm"]["aged_out"] == 60 * CS
