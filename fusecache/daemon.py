@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import os
 import select
@@ -494,6 +493,16 @@ def umount(mountpoint: str, lazy: bool = False, wait: float = 30.0) -> None:
         _wait_exit(pid, wait)
 
 
+def process_running(pid: int) -> bool:
+    """Whether `pid` is still running. A zombie has exited: only its parent (init, for a daemon) has yet to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def _daemon_pid(mp: str) -> int | None:
     try:
         with open(os.path.join(mounts.runtime_dir(mp), "pid")) as f:
@@ -505,12 +514,9 @@ def _daemon_pid(mp: str) -> int | None:
 def _wait_exit(pid: int, wait: float) -> None:
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError as exc:
-            if exc.errno == errno.ESRCH:
-                return
-        time.sleep(0.05)
+        if not process_running(pid):
+            return
+        time.sleep(0.02)
     raise QuietError(f"the daemon (pid {pid}) did not exit {wait:.0f} s after unmounting: see its log")
 
 

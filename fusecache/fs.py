@@ -350,6 +350,15 @@ class FuseOperations(pyfuse3.Operations):
         self._open_by_inode.setdefault(inode, set()).add(f)
         return f
 
+    def _with_attr(self, opener: Any, *args: Any) -> tuple[Any, Attr]:
+        """In a worker thread: open (or create) a backing file and read its attributes; never leak the handle."""
+        h = opener(*args)
+        try:
+            return h, self.backing.sync.fstat(h)
+        except BaseException:
+            self.backing.sync.close(h)
+            raise
+
     def _file_info(self, f: OpenFile) -> pyfuse3.FileInfo:
         # keep_cache=False: like an NFS client's close-to-open, every open drops the
         # kernel's cached pages, so a file changed on another host is read afresh.
@@ -357,17 +366,8 @@ class FuseOperations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path = self._path(inode)
-
-        def open_and_stat() -> tuple[Any, Attr]:
-            h = self.backing.sync.open(path, flags & ~_STRIP)
-            try:
-                return h, self.backing.sync.fstat(h)
-            except BaseException:
-                self.backing.sync.close(h)
-                raise
-
         with _errno(path):
-            handle, attr = await self.backing.run(open_and_stat)
+            handle, attr = await self.backing.run(self._with_attr, self.backing.sync.open, path, flags & ~_STRIP)
         f = self._register(inode, path, handle, attr, flags)
         if flags & os.O_TRUNC:
             self.data.resized(attr.ino, 0)
@@ -378,17 +378,9 @@ class FuseOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self._child(parent_inode, name)
-
-        def create_and_stat() -> tuple[Any, Attr]:
-            h = self.backing.sync.create(path, (flags & ~_STRIP) | (flags & os.O_EXCL), mode)
-            try:
-                return h, self.backing.sync.fstat(h)
-            except BaseException:
-                self.backing.sync.close(h)
-                raise
-
+        flags = (flags & ~_STRIP) | (flags & os.O_EXCL)
         with _errno(path):
-            handle, attr = await self.backing.run(create_and_stat)
+            handle, attr = await self.backing.run(self._with_attr, self.backing.sync.create, path, flags, mode)
         await self._give_to_caller(path, ctx)
         inode = self.inodes.to_fuse(attr.ino)
         self.inodes.remember(inode, path)

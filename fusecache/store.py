@@ -90,6 +90,7 @@ import shutil
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Set
+from typing import Any
 
 import lmdb
 import xxhash
@@ -909,11 +910,11 @@ class Store:
             return None
         return page
 
-    def iter_digests(self) -> Iterator[bytes]:
-        """Every stored page's digest. Reads in short transactions: an open one would pin LMDB pages."""
+    def _iter_keys(self, db: Any) -> Iterator[bytes]:
+        """Every key of `db`, read in short transactions of 4096 keys: a long one would pin LMDB pages."""
         start = b""
         while True:
-            with self._env.begin(db=self._pages) as txn:
+            with self._env.begin(db=db) as txn:
                 cur = txn.cursor()
                 if not cur.set_range(start):
                     return
@@ -926,6 +927,10 @@ class Store:
             if len(batch) < 4096:
                 return
             start = batch[-1] + b"\x00"
+
+    def iter_digests(self) -> Iterator[bytes]:
+        """Every stored page's digest."""
+        return self._iter_keys(self._pages)
 
     def read_location(self, ino: int, version: tuple[int, int, int, int], chunk: int) -> tuple[bytes, list[bytes]] | None:
         """For a peer: the chunk and its page digests, only if the held record of `ino` has exactly `version`."""
@@ -943,25 +948,11 @@ class Store:
         """(ino, version, chunk) of every held chunk of a file's current generation: the peers' location summary."""
         with self._env.begin(db=self._files) as txn:
             files = {_INO.unpack(k)[0]: _FILE.unpack(v) for k, v in txn.cursor().iternext()}
-        start = b""
-        while True:
-            with self._env.begin(db=self._loc) as txn:
-                cur = txn.cursor()
-                if not cur.set_range(start):
-                    return
-                batch = []
-                for key in cur.iternext(values=False):
-                    batch.append(key)
-                    if len(batch) == 4096:
-                        break
-            for key in batch:
-                ino, gen, chunk = _LOC_KEY.unpack(key)
-                rec = files.get(ino)
-                if rec is not None and rec[0] == gen and rec[1] >= 0:
-                    yield ino, tuple(rec[1:]), chunk
-            if len(batch) < 4096:
-                return
-            start = batch[-1] + b"\x00"
+        for key in self._iter_keys(self._loc):
+            ino, gen, chunk = _LOC_KEY.unpack(key)
+            rec = files.get(ino)
+            if rec is not None and rec[0] == gen and rec[1] >= 0:
+                yield ino, tuple(rec[1:]), chunk
 
     def iter_files(self) -> list[int]:
         """The inode of every file with a record (for dropping the whole cache)."""

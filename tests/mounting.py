@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from fusecache.daemon import process_running as daemon_running  # a zombie counts as exited
+
 FUSECACHE = [sys.executable, "-m", "fusecache"]
 
 
@@ -104,13 +106,11 @@ def stop_pid(pid: int, grace: float = 10.0) -> None:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG)[0] == pid:
                     return
+            if not daemon_running(pid):
+                return  # gone, or a zombie waiting for init to reap it
             time.sleep(0.05)
 
 
