@@ -9,13 +9,16 @@ inflates its guests' balloons: they evict page cache, fusecache's balloon
 monitor sees it over QMP, and second-chance admission stores what they
 evicted. Then vm3 boots on host2 and finds host1's blocks one hop away, and
 vm1 and vm2 get their memory back and read again: from the cache, not the
-backing. `fusecache top` shows it live when there is a terminal; a summary
-is printed at the end either way.
+backing. When QEMU is installed, a real guest (vm0: a Debian kernel and a
+busybox userland under QEMU TCG, `fusecache.tinyguest`) does the same on
+host1 with its disk on the mount. `fusecache top` shows it live when there
+is a terminal; a summary is printed at the end either way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,14 +28,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from fusecache.errors import QuietError
 from fusecache.simguest import EmulatedGuest
+from fusecache.tinyguest import Guest, GuestBuild, GuestUnavailable, build_guest, make_disk
 
 MiB = 1 << 20
+REAL_GUEST_MIB = 256  # vm0's memory; its balloon goes down to REAL_BALLOON_MIB
+REAL_BALLOON_MIB = 96
+REAL_FILE = 96 * MiB
 IMAGE = 96 * MiB
 MEMORY = 80 * MiB
 READS = 3000  # 64 KiB reads per guest per phase
@@ -74,6 +82,9 @@ class Demo:
         self.hosts = [os.path.join(work, "host1"), os.path.join(work, "host2")]
         self.mounted: list[str] = []
         self.top: subprocess.Popen[bytes] | None = None
+        self.real: Guest | None = None
+        self.real_build: GuestBuild | None = None
+        self.real_sum = ""
 
     def mount(self, host: str, port: int, peer: int, balloons: list[str]) -> None:
         os.makedirs(host)
@@ -92,6 +103,25 @@ class Demo:
             if _run("umount", mp).returncode != 0:
                 subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
         self.mounted.clear()
+
+    def prepare_real_guest(self, say: Any) -> None:
+        """vm0's kernel, initramfs and disk (in the images directory), if QEMU is here."""
+        if shutil.which("qemu-system-x86_64") is None:
+            say("no QEMU here: the demo runs emulated guests only")
+            return
+        try:
+            self.real_build = build_guest()
+        except (GuestUnavailable, OSError, subprocess.CalledProcessError) as exc:
+            say(f"cannot build a real guest here ({exc}): the demo runs emulated guests only")
+            return
+        data = os.urandom(REAL_FILE)
+        make_disk(Path(self.images) / "vm0.img", {"data": data})
+        self.real_sum = hashlib.md5(data).hexdigest()
+
+    def stop_real_guest(self) -> None:
+        if self.real is not None:
+            self.real.stop()
+            self.real = None
 
     def start_top(self) -> None:
         if sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb":
@@ -135,8 +165,16 @@ async def _demo(demo: Demo, say: Any) -> dict[str, Any]:
             await nursery.start(g.serve_qmp)
         p1, p2 = _free_port(), _free_port()
         say("mounting two hosts (fusecache peers on loopback) over the sample images")
-        await trio.to_thread.run_sync(demo.mount, host1, p1, p2, [vm1.qmp_path, vm2.qmp_path])
+        vm0_qmp = os.path.join(demo.work, "vm0.qmp")
+        real = [vm0_qmp] if demo.real_build is not None else []
+        await trio.to_thread.run_sync(demo.mount, host1, p1, p2, [vm1.qmp_path, vm2.qmp_path, *real])
         await trio.to_thread.run_sync(demo.mount, host2, p2, p1, [vm3.qmp_path])
+        if demo.real_build is not None:
+            say("vm0, a real guest under QEMU, boots on host1 with its disk on the mount")
+            demo.real = Guest(Path(demo.work) / "vm0", demo.real_build)
+            await trio.to_thread.run_sync(
+                lambda: demo.real.start(os.path.join(host1, "vm0.img"), memory_mib=REAL_GUEST_MIB, qmp_sock=vm0_qmp, name="vm0")
+            )
         demo.start_top()
         for g in (vm1, vm2, vm3):
             g.open()
@@ -155,15 +193,40 @@ async def _demo(demo: Demo, say: Any) -> dict[str, Any]:
         for g in (vm1, vm2):
             g.set_balloon(MEMORY)
         await _phase([vm1, vm2], seed=1)
+        real = await _real_guest(demo, host1, say) if demo.real is not None else None
         await trio.sleep(1.5)  # one more refresh of top
         nursery.cancel_scope.cancel()
     for g in (vm1, vm2, vm3):
         g.close()
     return {
+        "real": real,
         "first": first,
         "again": (vm1.disk_reads - first[0], vm2.disk_reads - first[1]),
         "host1": await trio.to_thread.run_sync(_stats, host1),
         "host2": await trio.to_thread.run_sync(_stats, host2),
+    }
+
+
+async def _real_guest(demo: Demo, host1: str, say: Any) -> dict[str, Any]:
+    """vm0 reads its file, its balloon inflates, it gets its memory back and reads the file again."""
+    g = demo.real
+    assert g is not None
+    say("vm0 reads a 96 MiB file, then its balloon takes 160 MiB, then gives it back")
+    first = (await trio.to_thread.run_sync(g.check, "md5sum /mnt/data")).split()[0]
+    await trio.sleep(2.5)  # the monitor's polls see vm0's page cache
+    await trio.to_thread.run_sync(g.balloon, REAL_BALLOON_MIB)
+    await _wait_admitted(host1, ["vm0"])
+    await trio.to_thread.run_sync(g.balloon, REAL_GUEST_MIB)
+    before = (await trio.to_thread.run_sync(_stats, host1))["images"]["vm0.img"]
+    say("vm0 reads the file again")
+    again = (await trio.to_thread.run_sync(g.check, "md5sum /mnt/data")).split()[0]
+    after = await trio.to_thread.run_sync(_stats, host1)
+    img = after["images"]["vm0.img"]
+    return {
+        "checksums_right": first == again == demo.real_sum,
+        "hit": img["hit_bytes"] - before["hit_bytes"],
+        "backing": img["backing_bytes"] - before["backing_bytes"],
+        "guest": after["balloon"]["guests"].get("vm0", {}),
     }
 
 
@@ -186,6 +249,14 @@ def _summary(r: dict[str, Any]) -> list[str]:
         lines.append(
             f"  {name}'s balloon: ~{g[name].get('evicted_estimate', 0) / MiB:.0f} MiB evicted by the guest, "
             f"{g[name].get('admitted_bytes', 0) / MiB:.0f} MiB admitted"
+        )
+    real = r.get("real")
+    if real:
+        g0 = real["guest"]
+        lines.append(
+            f"  vm0, a real QEMU guest on host1: ~{g0.get('evicted_estimate', 0) / MiB:.0f} MiB evicted when its balloon inflated, "
+            f"{g0.get('admitted_bytes', 0) / MiB:.0f} MiB admitted; its re-read: {real['hit'] / MiB:.0f} MiB from the cache, "
+            f"{real['backing'] / MiB:.0f} MiB from the backing; checksums {'right' if real['checksums_right'] else 'WRONG'}"
         )
     store = h1["store"]
     saved = sum(c["hit_bytes"] + c["peer_bytes"] for h in (h1, h2) for c in h["images"].values())
@@ -214,6 +285,7 @@ def main() -> int:
         os.makedirs(demo.images)
         say(f"making sample images in {demo.images}")
         _make_images(demo.images)
+        demo.prepare_real_guest(say)
         result = trio.run(_demo, demo, say)
     except QuietError as exc:
         print(f"fusecache demo: {exc.message}", file=sys.stderr)
@@ -222,6 +294,7 @@ def main() -> int:
         return 130
     finally:
         demo.stop_top()
+        demo.stop_real_guest()
         demo.unmount_all()
         if os.environ.get("FUSECACHE_DEMO_KEEP"):
             print(f"-- kept {work} (FUSECACHE_DEMO_KEEP is set)")
