@@ -185,6 +185,19 @@ def main(argv: list[str] | None = None) -> None:
         runner.run(_serve(listeners, args.delay_ms / 1000.0))
 
 
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    """Stop a proxy process by its PID: SIGTERM, SIGKILL after 5 s; close its pipe."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
 class DelayProxy:
     """A running proxy process, for tests and benchmarks: `ports` maps upstream -> local port."""
 
@@ -200,15 +213,7 @@ class DelayProxy:
         self.ports = dict(zip(upstream_ports, map(int, line[1:]), strict=True))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        stop_process(self.proc)
 
     def __enter__(self) -> DelayProxy:
         return self

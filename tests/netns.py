@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from delay_proxy import _Half  # noqa: E402 - bench/ is not a package
+from delay_proxy import _Half, stop_process  # noqa: E402 - bench/ is not a package
 
 from tests.mounting import Mount, force_unmount, is_mounted, stop_pid  # noqa: E402
 
@@ -94,15 +94,7 @@ class LinkProxy:
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        stop_process(self.proc)
 
 
 class Net:
