@@ -286,3 +286,30 @@ def test_log_file_that_cannot_be_written(backing, tmp_path):
     mp.mkdir()
     _fails(["mount", str(backing), str(mp), "--log-file", "/proc/nope/log"], "log file", "--log-file")
     assert not is_mounted(str(mp))
+
+
+def test_foreground_tells_systemd_when_ready_and_sigterm_unmounts(backing, tmp_path):
+    """Type=notify: READY=1 on $NOTIFY_SOCKET once the mount serves; systemd's stop (SIGTERM) unmounts."""
+    import socket
+
+    (backing / "vm.img").write_bytes(b"ready")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    notify = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify))
+        sock.settimeout(30)
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify)}
+        daemon = subprocess.Popen([sys.executable, "-m", "fusecache", "mount", str(backing), str(mp), "--foreground", "--no-cache"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert sock.recv(4096) == b"READY=1"
+            with open(mp / "vm.img", "rb") as f:
+                assert f.read() == b"ready"
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=30) == 0
+            assert not is_mounted(str(mp))
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
