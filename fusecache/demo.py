@@ -154,6 +154,16 @@ async def _wait_admitted(mp: str, guests: list[str], timeout: float = 30.0) -> N
         await trio.sleep(0.5)
 
 
+async def _wait_peer_knows(mp: str, chunks: int, timeout: float = 20.0) -> None:
+    """Until the host at `mp` has a summary from its peer covering `chunks` locations (refreshed every few seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = await trio.to_thread.run_sync(_stats, mp)
+        if any(p.get("summary_locations", 0) >= chunks for p in s.get("peers", {}).get("peers", {}).values()):
+            return
+        await trio.sleep(0.5)
+
+
 async def _demo(demo: Demo, say: Any) -> dict[str, Any]:
     host1, host2 = demo.hosts
     sock = os.path.join(demo.work, "{}.qmp")
@@ -187,6 +197,8 @@ async def _demo(demo: Demo, say: Any) -> dict[str, Any]:
         for g in (vm1, vm2):
             g.set_balloon(MEMORY // 3)
         await _wait_admitted(host1, ["vm1", "vm2"])
+        held = (await trio.to_thread.run_sync(_stats, host1)).get("store", {}).get("chunks", 1)
+        await _wait_peer_knows(host2, held)
         say("vm3 boots on host2 from the same base image: host1's blocks are one hop away")
         await _phase([vm3], seed=1)
         say("vm1 and vm2 get their memory back and read again")
