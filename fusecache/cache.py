@@ -162,17 +162,15 @@ class Cache:
             return
         if st.version is not None:
             # changed behind our back (another host, or a tool on the NFS server)
-            st.gen += 1
-            st.dropped.clear()
+            _new_generation(st)
             self.images[self._names.get(st.ino, str(st.ino))].invalidations += 1
             log.info("%s changed on the backing: its cached blocks are dropped", self._names.get(st.ino, st.ino))
         st.version = version
         self._enqueue("file", (st.ino, st.gen, version))
 
     def _bump(self, st: FileState) -> None:
-        st.gen += 1
+        _new_generation(st)
         st.version = None
-        st.dropped.clear()
         self._enqueue("file", (st.ino, st.gen, UNKNOWN_VERSION))
 
     async def opened(self, f: OpenFile) -> None:
@@ -187,9 +185,8 @@ class Cache:
 
     def unlinked(self, ino: int) -> None:
         st = self._file(ino)
-        st.gen += 1
+        _new_generation(st)
         st.version = None
-        st.dropped.clear()
         self._enqueue("forget", ino)
 
     async def _state(self, f: OpenFile) -> FileState:
@@ -215,13 +212,21 @@ class Cache:
                 counters.hit_bytes += len(span)
                 counters.hit_chunks += last - first + 1
                 return span
+
+        def bounds(c: int) -> tuple[int, int]:
+            """The part of chunk c the request covers."""
+            return (lo if c == first else 0), (hi if c == last else cs)
+
         stored = self.store.read_chunks(st.ino, st.gen, first, last, lo, hi)
         pieces: dict[int, bytes] = {}
         need: list[int] = []
         for i, c in enumerate(range(first, last + 1)):
-            lo_c, hi_c = (lo if c == first else 0), (hi if c == last else cs)
-            pending = None if c in st.dropped else self._pending.get((st.ino, st.gen, c))
-            piece = pending[lo_c:hi_c] if pending is not None else None if c in st.dropped else stored[i]
+            lo_c, hi_c = bounds(c)
+            if c in st.dropped:
+                piece = None
+            else:
+                pending = self._pending.get((st.ino, st.gen, c))
+                piece = pending[lo_c:hi_c] if pending is not None else stored[i]
             if piece is None:
                 need.append(c)
                 continue
@@ -232,7 +237,8 @@ class Cache:
         if need:
             got, from_peers = await self._fetch(f, st, need)
             for c, data in got.items():
-                pieces[c] = data[(lo if c == first else 0) : (hi if c == last else cs)]
+                lo_c, hi_c = bounds(c)
+                pieces[c] = data[lo_c:hi_c]
         out = []
         for c in range(first, last + 1):
             piece = pieces.get(c)
@@ -249,7 +255,8 @@ class Cache:
                 else:
                     counters.hit_bytes += len(piece)
                     counters.hit_chunks += 1
-            if len(piece) < (hi if c == last else cs) - (lo if c == first else 0):
+            lo_c, hi_c = bounds(c)
+            if len(piece) < hi_c - lo_c:
                 break  # end of file
         return out[0] if len(out) == 1 else b"".join(out)
 
@@ -271,12 +278,17 @@ class Cache:
             else:
                 theirs.append((c, fetch))
         gen, epoch, quiet = st.gen, st.epoch, st.writing == 0
+
+        def offer(c: int, piece: bytes) -> None:
+            """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch."""
+            if quiet and st.writing == 0 and st.epoch == epoch and st.gen == gen and piece and self.admission.on_miss(f, gen, c, piece):
+                self.admit(st.ino, gen, c, piece, f.path)
+
         try:
             remaining = mine
             if self.peers is not None and mine and st.version is not None and st.version != UNKNOWN_VERSION:
                 offered = await self._ask_peers(st.ino, st.version, [c for c, _ in mine])
                 remaining = []
-                admit = quiet and st.writing == 0 and st.epoch == epoch and st.gen == gen
                 for c, fetch in mine:
                     piece = offered.get(c)
                     if piece is None:
@@ -284,17 +296,14 @@ class Cache:
                         continue
                     fetch.data = got[c] = piece
                     from_peers.add(c)
-                    if admit and self.admission.on_miss(f, gen, c, piece):
-                        self.admit(st.ino, gen, c, piece, f.path)
+                    offer(c, piece)
             for run in _runs(remaining):
                 start = run[0][0] * self.chunk_size
                 data = await self.backing.pread(f.handle, start, len(run) * self.chunk_size)
-                admit = quiet and st.writing == 0 and st.epoch == epoch and st.gen == gen
                 for i, (c, fetch) in enumerate(run):
                     piece = data[i * self.chunk_size : (i + 1) * self.chunk_size]
                     fetch.data = got[c] = piece
-                    if admit and piece and self.admission.on_miss(f, gen, c, piece):
-                        self.admit(st.ino, gen, c, piece, f.path)
+                    offer(c, piece)
         except OSError as exc:
             for _, fetch in mine:
                 fetch.error = exc
@@ -590,6 +599,12 @@ class Cache:
             "queue": self._seq - self._committed,  # queued or being applied: not yet committed
             "skipped_admissions": self.skipped_admissions,
         }
+
+
+def _new_generation(st: FileState) -> None:
+    """The file's cached content is no longer its content: nothing of the old generation is found again."""
+    st.gen += 1
+    st.dropped.clear()
 
 
 def _pwrite_and_stat(backing: Any, handle: Any, data: bytes, offset: int) -> tuple[int, Attr]:
