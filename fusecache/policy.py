@@ -17,8 +17,8 @@ Which guest read a block: each guest's open images (from QMP `query-block`
 or the libvirt domain XML) are resolved to backing inodes; a read of an
 image counts for every guest that has it open (a shared base image is in
 the lists of all its guests, and admitted when any of them shrinks).
-Reads of images no guest has open are in the list of `HOST`, which only an
-explicit `fusecache admit` empties.
+Reads of images no guest has open are in the list of `HOST`: no balloon
+empties it; `fusecache admit` admits a range explicitly.
 
 Bookkeeping: one entry per 64 KiB chunk read, 179 bytes measured
 (tests/test_policy.py::test_bookkeeping_bytes_per_gib_of_reads), so 2.8 MiB
@@ -235,11 +235,6 @@ class SecondChance:
             except trio.WouldBlock:
                 log.warning("admission queue full: guest %s's evicted blocks are not admitted", shrink.guest)
 
-    def admit_host_reads(self, ino: int) -> list[Key]:
-        """The unattributed reads of one file (an explicit admit covers them)."""
-        reads = self.guests.get(HOST)
-        return [k for k in reads.recent if k[0] == ino] if reads else []
-
     # ---- background work --------------------------------------------------------
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -260,11 +255,10 @@ class SecondChance:
         reads = self.guests[guest]
         refetch: dict[int, list[Key]] = collections.defaultdict(list)
         for key in keys:
+            data = self.staging.pop(key)
             if self.peer_holds is not None and self.peer_holds(key):
-                self.staging.pop(key)
                 reads.by_reference += 1
                 continue
-            data = self.staging.pop(key)
             if data is None:
                 refetch[key[0]].append(key)
                 continue
