@@ -43,7 +43,7 @@ from fusecache.store.layout import (
     run_slot,
     unpack_key,
 )
-from fusecache.version import Version
+from fusecache.version import UNKNOWN, Version
 
 # Keys per read transaction when listing a table: a long transaction would pin LMDB pages.
 _LIST_BATCH = 4096
@@ -322,7 +322,7 @@ class Reader:
         for key in self.iter_keys(self.tables.loc):
             ino, gen, chunk = unpack_key(key)
             rec = files.get(ino)
-            if rec is not None and rec[0] == gen and rec[1].size >= 0:
+            if rec is not None and rec[0] == gen and rec[1] != UNKNOWN:  # a version not known is not offered
                 yield ino, rec[1], chunk
 
     def iter_files(self) -> list[int]:
