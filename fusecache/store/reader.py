@@ -21,7 +21,6 @@ import xxhash
 from fusecache.store.eviction import Eviction
 from fusecache.store.layout import (
     INO,
-    LOC_HEAD,
     PAGE_SIZE,
     RUN,
     SHIFT,
@@ -177,11 +176,9 @@ class Reader:
         view = memoryview(buf)
         slab, nslots = self.slab.view, self.slab.nslots
         full_pages = cs >> SHIFT
-        run_at = LOC_HEAD.size + ((full_pages + 7) >> 3)  # refs_at of a whole chunk
         whole_from = first if lo <= 0 else first + 1  # chunks from here to whole_to are read whole
         whole_to = last if hi is None or hi >= cs else last - 1
         digest = xxhash.xxh3_128_digest
-        unpack_head = LOC_HEAD.unpack_from
         pos = begin = 0
         keys = []
         with self.env.begin(db=self.tables.loc, buffers=True) as txn:
@@ -190,10 +187,10 @@ class Reader:
                 value = txn.get(key)
                 if value is None:
                     return None
-                length, flags, chunk_digest = unpack_head(value)
+                length, flags, chunk_digest, npages, head = loc_head(value)
                 if flags & RUN and length == cs and whole_from <= c <= whole_to:
                     # The common case: a whole chunk, one run of slots: one copy, one hash.
-                    slot = run_slot(value, run_at)
+                    slot = run_slot(value, head)
                     if slot + full_pages > nslots:
                         self.counters["verify_failures"] += 1
                         return None
@@ -209,7 +206,6 @@ class Reader:
                 if clo >= chi:
                     break  # the request starts at or past the end of the file
                 keys.append(key)
-                _, _, _, npages, head = loc_head(value)
                 whole = clo == 0 and chi == length
                 p0, p1 = (0, npages - 1) if whole else (clo >> SHIFT, (chi - 1) >> SHIFT)
                 if c == first:
