@@ -121,7 +121,7 @@ class Store:
 
     def iter_digests(self) -> Iterator[bytes]:
         """Every stored page's digest."""
-        return self._reader.iter_keys(self._files.tables.pages)  # type: ignore[union-attr]
+        return self._reader.iter_keys(self._reader.tables.pages)
 
     def read_location(self, ino: int, version: tuple[int, int, int, int], chunk: int) -> tuple[bytes, list[bytes]] | None:
         """For a peer: the chunk and its page digests, only if the held record of `ino` has exactly `version`."""
@@ -161,10 +161,9 @@ class Store:
 
     def check(self) -> list[str]:
         """Problems the integrity checker finds (empty: consistent). Only while no batch is being applied."""
-        env, tables, slab = self._files.env, self._files.tables, self._files.slab
-        assert env is not None and tables is not None and slab is not None
-        with env.begin(buffers=True) as txn:
-            return problems(txn, tables, slab.view, slab.nslots, self.chunk_size)
+        r = self._reader
+        with r.env.begin(buffers=True) as txn:
+            return problems(txn, r.tables, r.slab.view, r.slab.nslots, self.chunk_size)
 
     # --- writes (one writer thread) --------------------------------------
 
