@@ -26,7 +26,7 @@ Format version FORMAT_VERSION; all integers big-endian.
 
 A loc value is decoded two ways, both here: `decode_loc` into a `Location`
 (the writer, the checker, peers' digest lists), and the hit path's fast view
-(`loc_head`, `run_slot`, `page_digests`, `loc_refs`), which reads only the
+(`whole_run_head`, `loc_head`, `page_digests`, `loc_refs`), which reads only the
 fields a read needs without building lists.
 """
 
@@ -205,16 +205,26 @@ def held_bytes(length: int, present: int) -> int:
 # The hit path's view: the fields a read needs, straight from the value's bytes.
 
 
-def loc_head(value: bytes | memoryview) -> tuple[int, int, bytes, int, int]:
-    """(length, flags, chunk digest, pages, refs_at): refs_at is where the slot array starts."""
+def loc_head(value: bytes | memoryview) -> tuple[int, int, bytes, int, int, int]:
+    """(length, flags, chunk digest, pages, refs_at, first slot): refs_at is where the slot array starts.
+
+    The first slot is that of a RUN chunk (its pages are slots first..first+pages-1), else -1: one
+    call gives the common hit everything it needs.
+    """
     length, flags, chunk_digest = LOC_HEAD.unpack_from(value)
     npages = (length + PAGE_SIZE - 1) >> SHIFT
-    return length, flags, chunk_digest, npages, LOC_HEAD.size + ((npages + 7) >> 3)
+    refs_at = LOC_HEAD.size + ((npages + 7) >> 3)
+    return length, flags, chunk_digest, npages, refs_at, U32.unpack_from(value, refs_at)[0] if flags & RUN else -1
 
 
-def run_slot(value: bytes | memoryview, refs_at: int) -> int:
-    """The first slot of a RUN chunk (its pages are slots first..first+pages-1)."""
-    return U32.unpack_from(value, refs_at)[0]
+def whole_run_head(chunk_size: int) -> Struct:
+    """The common hit's one-call view of a loc value: (length, flags, chunk digest, first slot).
+
+    Meaningful only when flags has RUN and length == chunk_size (a whole chunk in one run of
+    slots): otherwise read the value with `loc_head`. A value shorter than the struct (a chunk
+    of holes) raises struct.error.
+    """
+    return Struct(f">IB16s{(pages_of(chunk_size) + 7) >> 3}xI")
 
 
 def page_digests(value: bytes | memoryview, refs_at: int, stored: int, k0: int, k1: int) -> bytes:

@@ -12,6 +12,7 @@ never wrong data.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,8 +40,8 @@ from fusecache.store.layout import (
     loc_refs,
     pack_key,
     page_digests,
-    run_slot,
     unpack_key,
+    whole_run_head,
 )
 from fusecache.version import UNKNOWN, Version
 
@@ -56,6 +57,7 @@ class Reader:
     ) -> None:
         self.env, self.tables, self.slab, self.eviction, self.counters = env, tables, slab, eviction, counters
         self.chunk_size = chunk_size
+        self._whole_run_head = whole_run_head(chunk_size).unpack_from
 
     def read_chunk(self, ino: int, gen: int, chunk: int, lo: int = 0, hi: int | None = None) -> bytes | None:
         key = pack_key(ino, gen, chunk)
@@ -94,7 +96,7 @@ class Reader:
         value = txn.get(key, db=self.tables.loc)
         if value is None:
             return None
-        length, flags, chunk_digest, npages, refs_at = loc_head(value)
+        length, flags, chunk_digest, npages, refs_at, first_slot = loc_head(value)
         if hi is None or hi > length:
             hi = length
         lo = max(lo, 0)
@@ -103,7 +105,6 @@ class Reader:
         mm = self.slab.map
         whole = lo == 0 and hi == length
         if flags & RUN:
-            first_slot = run_slot(value, refs_at)
             if first_slot + npages > self.slab.nslots:
                 self.counters["verify_failures"] += 1
                 return None
@@ -179,6 +180,7 @@ class Reader:
         whole_from = first if lo <= 0 else first + 1  # chunks from here to whole_to are read whole
         whole_to = last if hi is None or hi >= cs else last - 1
         digest = xxhash.xxh3_128_digest
+        whole_head = self._whole_run_head
         pos = begin = 0
         keys = []
         with self.env.begin(db=self.tables.loc, buffers=True) as txn:
@@ -187,20 +189,24 @@ class Reader:
                 value = txn.get(key)
                 if value is None:
                     return None
-                length, flags, chunk_digest, npages, head = loc_head(value)
-                if flags & RUN and length == cs and whole_from <= c <= whole_to:
-                    # The common case: a whole chunk, one run of slots: one copy, one hash.
-                    slot = run_slot(value, head)
-                    if slot + full_pages > nslots:
-                        self.counters["verify_failures"] += 1
-                        return None
-                    view[pos : pos + cs] = slab[slot << SHIFT : (slot << SHIFT) + cs]
-                    if digest(view[pos : pos + cs]) != chunk_digest:
-                        self.counters["verify_failures"] += 1
-                        return None
-                    keys.append(key)
-                    pos += cs
-                    continue
+                if whole_from <= c <= whole_to:
+                    try:
+                        length, flags, chunk_digest, slot = whole_head(value)
+                    except struct.error:  # too short to be a whole run: a chunk of holes
+                        flags = 0
+                    if flags & RUN and length == cs:
+                        # The common case: a whole chunk, one run of slots: one copy, one hash.
+                        if slot + full_pages > nslots:
+                            self.counters["verify_failures"] += 1
+                            return None
+                        view[pos : pos + cs] = slab[slot << SHIFT : (slot << SHIFT) + cs]
+                        if digest(view[pos : pos + cs]) != chunk_digest:
+                            self.counters["verify_failures"] += 1
+                            return None
+                        keys.append(key)
+                        pos += cs
+                        continue
+                length, flags, chunk_digest, npages, head, slot = loc_head(value)
                 clo = lo if c == first else 0
                 chi = length if c != last or hi is None or hi > length else hi
                 if clo >= chi:
@@ -211,7 +217,6 @@ class Reader:
                 if c == first:
                     begin = clo - (p0 << SHIFT)
                 if flags & RUN:
-                    slot = run_slot(value, head)
                     if slot + npages > nslots:
                         self.counters["verify_failures"] += 1
                         return None
