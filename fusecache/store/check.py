@@ -44,7 +44,6 @@ from fusecache.store.layout import (
     decode_file,
     decode_loc,
     decode_page,
-    held_bytes,
     loc_size,
     pages_of,
 )
@@ -136,7 +135,7 @@ def problems(txn: lmdb.Transaction, tables: Tables, slab: memoryview | mmap.mmap
             out.append(f"{where}: pages past its end are marked present")
         if ino in gens and gens[ino] != gen:
             out.append(f"{where}: the file's record is generation {gens[ino]}")
-        held += held_bytes(loc.length, loc.present)
+        held += loc.held_bytes()
         refs.update(loc.digests)
         buf = bytearray(pages_of(loc.length) << SHIFT)
         for i, digest, slot in loc.pages():

@@ -235,7 +235,7 @@ class WriteTxn:
         """Drop one reference to each page of a loc value; return the digests whose last reference went."""
         loc = decode_loc(value)
         digests = loc.digests
-        self.logical -= held_bytes(loc.length, loc.present)
+        self.logical -= loc.held_bytes()
         gone = []
         txn, pages = self.txn, self.tables.pages
         counts = dict.fromkeys(digests, 1)
