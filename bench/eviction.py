@@ -1,10 +1,10 @@
-"""Hit ratios of the store's eviction policies (LRU, S3-FIFO) on a skewed trace with scans.
+"""Hit ratios of the store's eviction orders (LRU, S3-FIFO) on a skewed trace with scans.
 
-Owns the measurement behind the store's default policy. The trace is a disk
+Owns the measurement behind the store's default eviction. The trace is a disk
 of `--chunks` 64 KiB chunks read with Zipf-distributed popularity (a hot set
 of system files), interrupted now and then by a large sequential scan (a VM
 booting, a backup reading the whole disk). Every access goes through the
-same policy classes `fusecache.store` uses, with inclusive admission (every
+same eviction classes `fusecache.store.eviction` holds, with inclusive admission (every
 miss is admitted) and one slot per chunk, at several cache sizes.
 
     .venv/bin/python bench/eviction.py [--chunks 20000] [--accesses 1000000] [--seed 1]
@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fusecache.store import POLICIES
+from fusecache.store.eviction import EVICTIONS
 
 CACHE_FRACTIONS = (0.01, 0.025, 0.05, 0.1, 0.2)
 
@@ -44,21 +44,21 @@ def make_trace(chunks: int, accesses: int, alpha: float, scan_every: int, scan_l
     return trace[:accesses]
 
 
-def replay(policy_name: str, capacity: int, trace: list[tuple[int, bool]]) -> dict[str, float]:
-    policy = POLICIES[policy_name]()
+def replay(eviction_name: str, capacity: int, trace: list[tuple[int, bool]]) -> dict[str, float]:
+    eviction = EVICTIONS[eviction_name]()
     hits = zipf_hits = zipf_accesses = 0
 
     def weigh(key: object) -> int:
         return 0  # one slot per chunk, no sharing, no peers: pure recency/frequency
 
     for chunk, in_scan in trace:
-        hit = chunk in policy
+        hit = chunk in eviction
         if hit:
-            policy.touch(chunk)
+            eviction.touch(chunk)
         else:
-            policy.insert(chunk)
-            while len(policy) > capacity:
-                policy.evict_one(weigh)
+            eviction.insert(chunk)
+            while len(eviction) > capacity:
+                eviction.evict_one(weigh)
         hits += hit
         if not in_scan:
             zipf_accesses += 1
@@ -80,14 +80,14 @@ def main() -> None:
         f"trace: {len(trace)} accesses over {args.chunks} chunks, Zipf alpha {args.alpha}, {scanned} ({scanned / len(trace):.0%}) in scans"
     )
     results = []
-    print(f"{'cache':>14} {'policy':>8} {'hit ratio':>10} {'zipf part':>10} {'time s':>7}")
+    print(f"{'cache':>14} {'eviction':>8} {'hit ratio':>10} {'zipf part':>10} {'time s':>7}")
     for fraction in CACHE_FRACTIONS:
         capacity = int(args.chunks * fraction)
-        for name in POLICIES:
+        for name in EVICTIONS:
             t = time.perf_counter()
             r = replay(name, capacity, trace)
             elapsed = time.perf_counter() - t
-            results.append({"cache_chunks": capacity, "cache_fraction": fraction, "policy": name, **r})
+            results.append({"cache_chunks": capacity, "cache_fraction": fraction, "eviction": name, **r})
             print(f"{capacity:>7} ({fraction:>5.1%}) {name:>8} {r['hit_ratio']:>10.3f} {r['zipf_hit_ratio']:>10.3f} {elapsed:>7.1f}")
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "eviction.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

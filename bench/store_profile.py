@@ -1,7 +1,8 @@
 """Microseconds per store operation, and admission MB/s: this tree's store against a baseline revision's.
 
 Owns the per-operation cost model of `fusecache.store`. Both stores (this
-tree's, and `fusecache/store.py` as of `--baseline`, loaded from git; by
+tree's, and `fusecache/store.py` as of `--baseline`, loaded from git: a
+revision from before the store became a package, 36b2b9b or older; by
 default 5ec3a75, the last format-1 store) run the same workload in a
 scratch cache of 64 KiB chunks (or `--chunk-size`):
 
@@ -102,13 +103,20 @@ def profile(mod: ModuleType, chunk_size: int, runs: int, base: str) -> dict[str,
         held = [os.urandom(chunk_size) for _ in range(CHUNKS)]
         store.apply(mod.WriteBatch(admit=[(1, 1, c, data) for c, data in enumerate(held)], files=[(1, 1, (0, 0, 0, 0))]))
         digests = [xxhash.xxh3_128_digest(data[:page]) for data in held]  # each chunk's first page
-        keys = [mod._LOC_KEY.pack(1, 1, c) for c in range(CHUNKS)]
+        if hasattr(mod, "_LOC_KEY"):  # a single-module store: a baseline
+            keys = [mod._LOC_KEY.pack(1, 1, c) for c in range(CHUNKS)]
+            env, loc_db = store._env, store._loc
+        else:
+            from fusecache.store.layout import pack_key
+
+            keys = [pack_key(1, 1, c) for c in range(CHUNKS)]
+            env, loc_db = store._reader.env, store._reader.tables.loc
         offsets = [(i * 7 % (chunk_size // page)) * page for i in range(CHUNKS)]  # a page inside each chunk
-        has_range = "read_chunks" in vars(mod.Store) and "read_span" in vars(mod.Store)
+        has_range = hasattr(mod.Store, "read_chunks") and hasattr(mod.Store, "read_span")
 
         def loc_lookup(i: int) -> object:
-            with store._env.begin(buffers=True) as txn:
-                return txn.get(keys[i], db=store._loc)
+            with env.begin(buffers=True) as txn:
+                return txn.get(keys[i], db=loc_db)
 
         def page_in_chunk(i: int) -> object:
             lo = offsets[i]

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("mountpoint", metavar="MOUNTPOINT")
     d.add_argument("image", metavar="IMAGE", nargs="?", help="the image, as a path in the mount (default: every image)")
 
+    ck = sub.add_parser("check", help="check an unmounted cache directory's integrity (read-only)")
+    ck.add_argument("cache_dir", metavar="CACHE_DIR", help="the mount's --cache-dir; exit 0 consistent, 1 problems found, 2 not checkable")
+
     u = sub.add_parser("umount", aliases=["unmount"], help="unmount and stop the daemon")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     u.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy; the daemon ends when the last user does")
@@ -214,7 +217,14 @@ def _drop(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace, argv: list[str]) -> int:
+    from fusecache.store import check
+
+    return check.main(args.cache_dir)
+
+
 COMMANDS = {"mount": _mount, "umount": _umount, "unmount": _umount, "stats": _stats, "top": _top, "admit": _admit, "drop": _drop}
+COMMANDS["check"] = _check
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -17,7 +16,8 @@ import lmdb
 import pytest
 
 from fusecache.errors import QuietError
-from fusecache.store import _LOC_KEY, _PAGE, _RUN, PAGE_SIZE, Store, WriteBatch, _decode_loc
+from fusecache.store import PAGE_SIZE, Store, WriteBatch
+from fusecache.store.layout import pack_key
 
 CHUNK = 65536
 REPO = Path(__file__).resolve().parent.parent
@@ -67,25 +67,35 @@ def admit(store: Store, *items: tuple[int, int, int, bytes]) -> None:
     store.apply(WriteBatch(admit=list(items)))
 
 
+def slots_of(store: Store, ino: int, gen: int, chunk: int) -> dict[int, int]:
+    """Page index -> slot of each stored page of a chunk."""
+    loc = store.location(ino, gen, chunk)
+    assert loc is not None
+    return {i: slot for i, _, slot in loc.pages()}
+
+
+def is_run(store: Store, ino: int, gen: int, chunk: int) -> bool:
+    loc = store.location(ino, gen, chunk)
+    assert loc is not None
+    return loc.run
+
+
+def write_slab(store: Store, offset: int, data: bytes) -> None:
+    """Overwrite bytes of pages.slab behind the store's back (disk damage)."""
+    fd = os.open(os.path.join(store.cache_dir, "pages.slab"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def damage(store: Store, slot: int) -> None:
+    write_slab(store, slot * PAGE_SIZE, b"torn" * 1024)
+
+
 def check_integrity(store: Store) -> None:
-    """Refcounts equal loc references, every used slot is distinct and in range, free slots are unused."""
-    refs: dict[bytes, int] = {}
-    with store._env.begin() as txn:
-        for _, value in txn.cursor(db=store._loc):
-            for _, digest, _ in _decode_loc(value)[1]:
-                refs[digest] = refs.get(digest, 0) + 1
-        pages = {bytes(k): _PAGE.unpack(v) for k, v in txn.cursor(db=store._pages)}
-        extents = sorted((int.from_bytes(k, "big"), int.from_bytes(v, "big")) for k, v in txn.cursor(db=store._free))
-    free = {slot for start, count in extents for slot in range(start, start + count)}
-    assert all(a + n < b for (a, n), (b, _) in itertools.pairwise(extents))  # sorted, never overlapping or adjacent
-    nslots = store.stats()["capacity"] // PAGE_SIZE
-    assert all(slot < nslots for slot in free)
-    assert {d: count for d, (_, count) in pages.items()} == refs
-    slots = [slot for slot, _ in pages.values()]
-    assert len(set(slots)) == len(slots)
-    assert all(slot < store.stats()["capacity"] // PAGE_SIZE for slot in slots)
-    assert not free & set(slots)
-    assert store.stats()["pages_used"] == len(slots) == nslots - len(free)
+    """fusecache.store.check on the open store: refcounts, free extents, slots, every page's bytes, chunk digests, records."""
+    assert store.check() == []
 
 
 def test_hit_miss_and_file_record(tmp_path: Path) -> None:
@@ -150,9 +160,9 @@ def test_admitting_longer_than_a_chunk_is_a_bug(tmp_path: Path) -> None:
         admit(store, (1, 1, 0, bytes(CHUNK + 1)))
 
 
-@pytest.mark.parametrize("policy", ["s3fifo", "lru"])
-def test_eviction_keeps_the_bound_and_the_hot_chunks(tmp_path: Path, policy: str) -> None:
-    store = Store(str(tmp_path), 16 * CHUNK, policy=policy)
+@pytest.mark.parametrize("eviction", ["s3fifo", "lru"])
+def test_eviction_keeps_the_bound_and_the_hot_chunks(tmp_path: Path, eviction: str) -> None:
+    store = Store(str(tmp_path), 16 * CHUNK, eviction=eviction)
     hot = {(1, 1, c): unique() for c in range(3)}
     admit(store, *((*k, v) for k, v in hot.items()))
     admitted = {}
@@ -172,7 +182,7 @@ def test_eviction_keeps_the_bound_and_the_hot_chunks(tmp_path: Path, policy: str
 
 
 def test_a_scan_does_not_flush_the_hot_set(tmp_path: Path) -> None:
-    store = Store(str(tmp_path), 8 * CHUNK)  # the default policy, S3-FIFO
+    store = Store(str(tmp_path), 8 * CHUNK)  # the default eviction, S3-FIFO
     hot = {c: unique() for c in range(3)}
     admit(store, *((1, 1, c, v) for c, v in hot.items()))
     for _ in range(2):
@@ -201,7 +211,7 @@ def test_chunk_count_is_bounded_too(tmp_path: Path) -> None:
 
 
 def test_shared_pages_are_kept_longer(tmp_path: Path) -> None:
-    store = Store(str(tmp_path), 3 * CHUNK, policy="lru")
+    store = Store(str(tmp_path), 3 * CHUNK, eviction="lru")
     shared, b, d = unique(), unique(), unique()
     admit(store, (1, 1, 0, shared), (2, 1, 0, b), (3, 1, 0, shared), (4, 1, 0, d))
     admit(store, (5, 1, 0, unique()))
@@ -219,8 +229,7 @@ def test_pages_a_peer_holds_are_evicted_first(tmp_path: Path) -> None:
     for c, v in chunks.items():
         assert store.read_chunk(1, 1, c) == v  # each earns another lap
     held = set(store.chunk_digests(1, 1, 2) or [])
-    store.set_peer_holds(lambda digest: digest in held)
-    admit(store, (1, 1, 9, unique()))
+    store.apply(WriteBatch(admit=[(1, 1, 9, unique())], peer_holds=lambda digest: digest in held))
     assert [store.read_chunk(1, 1, c) is not None for c in range(4)] == [True, True, False, True]
 
 
@@ -240,11 +249,11 @@ def test_warm_reopen(tmp_path: Path) -> None:
 
 
 def test_recency_survives_a_clean_restart(tmp_path: Path) -> None:
-    store = Store(str(tmp_path), 4 * CHUNK, policy="lru")
+    store = Store(str(tmp_path), 4 * CHUNK, eviction="lru")
     admit(store, *((1, 1, c, unique()) for c in range(4)))
     assert store.read_chunk(1, 1, 0) is not None  # now the most recent
     store.close()
-    store = Store(str(tmp_path), 4 * CHUNK, policy="lru")
+    store = Store(str(tmp_path), 4 * CHUNK, eviction="lru")
     admit(store, (1, 1, 9, unique()))
     assert store.read_chunk(1, 1, 0) is not None
     assert store.read_chunk(1, 1, 1) is None
@@ -254,9 +263,7 @@ def test_a_damaged_page_is_a_miss_and_healed_by_readmission(tmp_path: Path) -> N
     store = Store(str(tmp_path), 1 << 20)
     data = unique()
     admit(store, (1, 1, 0, data))
-    with store._env.begin() as txn:
-        slot = _decode_loc(txn.get(_LOC_KEY.pack(1, 1, 0), db=store._loc))[1][5][2]
-    os.pwrite(store._slab_fd, b"torn" * 1024, slot * PAGE_SIZE)
+    damage(store, slots_of(store, 1, 1, 0)[5])
     assert store.read_chunk(1, 1, 0) is None
     assert store.stats()["verify_failures"] == 1
     admit(store, (2, 1, 0, data))  # same content from another image: dedup finds the page, and repairs it
@@ -304,9 +311,9 @@ def test_slot_reuse_under_an_old_reader_is_a_miss(tmp_path: Path) -> None:
     store = Store(str(tmp_path), CHUNK)  # room for exactly one chunk
     a, b = unique(), unique()
     admit(store, (1, 1, 0, a))
-    old_view = store._env.begin(buffers=True)
+    old_view = store._reader.env.begin(buffers=True)
     admit(store, (2, 1, 0, b))  # evicts a and reuses its slots
-    assert store._read_chunk(old_view, _LOC_KEY.pack(1, 1, 0)) is None
+    assert store._reader.chunk_in(old_view, pack_key(1, 1, 0)) is None
     old_view.abort()
     assert store.stats()["verify_failures"] == 1
     assert store.read_chunk(1, 1, 0) is None
@@ -370,7 +377,7 @@ def test_sigkill_during_admission_never_serves_wrong_bytes(tmp_path: Path) -> No
                     held += got is not None
         assert store.stats()["verify_failures"] == 0, f"round {round_}: a committed page lost its content"
         check_integrity(store)
-        store._close_files()  # no clean close: the next child opens a cache that was killed
+        store.abandon()  # no clean close: the next child opens a cache that was killed
     assert held > 0
 
 
@@ -391,7 +398,7 @@ def test_host_crash_wipes_but_a_clean_reboot_keeps(tmp_path: Path, caplog: pytes
     set_meta(boot_id=b"another-boot")  # closed cleanly, then rebooted
     store = Store(str(tmp_path), 1 << 20)
     assert store.read_chunk(1, 1, 0) == data
-    store._close_files()  # as if the host went down with the cache open
+    store.abandon()  # as if the host went down with the cache open
     set_meta(boot_id=b"another-boot")
     store = Store(str(tmp_path), 1 << 20)
     assert store.read_chunk(1, 1, 0) is None
@@ -473,7 +480,7 @@ def test_bad_dirs_are_quiet_errors(tmp_path: Path) -> None:
         Store(str(truncated), 1 << 20)
 
     with pytest.raises(QuietError, match="unknown eviction policy"):
-        Store(str(tmp_path / "policy"), 1 << 20, policy="fifo")
+        Store(str(tmp_path / "policy"), 1 << 20, eviction="fifo")
     with pytest.raises(QuietError, match="smaller than one chunk"):
         Store(str(tmp_path / "tiny"), CHUNK - 1)
 
@@ -499,24 +506,6 @@ def test_reset_starts_empty_even_from_a_corrupt_cache(tmp_path: Path) -> None:
 
 
 # --- ranges, the chunk digest, runs of slots ----------------------------------
-
-
-def loc_value(store: Store, ino: int, gen: int, chunk: int) -> bytes:
-    with store._env.begin() as txn:
-        return bytes(txn.get(_LOC_KEY.pack(ino, gen, chunk), db=store._loc))
-
-
-def slots_of(store: Store, ino: int, gen: int, chunk: int) -> dict[int, int]:
-    """Page index -> slot of each stored page of a chunk."""
-    return {i: slot for i, _, slot in _decode_loc(loc_value(store, ino, gen, chunk))[1]}
-
-
-def is_run(store: Store, ino: int, gen: int, chunk: int) -> bool:
-    return bool(loc_value(store, ino, gen, chunk)[4] & _RUN)
-
-
-def damage(store: Store, slot: int) -> None:
-    os.pwrite(store._slab_fd, b"torn" * 1024, slot * PAGE_SIZE)
 
 
 RANGES = [
@@ -600,11 +589,11 @@ def test_the_chunk_digest_covers_every_byte(tmp_path: Path) -> None:
     tail = unique(5 * PAGE_SIZE + 123)
     admit(store, (1, 1, 0, tail))
     last = slots_of(store, 1, 1, 0)[5]
-    os.pwrite(store._slab_fd, b"\xff", last * PAGE_SIZE + 122)
+    write_slab(store, last * PAGE_SIZE + 122, b"\xff")
     assert store.read_chunk(1, 1, 0) is None
     assert store.read_chunk(1, 1, 0, 0, 5 * PAGE_SIZE) == tail[: 5 * PAGE_SIZE]
-    os.pwrite(store._slab_fd, tail[-1:], last * PAGE_SIZE + 122)
-    os.pwrite(store._slab_fd, b"\xff", last * PAGE_SIZE + 200)  # past the end: padding the page digest covers
+    write_slab(store, last * PAGE_SIZE + 122, tail[-1:])
+    write_slab(store, last * PAGE_SIZE + 200, b"\xff")  # past the end: padding the page digest covers
     assert store.read_chunk(1, 1, 0) == tail
     assert store.read_chunk(1, 1, 0, 5 * PAGE_SIZE, None) is None
 
@@ -641,7 +630,7 @@ def test_read_chunks_is_read_chunk_per_chunk(tmp_path: Path) -> None:
 
 
 def test_slots_are_allocated_in_runs_and_reused(tmp_path: Path) -> None:
-    store = Store(str(tmp_path), 8 * CHUNK, policy="lru")
+    store = Store(str(tmp_path), 8 * CHUNK, eviction="lru")
     first = {c: unique() for c in range(8)}
     admit(store, *((1, 1, c, v) for c, v in first.items()))
     assert all(is_run(store, 1, 1, c) for c in first)
@@ -681,3 +670,99 @@ def test_same_key_twice_in_one_batch(tmp_path: Path) -> None:
     assert store.read_chunk(1, 1, 0) == a
     assert store.stats()["pages_used"] == 16
     check_integrity(store)
+
+
+# --- fusecache check -----------------------------------------------------------
+
+
+def run_check(cache_dir: Path) -> subprocess.CompletedProcess[str]:
+    """The real command, as an operator runs it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "fusecache", "check", str(cache_dir)], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def snapshot(cache_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under the cache dir: its bytes and mtime."""
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(cache_dir.rglob("*")) if p.is_file()}
+
+
+def filled_cache(cache_dir: Path) -> dict[tuple[int, int, int], bytes]:
+    """A closed cache with dense, sparse, shared and short chunks and a file record."""
+    store = Store(str(cache_dir), 1 << 20)
+    shared = unique()
+    chunks = {(1, 1, 0): shared, (1, 1, 1): bytes(CHUNK // 2) + unique(CHUNK // 2), (2, 1, 0): shared, (2, 1, 3): unique(5000)}
+    store.apply(WriteBatch(admit=[(*k, v) for k, v in chunks.items()], files=[(1, 1, (3 * CHUNK, 1, 2, 3))]))
+    store.close()
+    return chunks
+
+
+def test_check_a_consistent_cache(tmp_path: Path) -> None:
+    filled_cache(tmp_path)
+    before = snapshot(tmp_path)
+    done = run_check(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [f"{tmp_path}: consistent (4 chunks, 26 pages, 230 of 256 slots free)"]
+    assert done.stderr == ""
+    assert snapshot(tmp_path) == before  # read-only: not a byte nor an mtime changed
+
+
+def test_check_names_damaged_slab_bytes(tmp_path: Path) -> None:
+    filled_cache(tmp_path)
+    store = Store(str(tmp_path), 1 << 20)
+    slot = slots_of(store, 2, 1, 3)[1]  # the short chunk's last, partial page
+    store.close()
+    fd = os.open(tmp_path / "pages.slab", os.O_WRONLY)
+    os.pwrite(fd, b"\xff", slot * PAGE_SIZE + 7)
+    os.close(fd)
+    done = run_check(tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"{tmp_path}: 2 problems (4 chunks, 26 pages, 230 of 256 slots free)"
+    assert any(f"slot {slot}: its bytes do not match page" in line for line in lines[1:])
+    assert any("chunk 3 of inode 2 generation 1: its bytes in the slab do not match its chunk digest" in line for line in lines[1:])
+
+
+def test_check_names_a_wrong_refcount_and_a_stale_generation(tmp_path: Path) -> None:
+    filled_cache(tmp_path)
+    env = lmdb.open(str(tmp_path / "meta.lmdb"), max_dbs=6)
+    pages, files = env.open_db(b"pages"), env.open_db(b"files")
+    with env.begin(write=True) as txn:
+        digest, value = next(iter(txn.cursor(db=pages)))
+        slot, count = int.from_bytes(value[:4], "big"), int.from_bytes(value[4:], "big")
+        txn.put(digest, value[:4] + (count + 1).to_bytes(4, "big"), db=pages)
+        ino = (1).to_bytes(8, "big")
+        txn.put(ino, (2).to_bytes(8, "big") + bytes(txn.get(ino, db=files))[8:], db=files)  # the record says generation 2
+    env.close()
+    done = run_check(tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"page {bytes(digest).hex()} at slot {slot} has refcount {count + 1}, but {count} chunks name it" in done.stdout
+    assert "chunk 0 of inode 1 generation 1: the file's record is generation 2" in done.stdout
+
+
+def test_check_refuses_what_it_cannot_check(tmp_path: Path) -> None:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    done = run_check(tmp_path / "notes")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.splitlines() == [
+        f"fusecache: cache dir {tmp_path / 'notes'}: is not a fusecache cache (no meta.lmdb or pages.slab); give the --cache-dir of a mount"
+    ]
+    done = run_check(tmp_path / "absent")
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "does not exist" in done.stderr
+
+    other = tmp_path / "other"
+    (other / "meta.lmdb").mkdir(parents=True)
+    lmdb.open(str(other / "meta.lmdb")).close()
+    (other / "pages.slab").write_bytes(b"")
+    done = run_check(other)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "not a fusecache cache" in done.stderr
+
+    store = Store(str(tmp_path / "busy"), 1 << 20)  # held open: a mounted daemon's cache
+    try:
+        done = run_check(tmp_path / "busy")
+    finally:
+        store.close()
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "in use by a fusecache process" in done.stderr
+    assert run_check(tmp_path / "busy").returncode == 0

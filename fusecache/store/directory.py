@@ -1,0 +1,184 @@
+"""The `Store`: one cache directory, open, with its reads (`reader.py`) and writes (`writer.py`) wired to the same files.
+
+It builds each part from explicit handles (the LMDB environment and tables,
+the slab, the eviction order, the counters), hands every call to the part
+that owns it, and marks a clean shutdown on `close`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+from fusecache.errors import QuietError
+from fusecache.geometry import CHUNK_SIZE
+from fusecache.store.check import problems
+from fusecache.store.eviction import EVICTIONS
+from fusecache.store.layout import PAGE_SIZE, Location
+from fusecache.store.opening import CacheFiles
+from fusecache.store.reader import Reader
+from fusecache.store.writer import WriteBatch, Writer
+from fusecache.version import Version
+
+# Loc entries (chunks) per chunk of capacity: holes and dedup let a cache
+# hold more chunks than its slots alone would bound, but metadata must stay
+# bounded too.
+CHUNKS_PER_CAPACITY_CHUNK = 8
+COUNTERS = ("hits", "misses", "admitted_chunks", "skipped_chunks", "evicted_chunks", "dropped_chunks", "verify_failures", "healed_pages")
+
+
+class Store:
+    """Pages and chunks in one cache directory; see the package docstring for the rules."""
+
+    page_size = PAGE_SIZE
+
+    def __init__(
+        self, cache_dir: str, capacity: int, *, chunk_size: int = CHUNK_SIZE, reset: bool = False, eviction: str = "s3fifo"
+    ) -> None:
+        self.cache_dir = os.path.abspath(cache_dir)
+        self.chunk_size = chunk_size
+        if chunk_size <= 0 or chunk_size % PAGE_SIZE:
+            raise QuietError(f"cache dir {self.cache_dir}: chunk size {chunk_size} is not a multiple of {PAGE_SIZE}; pick one that is")
+        if capacity < chunk_size:
+            raise QuietError(
+                f"cache dir {self.cache_dir}: cache size {capacity} bytes is smaller than one chunk ({chunk_size} bytes); "
+                "pass a larger --cache-size"
+            )
+        nslots = capacity // PAGE_SIZE
+        if nslots > 0xFFFFFFFF:
+            raise QuietError(
+                f"cache dir {self.cache_dir}: cache size {capacity} bytes is over the 16 TiB limit; pass a smaller --cache-size"
+            )
+        self.max_chunks = CHUNKS_PER_CAPACITY_CHUNK * (capacity // chunk_size)
+        if eviction not in EVICTIONS:
+            raise QuietError(f"unknown eviction policy {eviction!r}; choose one of {', '.join(EVICTIONS)}")
+        self._eviction = EVICTIONS[eviction]()
+        # Bumped from the loop and the writer thread without a lock: a lost count is harmless.
+        self._counters = dict.fromkeys(COUNTERS, 0)
+        self._files = CacheFiles(
+            self.cache_dir,
+            nslots,
+            chunk_size=chunk_size,
+            max_chunks=self.max_chunks,
+            reset=reset,
+            counters=self._counters,
+            eviction=self._eviction,
+        )
+        env, tables, slab = self._files.env, self._files.tables, self._files.slab
+        assert env is not None and tables is not None and slab is not None
+        self._eviction.load(self._files.order)
+        self._nslots = nslots
+        self._reader = Reader(env, tables, slab, self._eviction, self._counters, chunk_size=chunk_size)
+        self._writer = Writer(env, tables, slab, self._eviction, self._counters, chunk_size=chunk_size, max_chunks=self.max_chunks)
+
+    # --- reads (any thread, lock-free) -----------------------------------
+
+    def read_chunk(self, ino: int, gen: int, chunk: int, lo: int = 0, hi: int | None = None) -> bytes | None:
+        """Bytes [lo, hi) of the chunk, clamped to its length (shorter than chunk_size at EOF), verified.
+
+        None if the chunk is absent or a page overlapping [lo, hi) fails its check.
+        Only those pages are read; the whole chunk is checked with one hash.
+        """
+        return self._reader.read_chunk(ino, gen, chunk, lo, hi)
+
+    def read_chunks(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> list[bytes | None]:
+        """`read_chunk` of chunks first..last under one read transaction: one request's chunks.
+
+        lo is the offset of the request in chunk `first`, hi its end in chunk
+        `last` (None: the chunk's end); the chunks between are read whole. One
+        entry per chunk; after a chunk shorter than chunk_size (end of file)
+        the entries are None, not looked up.
+        """
+        return self._reader.read_chunks(ino, gen, first, last, lo, hi)
+
+    def read_span(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> memoryview | None:
+        """A whole request in one buffer, copied once: chunks first..last as `read_chunks` reads them, joined.
+
+        Every chunk is copied straight into one buffer and verified there (the
+        chunk digest for a whole chunk, page digests for the pages of a
+        partial first or last one), so no second copy joins them. Returns a
+        read-only memoryview (pyfuse3 replies from any buffer), shorter at end
+        of file; None unless every chunk is a verified hit, and then counts
+        no hits or misses: ask `read_chunks` for the per-chunk answer.
+        """
+        return self._reader.read_span(ino, gen, first, last, lo, hi)
+
+    def file_record(self, ino: int) -> tuple[int, Version] | None:
+        """(gen, version) recorded for `ino`, or None."""
+        return self._reader.file_record(ino)
+
+    def location(self, ino: int, gen: int, chunk: int) -> Location | None:
+        """A held chunk's loc entry, decoded (its pages, slots, digests), or None."""
+        return self._reader.location(ino, gen, chunk)
+
+    def chunk_digests(self, ino: int, gen: int, chunk: int) -> list[bytes] | None:
+        """Digest of each page of a held chunk (ZERO_DIGEST for a hole), or None: what a peer asks for."""
+        return self._reader.chunk_digests(ino, gen, chunk)
+
+    def read_page(self, digest: bytes) -> bytes | None:
+        """One page (4096 bytes) by content hash, verified; None if not held."""
+        return self._reader.read_page(digest)
+
+    def iter_digests(self) -> Iterator[bytes]:
+        """Every stored page's digest."""
+        return self._reader.iter_keys(self._reader.tables.pages)
+
+    def read_location(self, ino: int, version: tuple[int, int, int, int], chunk: int) -> tuple[bytes, list[bytes]] | None:
+        """For a peer: the chunk and its page digests, only if the held record of `ino` has exactly `version`."""
+        rec = self.file_record(ino)
+        if rec is None or rec[1] != version:
+            return None
+        gen = rec[0]
+        data = self.read_chunk(ino, gen, chunk)
+        digests = self.chunk_digests(ino, gen, chunk)
+        if data is None or digests is None:
+            return None
+        return data, digests
+
+    def iter_locations(self) -> Iterator[tuple[int, Version, int]]:
+        """(ino, version, chunk) of every held chunk of a file's current generation: the peers' location summary."""
+        return self._reader.iter_locations()
+
+    def iter_files(self) -> list[int]:
+        """The inode of every file with a record (for dropping the whole cache)."""
+        return self._reader.iter_files()
+
+    def stats(self) -> dict[str, int | float]:
+        chunks, free, logical = self._reader.totals()
+        used = self._nslots - free
+        return {
+            "capacity": self._nslots * PAGE_SIZE,
+            "page_size": PAGE_SIZE,
+            "chunk_size": self.chunk_size,
+            "pages_used": used,
+            "bytes_stored": used * PAGE_SIZE,
+            "logical_bytes": logical,
+            "dedup_ratio": logical / (used * PAGE_SIZE) if used else 1.0,
+            "chunks": chunks,
+            "max_chunks": self.max_chunks,
+            **self._counters,
+        }
+
+    def check(self) -> list[str]:
+        """Problems the integrity checker finds (empty: consistent). Only while no batch is being applied."""
+        r = self._reader
+        with r.env.begin(buffers=True) as txn:
+            return problems(txn, r.tables, r.slab.view, r.slab.nslots, self.chunk_size)
+
+    # --- writes (one writer thread) --------------------------------------
+
+    def apply(self, batch: WriteBatch) -> None:
+        """Apply one batch: releases and evictions commit first, then admissions (see the package docstring)."""
+        self._writer.apply(batch)
+
+    def set_peer_holds(self, holds: Callable[[bytes], bool]) -> None:
+        """Deprecated: pass `WriteBatch.peer_holds` instead. Kept until daemon.py stops calling it."""
+        self._writer.peer_holds = holds
+
+    def close(self) -> None:
+        """Make everything durable and mark a clean shutdown."""
+        self._files.close_clean(self._eviction.order())
+
+    def abandon(self) -> None:
+        """Close without the clean-shutdown mark: what a killed process leaves (tests of recovery use it)."""
+        self._files.close()

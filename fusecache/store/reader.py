@@ -1,0 +1,356 @@
+"""Reading the store: verified copies of chunks, ranges and pages, file records and listings, on any thread.
+
+The `Reader` is given the LMDB environment and tables, the open slab, the
+eviction order (touched on every hit) and the counters. Every read takes its
+own LMDB read transaction (MVCC: it never waits for the writer) and copies
+bytes out of the read-only slab map; the writer may be reusing a slot an
+older view still points at, so every byte is checked after it is copied: the
+chunk digest when a whole chunk is read (one hash), else the digest of each
+page overlapping the range read. A mismatch is a miss (`verify_failures`),
+never wrong data.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import lmdb
+import xxhash
+
+from fusecache.store.eviction import Eviction
+from fusecache.store.layout import (
+    INO,
+    PAGE_SIZE,
+    RUN,
+    SHIFT,
+    U32,
+    U64,
+    ZERO_DIGEST,
+    ZERO_PAGE,
+    Key,
+    Location,
+    Slab,
+    Tables,
+    decode_file,
+    decode_loc,
+    decode_page,
+    loc_head,
+    loc_refs,
+    pack_key,
+    page_digests,
+    unpack_key,
+    whole_run_head,
+)
+from fusecache.version import UNKNOWN, Version
+
+# Keys per read transaction when listing a table: a long transaction would pin LMDB pages.
+_LIST_BATCH = 4096
+
+
+class Reader:
+    """The store's reads: lock-free, verified, safe beside the one writer."""
+
+    def __init__(
+        self, env: lmdb.Environment, tables: Tables, slab: Slab, eviction: Eviction, counters: dict[str, int], *, chunk_size: int
+    ) -> None:
+        self.env, self.tables, self.slab, self.eviction, self.counters = env, tables, slab, eviction, counters
+        self.chunk_size = chunk_size
+        self._whole_run_head = whole_run_head(chunk_size).unpack_from
+
+    def read_chunk(self, ino: int, gen: int, chunk: int, lo: int = 0, hi: int | None = None) -> bytes | None:
+        key = pack_key(ino, gen, chunk)
+        with self.env.begin(db=self.tables.loc, buffers=True) as txn:
+            data = self.chunk_in(txn, key, lo, hi)
+        if data is None:
+            self.counters["misses"] += 1
+            return None
+        self.counters["hits"] += 1
+        self.eviction.touch(key)
+        return data
+
+    def read_chunks(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        hits: list[Key] = []
+        cs = self.chunk_size
+        with self.env.begin(db=self.tables.loc, buffers=True) as txn:
+            for c in range(first, last + 1):
+                key = pack_key(ino, gen, c)
+                data = self.chunk_in(txn, key, lo if c == first else 0, hi if c == last else None)
+                out.append(data)
+                if data is None:
+                    continue
+                hits.append(key)
+                if len(data) < (hi if c == last and hi is not None else cs) - (lo if c == first else 0):
+                    out.extend([None] * (last - c))  # end of file
+                    break
+        self.counters["hits"] += len(hits)
+        self.counters["misses"] += len(out) - len(hits)
+        for key in hits:
+            self.eviction.touch(key)
+        return out
+
+    def chunk_in(self, txn: lmdb.Transaction, key: Key, lo: int = 0, hi: int | None = None) -> bytes | None:
+        """Bytes [lo, hi) of one chunk as `txn` sees it, verified; None if absent or a page read fails its check."""
+        value = txn.get(key, db=self.tables.loc)
+        if value is None:
+            return None
+        cs = self.chunk_size
+        if lo <= 0 and (hi is None or hi >= cs):
+            try:
+                length, flags, chunk_digest, first_slot = self._whole_run_head(value)
+            except struct.error:  # too short to be a whole run: a chunk of holes
+                flags = 0
+            if flags & RUN and length == cs:
+                # The common case: a whole chunk, one run of slots: one copy, one hash.
+                if first_slot + (cs >> SHIFT) > self.slab.nslots:
+                    self.counters["verify_failures"] += 1
+                    return None
+                # Copy first, verify the copy: the writer may be reusing a slot right now.
+                data = self.slab.map[first_slot << SHIFT : (first_slot << SHIFT) + cs]
+                if xxhash.xxh3_128_digest(data) != chunk_digest:
+                    self.counters["verify_failures"] += 1
+                    return None
+                return data
+        length, flags, chunk_digest, npages, refs_at, first_slot = loc_head(value)
+        if hi is None or hi > length:
+            hi = length
+        lo = max(lo, 0)
+        if lo >= hi:
+            return b""
+        mm = self.slab.map
+        whole = lo == 0 and hi == length
+        if flags & RUN:
+            if first_slot + npages > self.slab.nslots:
+                self.counters["verify_failures"] += 1
+                return None
+            base = first_slot << SHIFT
+            if whole:
+                # Copy first, verify the copy: the writer may be reusing a slot right now.
+                data = mm[base : base + length]
+                if xxhash.xxh3_128_digest(data) != chunk_digest:
+                    self.counters["verify_failures"] += 1
+                    return None
+                return data
+            p0, p1 = lo >> SHIFT, (hi - 1) >> SHIFT
+            data = mm[base + (p0 << SHIFT) : base + ((p1 + 1) << SHIFT)]
+            digests = page_digests(value, refs_at, npages, p0, p1)
+            view = memoryview(data)
+            for j in range(p1 - p0 + 1):
+                if xxhash.xxh3_128_digest(view[j << SHIFT : (j + 1) << SHIFT]) != digests[16 * j : 16 * j + 16]:
+                    self.counters["verify_failures"] += 1
+                    return None
+        else:
+            p0, p1 = (0, npages - 1) if whole else (lo >> SHIFT, (hi - 1) >> SHIFT)
+            present, n, arrays = loc_refs(value, refs_at)
+            k = (present & ((1 << p0) - 1)).bit_count()  # index of page p0's slot, if stored
+            parts: list[bytes] = []
+            checks: list[tuple[int, bytes]] = []
+            start = end = -1
+            nslots = self.slab.nslots
+            for i in range(p0, p1 + 1):
+                if present >> i & 1:
+                    slot = arrays[k]
+                    if slot >= nslots:
+                        self.counters["verify_failures"] += 1
+                        return None
+                    if not whole:
+                        checks.append(((i - p0) << SHIFT, arrays[n + k]))
+                    k += 1
+                    if slot == end:
+                        end += 1
+                        continue
+                    if end >= 0:
+                        parts.append(mm[start << SHIFT : end << SHIFT])
+                    start, end = slot, slot + 1
+                else:
+                    if end >= 0:
+                        parts.append(mm[start << SHIFT : end << SHIFT])
+                        end = -1
+                    parts.append(ZERO_PAGE)
+            if end >= 0:
+                parts.append(mm[start << SHIFT : end << SHIFT])
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            if whole:
+                if len(data) != length:
+                    data = data[:length]
+                if xxhash.xxh3_128_digest(data) != chunk_digest:
+                    self.counters["verify_failures"] += 1
+                    return None
+                return data
+            view = memoryview(data)
+            for off, digest in checks:
+                if xxhash.xxh3_128_digest(view[off : off + PAGE_SIZE]) != digest:
+                    self.counters["verify_failures"] += 1
+                    return None
+        lo -= p0 << SHIFT
+        hi -= p0 << SHIFT
+        return data if lo == 0 and hi == len(data) else data[lo:hi]
+
+    def read_span(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> memoryview | None:
+        cs = self.chunk_size
+        buf = bytearray((last - first + 1) * cs)  # zeros: holes are not copied
+        view = memoryview(buf)
+        slab, nslots = self.slab.view, self.slab.nslots
+        full_pages = cs >> SHIFT
+        whole_from = first if lo <= 0 else first + 1  # chunks from here to whole_to are read whole
+        whole_to = last if hi is None or hi >= cs else last - 1
+        digest = xxhash.xxh3_128_digest
+        whole_head = self._whole_run_head
+        pos = begin = 0
+        keys = []
+        with self.env.begin(db=self.tables.loc, buffers=True) as txn:
+            for c in range(first, last + 1):
+                key = pack_key(ino, gen, c)
+                value = txn.get(key)
+                if value is None:
+                    return None
+                if whole_from <= c <= whole_to:
+                    try:
+                        length, flags, chunk_digest, slot = whole_head(value)
+                    except struct.error:  # too short to be a whole run: a chunk of holes
+                        flags = 0
+                    if flags & RUN and length == cs:
+                        # The common case: a whole chunk, one run of slots: one copy, one hash.
+                        if slot + full_pages > nslots:
+                            self.counters["verify_failures"] += 1
+                            return None
+                        view[pos : pos + cs] = slab[slot << SHIFT : (slot << SHIFT) + cs]
+                        if digest(view[pos : pos + cs]) != chunk_digest:
+                            self.counters["verify_failures"] += 1
+                            return None
+                        keys.append(key)
+                        pos += cs
+                        continue
+                length, flags, chunk_digest, npages, head, slot = loc_head(value)
+                clo = lo if c == first else 0
+                chi = length if c != last or hi is None or hi > length else hi
+                if clo >= chi:
+                    break  # the request starts at or past the end of the file
+                keys.append(key)
+                whole = clo == 0 and chi == length
+                p0, p1 = (0, npages - 1) if whole else (clo >> SHIFT, (chi - 1) >> SHIFT)
+                if c == first:
+                    begin = clo - (p0 << SHIFT)
+                if flags & RUN:
+                    if slot + npages > nslots:
+                        self.counters["verify_failures"] += 1
+                        return None
+                    a = (slot + p0) << SHIFT
+                    n = length if whole else (p1 + 1 - p0) << SHIFT
+                    view[pos : pos + n] = slab[a : a + n]
+                    checks = [] if whole else list(zip(range(p0, p1 + 1), range(p0, p1 + 1), strict=True))
+                    digests_at = head + 4 * npages
+                else:
+                    present, count, arrays = loc_refs(value, head)
+                    k = (present & ((1 << p0) - 1)).bit_count()
+                    checks = []
+                    for i in range(p0, p1 + 1):
+                        if present >> i & 1:
+                            slot = arrays[k]
+                            if slot >= nslots:
+                                self.counters["verify_failures"] += 1
+                                return None
+                            at = pos + ((i - p0) << SHIFT)
+                            view[at : at + PAGE_SIZE] = slab[slot << SHIFT : (slot + 1) << SHIFT]
+                            checks.append((i, k))
+                            k += 1
+                    digests_at = head + 4 * count
+                # Verify the copy: the writer may be reusing a slot right now.
+                if whole:
+                    ok = digest(view[pos : pos + length]) == chunk_digest
+                    pos += length
+                else:
+                    ok = True
+                    for i, k in checks:
+                        at = pos + ((i - p0) << SHIFT)
+                        d = digests_at + 16 * k
+                        if digest(view[at : at + PAGE_SIZE]) != bytes(value[d : d + 16]):
+                            ok = False
+                            break
+                    pos += chi - (p0 << SHIFT)  # the next chunk's bytes follow this one's
+                if not ok:
+                    self.counters["verify_failures"] += 1
+                    return None
+                if length < cs:
+                    break  # end of file
+        self.counters["hits"] += len(keys)
+        for key in keys:
+            self.eviction.touch(key)
+        return view[begin:pos].toreadonly()
+
+    def file_record(self, ino: int) -> tuple[int, Version] | None:
+        with self.env.begin(db=self.tables.files, buffers=True) as txn:
+            value = txn.get(INO.pack(ino))
+            return None if value is None else decode_file(value)
+
+    def location(self, ino: int, gen: int, chunk: int) -> Location | None:
+        with self.env.begin(db=self.tables.loc, buffers=True) as txn:
+            value = txn.get(pack_key(ino, gen, chunk))
+            return None if value is None else decode_loc(value)
+
+    def chunk_digests(self, ino: int, gen: int, chunk: int) -> list[bytes] | None:
+        loc = self.location(ino, gen, chunk)
+        if loc is None:
+            return None
+        digests = [ZERO_DIGEST] * ((loc.length + PAGE_SIZE - 1) >> SHIFT)
+        for i, digest, _ in loc.pages():
+            digests[i] = digest
+        return digests
+
+    def read_page(self, digest: bytes) -> bytes | None:
+        if digest == ZERO_DIGEST:
+            return ZERO_PAGE
+        with self.env.begin(db=self.tables.pages, buffers=True) as txn:
+            value = txn.get(digest)
+            if value is None:
+                return None
+            slot, _ = decode_page(value)
+        if slot >= self.slab.nslots:
+            self.counters["verify_failures"] += 1
+            return None
+        page = self.slab.map[slot << SHIFT : (slot + 1) << SHIFT]
+        if xxhash.xxh3_128_digest(page) != digest:
+            self.counters["verify_failures"] += 1
+            return None
+        return page
+
+    def iter_keys(self, db: Any) -> Iterator[bytes]:
+        """Every key of `db`, read in short transactions of _LIST_BATCH keys."""
+        start = b""
+        while True:
+            with self.env.begin(db=db) as txn:
+                cur = txn.cursor()
+                if not cur.set_range(start):
+                    return
+                batch = []
+                for key in cur.iternext(values=False):
+                    batch.append(key)
+                    if len(batch) == _LIST_BATCH:
+                        break
+            yield from batch
+            if len(batch) < _LIST_BATCH:
+                return
+            start = batch[-1] + b"\x00"
+
+    def iter_locations(self) -> Iterator[tuple[int, Version, int]]:
+        with self.env.begin(db=self.tables.files) as txn:
+            files = {INO.unpack(k)[0]: decode_file(v) for k, v in txn.cursor().iternext()}
+        for key in self.iter_keys(self.tables.loc):
+            ino, gen, chunk = unpack_key(key)
+            rec = files.get(ino)
+            if rec is not None and rec[0] == gen and rec[1] != UNKNOWN:  # a version not known is not offered
+                yield ino, rec[1], chunk
+
+    def iter_files(self) -> list[int]:
+        with self.env.begin(db=self.tables.files) as txn:
+            return [INO.unpack(k)[0] for k in txn.cursor().iternext(values=False)]
+
+    def totals(self) -> tuple[int, int, int]:
+        """(loc entries, free slots, logical bytes), as the last commit left them."""
+        with self.env.begin(buffers=True) as txn:
+            chunks = txn.stat(self.tables.loc)["entries"]
+            (free,) = U32.unpack(txn.get(b"free_slots", db=self.tables.meta))
+            (logical,) = U64.unpack(txn.get(b"logical_bytes", db=self.tables.meta))
+        return chunks, free, logical
