@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -15,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from fusecache.top import human
-from tests.mounting import run_fusecache
+from tests.mounting import run_fusecache, stats
 
 pytestmark = pytest.mark.mount
 
@@ -123,12 +122,6 @@ class Reader:
         self.thread.join(timeout=60)
         assert not self.thread.is_alive()
         assert self.error is None, self.error
-
-
-def stats(mountpoint: str) -> dict:
-    proc = run_fusecache("stats", mountpoint, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def image_row(screen: str, image: str) -> list[str]:

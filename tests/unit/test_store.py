@@ -20,7 +20,7 @@ from fusecache.errors import QuietError
 from fusecache.store import _LOC_KEY, _PAGE, _RUN, PAGE_SIZE, Store, WriteBatch, _decode_loc
 
 CHUNK = 65536
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Shared with the SIGKILL child: chunk contents are a pure function of the
 # key, so whatever survived a kill can be checked. Pages come from a pool
