@@ -18,7 +18,7 @@ filesystems of `bench/images.py` (built on first use, then cached).
    delivered (what large requests cost). This runs inline on the FUSE loop.
    Each figure is the median of `--runs` passes after one untimed warm pass.
 
-    .venv/bin/python bench/blocksize.py [--runs 3] [--sample 20000] [--dir /var/tmp]
+    .venv/bin/python -m bench.blocksize [--runs 3] [--sample 20000] [--dir /var/tmp]
 
 Prints the tables and a recommendation computed from them; writes
 bench/results/blocksize.json.
@@ -42,12 +42,8 @@ from typing import Any
 
 import xxhash
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common import print_table, write_results
-from images import ImagesUnavailable, build_images
-
+from bench.common import print_table, write_results
+from bench.images import ImagesUnavailable, build_images
 from fusecache.store import Store, WriteBatch
 
 KIB = 1024

@@ -1,7 +1,7 @@
 """Hosts sharing caches: backing bytes saved, peer-hit latency vs an NFS read, and summary costs vs N.
 
 Every host is a `fusecache mount` daemon in a network namespace of its own
-(tests/netns.py: a bridge, one veth per host, addresses only inside those
+(tests/harness/netns.py: a bridge, one veth per host, addresses only inside those
 namespaces), all on one backing directory (the stand-in for the NFS export).
 
 1. Backing bytes (N = 2..4): the hosts read the same images in turn, like
@@ -10,10 +10,10 @@ namespaces), all on one backing directory (the stand-in for the NFS export).
 2. Peer-hit latency, from the reading host's view, per 64 KiB chunk: O_DIRECT
    64 KiB reads through the mount of chunks a peer holds (the reader admits
    nothing, so every read is a peer hit), with the link between them behind
-   the delay proxy (bench/delay_proxy.py's delayed connection, `D` ms each
+   the delay proxy (tests/harness/delay_proxy.py's delayed connection, `D` ms each
    way). Against, at the same `D`: (a) a plain TCP request/response of 64 KiB
    through the same proxy, between the same namespaces; (b) a real NFSv4 read:
-   nfs-ganesha (tests/nfs_server.py) behind a delay proxy, read through a
+   nfs-ganesha (tests/harness/nfs_server.py) behind a delay proxy, read through a
    `fusecache --no-cache` mount (so both sides pay the same FUSE path); and the
    floor, `--no-cache` on the local directory.
 3. Summary size and lookup cost: Bloom bytes per GiB of cache (the server's
@@ -24,7 +24,7 @@ namespaces), all on one backing directory (the stand-in for the NFS export).
 
 Prints tables and a headline line; writes bench/results/cluster.json.
 
-    .venv/bin/python bench/cluster.py [--hosts 2 3 4] [--delays 0 1 2] [--no-nfs]
+    .venv/bin/python -m bench.cluster [--hosts 2 3 4] [--delays 0 1 2] [--no-nfs]
 
 Run as root (network namespaces, FUSE). Light on purpose: 2 shared cores.
 """
@@ -45,15 +45,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fusecache.peers.protocol import SUMMARY_LOCATIONS
+from fusecache.peers.summary import BloomFilter, bytes_per_gib
+from tests.harness.delay_proxy import DelayProxy
+from tests.harness.netns import Host, LinkProxy, Net, unmount
+from tests.harness.waiting import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from delay_proxy import DelayProxy  # noqa: E402
-
-from fusecache.peers.protocol import SUMMARY_LOCATIONS  # noqa: E402
-from fusecache.peers.summary import BloomFilter, bytes_per_gib  # noqa: E402
-from tests.netns import Host, LinkProxy, Net, unmount  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -103,14 +101,6 @@ def fc_stats(mp: str) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)
     return json.loads(proc.stdout)
-
-
-def wait_for(cond: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def read_file(path: str) -> int:
@@ -251,8 +241,8 @@ def nfs_reads(work: Path, images: Path, name: str, delays: list[float], offsets:
     Kept short: ganesha's rpcbind runs in an `unshare --mount` namespace, which
     holds a copy of every FUSE mount on the machine while it lives.
     """
+    from tests.harness.nfs_server import NfsServer
     from tests.mounting import force_unmount
-    from tests.nfs_server import NfsServer
 
     rows = []
     with NfsServer(work / "nfs") as srv:

@@ -7,7 +7,7 @@ booting, a backup reading the whole disk). Every access goes through the
 same eviction classes `fusecache.store.eviction` holds, with inclusive admission (every
 miss is admitted) and one slot per chunk, at several cache sizes.
 
-    .venv/bin/python bench/eviction.py [--chunks 20000] [--accesses 1000000] [--seed 1]
+    .venv/bin/python -m bench.eviction [--chunks 20000] [--accesses 1000000] [--seed 1]
 
 Prints a table; writes bench/results/eviction.json.
 """
@@ -19,10 +19,7 @@ import itertools
 import json
 import os
 import random
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fusecache.store.eviction import EVICTIONS
 

@@ -26,7 +26,7 @@ and cold run. Setups alternate within each repeat; each figure is the median
 of the repeats. A setup whose mount cannot start (an option this build lacks)
 is reported as "not available".
 
-    .venv/bin/python bench/hitpath.py [--quick] [--repeats 3] [--size-mib 1024] [--rand-mib 64] [--cold-backing] [--dir /var/tmp]
+    .venv/bin/python -m bench.hitpath [--quick] [--repeats 3] [--size-mib 1024] [--rand-mib 64] [--cold-backing] [--dir /var/tmp]
 
 Prints a table; writes bench/results/hitpath.json (hitpath-quick.json with --quick, a smoke run).
 """
@@ -43,9 +43,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import (
+from bench.common import (
     MIB,
     FioResult,
     MountUnavailable,

@@ -17,7 +17,7 @@ kept in `<VERSION>/debs/` and shared by the builds (the file systems are
 still made separately); `NAME.json` records how long its build took.
 
 Use `build_images()` (-> list of image paths) from tests and benchmarks, or run
-`python bench/images.py [NAME...]`. Without Debian's mirror (or without root,
+`python -m bench.images [NAME...]`. Without Debian's mirror (or without root,
 debootstrap or mkfs.ext4) it raises `ImagesUnavailable` with one line saying
 why; run as a script it prints that line and exits 1.
 """
@@ -55,8 +55,6 @@ class ImagesUnavailable(Exception):
 
 
 def _check_tools() -> None:
-    if os.geteuid() != 0:
-        raise ImagesUnavailable("building the Debian test images needs root (debootstrap)")
     for tool, package in (("debootstrap", "debootstrap"), ("mkfs.ext4", "e2fsprogs")):
         if shutil.which(tool) is None:
             raise ImagesUnavailable(f"building the Debian test images needs {tool}: apt-get install {package}")
@@ -139,6 +137,8 @@ def build_images(names: Sequence[str] | None = None) -> list[Path]:
     paths = [CACHE_DIR / f"{n}.img" for n in names]
     if all(p.is_file() for p in paths):
         return paths
+    if os.geteuid() != 0:  # before the cache directory is touched: a user could not write there either
+        raise ImagesUnavailable("building the Debian test images needs root (debootstrap)")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / ".lock", "w") as lock:
         try:

@@ -7,7 +7,7 @@ daemon can answer, which is what fusecache's hit path is measured against
 (MEASURED.md's "pyfuse3, bytes from a dict"). Prints "ready" on stdout once
 mounted; unmounts on SIGTERM or SIGINT.
 
-    .venv/bin/python bench/memfs.py SOURCE_FILE MOUNTPOINT
+    .venv/bin/python -m bench.memfs SOURCE_FILE MOUNTPOINT
 """
 
 from __future__ import annotations

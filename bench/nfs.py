@@ -1,9 +1,9 @@
 """Reads from a real NFS server directly, through fusecache cold, and through fusecache warm, at 0, 0.5 and 2 ms added round trip.
 
 Owns the issue's NFS goal: warm 4 KiB hits at least 20x faster than reading
-NFS directly when the server is 2 ms away. The server is tests/nfs_server.py's
+NFS directly when the server is 2 ms away. The server is tests/harness/nfs_server.py's
 nfs-ganesha in a network namespace of its own, exporting one image of random
-bytes (NFSv3). For each added round trip a bench/delay_proxy.py process sits
+bytes (NFSv3). For each added round trip a tests/harness/delay_proxy.py process sits
 in front of it (it takes a one-way delay: half the round trip each way), and
 every client below goes through that proxy:
 
@@ -27,7 +27,7 @@ The server reads from the host page cache throughout (the image was just
 written), so "nfs" is the network plus libnfs, not a disk. Each figure is the
 median of `--repeats` runs; speedups are ratios from this one run.
 
-    .venv/bin/python bench/nfs.py [--quick] [--repeats 3] [--size-mib 256] [--rand-reads 2000] [--dir /var/tmp]
+    .venv/bin/python -m bench.nfs [--quick] [--repeats 3] [--size-mib 256] [--rand-reads 2000] [--dir /var/tmp]
 
 Prints a table, the goal check and a one-line headline for the README;
 writes bench/results/nfs.json (nfs-quick.json with --quick, a ~1 minute
@@ -51,10 +51,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-
-from common import (  # noqa: E402
+from bench.common import (
     MIB,
     FioResult,
     MountUnavailable,
@@ -66,10 +63,9 @@ from common import (  # noqa: E402
     run_fio,
     write_results,
 )
-from delay_proxy import DelayProxy  # noqa: E402
-
-from fusecache.backing.nfs import NfsBacking  # noqa: E402
-from tests.nfs_server import EXPORT, MOUNT_PORT, NFS_PORT, NfsServer  # noqa: E402
+from fusecache.backing.nfs import NfsBacking
+from tests.harness.delay_proxy import DelayProxy
+from tests.harness.nfs_server import EXPORT, MOUNT_PORT, NFS_PORT, NfsServer
 
 KIB = 1024
 IMAGE = "disk.img"

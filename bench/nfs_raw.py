@@ -7,12 +7,12 @@ NFSv3 and NFSv4 (libnfs 4.0 speaks v4.0, nfs-rs v4.1), plus `NfsBacking`
 itself (its pool of connections and split large reads, with and without the
 split), and NfsBacking's 1 MiB sequential writes.
 
-The server is tests/nfs_server.py's ganesha in its own network namespace,
+The server is tests/harness/nfs_server.py's ganesha in its own network namespace,
 which this process joins. Three paths: straight to the server ("no proxy"),
-through bench/delay_proxy.py with no delay (its own cost), and through it
+through tests/harness/delay_proxy.py with no delay (its own cost), and through it
 with 1 ms each way (+2 ms round trip: a server a real network away).
 
-    .venv/bin/python bench/nfs_raw.py [--runs 3] [--file-mib 64]
+    .venv/bin/python -m bench.nfs_raw [--runs 3] [--file-mib 64]
 
 Writes bench/results/nfs_raw.json and bench/results/nfs_raw.md.
 """
@@ -27,20 +27,18 @@ import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import nfs_rs
+
+from fusecache.backing import nfs as fnfs
+from tests.harness.delay_proxy import DelayProxy, join_netns
+from tests.harness.nfs_server import MOUNT_PORT, NFS_PORT, NfsServer
+
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-
-import nfs_rs  # noqa: E402
-from delay_proxy import DelayProxy, join_netns  # noqa: E402
-
-from fusecache.backing import nfs as fnfs  # noqa: E402
-from tests.nfs_server import MOUNT_PORT, NFS_PORT, NfsServer  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
 Reader = Callable[[int, int], bytes]

@@ -15,7 +15,7 @@ psync, 4 KiB random and 128 KiB / 1 MiB sequential, 1 and 2 jobs, time-based:
 Backing and fusecache runs alternate within each repeat; each figure is the
 median of the repeats; the ratio is fusecache / backing.
 
-    .venv/bin/python bench/passthrough.py [--quick] [--runtime 5] [--repeats 3] [--size-mib 1024] [--dir /var/tmp]
+    .venv/bin/python -m bench.passthrough [--quick] [--runtime 5] [--repeats 3] [--size-mib 1024] [--dir /var/tmp]
 
 Prints a table; writes bench/results/passthrough.json (passthrough-quick.json with --quick, a smoke run).
 """
@@ -30,9 +30,7 @@ import sys
 import tempfile
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import (
+from bench.common import (
     FioResult,
     MountUnavailable,
     assert_nothing_mounted_under,

@@ -7,7 +7,7 @@ time (p50/p99) and with 16 in flight (hits/s). Then builds Bloom summaries
 of 1e4..1e6 digests (1e7 extrapolated) and measures bytes, build cost per
 key and lookup cost. Prints a table; writes bench/results/peer_latency.json.
 
-    .venv/bin/python bench/peer_latency.py [--fetches 3000]
+    .venv/bin/python -m bench.peer_latency [--fetches 3000]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The research experiment: guests re-reading what their balloon made them evict, with no cache, inclusive and second-chance.
 
 Owns the end-to-end measurement behind second-chance admission. N emulated
-guests (`fusecache.simguest`: a page-cache LRU over a disk image read with
+guests (`tests/harness/simguest.py`: a page-cache LRU over a disk image read with
 O_DIRECT through a real fusecache mount, a balloon, a QMP socket the real
 balloon monitor talks to) each read their own image (incompressible random
 data, larger than the guest's memory) with Zipf-distributed popularity.
@@ -34,7 +34,7 @@ chunk can still be evicted before its re-read when the cache is full, so it is
 an upper bound there); host memory (store bytes, plus second-chance's staging
 buffer; the daemon's VmRSS and RssAnon as a second view).
 
-    .venv/bin/python bench/secondchance.py [--quick] [--guests 3] [--reads 10000] [--staging-size MIB] [--dir /var/tmp]
+    .venv/bin/python -m bench.secondchance [--quick] [--guests 3] [--reads 10000] [--staging-size MIB] [--dir /var/tmp]
 
 Needs root and /dev/fuse. Prints a table per variant and a headline; writes
 bench/results/secondchance.json (-quick, -stagingNM in the name with those options).
@@ -57,10 +57,7 @@ from typing import Any
 import lmdb
 import trio
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common import (
+from bench.common import (
     MIB,
     MountUnavailable,
     assert_nothing_mounted_under,
@@ -71,8 +68,7 @@ from common import (
     warm_page_cache,
     write_results,
 )
-
-from fusecache.simguest import BLOCK, RESERVED, EmulatedGuest
+from tests.harness.simguest import BLOCK, RESERVED, EmulatedGuest
 
 MODES = ("no-cache", "inclusive", "second-chance")
 SETTLE_BEFORE_INFLATION = 2.5  # the monitor's polls must see the full page caches before the balloon moves

@@ -21,7 +21,7 @@ Also the cost of one small LMDB commit with and without fsync, which decides
 the store's `sync=False`. Memory is warmed before anything is timed; each
 figure is the median of `--runs` runs.
 
-    .venv/bin/python bench/store_profile.py [--runs 5] [--dir /var/tmp] [--baseline REV]
+    .venv/bin/python -m bench.store_profile [--runs 5] [--dir /var/tmp] [--baseline REV]
 
 Prints a table; writes bench/results/store_profile.json.
 """
@@ -43,10 +43,9 @@ from types import ModuleType
 import lmdb
 import xxhash
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+from fusecache import store as current
 
-from fusecache import store as current  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 CHUNKS = 1000  # held chunks for the read figures, and admissions per put batch
 REQUEST = 1 << 20  # the largest FUSE request

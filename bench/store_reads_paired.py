@@ -10,7 +10,7 @@ median over rounds of the paired ratio this/baseline (1.00 = the same).
 `--baseline` must name a revision whose store is one module,
 fusecache/store.py (36b2b9b or older), as `bench/store_profile.py` loads it.
 
-    .venv/bin/python bench/store_reads_paired.py [--baseline 36b2b9b] [--rounds 61] [--dir /var/tmp]
+    .venv/bin/python -m bench.store_reads_paired [--baseline 36b2b9b] [--rounds 61] [--dir /var/tmp]
 
 Prints a table; writes bench/results/store_reads_paired.json.
 """
@@ -25,11 +25,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common import print_table, write_results
-from store_profile import baseline_module
+from bench.common import print_table, write_results
+from bench.store_profile import baseline_module
 
 from fusecache import store as current
 

@@ -1,25 +1,84 @@
-"""Fixtures shared by every tier of the test suite."""
+"""Fixtures shared by every tier of the test suite, and the skips that let each tier run wherever its parts are.
+
+The unit tier (tests/unit/) needs nothing but Python and a writable temporary
+directory: it runs as any user. The other tiers need real parts: tests marked
+`mount` need root and /dev/fuse, `nfs` nfs-ganesha (and root, for its network
+namespace), `netns` network namespaces, `guest` QEMU, `libvirt` libvirtd. A
+test whose part is missing here is skipped with a line saying what is
+missing, before any of its fixtures starts; the rest of the suite still runs.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
+import shutil
 
 import pytest
 
 from tests.guest import guest_build, libvirtd  # noqa: F401 - fixtures for every test module
+from tests.harness.nfs_server import nfs_server  # noqa: F401 - a fixture
 from tests.mounting import Mounter
-from tests.nfs_server import nfs_server  # noqa: F401 - a fixture
+
+PARTS = ("mount", "nfs", "netns", "guest", "libvirt")  # the markers in pyproject.toml that name a real part
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        raise pytest.UsageError("the fusecache tests mount real filesystems: run them as root on a machine with /dev/fuse")
+def _not_root(why: str) -> str | None:
+    return None if os.geteuid() == 0 else f"needs root: {why} (run `make test` as root)"
+
+
+def _not_installed(*tools: str) -> str | None:
+    for tool in tools:
+        if shutil.which(tool) is None:
+            # Debian keeps mkfs.ext4, ip, rpcbind in sbin, which is off a normal user's PATH.
+            if found := next((d for d in ("/usr/sbin", "/sbin") if os.path.exists(os.path.join(d, tool))), None):
+                return f"{tool} is in {found}, which is not on PATH: add {found} to PATH"
+            return f"{tool} not installed (`make deps` installs it)"
+    return None
+
+
+@functools.cache
+def missing(part: str) -> str | None:
+    """Why the part a test marker names cannot run on this machine, or None when it can."""
+    if part == "mount":
+        if not os.path.exists("/dev/fuse"):
+            return "no /dev/fuse on this machine: FUSE cannot mount here"
+        return _not_root("it mounts FUSE filesystems") or _not_installed("fusermount3")
+    if part == "nfs":
+        return _not_root("the NFS server runs in a network namespace of its own") or _not_installed(
+            "ganesha.nfsd", "rpcbind", "ip", "nsenter", "unshare"
+        )
+    if part == "netns":
+        return _not_root("it makes network namespaces") or _not_installed("ip", "nsenter")
+    if part == "guest":
+        return _not_installed("qemu-system-x86_64", "mkfs.ext4", "cpio")
+    if part == "libvirt":
+        if importlib.util.find_spec("libvirt") is None:
+            return "libvirt-python not installed (the `libvirt` extra: `make venv`)"
+        return _not_root("libvirtd runs in system mode") or _not_installed("libvirtd", "virsh")
+    raise ValueError(f"no such part: {part}")
+
+
+def require(part: str) -> None:
+    """Skip the current test, saying why, when `part` cannot run here."""
+    if reason := missing(part):
+        pytest.skip(f"{part}: {reason}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a test whose marked parts are missing before any of its fixtures (a server, a guest) starts."""
+    for part in PARTS:
+        if item.get_closest_marker(part) is not None:
+            require(part)
 
 
 @pytest.fixture
 def mounter(tmp_path):
     """Mounts the real `fusecache` command; everything it mounted is unmounted afterwards, pass or fail."""
+    require("mount")
     m = Mounter(str(tmp_path))
     try:
         yield m
@@ -105,5 +164,6 @@ def images(request, tmp_path):
         root = tmp_path / "images"
         root.mkdir()
         return LocalImages(str(root))
+    require("nfs")
     server = request.getfixturevalue("nfs_server")
     return NfsImages(server, int(request.param[-1]), f"{request.node.name}".replace("[", "-").replace("]", "")[:80])

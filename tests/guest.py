@@ -1,7 +1,7 @@
 """Test-only parts of the tiny real guest: running it under a private libvirtd, and the pytest fixtures.
 
 The guest itself (kernel, initramfs, disks, QEMU, the command channel) is
-`fusecache.tinyguest`, shared with `make demo`.
+`tests.harness.tinyguest`, shared with `make demo`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fusecache.tinyguest import (  # noqa: F401 - re-exported for the tests
+from tests.harness.tinyguest import (  # noqa: F401 - re-exported for the tests
     BUSYBOX,
     CommandChannel,
     Guest,

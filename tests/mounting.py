@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -40,6 +41,13 @@ class Mount:
 
 def run_fusecache(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*FUSECACHE, *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+
+
+def stats(mountpoint: str) -> dict:
+    """`fusecache stats MOUNTPOINT --json`: what the mount's daemon reports about itself."""
+    proc = run_fusecache("stats", mountpoint, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def is_mounted(path: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,10 +13,12 @@ from tests.mounting import is_mounted
 
 pytestmark = [pytest.mark.mount, pytest.mark.guest]
 
+REPO = Path(__file__).resolve().parent.parent  # `make demo` runs `python -m examples.demo` from here
+
 
 def test_the_demo_runs_and_its_summary_shows_the_cache_working():
-    proc = subprocess.run([sys.executable, "-m", "fusecache.demo"], capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "examples.demo"], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "Traceback" not in out + proc.stderr

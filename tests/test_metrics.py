@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -12,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fusecache.metrics import metric_families
-from tests.mounting import force_unmount, is_mounted, run_fusecache
+from tests.mounting import force_unmount, is_mounted, run_fusecache, stats
 
 pytestmark = pytest.mark.mount
 
@@ -35,12 +34,6 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-def stats(mountpoint: str) -> dict:
-    proc = run_fusecache("stats", mountpoint, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def read_all(path: str) -> None:

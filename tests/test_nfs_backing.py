@@ -1,4 +1,4 @@
-"""NfsBacking against a real nfs-ganesha (tests/nfs_server.py), NFSv3 and NFSv4, no mocks.
+"""NfsBacking against a real nfs-ganesha (tests/harness/nfs_server.py), NFSv3 and NFSv4, no mocks.
 
 Owns: every Backing method over nfs://, concurrency on one file, a server
 that dies, hangs or restarts under the client, a second client's writes, and
@@ -21,7 +21,7 @@ import pytest
 
 from fusecache.backing.nfs import NfsBacking
 from fusecache.errors import QuietError
-from tests.nfs_server import DENIED_EXPORT, NFS_PORT, DelayProxy, NfsServer, nfs_server  # noqa: F401  (nfs_server is a fixture)
+from tests.harness.nfs_server import DENIED_EXPORT, NFS_PORT, DelayProxy, NfsServer, nfs_server  # noqa: F401  (nfs_server is a fixture)
 
 pytestmark = [pytest.mark.nfs, pytest.mark.timeout(120)]
 
@@ -415,7 +415,7 @@ def test_unreachable_server(ver: int) -> None:
 
 
 def test_through_delay_proxy(nfs_server: NfsServer, area: tuple[str, Path]) -> None:  # noqa: F811
-    """NFSv4 over the delay proxy (bench/delay_proxy.py): many connections, bytes intact and in order."""
+    """NFSv4 over the delay proxy (tests/harness/delay_proxy.py): many connections, bytes intact and in order."""
     d, host = area
     data = random.randbytes(4 * 1024 * 1024 + 99)
     (host / "img").write_bytes(data)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.harness.waiting import wait_for
 from tests.mounting import is_mounted, run_fusecache
 
 pytestmark = pytest.mark.mount
@@ -30,13 +31,6 @@ def stats(mp: str) -> dict:
 def read_all(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
-
-
-def wait_for(cond, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture

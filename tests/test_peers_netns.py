@@ -1,11 +1,11 @@
 """Peers as separate hosts: daemons in network namespaces, veth links, delay and corruption in between.
 
 Each host is a `fusecache mount` daemon whose network is a namespace made by
-`tests/netns.py` (a bridge, one veth per host, 10.213.x.y addresses that exist
+`tests/harness/netns.py` (a bridge, one veth per host, 10.213.x.y addresses that exist
 only inside those namespaces); every mount is in this process's mount
 namespace, and all hosts share one backing directory (the stand-in for the
 NFS export). Between an asking host and the peer it asks runs a link proxy
-(a userspace TCP proxy reusing bench/delay_proxy.py, since this kernel has
+(a userspace TCP proxy reusing tests/harness/delay_proxy.py, since this kernel has
 no netem) that adds delay and can corrupt the peer's CHUNK frames.
 
 What `test_peers_mount.py` (loopback) does not cover, and this does:
@@ -29,10 +29,11 @@ from typing import Any
 
 import pytest
 
+from tests.harness.netns import Host, Net, leftovers
+from tests.harness.waiting import wait_for
 from tests.mounting import run_fusecache
-from tests.netns import Host, Net, leftovers
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.netns]
 MiB = 1 << 20
 
 
@@ -49,13 +50,6 @@ def peer(mp: str, address: str) -> dict[str, Any]:
 def read_all(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -10,36 +10,20 @@ must be right. Once over QMP, once through libvirtd and `virsh setmem`.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.guest import CommandChannel, Guest, domain_xml, make_disk
-from tests.mounting import run_fusecache
+from tests.harness.waiting import wait_for
+from tests.mounting import stats
 
 pytestmark = [pytest.mark.mount, pytest.mark.guest]
 MiB = 1 << 20
 FILE_MIB = 256
 GUEST_MIB = 512
 BALLOON_MIB = 170
-
-
-def stats(mp: str) -> dict:
-    proc = run_fusecache("stats", mp, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def wait_for(cond, what: str, timeout: float = 60.0):
-    """Bound on waiting (a failure names what never happened), not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.25)
-    return value
 
 
 @pytest.fixture(scope="module")

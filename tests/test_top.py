@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from fusecache.top import human
-from tests.mounting import run_fusecache
+from tests.harness.waiting import WaitTimeout, wait_for
+from tests.mounting import run_fusecache, stats
 
 pytestmark = pytest.mark.mount
 
@@ -42,22 +41,26 @@ class Terminal:
         return self.tmux("capture-pane", "-p", "-t", "top")
 
     def wait_for(self, what: str, ok: Callable[[str], bool]) -> str:
-        deadline = time.monotonic() + WAIT
-        while True:
+        """The screen, once `ok` says it shows `what`; giving up, the failure shows the last screen."""
+        screen = ""
+
+        def shows() -> bool:
+            nonlocal screen
             screen = self.screen()
-            if ok(screen):
-                return screen
-            if time.monotonic() > deadline:
-                size = self.tmux("display-message", "-p", "-t", "top", "#{window_width}x#{window_height}").strip()
-                raise AssertionError(f"the screen ({size}) never showed {what}:\n{screen}")
-            time.sleep(0.2)
+            return ok(screen)
+
+        try:
+            wait_for(shows, what, WAIT, interval=0.2)
+        except WaitTimeout:
+            size = self.tmux("display-message", "-p", "-t", "top", "#{window_width}x#{window_height}").strip()
+            raise AssertionError(f"the screen ({size}) never showed {what}:\n{screen}") from None
+        return screen
 
     def exit_status(self) -> int:
-        deadline = time.monotonic() + WAIT
-        while not (status := _read(self.status)):
-            assert time.monotonic() < deadline, f"fusecache top did not exit:\n{self.screen()}"
-            time.sleep(0.1)
-        return int(status)
+        try:
+            return int(wait_for(lambda: _read(self.status), "fusecache top to exit", WAIT))
+        except WaitTimeout:
+            raise AssertionError(f"fusecache top did not exit:\n{self.screen()}") from None
 
     def tty_settings(self) -> str:
         tty = self.tmux("display-message", "-p", "-t", "top", "#{pane_tty}").strip()
@@ -123,12 +126,6 @@ class Reader:
         self.thread.join(timeout=60)
         assert not self.thread.is_alive()
         assert self.error is None, self.error
-
-
-def stats(mountpoint: str) -> dict:
-    proc = run_fusecache("stats", mountpoint, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def image_row(screen: str, image: str) -> list[str]:

@@ -150,7 +150,9 @@ def test_xattrs_roundtrip_and_missing_is_enodata(ops, tmp_path):
 
 
 def test_files_created_for_a_user_belong_to_that_user(ops, tmp_path):
+    """A daemon running as root hands what it creates to the caller; any other daemon cannot, and owns it itself."""
     ctx = types.SimpleNamespace(uid=1234, gid=2345, pid=1, umask=0o022)
+    owner = (1234, 2345) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
 
     async def go():
         fi, _ = await ops.create(pyfuse3.ROOT_INODE, b"u", 0o600, os.O_WRONLY, ctx)
@@ -160,7 +162,7 @@ def test_files_created_for_a_user_belong_to_that_user(ops, tmp_path):
     run(go)
     for name in ("u", "dir"):
         st = os.lstat(tmp_path / name)
-        assert (st.st_uid, st.st_gid) == (1234, 2345)
+        assert (st.st_uid, st.st_gid) == owner
 
 
 def test_backing_errors_become_errno_and_are_logged(ops, tmp_path, caplog, expect_log):

@@ -25,7 +25,7 @@ The guest:
 
 Use:
 
-    from fusecache.tinyguest import Guest, build_guest, make_disk
+    from tests.harness.tinyguest import Guest, build_guest, make_disk
     make_disk(tmp / "disk.img", {"f": 256 << 20})
     with Guest(tmp / "vm", build_guest()) as g:
         g.start(tmp / "disk.img")                # any path: a fusecache mount too

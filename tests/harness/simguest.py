@@ -7,7 +7,7 @@ inflated, takes memory away and so makes the page cache evict its oldest
 blocks; and a QMP socket that answers the balloon monitor the way QEMU does
 (`query-balloon`, `guest-stats` with `stat-disk-caches`, `query-block`,
 BALLOON_CHANGE events), so the real monitor and second-chance path run.
-Real guests under QEMU are in tests/guest.py; this one boots in no time.
+Real guests under QEMU are in tests/harness/tinyguest.py; this one boots in no time.
 """
 
 from __future__ import annotations

@@ -6,14 +6,14 @@ trip gains twice the delay), order preserved, any number of connections.
 
 With `--netns NAME` the upstream side is inside that network namespace: the
 proxy binds its listening sockets in the namespace it started in, then joins
-NAME before connecting anywhere. The NFS test server (tests/nfs_server.py)
+NAME before connecting anywhere. The NFS test server (tests/harness/nfs_server.py)
 uses this as the bridge from the host's loopback to a server that lives in a
 namespace of its own, so no address other than 127.0.0.1 is ever involved.
 
 Run it as a process (tests and bench do so through `DelayProxy`, which stops
 it by PID):
 
-    python bench/delay_proxy.py --delay-ms 1 [--netns NAME] 2049 [20048 ...]
+    python -m tests.harness.delay_proxy --delay-ms 1 [--netns NAME] 2049 [20048 ...]
 
 It prints one line, `READY <port> [<port> ...]`, the local port for each
 upstream port in order, then serves until SIGTERM.

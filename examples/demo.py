@@ -3,16 +3,19 @@
 Two hosts (two fusecache mounts on this machine, peers of each other over
 loopback) share one image directory, the embedded default: a base image and
 a clone of it that differs in a few places. Three emulated guests
-(`fusecache.simguest`) read their disks with a skewed pattern: vm1 (base) and
+(`tests/harness/simguest.py`) read their disks with a skewed pattern: vm1 (base) and
 vm2 (the clone) on host1, vm3 (the base, later) on host2. Partway, host1
 inflates its guests' balloons: they evict page cache, fusecache's balloon
 monitor sees it over QMP, and second-chance admission stores what they
 evicted. Then vm3 boots on host2 and finds host1's blocks one hop away, and
 vm1 and vm2 get their memory back and read again: from the cache, not the
 backing. When QEMU is installed, a real guest (vm0: a Debian kernel and a
-busybox userland under QEMU TCG, `fusecache.tinyguest`) does the same on
+busybox userland under QEMU TCG, `tests/harness/tinyguest.py`) does the same on
 host1 with its disk on the mount. `fusecache top` shows it live when there
 is a terminal; a summary is printed at the end either way.
+
+Run from the repository root as `python -m examples.demo` (`make demo` does):
+the guests come from the test harness, `tests.harness`.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from typing import Any
 import trio
 
 from fusecache.errors import QuietError
-from fusecache.simguest import EmulatedGuest
-from fusecache.tinyguest import Guest, GuestBuild, GuestUnavailable, build_guest, make_disk
+from tests.harness.simguest import EmulatedGuest
+from tests.harness.tinyguest import Guest, GuestBuild, GuestUnavailable, build_guest, make_disk
 
 MiB = 1 << 20
 REAL_GUEST_MIB = 256  # vm0's memory; its balloon goes down to REAL_BALLOON_MIB

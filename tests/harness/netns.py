@@ -17,9 +17,9 @@ Shape, and why:
   caller's mount namespace (`ip netns exec` would make a new one). Its
   control socket is a unix socket on the filesystem, so `fusecache stats`
   works from anywhere.
-- A link proxy (`python tests/netns.py proxy ...`, run in the *asking* host's
+- A link proxy (`python -m tests.harness.netns proxy ...`, run in the *asking* host's
   namespace) listens on that namespace's 127.0.0.1 and connects over the
-  veth to the peer's address. It reuses `bench/delay_proxy.py`'s delayed
+  veth to the peer's address. It reuses `tests/harness/delay_proxy.py`'s delayed
   half-connection (every byte held back `--delay-ms` one way, order kept),
   and can corrupt the server's CHUNK frames: `wire` flips a data byte (the
   frame MAC no longer matches), `remac` flips a data byte and re-MACs the
@@ -46,13 +46,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
+from tests.harness.delay_proxy import _Half, stop_process
+from tests.mounting import Mount, force_unmount, is_mounted, stop_pid
 
-from delay_proxy import _Half, stop_process  # noqa: E402 - bench/ is not a package
-
-from tests.mounting import Mount, force_unmount, is_mounted, stop_pid  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # the repository: `python -m tests.harness.netns` runs from there
 
 PEER_PORT = 7070
 _counter = itertools.count()
@@ -81,11 +78,11 @@ class LinkProxy:
     """A proxy in namespace `ns` from 127.0.0.1:`port` to `upstream`, with a delay and optional corruption."""
 
     def __init__(self, ns: str, upstream: str, delay_ms: float = 0.0, corrupt: str = "none", key_file: str | None = None) -> None:
-        cmd = ["nsenter", f"--net=/run/netns/{ns}", sys.executable, os.path.abspath(__file__), "proxy",
+        cmd = ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "tests.harness.netns", "proxy",
                "--delay-ms", str(delay_ms), "--corrupt", corrupt, upstream]  # fmt: skip
         if key_file:
             cmd[-1:-1] = ["--key-file", key_file]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         line = self.proc.stdout.readline().split() if self.proc.stdout else []
         if len(line) != 2 or line[0] != "READY":
             self.stop()
@@ -189,7 +186,7 @@ def unmount(mnt: Mount) -> None:
     Not `fusecache umount`, which waits 30 s for the daemon to exit: a daemon
     does not see its unmount while another mount namespace still holds a copy
     of the mount (any `unshare --mount` made while it was mounted, e.g. the
-    rpcbind of tests/nfs_server.py), and SIGTERM is what ends it then.
+    rpcbind of tests/harness/nfs_server.py), and SIGTERM is what ends it then.
     """
     for cmd in (["fusermount3", "-u", mnt.mountpoint], ["fusermount3", "-u", "-z", mnt.mountpoint]):
         if not is_mounted(mnt.mountpoint):
@@ -329,7 +326,7 @@ async def _serve_proxy(sock: socket.socket, upstream: tuple[str, int], delay: fl
 
 
 def _proxy_main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="netns.py proxy", description="a link proxy: delay, and CHUNK corruption")
+    ap = argparse.ArgumentParser(prog="python -m tests.harness.netns proxy", description="a link proxy: delay, and CHUNK corruption")
     ap.add_argument("--delay-ms", type=float, default=0.0)
     ap.add_argument("--corrupt", choices=["none", "wire", "remac"], default="none")
     ap.add_argument("--key-file")
@@ -349,4 +346,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["proxy"]:
         _proxy_main(sys.argv[2:])
     else:
-        sys.exit("usage: netns.py proxy [--delay-ms D] [--corrupt none|wire|remac] [--key-file F] HOST:PORT")
+        sys.exit("usage: python -m tests.harness.netns proxy [--delay-ms D] [--corrupt none|wire|remac] [--key-file F] HOST:PORT")

@@ -20,7 +20,7 @@ from fusecache.store import PAGE_SIZE, Store, WriteBatch
 from fusecache.store.layout import pack_key
 
 CHUNK = 65536
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Shared with the SIGKILL child: chunk contents are a pure function of the
 # key, so whatever survived a kill can be checked. Pages come from a pool

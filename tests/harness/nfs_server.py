@@ -13,7 +13,7 @@ Shape, and why:
   state files never touch the host's /run. ganesha is started with
   `nsenter --mount=<rpcbind's mount ns> --net=<the netns>` so it registers with
   that rpcbind; it listens on 2049 (NFS) and 20048 (MOUNT) in the namespace.
-- The bridge is `bench/delay_proxy.py` with no delay: it listens on
+- The bridge is `tests/harness/delay_proxy.py` with no delay: it listens on
   127.0.0.1 *in the host namespace* and connects to 127.0.0.1:2049/20048
   *inside* the server's namespace. So every client reaches the server at
   `nfs://127.0.0.1:PORT/...` from the host: this test process using
@@ -29,7 +29,7 @@ and the bridge stay), for server-restart tests; a client sees exactly what it
 would see when a real server restarts: its connection reset, then refused
 until the server is back.
 
-Use it from conftest with `from tests.nfs_server import nfs_server  # noqa: F401`
+Use it from conftest with `from tests.harness.nfs_server import nfs_server  # noqa: F401`
 (module-scoped fixture), or directly as a context manager: `with
 NfsServer(tmpdir) as srv: ...`.
 """
@@ -40,15 +40,13 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from delay_proxy import DelayProxy  # re-exported for tests: bench/ is not a package
+from tests.harness.delay_proxy import DelayProxy  # re-exported for tests
 
 NFS_PORT = 2049
 MOUNT_PORT = 20048

@@ -1,0 +1,1 @@
+"""Examples of fusecache in use; `python -m examples.demo` (what `make demo` runs) is the runnable one."""
