@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 
 from bench.common import print_table, write_results
 from bench.store_profile import baseline_module
-
 from fusecache import store as current
 
 CHUNK = 65536
