@@ -1,4 +1,6 @@
-"""User-facing failures: one clear line naming the problem and the fix, no traceback."""
+"""Errors shared across the package: `QuietError` (a command-line failure: one clear line
+naming the problem and the fix, no traceback) and `CommandError` (a control-socket request
+the daemon refuses: its message goes back to the client)."""
 
 
 class QuietError(Exception):
@@ -11,3 +13,7 @@ class QuietError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class CommandError(Exception):
+    """A control request the daemon refuses: its message goes back to the client as one line."""

@@ -130,7 +130,7 @@ def _balloon_families(guests: dict[str, dict[str, Any]]) -> list[Metric]:
         shrinks.add_metric([name], g.get("shrinks", 0))
         evicted.add_metric([name], g.get("evicted_estimate", 0))
         # the admission policy counts admitted bytes per guest; without it, the monitor's own count
-        admitted.add_metric([name], g.get("admitted_bytes", g.get("admitted", 0)))
+        admitted.add_metric([name], g.get("admitted_bytes", 0))
     return [running, target, actual, shrinks, evicted, admitted]
 
 

@@ -984,8 +984,13 @@ class Store:
         """Tell eviction which pages a peer also holds (digest -> bool): those are cheaper to lose."""
         self._peer_holds = holds
 
-    def apply(self, batch: WriteBatch) -> None:
-        """Apply one batch: releases and evictions commit first, then admissions (see module docstring)."""
+    def apply(self, batch: WriteBatch, peer_holds: Callable[[bytes], bool] | None = None) -> None:
+        """Apply one batch: releases and evictions commit first, then admissions (see module docstring).
+
+        `peer_holds` (digest -> bool) tells eviction which pages a peer also holds: those are cheaper to lose.
+        """
+        if peer_holds is not None:
+            self._peer_holds = peer_holds
         if any(len(data) > self.chunk_size for *_, data in batch.admit):
             raise ValueError(f"an admitted chunk is longer than the chunk size {self.chunk_size}")
         admissions = [_Admission(_LOC_KEY.pack(ino, gen, chunk), data) for ino, gen, chunk, data in batch.admit]

@@ -289,7 +289,7 @@ def _balloon_table(guests: dict[str, dict[str, Any]], g: Glyphs) -> Table:
         running = s.get("running")
         state = g.dash if running is None else Text("running", style="green") if running else Text("stopped", style="dim")
         # the admission policy counts admitted bytes; the monitor alone counts `admitted`
-        admitted = s.get("admitted_bytes", s.get("admitted"))
+        admitted = s.get("admitted_bytes")
         table.add_row(name, state, size(s.get("target")), size(s.get("actual")), size(s.get("evicted_estimate")), size(admitted))
     return table
 
