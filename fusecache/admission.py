@@ -40,12 +40,13 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from fusecache.backing import OffLoop
 from fusecache.inodes import OpenFile
+from fusecache.stats import AdmissionStats, GuestAdmission
 
 if TYPE_CHECKING:
     from fusecache.balloon import GuestState, Shrink
@@ -80,7 +81,7 @@ class Admission(Protocol):
         """These chunks of `ino` were just written: staged copies are stale."""
         ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> AdmissionStats: ...
 
     async def run(self) -> None: ...
 
@@ -96,8 +97,8 @@ class Inclusive:
     def written(self, ino: int, chunks: range) -> None:
         pass
 
-    def stats(self) -> dict[str, Any]:
-        return {"mode": self.name}
+    def stats(self) -> AdmissionStats:
+        return AdmissionStats(self.name)
 
     async def run(self) -> None:
         pass
@@ -327,26 +328,26 @@ class SecondChance:
             return path[len(self.mountpoint) + 1 :]
         return None
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "mode": self.name,
-            "staging_bytes": self.staging.used,
-            "staging_capacity": self.staging.capacity,
-            "staged_chunks": len(self.staging),
-            "guests": {
-                name: {
-                    "recent_bytes": r.recent_bytes,
-                    "recent_chunks": len(r.recent),
-                    "recent_limit": r.limit,
-                    "shrinks": r.shrinks,
-                    "evicted_estimate": r.evicted_estimate,
-                    "admitted_chunks": r.admitted_chunks,
-                    "admitted_bytes": r.admitted_bytes,
-                    "from_staging": r.from_staging,
-                    "from_backing": r.from_backing,
-                    "by_reference": r.by_reference,
-                    "aged_out": r.aged_out,
-                }
+    def stats(self) -> AdmissionStats:
+        return AdmissionStats(
+            mode=self.name,
+            staging_bytes=self.staging.used,
+            staging_capacity=self.staging.capacity,
+            staged_chunks=len(self.staging),
+            guests={
+                name: GuestAdmission(
+                    recent_bytes=r.recent_bytes,
+                    recent_chunks=len(r.recent),
+                    recent_limit=r.limit,
+                    shrinks=r.shrinks,
+                    evicted_estimate=r.evicted_estimate,
+                    admitted_chunks=r.admitted_chunks,
+                    admitted_bytes=r.admitted_bytes,
+                    from_staging=r.from_staging,
+                    from_backing=r.from_backing,
+                    by_reference=r.by_reference,
+                    aged_out=r.aged_out,
+                )
                 for name, r in sorted(self.guests.items())
             },
-        }
+        )

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -32,6 +32,7 @@ from fusecache.errors import QuietError
 from fusecache.files import Files
 from fusecache.options import MountOptions, default_cache_dir
 from fusecache.peer_reads import PeerReads
+from fusecache.stats import BalloonGuest, BalloonStats, ClusterStats, MountStats, PeeringStats
 from fusecache.store import Store
 from fusecache.store_queue import StoreQueue
 
@@ -61,7 +62,7 @@ class Mount:
     peer_reads: PeerReads | None = None
     commands: Commands | None = None
     started: float = dataclasses.field(default_factory=time.time)
-    holdings: dict[str, int] = dataclasses.field(default_factory=dict)
+    cluster: ClusterStats = dataclasses.field(default_factory=ClusterStats)
 
     def handlers(self) -> dict[str, Handler]:
         """The control verbs this mount answers besides stats."""
@@ -72,44 +73,41 @@ class Mount:
         assert self.peer_reads is not None and self.cache is not None
         while True:
             also, only = await self.peer_reads.cluster_holdings()
-            self.holdings.update(chunks_also_on_peers=also, chunks_only_here=only, sampled=also + only)
-            self.holdings["peer_bytes_taken"] = sum(c.peer_bytes for c in self.cache.images.values())
             server = self.peer_server
-            self.holdings["bytes_given"] = sum(s.bytes_out for s in server.stats().values()) if server is not None else 0
+            self.cluster = ClusterStats(
+                chunks_also_on_peers=also,
+                chunks_only_here=only,
+                sampled=also + only,
+                peer_bytes_taken=sum(c.peer_bytes for c in self.cache.images.values()),
+                bytes_given=sum(s.bytes_out for s in server.stats().values()) if server is not None else 0,
+            )
             await trio.sleep(CLUSTER_COUNT_EVERY)
 
-    def stats(self, open_files: int) -> dict[str, Any]:
-        """Every figure of this mount, as `fusecache stats --json` shows it."""
+    def stats(self, open_files: int) -> MountStats:
+        """Every figure of this mount (`fusecache stats --json` is its JSON form)."""
         opts = self.opts
-        out: dict[str, Any] = {
-            "mountpoint": opts.mountpoint,
-            "backing": opts.backing,
-            "pid": os.getpid(),
-            "started": self.started,
-            "open_files": open_files,
-        }
+        out = MountStats(opts.mountpoint, opts.backing, os.getpid(), self.started, open_files)
         cache = self.cache
-        if cache is None:
-            out["cache"] = None
-        else:
-            out.update(
-                admission=cache.admission.stats(),
-                images={name: dataclasses.asdict(c) for name, c in sorted(cache.images.items())},
-                store=cache.store.stats(),
-                queue=cache.queue.queued,
-                skipped_admissions=cache.queue.skipped_admissions,
-            )
-        guests = self.monitor.snapshot()["guests"] if self.monitor is not None else {}
-        if self.second_chance is not None:
-            for name, reads in self.second_chance.stats().get("guests", {}).items():
-                guests.setdefault(name, {}).update(reads)
-        out["balloon"] = {"sources": [str(s) for s in self.monitor.sources] if self.monitor else [], "guests": guests}
-        out["peers"] = {
-            "listen": opts.listen,
-            "peers": {a: dataclasses.asdict(s) for a, s in self.peer_set.stats().items()} if self.peer_set else {},
-            "served": {ip: dataclasses.asdict(s) for ip, s in self.peer_server.stats().items()} if self.peer_server else {},
-            "cluster": self.holdings,
-        }
+        if cache is not None:
+            out.admission = cache.admission.stats()
+            out.images = {name: dataclasses.replace(c) for name, c in sorted(cache.images.items())}
+            out.store = cache.store.stats()
+            out.queue = cache.queue.queued
+            out.skipped_admissions = cache.queue.skipped_admissions
+        monitor = self.monitor
+        guests = {name: BalloonGuest(**g) for name, g in monitor.snapshot()["guests"].items()} if monitor is not None else {}
+        if out.admission is not None:
+            for name, reads in out.admission.guests.items():
+                guest = guests.setdefault(name, BalloonGuest())
+                for field in dataclasses.fields(reads):
+                    setattr(guest, field.name, getattr(reads, field.name))
+        out.balloon = BalloonStats([str(s) for s in monitor.sources] if monitor is not None else [], guests)
+        out.peers = PeeringStats(
+            opts.listen,
+            self.peer_set.stats() if self.peer_set is not None else {},
+            self.peer_server.stats() if self.peer_server is not None else {},
+            dataclasses.replace(self.cluster),
+        )
         return out
 
 
@@ -135,7 +133,7 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
         store = Store(cache_dir, opts.cache_size, reset=opts.reset_cache)
         stack.push_async_callback(_close_store, store)  # last: after the queue has drained into it
         st = store.stats()
-        log.info("cache %s: %d of %d bytes held, %d chunks", cache_dir, st["bytes_stored"], st["capacity"], st["chunks"])
+        log.info("cache %s: %d of %d bytes held, %d chunks", cache_dir, st.bytes_stored, st.capacity, st.chunks)
 
         peer_server, peer_set = _peers(opts, store)
         queue = StoreQueue(

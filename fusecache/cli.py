@@ -49,12 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--admit",
         choices=list(options.ADMIT_CHOICES),
         default=options.ADMIT,
-        help="second-chance: blocks a guest evicts when its balloon inflates (default); inclusive: every block read",
+        help="second-chance: chunks a guest evicts when its balloon inflates (default); inclusive: every chunk read",
     )
     c.add_argument("--balloon", action="append", default=[], metavar="SOURCE",
                    help="watch guests' balloons: qmp:/path/to/qmp.sock (repeatable) or libvirt[:URI]")
     c.add_argument("--staging-size", type=size, metavar="SIZE",
-                   help="recently read blocks kept so admission need not read them again (default: a quarter of --cache-size, "
+                   help="recently read chunks kept so admission need not read them again (default: a quarter of --cache-size, "
                         f"at most {options.MAX_STAGING_SIZE >> 20}M)")
     pr = m.add_argument_group("peers")
     pr.add_argument("--listen", metavar="ADDRESS:PORT", help="serve this host's cache to peers here (e.g. 0.0.0.0:7070)")
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("offset", type=size, metavar="OFFSET", help="bytes, or with K/M/G/T")
     a.add_argument("length", type=size, metavar="LENGTH", help="bytes, or with K/M/G/T")
 
-    d = sub.add_parser("drop", help="drop the cached blocks of one image, or of all")
+    d = sub.add_parser("drop", help="drop the cached chunks of one image, or of all")
     d.add_argument("mountpoint", metavar="MOUNTPOINT")
     d.add_argument("image", metavar="IMAGE", nargs="?", help="the image, as a path in the mount (default: every image)")
 
@@ -186,9 +186,10 @@ def _stats(args: argparse.Namespace, argv: list[str]) -> int:
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
     else:
+        from fusecache.stats import MountStats
         from fusecache.top import summary_lines
 
-        print("\n".join(summary_lines(reply)))
+        print("\n".join(summary_lines(MountStats.from_json(reply))))
     return 0
 
 
@@ -203,7 +204,7 @@ def _admit(args: argparse.Namespace, argv: list[str]) -> int:
 
     image = _image_path(args.mountpoint, args.image)
     reply = control.request(args.mountpoint, "admit", timeout=3600, image=image, offset=args.offset, length=args.length)
-    print(f"admitted {reply['admitted_chunks']} blocks of {image}")
+    print(f"admitted {reply['admitted_chunks']} chunks of {image}")
     return 0
 
 
@@ -212,7 +213,7 @@ def _drop(args: argparse.Namespace, argv: list[str]) -> int:
 
     image = _image_path(args.mountpoint, args.image) if args.image else None
     reply = control.request(args.mountpoint, "drop", image=image)
-    print(f"dropped the cached blocks of {image or 'every image'} ({reply['dropped_files']} files)")
+    print(f"dropped the cached chunks of {image or 'every image'} ({reply['dropped_files']} files)")
     return 0
 
 

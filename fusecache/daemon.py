@@ -33,6 +33,7 @@ from fusecache.errors import QuietError
 from fusecache.fs import FuseOperations
 from fusecache.inodes import InodeTable
 from fusecache.options import MountOptions, default_log_file
+from fusecache.stats import MountStats
 
 log = logging.getLogger("fusecache")
 E = TypeVar("E", bound=BaseException)
@@ -215,6 +216,9 @@ async def _main(opts: MountOptions, readiness: Readiness) -> None:
                 f.write(f"{os.getpid()}\n")
 
             async def stats(request: dict[str, Any]) -> dict[str, Any]:
+                return mount.stats(ops.open_files()).to_json()
+
+            async def snapshot() -> MountStats:
                 return mount.stats(ops.open_files())
 
             async with trio.open_nursery() as nursery:
@@ -223,7 +227,7 @@ async def _main(opts: MountOptions, readiness: Readiness) -> None:
                 if opts.metrics:
                     from fusecache import metrics
 
-                    await nursery.start(metrics.serve, opts.metrics, lambda: stats({}))
+                    await nursery.start(metrics.serve, opts.metrics, snapshot)
                 _raise_readahead(opts.mountpoint)
                 readiness.ready()
                 await pyfuse3.main()

@@ -96,6 +96,7 @@ import lmdb
 import xxhash
 
 from fusecache.errors import QuietError
+from fusecache.stats import StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -959,24 +960,24 @@ class Store:
         with self._env.begin(db=self._files) as txn:
             return [_INO.unpack(k)[0] for k in txn.cursor().iternext(values=False)]
 
-    def stats(self) -> dict[str, int | float]:
+    def stats(self) -> StoreStats:
         with self._env.begin(buffers=True) as txn:
             chunks = txn.stat(self._loc)["entries"]
             (free,) = _U32.unpack(txn.get(b"free_slots", db=self._meta))
             (logical,) = _U64.unpack(txn.get(b"logical_bytes", db=self._meta))
         used = self._nslots - free
-        return {
-            "capacity": self._nslots * PAGE_SIZE,
-            "page_size": PAGE_SIZE,
-            "chunk_size": self.chunk_size,
-            "pages_used": used,
-            "bytes_stored": used * PAGE_SIZE,
-            "logical_bytes": logical,
-            "dedup_ratio": logical / (used * PAGE_SIZE) if used else 1.0,
-            "chunks": chunks,
-            "max_chunks": self.max_chunks,
+        return StoreStats(
+            capacity=self._nslots * PAGE_SIZE,
+            page_size=PAGE_SIZE,
+            chunk_size=self.chunk_size,
+            pages_used=used,
+            bytes_stored=used * PAGE_SIZE,
+            logical_bytes=logical,
+            dedup_ratio=logical / (used * PAGE_SIZE) if used else 1.0,
+            chunks=chunks,
+            max_chunks=self.max_chunks,
             **self._counters,
-        }
+        )
 
     # --- writes (one writer thread) --------------------------------------
 

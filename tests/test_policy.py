@@ -89,7 +89,7 @@ def test_second_chance_admits_what_the_guest_evicted(env, tmp_path):
             f = open_file(backing, "vm1.img")
             assert await cache.read(f, 0, 4 * MiB) == data
             await settle(cache)
-            assert store.stats()["chunks"] == 0  # second chance: nothing stored on first read
+            assert store.stats().chunks == 0  # second chance: nothing stored on first read
             reads = backing.preads
             policy.on_shrink(Shrink("vm1", [mountpoint + "/vm1.img"], 3 * MiB, 3 * MiB))
             await trio.sleep(0.3)
@@ -101,11 +101,11 @@ def test_second_chance_admits_what_the_guest_evicted(env, tmp_path):
         return refetched, cache.images["vm1.img"].hit_bytes - hits_before
 
     refetched, hit = trio.run(go)
-    g = policy.stats()["guests"]["vm1"]
-    assert g["admitted_chunks"] == 48  # the oldest 3 MiB of its reads
-    assert g["from_backing"] > 0 and g["from_staging"] > 0 and refetched >= 1
+    g = policy.stats().guests["vm1"]
+    assert g.admitted_chunks == 48  # the oldest 3 MiB of its reads
+    assert g.from_backing > 0 and g.from_staging > 0 and refetched >= 1
     assert hit == 3 * MiB
-    assert g["admitted_bytes"] == 3 * MiB
+    assert g.admitted_bytes == 3 * MiB
 
 
 def test_staged_block_written_since_is_read_again(env, tmp_path):
@@ -217,9 +217,9 @@ def test_evicted_chunks_a_peer_holds_are_admitted_by_reference(env, tmp_path):
             nursery.cancel_scope.cancel()
 
     trio.run(go)
-    g = policy.stats()["guests"]["vm"]
-    assert g["by_reference"] == 8 and g["admitted_chunks"] == 8  # the even chunks stay on the peer
-    assert store.stats()["chunks"] == 8
+    g = policy.stats().guests["vm"]
+    assert g.by_reference == 8 and g.admitted_chunks == 8  # the even chunks stay on the peer
+    assert store.stats().chunks == 8
 
 
 def test_a_shrink_admits_from_what_the_guest_could_still_hold():
@@ -234,4 +234,4 @@ def test_a_shrink_admits_from_what_the_guest_could_still_hold():
     policy.on_shrink(Shrink("vm", [], 20 * CS, 10 * CS, cache_before=40 * CS))
     # the guest held at most the newest 40 reads (60..99); it evicted the oldest 10 of those
     assert sent == [("vm", [(1, 1, c) for c in range(60, 70)])]
-    assert policy.stats()["guests"]["vm"]["aged_out"] == 60 * CS
+    assert policy.stats().guests["vm"].aged_out == 60 * CS

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from fusecache.stats import MountStats
 from fusecache.top import human
 from tests.mounting import run_fusecache
 
@@ -125,10 +126,10 @@ class Reader:
         assert self.error is None, self.error
 
 
-def stats(mountpoint: str) -> dict:
+def stats(mountpoint: str) -> MountStats:
     proc = run_fusecache("stats", mountpoint, "--json")
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return MountStats.from_json(json.loads(proc.stdout))
 
 
 def image_row(screen: str, image: str) -> list[str]:
@@ -153,11 +154,11 @@ def test_live_screen_agrees_with_stats(mount, terminal):
     term.wait_for("reads/s back to zero", lambda s: "vm1.img" in s and image_row(s, "vm1.img")[1] == "0")
     screen = term.screen()
     st = stats(mount.mountpoint)
-    c = st["images"]["vm1.img"]
-    total = c["hit_bytes"] + c["peer_bytes"] + c["backing_bytes"]
+    c = st.images["vm1.img"]
+    total = c.hit_bytes + c.peer_bytes + c.backing_bytes
     row = image_row(screen, "vm1.img")
     assert row[3] == f"{100 * (c['hit_bytes'] + c['peer_bytes']) / total:.1f}"
-    assert row[-1] == str(c["admitted_chunks"])
+    assert row[-1] == str(c.admitted_chunks)
     assert f"/ {human(st['store']['capacity'])}" in screen
     assert f"{human(st['store']['bytes_stored'])} / " in screen
     assert f"local {100 * c['hit_bytes'] / total:.1f}%" in screen
@@ -204,7 +205,7 @@ def test_once_prints_one_plain_frame(mount):
     assert all(len(line) <= 100 for line in out.splitlines())
     assert mount.mountpoint in out and "vm1.img" in out
     assert f"/ {human(st['store']['capacity'])}" in out
-    assert image_row(out, "vm1.img")[-1] == str(st["images"]["vm1.img"]["admitted_chunks"])
+    assert image_row(out, "vm1.img")[-1] == str(st.images["vm1.img"].admitted_chunks)
 
 
 def test_without_a_terminal_top_prints_one_frame_and_exits(mount):
