@@ -28,7 +28,7 @@ from fusecache.backing import OffLoop, open_backing
 from fusecache.cache import Cache, Passthrough
 from fusecache.commands import Commands
 from fusecache.control import Handler
-from fusecache.errors import QuietError
+from fusecache.errors import QuietError, find_in
 from fusecache.files import Files
 from fusecache.options import MountOptions, default_cache_dir
 from fusecache.peer_reads import PeerReads
@@ -182,8 +182,11 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
         if peer_server is not None:
             try:
                 await nursery.start(peer_server.run)
-            except OSError as exc:
-                raise QuietError(f"cannot listen for peers on {opts.listen}: {exc.strerror}; choose another --listen address")
+            except (OSError, BaseExceptionGroup) as exc:
+                err = find_in(exc, OSError)
+                if err is None:
+                    raise
+                raise QuietError(f"cannot listen for peers on {opts.listen}: {err.strerror}; choose another --listen address")
             log.info("serving peers on %s", opts.listen)
         if peer_set is not None:
             await nursery.start(peer_set.run)

@@ -3,7 +3,7 @@
 Owns: following guests through their sources (QEMU QMP sockets, libvirt),
 each guest's memory state (balloon actual and target, the guest's own
 memory statistics), and turning balloon inflation into `Shrink` reports for
-the policy. It knows nothing of the cache or the store: the caller decides
+admission. It knows nothing of the cache or the store: the caller decides
 what a shrink means (second-chance admission of that guest's oldest reads).
 
 Sources (`--balloon SPEC`, repeatable):

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, TypeVar
+from typing import Any
 
 import pyfuse3
 import trio
@@ -29,14 +29,13 @@ import trio
 from fusecache import control, mounts
 from fusecache.assemble import assemble, cluster_key
 from fusecache.backing import open_backing
-from fusecache.errors import QuietError
+from fusecache.errors import QuietError, find_in
 from fusecache.fs import FuseOperations
 from fusecache.inodes import InodeTable
 from fusecache.options import MountOptions, default_log_file
 from fusecache.stats import MountStats
 
 log = logging.getLogger("fusecache")
-E = TypeVar("E", bound=BaseException)
 
 READY_TIMEOUT = 180.0  # an NFS server that does not answer takes its timeout to say so
 
@@ -188,7 +187,7 @@ def serve(opts: MountOptions) -> None:
         try:
             trio.run(_main, opts, readiness)
         except BaseExceptionGroup as group:
-            quiet = _find_in(group, QuietError)
+            quiet = find_in(group, QuietError)
             if quiet is None:
                 raise
             raise quiet from None
@@ -248,17 +247,6 @@ def _check_balloon(opts: MountOptions) -> None:
         parse_source(spec)  # raises QuietError naming the bad spec
     if not opts.cache or opts.admit != "second-chance":
         raise QuietError("--balloon feeds second-chance admission: drop --no-cache / use --admit second-chance, or drop --balloon")
-
-
-def _find_in(exc: BaseException, cls: type[E]) -> E | None:
-    """`exc` itself or the first exception of type `cls` inside its (nested) exception groups."""
-    if isinstance(exc, cls):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            if (found := _find_in(inner, cls)) is not None:
-                return found
-    return None
 
 
 async def _stop_on_signals() -> None:

@@ -157,12 +157,12 @@ def test_live_screen_agrees_with_stats(mount, terminal):
     c = st.images["vm1.img"]
     total = c.hit_bytes + c.peer_bytes + c.backing_bytes
     row = image_row(screen, "vm1.img")
-    assert row[3] == f"{100 * (c['hit_bytes'] + c['peer_bytes']) / total:.1f}"
+    assert row[3] == f"{100 * (c.hit_bytes + c.peer_bytes) / total:.1f}"
     assert row[-1] == str(c.admitted_chunks)
-    assert f"/ {human(st['store']['capacity'])}" in screen
-    assert f"{human(st['store']['bytes_stored'])} / " in screen
-    assert f"local {100 * c['hit_bytes'] / total:.1f}%" in screen
-    assert f"miss {100 * c['backing_bytes'] / total:.1f}%" in screen
+    assert f"/ {human(st.store.capacity)}" in screen
+    assert f"{human(st.store.bytes_stored)} / " in screen
+    assert f"local {100 * c.hit_bytes / total:.1f}%" in screen
+    assert f"miss {100 * c.backing_bytes / total:.1f}%" in screen
 
     term.tmux("send-keys", "-t", "top", "q")
     assert term.exit_status() == 0
@@ -204,7 +204,7 @@ def test_once_prints_one_plain_frame(mount):
     assert "\x1b" not in out, "--once must be plain text"
     assert all(len(line) <= 100 for line in out.splitlines())
     assert mount.mountpoint in out and "vm1.img" in out
-    assert f"/ {human(st['store']['capacity'])}" in out
+    assert f"/ {human(st.store.capacity)}" in out
     assert image_row(out, "vm1.img")[-1] == str(st.images["vm1.img"].admitted_chunks)
 
 
