@@ -111,7 +111,7 @@ class Files:
 
     async def revalidated(self, ino: int, handle: object) -> FileState:
         """The file's state, its version checked against the backing if `revalidate` seconds have passed."""
-        st = self.get(ino)
+        st = self._files.get(ino) or self.get(ino)  # the hit path: one dict lookup when the file is known
         if time.monotonic() - st.checked >= self.revalidate:
             self.check(st, await self.backing.fstat(handle))
         return st
