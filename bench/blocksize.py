@@ -127,7 +127,7 @@ def _store_stats(images: list[Path], base: str, capacity: int) -> dict[str, int 
             st = store.stats()
         finally:
             store.close()
-    return {k: st[k] for k in ("logical_bytes", "bytes_stored", "dedup_ratio", "chunks", "skipped_chunks", "evicted_chunks")}
+    return {k: getattr(st, k) for k in ("logical_bytes", "bytes_stored", "dedup_ratio", "chunks", "skipped_chunks", "evicted_chunks")}
 
 
 def store_dedup(images: list[Path], base: str, capacity: int) -> dict[str, Any]:

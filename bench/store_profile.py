@@ -149,7 +149,7 @@ def profile(mod: ModuleType, chunk_size: int, runs: int, base: str) -> dict[str,
             assert store.read_span(1, 1, 0, per_request - 1, 10, 20) == b"".join(held[:per_request])[10 : -chunk_size + 20]
             assert store.read_chunk(1, 1, 3, offsets[3], offsets[3] + page) == held[3][offsets[3] : offsets[3] + page]
         assert store.read_chunk(1, 1, 7) == held[7]
-        assert store.stats()["verify_failures"] == 0
+        assert store.stats().verify_failures == 0
 
         # Admission. Free slots: each run forgets what the previous one admitted (untimed).
         batches = [[(2, 1, c, os.urandom(chunk_size)) for c in range(CHUNKS)] for _ in range(2)]
@@ -177,7 +177,7 @@ def profile(mod: ModuleType, chunk_size: int, runs: int, base: str) -> dict[str,
             return [(10 + run, 1, c, os.urandom(chunk_size)) for c in range(CHUNKS)]
 
         figures["admit MB/s, evicting"] = admission_mb_s(mod, store, runs, evicting)
-        assert store.stats()["pages_used"] <= 4 * CHUNKS * chunk_size // page
+        assert store.stats().pages_used <= 4 * CHUNKS * chunk_size // page
         store.close()
     return figures
 

@@ -81,7 +81,7 @@ def main() -> None:
             }
             rows.append([op, f"{figures[op]['baseline_us']:.2f}", f"{figures[op]['this_us']:.2f}", f"{ratio:.3f}"])
         for store in stores.values():
-            assert store.stats()["verify_failures"] == 0
+            assert store.stats().verify_failures == 0
             store.close()
     print_table(
         f"store reads, CPU µs per call, median of {args.rounds} interleaved rounds",

@@ -37,6 +37,7 @@ from typing import Any
 import trio
 
 from fusecache.errors import QuietError
+from fusecache.stats import BalloonGuest, ImageCounters, MountStats, StoreStats
 from tests.harness.simguest import EmulatedGuest
 from tests.harness.tinyguest import Guest, GuestBuild, GuestUnavailable, build_guest, make_disk
 
@@ -73,9 +74,10 @@ def _make_images(d: str) -> None:
             clone.write(r.read(MiB))
 
 
-def _stats(mp: str) -> dict[str, Any]:
+def _stats(mp: str) -> MountStats:
+    """The mount's stats as `fusecache stats --json` gives them (empty ones if it cannot)."""
     proc = _run("stats", mp, "--json")
-    return json.loads(proc.stdout) if proc.returncode == 0 else {}
+    return MountStats.from_json(json.loads(proc.stdout)) if proc.returncode == 0 else MountStats(queue=1)
 
 
 class Demo:
@@ -151,8 +153,8 @@ async def _wait_admitted(mp: str, guests: list[str], timeout: float = 30.0) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         s = await trio.to_thread.run_sync(_stats, mp)
-        g = s.get("balloon", {}).get("guests", {})
-        if all(g.get(name, {}).get("admitted_chunks", 0) > 0 for name in guests) and s.get("queue", 1) == 0:
+        g = s.balloon.guests
+        if all(name in g and g[name].admitted_chunks > 0 for name in guests) and s.queue == 0:
             return
         await trio.sleep(0.5)
 
@@ -162,7 +164,7 @@ async def _wait_peer_knows(mp: str, chunks: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         s = await trio.to_thread.run_sync(_stats, mp)
-        if any(p.get("summary_locations", 0) >= chunks for p in s.get("peers", {}).get("peers", {}).values()):
+        if any(p.summary_locations >= chunks for p in s.peers.peers.values()):
             return
         await trio.sleep(0.5)
 
@@ -200,7 +202,8 @@ async def _demo(demo: Demo, say: Any) -> dict[str, Any]:
         for g in (vm1, vm2):
             g.set_balloon(MEMORY // 3)
         await _wait_admitted(host1, ["vm1", "vm2"])
-        held = (await trio.to_thread.run_sync(_stats, host1)).get("store", {}).get("chunks", 1)
+        store = (await trio.to_thread.run_sync(_stats, host1)).store
+        held = store.chunks if store is not None else 1
         await _wait_peer_knows(host2, held)
         say("vm3 boots on host2 from the same base image: host1's blocks are one hop away")
         await _phase([vm3], seed=1)
@@ -232,53 +235,54 @@ async def _real_guest(demo: Demo, host1: str, say: Any) -> dict[str, Any]:
     await trio.to_thread.run_sync(g.balloon, REAL_BALLOON_MIB)
     await _wait_admitted(host1, ["vm0"])
     await trio.to_thread.run_sync(g.balloon, REAL_GUEST_MIB)
-    before = (await trio.to_thread.run_sync(_stats, host1))["images"]["vm0.img"]
+    before = (await trio.to_thread.run_sync(_stats, host1)).images["vm0.img"]
     say("vm0 reads the file again")
     again = (await trio.to_thread.run_sync(g.check, "md5sum /mnt/data")).split()[0]
     after = await trio.to_thread.run_sync(_stats, host1)
-    img = after["images"]["vm0.img"]
+    img = after.images["vm0.img"]
     return {
         "checksums_right": first == again == demo.real_sum,
-        "hit": img["hit_bytes"] - before["hit_bytes"],
-        "backing": img["backing_bytes"] - before["backing_bytes"],
-        "guest": after["balloon"]["guests"].get("vm0", {}),
+        "hit": img.hit_bytes - before.hit_bytes,
+        "backing": img.backing_bytes - before.backing_bytes,
+        "guest": after.balloon.guests.get("vm0") or BalloonGuest(),
     }
 
 
 def _summary(r: dict[str, Any]) -> list[str]:
-    h1, h2 = r["host1"], r["host2"]
+    h1: MountStats = r["host1"]
+    h2: MountStats = r["host2"]
     lines = ["", "fusecache demo: what happened"]
     for name, image in (("vm1", "base.img"), ("vm2", "clone.img")):
-        c = h1["images"][image]
+        c = h1.images.get(image) or ImageCounters()
         lines.append(
-            f"  {name} on host1 ({image}): read {c['backing_bytes'] / MiB:.0f} MiB from the backing, "
-            f"then {c['hit_bytes'] / MiB:.0f} MiB from the cache after its balloon inflated"
+            f"  {name} on host1 ({image}): read {c.backing_bytes / MiB:.0f} MiB from the backing, "
+            f"then {c.hit_bytes / MiB:.0f} MiB from the cache after its balloon inflated"
         )
-    c3 = h2["images"]["base.img"]
+    c3 = h2.images.get("base.img") or ImageCounters()
     lines.append(
-        f"  vm3 on host2 (base.img): {c3['peer_bytes'] / MiB:.0f} MiB from host1's cache (peer hits), "
-        f"{c3['backing_bytes'] / MiB:.0f} MiB from the backing"
+        f"  vm3 on host2 (base.img): {c3.peer_bytes / MiB:.0f} MiB from host1's cache (peer hits), "
+        f"{c3.backing_bytes / MiB:.0f} MiB from the backing"
     )
-    g = h1["balloon"]["guests"]
     for name in ("vm1", "vm2"):
+        g = h1.balloon.guests.get(name) or BalloonGuest()
         lines.append(
-            f"  {name}'s balloon: ~{g[name].get('evicted_estimate', 0) / MiB:.0f} MiB evicted by the guest, "
-            f"{g[name].get('admitted_bytes', 0) / MiB:.0f} MiB admitted"
+            f"  {name}'s balloon: ~{g.evicted_estimate / MiB:.0f} MiB evicted by the guest, "
+            f"{g.admitted_bytes / MiB:.0f} MiB admitted"
         )
     real = r.get("real")
     if real:
         g0 = real["guest"]
         lines.append(
-            f"  vm0, a real QEMU guest on host1: ~{g0.get('evicted_estimate', 0) / MiB:.0f} MiB evicted when its balloon inflated, "
-            f"{g0.get('admitted_bytes', 0) / MiB:.0f} MiB admitted; its re-read: {real['hit'] / MiB:.0f} MiB from the cache, "
+            f"  vm0, a real QEMU guest on host1: ~{g0.evicted_estimate / MiB:.0f} MiB evicted when its balloon inflated, "
+            f"{g0.admitted_bytes / MiB:.0f} MiB admitted; its re-read: {real['hit'] / MiB:.0f} MiB from the cache, "
             f"{real['backing'] / MiB:.0f} MiB from the backing; checksums {'right' if real['checksums_right'] else 'WRONG'}"
         )
-    store = h1["store"]
-    saved = sum(c["hit_bytes"] + c["peer_bytes"] for h in (h1, h2) for c in h["images"].values())
-    total = saved + sum(c["backing_bytes"] for h in (h1, h2) for c in h["images"].values())
+    store = h1.store or StoreStats()
+    saved = sum(c.hit_bytes + c.peer_bytes for h in (h1, h2) for c in h.images.values())
+    total = saved + sum(c.backing_bytes for h in (h1, h2) for c in h.images.values())
     lines.append(
-        f"  host1's cache: {store['bytes_stored'] / MiB:.0f} MiB stored for {store['logical_bytes'] / MiB:.0f} MiB of image data "
-        f"(dedup {store['dedup_ratio']:.2f}x: the clone shares the base's blocks; zero blocks take no space)"
+        f"  host1's cache: {store.bytes_stored / MiB:.0f} MiB stored for {store.logical_bytes / MiB:.0f} MiB of image data "
+        f"(dedup {store.dedup_ratio:.2f}x: the clone shares the base's pages; zero pages take no space)"
     )
     lines.append(f"  reads that did not go to the backing: {saved / MiB:.0f} of {total / MiB:.0f} MiB ({100 * saved / max(total, 1):.0f}%)")
     return lines

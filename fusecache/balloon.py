@@ -3,7 +3,7 @@
 Owns: following guests through their sources (QEMU QMP sockets, libvirt),
 each guest's memory state (balloon actual and target, the guest's own
 memory statistics), and turning balloon inflation into `Shrink` reports for
-the policy. It knows nothing of the cache or the store: the caller decides
+admission. It knows nothing of the cache or the store: the caller decides
 what a shrink means (second-chance admission of that guest's oldest reads).
 
 Sources (`--balloon SPEC`, repeatable):
@@ -167,7 +167,6 @@ class _Totals:
     shrinks: int = 0
     balloon_bytes: int = 0
     evicted_estimate: int = 0
-    admitted: int = 0
 
 
 class _ShrinkTracker:
@@ -292,10 +291,6 @@ class BalloonMonitor:
                 else:
                     nursery.start_soon(self._follow_libvirt, src)
 
-    def note_admitted(self, guest: str, nbytes: int) -> None:
-        """Record bytes the policy admitted because this guest shrank (shown by snapshot())."""
-        self._totals.setdefault(guest, _Totals()).admitted += nbytes
-
     def snapshot(self) -> dict[str, Any]:
         """JSON-able view for stats and `fusecache top`: every guest seen, running or not."""
         out: dict[str, Any] = {}
@@ -312,7 +307,6 @@ class BalloonMonitor:
                 "shrinks": t.shrinks,
                 "balloon_bytes": t.balloon_bytes,
                 "evicted_estimate": t.evicted_estimate,
-                "admitted": t.admitted,
             }
         return {"guests": out}
 

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from fusecache import __version__
+from fusecache import __version__, options
 from fusecache.errors import QuietError
 
 
@@ -35,34 +35,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--debug", action="store_true", help="log every request")
     m.add_argument("--log-file", metavar="PATH", help="the daemon's log (default /var/log/fusecache/MOUNTPOINT.log)")
-    m.add_argument("--attr-timeout", type=float, default=1.0, metavar="SECONDS", help="kernel attribute cache time (default 1)")
+    m.add_argument("--attr-timeout", type=float, default=options.ATTR_TIMEOUT, metavar="SECONDS",
+                   help=f"kernel attribute cache time (default {options.ATTR_TIMEOUT:g})")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--metrics", type=address, metavar="ADDRESS:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9477)")
     c = m.add_argument_group("cache")
     c.add_argument("--cache-dir", metavar="DIR", help="where the block cache lives (default /var/cache/fusecache/MOUNTPOINT)")
-    c.add_argument("--cache-size", type=size, default="2G", metavar="SIZE", help="the cache's bound, e.g. 8G (default 2G)")
+    c.add_argument("--cache-size", type=size, default=options.CACHE_SIZE, metavar="SIZE",
+                   help=f"the cache's bound, e.g. 8G (default {options.CACHE_SIZE >> 30}G)")
     c.add_argument("--reset-cache", action="store_true", help="empty the cache dir first (a corrupt, foreign or old-format cache)")
     c.add_argument("--no-cache", action="store_true", help="plain passthrough: no cache at all")
     c.add_argument(
         "--admit",
-        choices=["second-chance", "inclusive"],
-        default="second-chance",
-        help="second-chance: blocks a guest evicts when its balloon inflates (default); inclusive: every block read",
+        choices=list(options.ADMIT_CHOICES),
+        default=options.ADMIT,
+        help="second-chance: chunks a guest evicts when its balloon inflates (default); inclusive: every chunk read",
     )
     c.add_argument("--balloon", action="append", default=[], metavar="SOURCE",
                    help="watch guests' balloons: qmp:/path/to/qmp.sock (repeatable) or libvirt[:URI]")
     c.add_argument("--staging-size", type=size, metavar="SIZE",
-                   help="recently read blocks kept so admission need not read them again (default: a quarter of --cache-size, "
-                        "at most 256M)")
+                   help="recently read chunks kept so admission need not read them again (default: a quarter of --cache-size, "
+                        f"at most {options.MAX_STAGING_SIZE >> 20}M)")
     pr = m.add_argument_group("peers")
     pr.add_argument("--listen", metavar="ADDRESS:PORT", help="serve this host's cache to peers here (e.g. 0.0.0.0:7070)")
     pr.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a host that mounts the same export (repeatable)")
     pr.add_argument("--cluster-key-file", metavar="PATH", help="the shared key peers authenticate with (mode 0600)")
     pr.add_argument("--peer-insecure", action="store_true", help="peer without a key: for tests on loopback only, refused elsewhere")
-    pr.add_argument("--peer-timeout", type=seconds, default=0.005, metavar="SECONDS",
-                    help="how long a miss waits for peers before reading the backing (default 0.005)")
-    c.add_argument("--revalidate", type=seconds, default=2.0, metavar="SECONDS",
-                   help="how often an open file's version is checked against the backing (default 2)")
+    pr.add_argument("--peer-timeout", type=seconds, default=options.PEER_TIMEOUT, metavar="SECONDS",
+                    help=f"how long a miss waits for peers before reading the backing (default {options.PEER_TIMEOUT:g})")
+    c.add_argument("--revalidate", type=seconds, default=options.REVALIDATE, metavar="SECONDS",
+                   help=f"how often an open file's version is checked against the backing (default {options.REVALIDATE:g})")
 
     t = sub.add_parser("top", help="a live dashboard of hit ratios")
     t.add_argument("mountpoints", metavar="MOUNTPOINT", nargs="*", help="the mounts to watch (default: every fusecache mount)")
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("offset", type=size, metavar="OFFSET", help="bytes, or with K/M/G/T")
     a.add_argument("length", type=size, metavar="LENGTH", help="bytes, or with K/M/G/T")
 
-    d = sub.add_parser("drop", help="drop the cached blocks of one image, or of all")
+    d = sub.add_parser("drop", help="drop the cached chunks of one image, or of all")
     d.add_argument("mountpoint", metavar="MOUNTPOINT")
     d.add_argument("image", metavar="IMAGE", nargs="?", help="the image, as a path in the mount (default: every image)")
 
@@ -139,7 +141,7 @@ def _image_path(mountpoint: str, image: str) -> str:
 def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     from fusecache import daemon
 
-    opts = daemon.MountOptions(
+    opts = options.MountOptions(
         backing=args.backing,
         mountpoint=args.mountpoint,
         foreground=args.foreground,
@@ -154,7 +156,7 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         reset_cache=args.reset_cache,
         admit=args.admit,
         balloon=args.balloon,
-        staging_size=args.staging_size if args.staging_size is not None else min(256 << 20, args.cache_size // 4),
+        staging_size=args.staging_size,
         revalidate=args.revalidate,
         metrics=args.metrics,
         listen=args.listen,
@@ -163,7 +165,7 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         peer_insecure=args.peer_insecure,
         peer_timeout=args.peer_timeout,
     )
-    if args.cache_size < 1 << 20 and not args.no_cache:
+    if args.cache_size < options.MIN_CACHE_SIZE and not args.no_cache:
         raise QuietError(f"--cache-size {args.cache_size} is too small: give at least 1M (e.g. 8G), or --no-cache")
     if args.foreground:
         daemon.setup_logging(args.debug)
@@ -187,9 +189,10 @@ def _stats(args: argparse.Namespace, argv: list[str]) -> int:
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
     else:
+        from fusecache.stats import MountStats
         from fusecache.top import summary_lines
 
-        print("\n".join(summary_lines(reply)))
+        print("\n".join(summary_lines(MountStats.from_json(reply))))
     return 0
 
 
@@ -204,7 +207,7 @@ def _admit(args: argparse.Namespace, argv: list[str]) -> int:
 
     image = _image_path(args.mountpoint, args.image)
     reply = control.request(args.mountpoint, "admit", timeout=3600, image=image, offset=args.offset, length=args.length)
-    print(f"admitted {reply['admitted_chunks']} blocks of {image}")
+    print(f"admitted {reply['admitted_chunks']} chunks of {image}")
     return 0
 
 
@@ -213,7 +216,7 @@ def _drop(args: argparse.Namespace, argv: list[str]) -> int:
 
     image = _image_path(args.mountpoint, args.image) if args.image else None
     reply = control.request(args.mountpoint, "drop", image=image)
-    print(f"dropped the cached blocks of {image or 'every image'} ({reply['dropped_files']} files)")
+    print(f"dropped the cached chunks of {image or 'every image'} ({reply['dropped_files']} files)")
     return 0
 
 

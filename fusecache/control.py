@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from fusecache import mounts
-from fusecache.errors import QuietError
+from fusecache.errors import CommandError, QuietError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 def socket_path(mountpoint: str) -> str:
     return os.path.join(mounts.runtime_dir(mountpoint), "control.sock")
-
-
-class CommandError(Exception):
-    """A request the daemon refuses: its message goes back to the client."""
 
 
 async def serve(path: str, handlers: dict[str, Handler], task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

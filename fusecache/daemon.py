@@ -12,7 +12,6 @@ unmounted or sent SIGTERM/SIGINT/SIGHUP, and always unmounts on the way out.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import select
@@ -22,49 +21,23 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, TypeVar
+from typing import Any
 
 import pyfuse3
 import trio
 
 from fusecache import control, mounts
-from fusecache.backing import OffLoop, open_backing
-from fusecache.cache import Cache, Passthrough
-from fusecache.errors import QuietError
+from fusecache.assemble import assemble, cluster_key
+from fusecache.backing import open_backing
+from fusecache.errors import QuietError, find_in
 from fusecache.fs import FuseOperations
 from fusecache.inodes import InodeTable
-from fusecache.policy import Inclusive, SecondChance
+from fusecache.options import MountOptions, default_log_file
+from fusecache.stats import MountStats
 
 log = logging.getLogger("fusecache")
-E = TypeVar("E", bound=BaseException)
 
 READY_TIMEOUT = 180.0  # an NFS server that does not answer takes its timeout to say so
-
-
-@dataclasses.dataclass
-class MountOptions:
-    backing: str
-    mountpoint: str
-    foreground: bool = False
-    allow_other: bool = False
-    debug: bool = False
-    log_file: str | None = None
-    ready_fd: int | None = None
-    attr_timeout: float = 1.0
-    cache: bool = True
-    cache_dir: str | None = None
-    cache_size: int = 2 << 30
-    reset_cache: bool = False
-    admit: str = "second-chance"
-    balloon: list[str] = dataclasses.field(default_factory=list)
-    staging_size: int = 256 << 20
-    revalidate: float = 2.0
-    metrics: tuple[str, int] | None = None
-    listen: str | None = None
-    peers: list[str] = dataclasses.field(default_factory=list)
-    cluster_key_file: str | None = None
-    peer_insecure: bool = False
-    peer_timeout: float = 0.005
 
 
 # ---- checks made before anything is mounted ---------------------------------
@@ -113,33 +86,13 @@ def _fuse_conf_allows_other() -> bool:
         return False
 
 
-def _mount_name(mountpoint: str) -> str:
-    return os.path.realpath(mountpoint).strip("/").replace("/", "-") or "root"
-
-
-def default_log_file(mountpoint: str) -> str:
-    if os.geteuid() == 0:
-        base = "/var/log/fusecache"
-    else:
-        base = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "fusecache")
-    return os.path.join(base, f"{_mount_name(mountpoint)}.log")
-
-
-def default_cache_dir(mountpoint: str) -> str:
-    if os.geteuid() == 0:
-        base = "/var/cache/fusecache"
-    else:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusecache")
-    return os.path.join(base, _mount_name(mountpoint))
-
-
 # ---- the command: start a daemon and wait for it ----------------------------
 def start(opts: MountOptions, argv: list[str]) -> None:
     """Check, start the daemon process, return when the mount is ready (or raise QuietError)."""
     opts.mountpoint = check_mountpoint(opts.mountpoint)
     check_fuse(opts.allow_other)
     _check_balloon(opts)
-    _cluster_key(opts)
+    cluster_key(opts)
     open_backing(opts.backing).shutdown()  # a bad BACKING is the caller's error: say so here
     log_file = opts.log_file or default_log_file(opts.mountpoint)
     try:
@@ -228,57 +181,61 @@ def setup_logging(debug: bool) -> None:
 def serve(opts: MountOptions) -> None:
     """Mount and serve in this process until unmounted or signalled. Raises QuietError on start failures."""
     readiness = Readiness(opts.ready_fd)
-    backing = None
     try:
         opts.mountpoint = check_mountpoint(opts.mountpoint)
         check_fuse(opts.allow_other)
-        backing = open_backing(opts.backing)
-        root = backing.lstat("")
-        offloop = OffLoop(backing)
-        data = _data_path(opts, offloop)
-    except QuietError as exc:
-        readiness.failed(exc.message)
-        if backing is not None:
-            backing.shutdown()
-        raise
-    except OSError as exc:
-        msg = f"cannot read the backing {opts.backing}: {exc.strerror}"
-        readiness.failed(msg)
-        raise QuietError(msg)
-    ops = FuseOperations(offloop, data, InodeTable(root.ino), attr_timeout=opts.attr_timeout)
-    # From here on nothing may stat the mountpoint before pyfuse3.main serves it: it would wait for itself.
-    rundir = mounts.runtime_dir(opts.mountpoint)
-    options = set(pyfuse3.default_options) | {f"fsname={opts.backing}", "subtype=fusecache"}
-    if opts.allow_other:
-        options.add("allow_other")
-    try:
-        pyfuse3.init(ops, opts.mountpoint, options)
-    except RuntimeError as exc:
-        msg = f"FUSE refused to mount on {opts.mountpoint} ({exc}): check /dev/fuse and that nothing else mounts there"
-        readiness.failed(msg)
-        trio.run(data.close)
-        raise QuietError(msg)
-    log.info("mounted %s on %s (pid %d)", opts.backing, opts.mountpoint, os.getpid())
-    try:
-        os.makedirs(rundir, mode=0o700, exist_ok=True)
-        with open(os.path.join(rundir, "pid"), "w") as f:
-            f.write(f"{os.getpid()}\n")
         try:
-            trio.run(_main, opts, readiness, ops, data, rundir)
+            trio.run(_main, opts, readiness)
         except BaseExceptionGroup as group:
-            quiet = _find_in(group, QuietError)
+            quiet = find_in(group, QuietError)
             if quiet is None:
                 raise
             raise quiet from None
     except QuietError as exc:
         readiness.failed(exc.message)
         raise
-    finally:
-        pyfuse3.close(unmount=True)
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(rundir, "pid"))
-        backing.shutdown()
-        log.info("unmounted %s", opts.mountpoint)
+
+
+async def _main(opts: MountOptions, readiness: Readiness) -> None:
+    async with assemble(opts) as mount:
+        ops = FuseOperations(mount.backing, mount.data, InodeTable(mount.root_ino), attr_timeout=opts.attr_timeout)
+        # From here on nothing may stat the mountpoint before pyfuse3.main serves it: it would wait for itself.
+        rundir = mounts.runtime_dir(opts.mountpoint)
+        fuse_options = set(pyfuse3.default_options) | {f"fsname={opts.backing}", "subtype=fusecache"}
+        if opts.allow_other:
+            fuse_options.add("allow_other")
+        try:
+            pyfuse3.init(ops, opts.mountpoint, fuse_options)
+        except RuntimeError as exc:
+            raise QuietError(f"FUSE refused to mount on {opts.mountpoint} ({exc}): check /dev/fuse and that nothing else mounts there")
+        log.info("mounted %s on %s (pid %d)", opts.backing, opts.mountpoint, os.getpid())
+        try:
+            os.makedirs(rundir, mode=0o700, exist_ok=True)
+            with open(os.path.join(rundir, "pid"), "w") as f:
+                f.write(f"{os.getpid()}\n")
+
+            async def stats(request: dict[str, Any]) -> dict[str, Any]:
+                return mount.stats(ops.open_files()).to_json()
+
+            async def snapshot() -> MountStats:
+                return mount.stats(ops.open_files())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signals)
+                await nursery.start(control.serve, os.path.join(rundir, "control.sock"), {"stats": stats, **mount.handlers()})
+                if opts.metrics:
+                    from fusecache import metrics
+
+                    await nursery.start(metrics.serve, opts.metrics, snapshot)
+                _raise_readahead(opts.mountpoint)
+                readiness.ready()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(rundir, "pid"))
+            log.info("unmounted %s", opts.mountpoint)
 
 
 def _check_balloon(opts: MountOptions) -> None:
@@ -290,163 +247,6 @@ def _check_balloon(opts: MountOptions) -> None:
         parse_source(spec)  # raises QuietError naming the bad spec
     if not opts.cache or opts.admit != "second-chance":
         raise QuietError("--balloon feeds second-chance admission: drop --no-cache / use --admit second-chance, or drop --balloon")
-
-
-def _cluster_key(opts: MountOptions) -> bytes | None:
-    """The key peers authenticate with; refuses peering without one unless --peer-insecure on loopback."""
-    if not opts.peers and not opts.listen:
-        return None
-    if not opts.cache:
-        raise QuietError("--peer and --listen share the cache: they cannot be used with --no-cache")
-    from fusecache.peers.protocol import load_cluster_key, session_key
-
-    if opts.cluster_key_file:
-        key = load_cluster_key(opts.cluster_key_file)
-    elif opts.peer_insecure:
-        key = None
-    else:
-        from fusecache.peers.protocol import INSECURE_REFUSED
-
-        raise QuietError(INSECURE_REFUSED)
-    session_key(key, [*opts.peers, *([opts.listen] if opts.listen else [])])  # refuses insecure peering off loopback
-    return key
-
-
-def _peering(opts: MountOptions, cache: Cache) -> tuple[Any, Any]:
-    """The peer server and peer set for this mount, wired to the cache (or (None, None))."""
-    if not opts.peers and not opts.listen:
-        return None, None
-    from fusecache.peers import PeerServer, PeerSet
-
-    key = _cluster_key(opts)
-    server = PeerServer(opts.listen, key, cache.store, capacity_pages=opts.cache_size // 4096) if opts.listen else None
-    peerset = PeerSet(opts.peers, key, fetch_timeout=opts.peer_timeout, server=server) if opts.peers else None
-    if server is not None:
-        cache.on_committed = server.note_change
-    if peerset is not None:
-        cache.peers = peerset
-        cache.store.set_peer_holds(peerset.may_hold)
-        if isinstance(cache.admission, SecondChance):
-            cache.admission.peer_holds = cache.peer_holds
-    return server, peerset
-
-
-def _data_path(opts: MountOptions, backing: OffLoop) -> Passthrough | Cache:
-    if not opts.cache:
-        return Passthrough(backing)
-    from fusecache.store import Store
-
-    cache_dir = opts.cache_dir or default_cache_dir(opts.mountpoint)
-    store = Store(cache_dir, opts.cache_size, reset=opts.reset_cache)
-    st = store.stats()
-    log.info("cache %s: %d of %d bytes held, %d blocks", cache_dir, st["bytes_stored"], st["capacity"], st["chunks"])
-    if opts.admit == "inclusive":
-        return Cache(backing, store, Inclusive(), revalidate=opts.revalidate)
-    policy = SecondChance(opts.mountpoint, staging_bytes=opts.staging_size)
-    cache = Cache(backing, store, policy, revalidate=opts.revalidate)
-    policy.bind(cache)
-    if not opts.balloon:
-        log.info("second-chance admission with no --balloon source: blocks enter the cache only by `fusecache admit`")
-    return cache
-
-
-def _balloon_monitor(opts: MountOptions, data: Passthrough | Cache) -> Any:
-    if not opts.balloon or not isinstance(data, Cache) or not isinstance(data.admission, SecondChance):
-        return None
-    from fusecache.balloon import BalloonMonitor
-
-    policy = data.admission
-    monitor = BalloonMonitor(opts.balloon, on_shrink=policy.on_shrink, on_guests=policy.on_guests)
-    policy.on_admitted = monitor.note_admitted
-    return monitor
-
-
-def _peer_stats(opts: MountOptions, server: Any, peerset: Any) -> dict[str, Any]:
-    return {
-        "listen": opts.listen,
-        "peers": {a: dataclasses.asdict(s) for a, s in peerset.stats().items()} if peerset is not None else {},
-        "served": {ip: dataclasses.asdict(s) for ip, s in server.stats().items()} if server is not None else {},
-    }
-
-
-def _balloon_stats(monitor: Any, data: Passthrough | Cache) -> dict[str, Any]:
-    """Each guest as the monitor sees it, with what second-chance did for it."""
-    guests = monitor.snapshot()["guests"] if monitor is not None else {}
-    admission = data.admission.stats() if isinstance(data, Cache) else {}
-    for name, reads in admission.get("guests", {}).items():
-        guests.setdefault(name, {}).update(reads)
-    return {"sources": [str(s) for s in monitor.sources] if monitor else [], "guests": guests}
-
-
-async def _main(opts: MountOptions, readiness: Readiness, ops: FuseOperations, data: Passthrough | Cache, rundir: str) -> None:
-    started = time.time()
-    monitor = _balloon_monitor(opts, data)
-    server, peerset = _peering(opts, data) if isinstance(data, Cache) else (None, None)
-    holdings: dict[str, int] = {}
-
-    async def count_holdings() -> None:
-        """Every 10 s: how much of this cache a peer also holds (the dedup across hosts)."""
-        assert isinstance(data, Cache)
-        while True:
-            holdings.update(await data.cluster_holdings())
-            images = data.images.values()
-            holdings["peer_bytes_taken"] = sum(c.peer_bytes for c in images)
-            holdings["bytes_given"] = sum(s.bytes_out for s in server.stats().values()) if server is not None else 0
-            await trio.sleep(10)
-
-    async def stats(request: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "mountpoint": opts.mountpoint,
-            "backing": opts.backing,
-            "pid": os.getpid(),
-            "started": started,
-            "open_files": ops.open_files(),
-            **data.stats(),
-            "balloon": _balloon_stats(monitor, data),
-            "peers": {**_peer_stats(opts, server, peerset), "cluster": holdings},
-        }
-
-    handlers = {"stats": stats, **(data.control_handlers() if isinstance(data, Cache) else {})}
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signals)
-            nursery.start_soon(data.run)
-            if monitor is not None:
-                nursery.start_soon(monitor.run)
-            await nursery.start(control.serve, os.path.join(rundir, "control.sock"), handlers)
-            if server is not None:
-                try:
-                    await nursery.start(server.run)
-                except (OSError, BaseExceptionGroup) as exc:
-                    err = _find_in(exc, OSError)
-                    if err is None:
-                        raise
-                    raise QuietError(f"cannot listen for peers on {opts.listen}: {err.strerror}; choose another --listen address")
-                log.info("serving peers on %s", opts.listen)
-            if peerset is not None:
-                await nursery.start(peerset.run)
-                nursery.start_soon(count_holdings)
-            if opts.metrics:
-                from fusecache import metrics
-
-                await nursery.start(metrics.serve, opts.metrics, lambda: stats({}))
-            _raise_readahead(opts.mountpoint)
-            readiness.ready()
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-    finally:
-        await data.close()
-
-
-def _find_in(exc: BaseException, cls: type[E]) -> E | None:
-    """`exc` itself or the first exception of type `cls` inside its (nested) exception groups."""
-    if isinstance(exc, cls):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            if (found := _find_in(inner, cls)) is not None:
-                return found
-    return None
 
 
 async def _stop_on_signals() -> None:

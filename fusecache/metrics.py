@@ -3,7 +3,7 @@
 prometheus_client's HTTP server answers scrapes in its own threads, and those
 threads must never call into trio. So the trio side takes a stats snapshot
 every second and replaces one reference; the collector only reads that
-reference. Each snapshot is a fresh dict that nobody mutates after it is
+reference. Each snapshot is a fresh `MountStats` that nobody mutates after it is
 published, so the scrape threads need no lock. Metrics carry counts and
 names (images, guests, peers), never file content.
 """
@@ -20,6 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fusecache.errors import QuietError
+from fusecache.peers import PeerStats
+from fusecache.stats import BalloonGuest, ImageCounters, MountStats, StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +30,19 @@ REFRESH = 1.0  # seconds between snapshots: a scrape sees counters at most this 
 # (stats key, metric name without _total, help) for the per-image counters
 _IMAGE_COUNTERS = (
     ("reads", "fusecache_reads", "Read requests served, per image."),
-    ("admitted_chunks", "fusecache_admitted_chunks", "Blocks admitted into the cache, per image."),
+    ("admitted_chunks", "fusecache_admitted_chunks", "Chunks admitted into the cache, per image."),
     ("writes", "fusecache_writes", "Write requests, per image."),
     ("write_bytes", "fusecache_write_bytes", "Bytes written through to the backing, per image."),
-    ("invalidations", "fusecache_invalidations", "Times an image's cached blocks were invalidated (a write or a change behind our back)."),
+    ("invalidations", "fusecache_invalidations", "Times an image's cached chunks were invalidated (a write or a change behind our back)."),
 )
 _READ_SOURCES = (("hit_bytes", "hit"), ("peer_bytes", "peer"), ("backing_bytes", "backing"))
 _PEER_COUNTERS = (
-    ("hits_given", "fusecache_peer_hits_given", "Blocks this host served to the peer."),
-    ("hits_taken", "fusecache_peer_hits_taken", "Blocks the peer served to this host."),
+    ("hits_given", "fusecache_peer_hits_given", "Chunks this host served to the peer."),
+    ("hits_taken", "fusecache_peer_hits_taken", "Chunks the peer served to this host."),
     ("requests", "fusecache_peer_requests", "Requests sent to the peer."),
     ("not_found", "fusecache_peer_not_found", "Requests the peer answered with not found."),
     ("errors", "fusecache_peer_errors", "Requests to the peer that failed."),
-    ("corrupt_blocks", "fusecache_peer_corrupt_blocks", "Blocks from the peer that failed their hash check."),
+    ("corrupt_blocks", "fusecache_peer_corrupt_blocks", "Chunks from the peer that failed their hash check."),
     ("bytes_in", "fusecache_peer_received_bytes", "Bytes received from the peer."),
     ("bytes_out", "fusecache_peer_sent_bytes", "Bytes sent to the peer."),
 )
@@ -50,68 +52,66 @@ class StatsCollector(Collector):
     """Turns the latest published stats snapshot into metric families at each scrape."""
 
     def __init__(self) -> None:
-        self.snapshot: dict[str, Any] = {}
+        self.snapshot = MountStats()
 
     def collect(self) -> Iterator[Metric]:
         return iter(metric_families(self.snapshot))
 
 
-def metric_families(stats: dict[str, Any]) -> list[Metric]:
-    """The metric families for one stats dict (the shape of `fusecache stats --json`)."""
+def metric_families(stats: MountStats) -> list[Metric]:
+    """The metric families for one mount's stats."""
     out: list[Metric] = []
     open_files = GaugeMetricFamily("fusecache_open_files", "Files open through the mount.")
-    open_files.add_metric([], stats.get("open_files", 0))
+    open_files.add_metric([], stats.open_files)
     out.append(open_files)
-    if "started" in stats:
+    if stats.started:
         started = GaugeMetricFamily("fusecache_start_time_seconds", "When the daemon started, seconds since the epoch.")
-        started.add_metric([], stats["started"])
+        started.add_metric([], stats.started)
         out.append(started)
-    out += _image_families(stats.get("images") or {})
-    if stats.get("store"):
-        out += _store_families(stats["store"])
-    guests = (stats.get("balloon") or {}).get("guests")
-    if guests:
-        out += _balloon_families(guests)
-    peers = (stats.get("peers") or {}).get("peers")
-    if peers:
-        out += _peer_families(peers)
+    out += _image_families(stats.images)
+    if stats.store is not None:
+        out += _store_families(stats.store)
+    if stats.balloon.guests:
+        out += _balloon_families(stats.balloon.guests)
+    if stats.peers.peers:
+        out += _peer_families(stats.peers.peers)
     return out
 
 
-def _image_families(images: dict[str, dict[str, Any]]) -> list[Metric]:
+def _image_families(images: dict[str, ImageCounters]) -> list[Metric]:
     read_bytes = CounterMetricFamily("fusecache_read_bytes", "Bytes read, per image and where they came from.", labels=["source", "image"])
     counters = [(key, CounterMetricFamily(name, text, labels=["image"])) for key, name, text in _IMAGE_COUNTERS]
     for image, c in images.items():
         for key, source in _READ_SOURCES:
-            read_bytes.add_metric([source, image], c.get(key, 0))
+            read_bytes.add_metric([source, image], getattr(c, key))
         for key, family in counters:
-            family.add_metric([image], c.get(key, 0))
+            family.add_metric([image], getattr(c, key))
     return [read_bytes, *(family for _, family in counters)]
 
 
-def _store_families(store: dict[str, Any]) -> list[Metric]:
+def _store_families(store: StoreStats) -> list[Metric]:
     out: list[Metric] = []
     for key, name, text in (
         ("capacity", "fusecache_cache_capacity_bytes", "The cache's size bound."),
-        ("bytes_stored", "fusecache_cache_stored_bytes", "Bytes the cache holds (each shared block once)."),
-        ("logical_bytes", "fusecache_cache_logical_bytes", "Bytes the cached blocks stand for (shared blocks counted per use)."),
+        ("bytes_stored", "fusecache_cache_stored_bytes", "Bytes the cache holds (each shared page once)."),
+        ("logical_bytes", "fusecache_cache_logical_bytes", "Bytes the cached chunks stand for (shared pages counted per use)."),
         ("dedup_ratio", "fusecache_cache_dedup_ratio", "Logical bytes over stored bytes."),
-        ("chunks", "fusecache_cache_chunks", "Blocks held."),
+        ("chunks", "fusecache_cache_chunks", "Chunks held."),
     ):
         g = GaugeMetricFamily(name, text)
-        g.add_metric([], store.get(key, 0))
+        g.add_metric([], getattr(store, key))
         out.append(g)
     for key, name, text in (
-        ("evicted_chunks", "fusecache_cache_evicted_chunks", "Blocks evicted to stay under the size bound."),
+        ("evicted_chunks", "fusecache_cache_evicted_chunks", "Chunks evicted to stay under the size bound."),
         ("verify_failures", "fusecache_cache_verify_failures", "Stored pages that failed their hash check (served as misses)."),
     ):
         c = CounterMetricFamily(name, text)
-        c.add_metric([], store.get(key, 0))
+        c.add_metric([], getattr(store, key))
         out.append(c)
     return out
 
 
-def _balloon_families(guests: dict[str, dict[str, Any]]) -> list[Metric]:
+def _balloon_families(guests: dict[str, BalloonGuest]) -> list[Metric]:
     running = GaugeMetricFamily("fusecache_guest_running", "1 if the guest runs now, 0 if it was seen and stopped.", labels=["guest"])
     target = GaugeMetricFamily("fusecache_balloon_target_bytes", "The guest's balloon target: memory it should keep.", labels=["guest"])
     actual = GaugeMetricFamily("fusecache_balloon_actual_bytes", "The guest's memory now.", labels=["guest"])
@@ -121,36 +121,35 @@ def _balloon_families(guests: dict[str, dict[str, Any]]) -> list[Metric]:
     )
     admitted = CounterMetricFamily("fusecache_balloon_admitted_bytes", "Bytes admitted because the guest shrank.", labels=["guest"])
     for name, g in guests.items():
-        running.add_metric([name], 1 if g.get("running") else 0)
+        running.add_metric([name], 1 if g.running else 0)
         # a stopped guest has no memory figures: leave the series out rather than report a false zero
-        if g.get("target") is not None:
-            target.add_metric([name], g["target"])
-        if g.get("actual") is not None:
-            actual.add_metric([name], g["actual"])
-        shrinks.add_metric([name], g.get("shrinks", 0))
-        evicted.add_metric([name], g.get("evicted_estimate", 0))
-        # the admission policy counts admitted bytes per guest; without it, the monitor's own count
-        admitted.add_metric([name], g.get("admitted_bytes", g.get("admitted", 0)))
+        if g.target is not None:
+            target.add_metric([name], g.target)
+        if g.actual is not None:
+            actual.add_metric([name], g.actual)
+        shrinks.add_metric([name], g.shrinks)
+        evicted.add_metric([name], g.evicted_estimate)
+        admitted.add_metric([name], g.admitted_bytes)
     return [running, target, actual, shrinks, evicted, admitted]
 
 
-def _peer_families(peers: dict[str, dict[str, Any]]) -> list[Metric]:
+def _peer_families(peers: dict[str, PeerStats]) -> list[Metric]:
     up = GaugeMetricFamily("fusecache_peer_up", "1 if the peer is connected.", labels=["peer"])
     rtt = GaugeMetricFamily("fusecache_peer_rtt_seconds", "Round-trip time to the peer, last measured.", labels=["peer"])
     counters = [(key, CounterMetricFamily(name, text, labels=["peer"])) for key, name, text in _PEER_COUNTERS]
     for name, p in peers.items():
-        up.add_metric([name], 1 if p.get("up") else 0)
-        if p.get("rtt_ms") is not None:
-            rtt.add_metric([name], p["rtt_ms"] / 1000)
+        up.add_metric([name], 1 if p.up else 0)
+        if p.rtt_ms is not None:
+            rtt.add_metric([name], p.rtt_ms / 1000)
         for key, family in counters:
-            family.add_metric([name], p.get(key, 0))
+            family.add_metric([name], getattr(p, key))
     return [up, rtt, *(family for _, family in counters)]
 
 
 async def serve(
-    address: tuple[str, int], stats: Callable[[], Awaitable[dict[str, Any]]], task_status: Any = trio.TASK_STATUS_IGNORED
+    address: tuple[str, int], stats: Callable[[], Awaitable[MountStats]], task_status: Any = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve /metrics on `address` until cancelled; `stats()` gives the same dict as `fusecache stats --json`.
+    """Serve /metrics on `address` until cancelled; `stats()` gives the mount's stats.
 
     Raises QuietError before `task_status.started()` if the address cannot be bound.
     """

@@ -34,6 +34,8 @@ from rich.text import Text
 
 from fusecache import control, mounts
 from fusecache.errors import QuietError
+from fusecache.peers import PeerStats
+from fusecache.stats import BalloonGuest, ImageCounters, MountStats
 
 HISTORY = 60.0  # seconds of throughput the sparkline covers
 SPARK_WIDTH = 30  # characters: one per HISTORY / SPARK_WIDTH seconds
@@ -49,40 +51,39 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def hit_ratio(c: dict[str, Any]) -> float | None:
-    total = c.get("hit_bytes", 0) + c.get("peer_bytes", 0) + c.get("backing_bytes", 0)
-    return (c.get("hit_bytes", 0) + c.get("peer_bytes", 0)) / total if total else None
+def hit_ratio(c: ImageCounters) -> float | None:
+    total = c.read_bytes
+    return (c.hit_bytes + c.peer_bytes) / total if total else None
 
 
-def summary_lines(stats: dict[str, Any]) -> list[str]:
+def summary_lines(stats: MountStats) -> list[str]:
     """A few lines for `fusecache stats MOUNTPOINT` (the --json form has everything)."""
-    lines = [f"{stats['mountpoint']}: backing {stats['backing']}, daemon pid {stats['pid']}, {stats['open_files']} open files"]
-    store = stats.get("store")
-    if not store:
+    lines = [f"{stats.mountpoint}: backing {stats.backing}, daemon pid {stats.pid}, {stats.open_files} open files"]
+    store = stats.store
+    if store is None:
         lines.append("no cache (--no-cache): every read goes to the backing")
         return lines
     lines.append(
-        f"cache: {human(store['bytes_stored'])} of {human(store['capacity'])} stored, "
-        f"{human(store['logical_bytes'])} logical, dedup {store['dedup_ratio']:.2f}x, "
-        f"{store['chunks']} blocks, {store.get('evicted_chunks', 0)} evicted"
+        f"cache: {human(store.bytes_stored)} of {human(store.capacity)} stored, "
+        f"{human(store.logical_bytes)} logical, dedup {store.dedup_ratio:.2f}x, "
+        f"{store.chunks} chunks, {store.evicted_chunks} evicted"
     )
-    lines.append(f"admission: {stats['admission']['mode']}")
-    images = stats.get("images", {})
+    if stats.admission is not None:
+        lines.append(f"admission: {stats.admission.mode}")
+    images = stats.images
     if images:
         width = max(12, *(len(n) for n in images))
         lines.append(f"{'image':<{width}}  {'reads':>8}  {'hit%':>6}  {'hit':>10}  {'peer':>10}  {'backing':>10}  {'admitted':>8}")
         for name, c in images.items():
             r = hit_ratio(c)
             lines.append(
-                f"{name:<{width}}  {c['reads']:>8}  {'-' if r is None else f'{100 * r:.1f}':>6}  {human(c['hit_bytes']):>10}  "
-                f"{human(c['peer_bytes']):>10}  {human(c['backing_bytes']):>10}  {c['admitted_chunks']:>8}"
+                f"{name:<{width}}  {c.reads:>8}  {'-' if r is None else f'{100 * r:.1f}':>6}  {human(c.hit_bytes):>10}  "
+                f"{human(c.peer_bytes):>10}  {human(c.backing_bytes):>10}  {c.admitted_chunks:>8}"
             )
     return lines
 
 
 # ---- what is watched: samples and the rates between them ---------------------------
-def _read_bytes(c: dict[str, Any]) -> int:
-    return c.get("hit_bytes", 0) + c.get("peer_bytes", 0) + c.get("backing_bytes", 0)
 
 
 @dataclasses.dataclass
@@ -96,7 +97,7 @@ class MountView:
     """One watched mount: its latest stats, the rates since the sample before, and a minute of throughput."""
 
     mountpoint: str
-    stats: dict[str, Any] | None = None
+    stats: MountStats | None = None
     sampled: float = 0.0  # time.monotonic() of `stats`
     error: str | None = None  # why the latest poll got no stats; None when it did
     gone: bool = False  # no longer mounted (or never was)
@@ -104,16 +105,15 @@ class MountView:
     total: Rate | None = None
     history: collections.deque[tuple[float, float]] = dataclasses.field(default_factory=collections.deque)  # (time, bytes/s)
 
-    def update(self, stats: dict[str, Any], now: float) -> None:
+    def update(self, stats: MountStats, now: float) -> None:
         prev, prev_t = self.stats, self.sampled
         self.rates, self.total = {}, None
         # The counters only grow while one daemon runs; a restarted one counts from zero: no rate across it.
-        if prev is not None and prev.get("pid") == stats.get("pid") and now > prev_t:
+        if prev is not None and prev.pid == stats.pid and now > prev_t:
             dt = now - prev_t
-            old = prev.get("images") or {}
-            for name, c in (stats.get("images") or {}).items():
-                o = old.get(name, {})
-                self.rates[name] = Rate((c.get("reads", 0) - o.get("reads", 0)) / dt, (_read_bytes(c) - _read_bytes(o)) / dt)
+            for name, c in stats.images.items():
+                o = prev.images.get(name) or ImageCounters()
+                self.rates[name] = Rate((c.reads - o.reads) / dt, (c.read_bytes - o.read_bytes) / dt)
             self.total = Rate(sum(r.reads for r in self.rates.values()), sum(r.bytes for r in self.rates.values()))
             self.history.append((now, self.total.bytes))
         while self.history and self.history[0][0] < now - HISTORY:
@@ -132,7 +132,7 @@ def poll(view: MountView) -> None:
         view.fail("gone: not mounted any more" if view.stats is not None else "not mounted", gone=True)
         return
     try:
-        stats = control.request(view.mountpoint, "stats", timeout=STATS_TIMEOUT)
+        stats = MountStats.from_json(control.request(view.mountpoint, "stats", timeout=STATS_TIMEOUT))
     except QuietError as exc:
         view.fail(exc.message, gone=False)
         return
@@ -242,11 +242,11 @@ def _split(local: int, peer: int, miss: int) -> Text:
     return t
 
 
-def _totals(images: dict[str, dict[str, Any]]) -> tuple[int, int, int]:
+def _totals(images: dict[str, ImageCounters]) -> tuple[int, int, int]:
     return (
-        sum(c.get("hit_bytes", 0) for c in images.values()),
-        sum(c.get("peer_bytes", 0) for c in images.values()),
-        sum(c.get("backing_bytes", 0) for c in images.values()),
+        sum(c.hit_bytes for c in images.values()),
+        sum(c.peer_bytes for c in images.values()),
+        sum(c.backing_bytes for c in images.values()),
     )
 
 
@@ -259,24 +259,24 @@ def _images_table(view: MountView, g: Glyphs) -> Table:
     table.add_column("image", ratio=1, min_width=12, overflow="ellipsis", no_wrap=True)
     for name in ("reads/s", "MB/s", "hit%", "local", "peer", "miss", "admitted"):
         table.add_column(name, justify="right", no_wrap=True)
-    for name, c in ((view.stats or {}).get("images") or {}).items():
+    for name, c in (view.stats.images if view.stats is not None else {}).items():
         rate = view.rates.get(name)
-        total = _read_bytes(c)
+        total = c.read_bytes
         r = hit_ratio(c)
         table.add_row(
             name,
             g.dash if rate is None else f"{rate.reads:.0f}",
             g.dash if rate is None else _mbs(rate.bytes),
             g.dash if r is None else f"{100 * r:.1f}",
-            _cell(c.get("hit_bytes", 0), total),
-            _cell(c.get("peer_bytes", 0), total),
-            _cell(c.get("backing_bytes", 0), total),
-            str(c.get("admitted_chunks", 0)),
+            _cell(c.hit_bytes, total),
+            _cell(c.peer_bytes, total),
+            _cell(c.backing_bytes, total),
+            str(c.admitted_chunks),
         )
     return table
 
 
-def _balloon_table(guests: dict[str, dict[str, Any]], g: Glyphs) -> Table:
+def _balloon_table(guests: dict[str, BalloonGuest], g: Glyphs) -> Table:
     table = Table(title="balloon", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
     table.add_column("guest", overflow="ellipsis", no_wrap=True, max_width=30)
     for name in ("state", "target", "actual", "est. evicted", "admitted"):
@@ -286,30 +286,25 @@ def _balloon_table(guests: dict[str, dict[str, Any]], g: Glyphs) -> Table:
         return g.dash if v is None else human(v)
 
     for name, s in guests.items():
-        running = s.get("running")
-        state = g.dash if running is None else Text("running", style="green") if running else Text("stopped", style="dim")
-        # the admission policy counts admitted bytes; the monitor alone counts `admitted`
-        admitted = s.get("admitted_bytes", s.get("admitted"))
-        table.add_row(name, state, size(s.get("target")), size(s.get("actual")), size(s.get("evicted_estimate")), size(admitted))
+        state = Text("running", style="green") if s.running else Text("stopped", style="dim")
+        table.add_row(name, state, size(s.target), size(s.actual), size(s.evicted_estimate), size(s.admitted_bytes))
     return table
 
 
-def _peers_table(peers: dict[str, dict[str, Any]], g: Glyphs) -> Table:
+def _peers_table(peers: dict[str, PeerStats], g: Glyphs) -> Table:
     table = Table(title="peers", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
     table.add_column("peer", overflow="ellipsis", no_wrap=True, max_width=30)
     for name in ("state", "rtt ms", "hits given", "hits taken", "errors"):
         table.add_column(name, justify="right", no_wrap=True)
     for name, p in peers.items():
-        up = p.get("up")
-        state = g.dash if up is None else Text("up", style="green") if up else Text("down", style="bold red")
-        rtt = p.get("rtt_ms")
+        state = Text("up", style="green") if p.up else Text("down", style="bold red")
         table.add_row(
             name,
             state,
-            g.dash if rtt is None else f"{rtt:.2f}",
-            str(p.get("hits_given", g.dash)),
-            str(p.get("hits_taken", g.dash)),
-            str(p.get("errors", g.dash)),
+            g.dash if p.rtt_ms is None else f"{p.rtt_ms:.2f}",
+            str(p.hits_given),
+            str(p.hits_taken),
+            str(p.errors),
         )
     return table
 
@@ -321,26 +316,26 @@ def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
         style = "bold red" if view.gone else "yellow"
         body: list[RenderableType] = [Text(view.error or "waiting for the first sample", style=style)]
         if s is not None:
-            body.append(Text(f"last seen {_duration(now - view.sampled)} ago, backing {s.get('backing', g.dash)}", style="dim"))
+            body.append(Text(f"last seen {_duration(now - view.sampled)} ago, backing {s.backing or g.dash}", style="dim"))
         return Panel(Group(*body), title=title, title_align="left", border_style="red" if view.gone else "yellow")
     lines: list[RenderableType] = []
-    head = Text(f"{s.get('backing', g.dash)}  pid {s.get('pid', g.dash)}")
-    if "started" in s:
-        head.append(f"  up {_duration(time.time() - s['started'])}")
-    head.append(f"  {s.get('open_files', 0)} open files  admission {(s.get('admission') or {}).get('mode', g.dash)}")
+    head = Text(f"{s.backing or g.dash}  pid {s.pid or g.dash}")
+    if s.started:
+        head.append(f"  up {_duration(time.time() - s.started)}")
+    head.append(f"  {s.open_files} open files  admission {s.admission.mode if s.admission is not None else g.dash}")
     lines.append(head)
     if view.error:  # mounted, but this poll failed: show the last figures, and why they are old
         lines.append(Text(f"{view.error} (figures from {_duration(now - view.sampled)} ago)", style="bold yellow"))
-    store = s.get("store")
-    if store:
-        cap = store.get("capacity", 0)
-        stored = store.get("bytes_stored", 0)
+    store = s.store
+    if store is not None:
+        cap = store.capacity
+        stored = store.bytes_stored
         fill = stored / cap if cap else 0.0
         t = Text("cache  ")
         t.append(_bar(fill, 10, g), style="magenta")
-        t.append(f" {human(stored)} / {human(cap)} ({100 * fill:.0f}%)  dedup {store.get('dedup_ratio', 1.0):.2f}x")
-        t.append(f"  evicted {store.get('evicted_chunks', 0)}  verify failures ")
-        failures = store.get("verify_failures", 0)
+        t.append(f" {human(stored)} / {human(cap)} ({100 * fill:.0f}%)  dedup {store.dedup_ratio:.2f}x")
+        t.append(f"  evicted {store.evicted_chunks}  verify failures ")
+        failures = store.verify_failures
         t.append(str(failures), style="bold red" if failures else "")
         lines.append(t)
     else:
@@ -354,14 +349,12 @@ def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
     peak = max((v for _, v in view.history), default=None)
     rate.append(f" peak {g.dash if peak is None else _mbs(peak)} MB/s, last {HISTORY:.0f} s", style="dim")
     lines.append(rate)
-    images = s.get("images") or {}
+    images = s.images
     lines.append(Text("hits   ").append_text(_split(*_totals(images))))
     if images:
         lines.append(_images_table(view, g))
-    balloon = s.get("balloon") or {}
-    peering = s.get("peers") or {}
-    guests = balloon.get("guests") or {}
-    peers = peering.get("peers") or {}
+    guests = s.balloon.guests
+    peers = s.peers.peers
     if guests:
         lines.append(_balloon_table(guests, g))
     if peers:
@@ -369,10 +362,10 @@ def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
     # what is on but has nothing to show yet, or "—" for what this mount does not do
     idle = []
     if not guests:
-        sources = balloon.get("sources")
+        sources = s.balloon.sources
         idle.append(f"balloon: watching {', '.join(sources)}, no guests yet" if sources else f"balloon {g.dash}")
     if not peers:
-        idle.append(f"peers: serving on {peering['listen']}, none to ask" if peering.get("listen") else f"peers {g.dash}")
+        idle.append(f"peers: serving on {s.peers.listen}, none to ask" if s.peers.listen else f"peers {g.dash}")
     if idle:
         lines.append(Text("  ".join(idle), style="dim"))
     return Panel(Group(*lines), title=title, title_align="left", border_style="blue")

@@ -20,6 +20,7 @@ import sys
 import time
 
 from fusecache.daemon import process_running as daemon_running  # a zombie counts as exited
+from fusecache.stats import MountStats
 
 FUSECACHE = [sys.executable, "-m", "fusecache"]
 
@@ -43,11 +44,11 @@ def run_fusecache(*args: str, timeout: float = 120, **kw: object) -> subprocess.
     return subprocess.run([*FUSECACHE, *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
 
 
-def stats(mountpoint: str) -> dict:
-    """`fusecache stats MOUNTPOINT --json`: what the mount's daemon reports about itself."""
+def stats(mountpoint: str) -> MountStats:
+    """`fusecache stats MOUNTPOINT --json`: what the mount's daemon reports about itself, read through its types."""
     proc = run_fusecache("stats", mountpoint, "--json")
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return MountStats.from_json(json.loads(proc.stdout))
 
 
 def is_mounted(path: str) -> bool:

@@ -7,7 +7,6 @@ an NFS export too (see `images` in conftest): the same suite, parametrized.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -16,28 +15,23 @@ import time
 
 import pytest
 
-from tests.mounting import force_unmount, is_mounted, run_fusecache
+from fusecache.stats import ImageCounters, MountStats
+from tests.mounting import force_unmount, is_mounted, run_fusecache, stats
 
 pytestmark = pytest.mark.mount
 MiB = 1 << 20
 INCLUSIVE = ("--admit", "inclusive")  # these tests exercise the store; second-chance has its own
 
 
-def stats(mountpoint: str) -> dict:
-    proc = run_fusecache("stats", mountpoint, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+def image_counters(mountpoint: str, name: str) -> ImageCounters:
+    return stats(mountpoint).images[name]
 
 
-def image_counters(mountpoint: str, name: str) -> dict:
-    return stats(mountpoint)["images"][name]
-
-
-def wait_queue_empty(mountpoint: str) -> dict:
+def wait_queue_empty(mountpoint: str) -> MountStats:
     deadline = time.monotonic() + 30
     while True:
         s = stats(mountpoint)
-        if s["queue"] == 0:
+        if s.queue == 0:
             return s
         assert time.monotonic() < deadline, "the writer never caught up"
         time.sleep(0.05)
@@ -70,10 +64,10 @@ def test_hits_after_first_read(mounter, images, tmp_path):
     assert read_all(p) == data
     wait_queue_empty(m.mountpoint)
     first = image_counters(m.mountpoint, "a.img")
-    assert first["backing_bytes"] == len(data) and first["hit_bytes"] == 0
+    assert first.backing_bytes == len(data) and first.hit_bytes == 0
     assert read_all(p, bs=4096) == data  # small unaligned-to-chunk requests, partial last chunk
     second = image_counters(m.mountpoint, "a.img")
-    assert second["hit_bytes"] == len(data) and second["backing_bytes"] == len(data)
+    assert second.hit_bytes == len(data) and second.backing_bytes == len(data)
 
 
 def test_dedup_two_images_share_blocks(mounter, images, tmp_path):
@@ -83,10 +77,10 @@ def test_dedup_two_images_share_blocks(mounter, images, tmp_path):
     m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"))
     read_all(os.path.join(m.mountpoint, "base.img"))
     read_all(os.path.join(m.mountpoint, "clone.img"))
-    store = wait_queue_empty(m.mountpoint)["store"]
-    assert store["bytes_stored"] == 4 * MiB  # the clone added nothing: its pages are the base's, its hole is free
-    assert store["logical_bytes"] == 7 * MiB
-    assert store["dedup_ratio"] == pytest.approx(7 / 4)
+    store = wait_queue_empty(m.mountpoint).store
+    assert store.bytes_stored == 4 * MiB  # the clone added nothing: its pages are the base's, its hole is free
+    assert store.logical_bytes == 7 * MiB
+    assert store.dedup_ratio == pytest.approx(7 / 4)
 
 
 def test_eviction_keeps_the_bound_and_the_bytes(mounter, images, tmp_path):
@@ -95,9 +89,9 @@ def test_eviction_keeps_the_bound_and_the_bytes(mounter, images, tmp_path):
     p = os.path.join(m.mountpoint, "big.img")
     for _ in range(2):
         assert read_all(p) == data
-        store = wait_queue_empty(m.mountpoint)["store"]
-        assert store["bytes_stored"] <= store["capacity"] == 4 * MiB
-    assert store["evicted_chunks"] > 0
+        store = wait_queue_empty(m.mountpoint).store
+        assert store.bytes_stored <= store.capacity == 4 * MiB
+    assert store.evicted_chunks > 0
 
 
 def test_warm_restart(mounter, images, tmp_path):
@@ -110,7 +104,7 @@ def test_warm_restart(mounter, images, tmp_path):
     m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", cache)
     assert read_all(os.path.join(m.mountpoint, "w.img")) == data
     c = image_counters(m.mountpoint, "w.img")
-    assert c["hit_bytes"] == len(data) and c["backing_bytes"] == 0
+    assert c.hit_bytes == len(data) and c.backing_bytes == 0
 
 
 def test_sigkill_during_admission_then_every_byte_right(mounter, images, tmp_path):
@@ -130,7 +124,7 @@ def test_sigkill_during_admission_then_every_byte_right(mounter, images, tmp_pat
     m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", cache)
     assert read_all(os.path.join(m.mountpoint, "k.img")) == data
     s = stats(m.mountpoint)
-    assert s["store"]["verify_failures"] == 0 or s["images"]["k.img"]["backing_bytes"] > 0
+    assert s.store.verify_failures == 0 or s.images["k.img"].backing_bytes > 0
 
 
 def _read_ignoring_errors(path: str) -> None:
@@ -159,7 +153,7 @@ def test_changed_behind_our_back_is_never_served_stale(mounter, images, tmp_path
         assert bytes(buf) == new[:MiB]
     finally:
         os.close(fd)
-    assert image_counters(m.mountpoint, "s.img")["invalidations"] >= 1
+    assert image_counters(m.mountpoint, "s.img").invalidations >= 1
 
 
 def test_writes_through_the_mount_are_read_back(mounter, images, tmp_path):
@@ -217,14 +211,14 @@ def test_admit_and_drop_commands(mounter, images, tmp_path):
     m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"))
     proc = run_fusecache("admit", m.mountpoint, os.path.join(m.mountpoint, "x.img"), "0", "1M")
     assert proc.returncode == 0, proc.stderr
-    assert "admitted 16 blocks" in proc.stdout
+    assert "admitted 16 chunks" in proc.stdout
     wait_queue_empty(m.mountpoint)
     assert read_all(os.path.join(m.mountpoint, "x.img")) == data
     c = image_counters(m.mountpoint, "x.img")
-    assert c["hit_bytes"] == MiB and c["backing_bytes"] == MiB
+    assert c.hit_bytes == MiB and c.backing_bytes == MiB
     assert run_fusecache("drop", m.mountpoint, "x.img").returncode == 0
     read_all(os.path.join(m.mountpoint, "x.img"))
-    assert image_counters(m.mountpoint, "x.img")["backing_bytes"] == 3 * MiB
+    assert image_counters(m.mountpoint, "x.img").backing_bytes == 3 * MiB
     assert run_fusecache("drop", m.mountpoint).returncode == 0
     bad = run_fusecache("admit", m.mountpoint, "nope.img", "0", "1M")
     assert bad.returncode != 0 and "nope.img" in bad.stderr and bad.stderr.count("\n") == 1

@@ -66,18 +66,18 @@ def test_two_independent_images_dedup_at_4k_pages_and_read_back_exactly(two_imag
             store.apply(WriteBatch(admit=batch))
 
         st = store.stats()
-        assert st["skipped_chunks"] == 0 and st["evicted_chunks"] == 0
+        assert st.skipped_chunks == 0 and st.evicted_chunks == 0
         # The store's accounting is exactly fixed 4 KiB page dedup with zero pages as holes.
         pages = [_pages(p) for p in two_images]
-        assert st["logical_bytes"] == sum(map(len, pages)) * PAGE_SIZE
-        assert st["bytes_stored"] == len(set().union(*pages)) * PAGE_SIZE
-        assert st["dedup_ratio"] > 1.2, f"dedup of two independently built images only {st['dedup_ratio']:.2f}x"
+        assert st.logical_bytes == sum(map(len, pages)) * PAGE_SIZE
+        assert st.bytes_stored == len(set().union(*pages)) * PAGE_SIZE
+        assert st.dedup_ratio > 1.2, f"dedup of two independently built images only {st.dedup_ratio:.2f}x"
 
         for ino, path in enumerate(two_images, 1):
             for c, data in _chunks(path):
                 got = store.read_chunk(ino, 1, c)
                 assert got is not None, f"chunk {c} of {path.name} is not held"
                 assert got == data, f"chunk {c} of {path.name} reads back different bytes"
-        assert store.stats()["verify_failures"] == 0
+        assert store.stats().verify_failures == 0
     finally:
         store.close()

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fusecache.metrics import metric_families
+from fusecache.stats import MountStats
 from tests.mounting import force_unmount, is_mounted, run_fusecache, stats
 
 pytestmark = pytest.mark.mount
@@ -63,31 +64,31 @@ def test_metrics_agree_with_stats(mounter, tmp_path):
     deadline = time.monotonic() + WAIT
     while True:
         samples = scrape(port)
-        if samples.get(("fusecache_reads_total", (("image", "vm2.img"),))) == st["images"]["vm2.img"]["reads"]:
+        if samples.get(("fusecache_reads_total", (("image", "vm2.img"),))) == st.images["vm2.img"].reads:
             break
         assert time.monotonic() < deadline, "the metrics never caught up with the stats"
         time.sleep(0.2)
     st = stats(m.mountpoint)
 
-    for image, c in st["images"].items():
+    for image, c in st.images.items():
         for key, source in (("hit_bytes", "hit"), ("peer_bytes", "peer"), ("backing_bytes", "backing")):
-            assert samples[("fusecache_read_bytes_total", (("image", image), ("source", source)))] == c[key]
+            assert samples[("fusecache_read_bytes_total", (("image", image), ("source", source)))] == getattr(c, key)
         for key, name in (
             ("reads", "fusecache_reads_total"),
             ("admitted_chunks", "fusecache_admitted_chunks_total"),
             ("write_bytes", "fusecache_write_bytes_total"),
             ("invalidations", "fusecache_invalidations_total"),
         ):
-            assert samples[(name, (("image", image),))] == c[key], name
+            assert samples[(name, (("image", image),))] == getattr(c, key), name
     assert samples[("fusecache_read_bytes_total", (("image", "vm1.img"), ("source", "hit")))] == 4 << 20
     assert samples[("fusecache_write_bytes_total", (("image", "vm2.img"),))] == 4096
-    store = st["store"]
-    assert samples[("fusecache_cache_capacity_bytes", ())] == store["capacity"] == 64 << 20
-    assert samples[("fusecache_cache_stored_bytes", ())] == store["bytes_stored"]
-    assert samples[("fusecache_cache_logical_bytes", ())] == store["logical_bytes"]
-    assert samples[("fusecache_cache_dedup_ratio", ())] == pytest.approx(store["dedup_ratio"])
-    assert samples[("fusecache_cache_evicted_chunks_total", ())] == store["evicted_chunks"]
-    assert samples[("fusecache_cache_verify_failures_total", ())] == store["verify_failures"]
+    store = st.store
+    assert samples[("fusecache_cache_capacity_bytes", ())] == store.capacity == 64 << 20
+    assert samples[("fusecache_cache_stored_bytes", ())] == store.bytes_stored
+    assert samples[("fusecache_cache_logical_bytes", ())] == store.logical_bytes
+    assert samples[("fusecache_cache_dedup_ratio", ())] == pytest.approx(store.dedup_ratio)
+    assert samples[("fusecache_cache_evicted_chunks_total", ())] == store.evicted_chunks
+    assert samples[("fusecache_cache_verify_failures_total", ())] == store.verify_failures
     assert samples[("fusecache_open_files", ())] == 0
     # Prometheus naming: our metrics under fusecache_, the process collector's under process_
     assert all(name.startswith(("fusecache_", "process_")) for name, _ in samples)
@@ -95,13 +96,13 @@ def test_metrics_agree_with_stats(mounter, tmp_path):
 
 def test_balloon_and_peer_metrics_appear_when_the_stats_have_them():
     # the shape the balloon monitor and the peer client publish (see balloon.py, peers/client.py)
-    families = metric_families({
+    families = metric_families(MountStats.from_json({
         "open_files": 1,
         "balloon": {"guests": {"vm1": {"running": True, "target": 2 << 30, "actual": 3 << 30, "shrinks": 2,
                                        "evicted_estimate": 1 << 28, "admitted_bytes": 1 << 27},
                                "vm2": {"running": False, "target": None, "actual": None}}},
         "peers": {"peers": {"host2:7070": {"up": True, "rtt_ms": 0.25, "hits_given": 5, "hits_taken": 7}}},
-    })
+    }))
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
     assert samples[("fusecache_balloon_target_bytes", (("guest", "vm1"),))] == 2 << 30
     assert samples[("fusecache_balloon_admitted_bytes_total", (("guest", "vm1"),))] == 1 << 27

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -10,7 +9,7 @@ import time
 import pytest
 
 from tests.harness.waiting import wait_for
-from tests.mounting import is_mounted, run_fusecache
+from tests.mounting import is_mounted, run_fusecache, stats
 
 pytestmark = pytest.mark.mount
 MiB = 1 << 20
@@ -20,12 +19,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def stats(mp: str) -> dict:
-    proc = run_fusecache("stats", mp, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def read_all(path: str) -> bytes:
@@ -56,7 +49,7 @@ def cluster(mounter, images, tmp_path, n: int, key_args: list[str]) -> list:
 
 
 def peers_know(mp: str, locations: int) -> bool:
-    return all(p["up"] and p["summary_locations"] >= locations for p in stats(mp)["peers"]["peers"].values())
+    return all(p.up and p.summary_locations >= locations for p in stats(mp).peers.peers.values())
 
 
 def test_a_block_read_on_one_host_is_a_peer_hit_on_the_others(mounter, images, tmp_path, key_file):
@@ -66,19 +59,19 @@ def test_a_block_read_on_one_host_is_a_peer_hit_on_the_others(mounter, images, t
     a, b, c = cluster(mounter, images, tmp_path, 3, ["--cluster-key-file", key_file])
     assert read_all(os.path.join(a.mountpoint, "base.img")) == data
     # b learns what a holds from a's next summary (rebuilt at most every 5 s after a change)
-    wait_for(lambda: any(p["summary_locations"] >= 64 for p in stats(b.mountpoint)["peers"]["peers"].values()), "a's summary")
+    wait_for(lambda: any(p.summary_locations >= 64 for p in stats(b.mountpoint).peers.peers.values()), "a's summary")
     assert read_all(os.path.join(b.mountpoint, "base.img")) == data
-    img = stats(b.mountpoint)["images"]["base.img"]
-    assert img["peer_bytes"] == len(data) and img["backing_bytes"] == 0
-    taken = sum(p["hits_taken"] for p in stats(b.mountpoint)["peers"]["peers"].values())
+    img = stats(b.mountpoint).images["base.img"]
+    assert img.peer_bytes == len(data) and img.backing_bytes == 0
+    taken = sum(p.hits_taken for p in stats(b.mountpoint).peers.peers.values())
     assert taken == 64
-    assert all(p["corrupt_blocks"] == 0 for p in stats(b.mountpoint)["peers"]["peers"].values())
+    assert all(p.corrupt_blocks == 0 for p in stats(b.mountpoint).peers.peers.values())
     assert read_all(os.path.join(c.mountpoint, "base.img")) == data  # the third host: from a (or b, once b's summary says so)
-    assert stats(c.mountpoint)["images"]["base.img"]["peer_bytes"] == len(data)
+    assert stats(c.mountpoint).images["base.img"].peer_bytes == len(data)
     # the dedup across hosts, as each mount reports it: c holds what a also holds, and says so
-    wait_for(lambda: stats(c.mountpoint)["peers"]["cluster"].get("chunks_also_on_peers", 0) == 64, "c's cluster counters")
-    held = stats(c.mountpoint)["peers"]["cluster"]
-    assert held["chunks_only_here"] == 0 and held["peer_bytes_taken"] == len(data)
+    wait_for(lambda: stats(c.mountpoint).peers.cluster.chunks_also_on_peers == 64, "c's cluster counters")
+    held = stats(c.mountpoint).peers.cluster
+    assert held.chunks_only_here == 0 and held.peer_bytes_taken == len(data)
 
 
 def test_a_file_changed_on_the_backing_is_not_served_stale_by_a_peer(mounter, images, tmp_path, key_file):
@@ -86,10 +79,10 @@ def test_a_file_changed_on_the_backing_is_not_served_stale_by_a_peer(mounter, im
         f.write(b"1" * 2 * MiB)
     a, b = cluster(mounter, images, tmp_path, 2, ["--cluster-key-file", key_file])
     read_all(os.path.join(a.mountpoint, "v.img"))
-    wait_for(lambda: any(p["summary_locations"] >= 32 for p in stats(b.mountpoint)["peers"]["peers"].values()), "a's summary")
+    wait_for(lambda: any(p.summary_locations >= 32 for p in stats(b.mountpoint).peers.peers.values()), "a's summary")
     images.write_behind("v.img", b"2" * 2 * MiB)  # another host rewrites the image on NFS
     assert read_all(os.path.join(b.mountpoint, "v.img")) == b"2" * 2 * MiB
-    assert stats(b.mountpoint)["images"]["v.img"]["peer_bytes"] == 0
+    assert stats(b.mountpoint).images["v.img"].peer_bytes == 0
 
 
 def test_a_peer_with_the_wrong_key_learns_nothing(mounter, images, tmp_path, key_file):
@@ -107,11 +100,11 @@ def test_a_peer_with_the_wrong_key_learns_nothing(mounter, images, tmp_path, key
     time.sleep(1.5)
     read_all(os.path.join(b.mountpoint, "s.img"))
     s = stats(b.mountpoint)
-    assert s["images"]["s.img"]["peer_bytes"] == 0
-    peer = s["peers"]["peers"][f"127.0.0.1:{port_a}"]
-    assert not peer["up"] and peer["summary_locations"] == 0
-    served = stats(a.mountpoint)["peers"]["served"]
-    assert all(r["bytes_out"] == 0 or r["requests"] == 0 for r in served.values())
+    assert s.images["s.img"].peer_bytes == 0
+    peer = s.peers.peers[f"127.0.0.1:{port_a}"]
+    assert not peer.up and peer.summary_locations == 0
+    served = stats(a.mountpoint).peers.served
+    assert all(r.bytes_out == 0 or r.requests == 0 for r in served.values())
 
 
 def test_peering_needs_a_key(images, tmp_path):

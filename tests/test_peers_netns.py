@@ -17,7 +17,6 @@ delayed link. No timing is asserted beyond generous "returns within N s".
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,26 +24,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from fusecache.peers import PeerStats
 from tests.harness.netns import Host, Net, leftovers
 from tests.harness.waiting import wait_for
-from tests.mounting import run_fusecache
+from tests.mounting import stats
 
 pytestmark = [pytest.mark.mount, pytest.mark.netns]
 MiB = 1 << 20
 
 
-def stats(mp: str) -> dict[str, Any]:
-    proc = run_fusecache("stats", mp, "--json", timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def peer(mp: str, address: str) -> dict[str, Any]:
-    return stats(mp)["peers"]["peers"][address]
+def peer(mp: str, address: str) -> PeerStats:
+    return stats(mp).peers.peers[address]
 
 
 def read_all(path: str) -> bytes:
@@ -100,7 +93,7 @@ def images(tmp_path: Path) -> Path:
 
 def knows(mp: str, address: str, locations: int) -> bool:
     p = peer(mp, address)
-    return p["up"] and p["summary_locations"] >= locations
+    return p.up and p.summary_locations >= locations
 
 
 @pytest.mark.parametrize("how", ["killed", "vanished"])
@@ -146,10 +139,10 @@ def test_a_peer_that_dies_mid_transfer_costs_a_bounded_wait(make_net, images, tm
     assert not failure, failure
     print(f"\n{how}: the read finished {time.monotonic() - killed_at:.2f} s after the kill")
     assert bytes(got) == data
-    wait_for(lambda: not peer(mb, link.address)["up"], "b to mark a down", 20)
-    img = stats(mb)["images"]["k.img"]
-    assert img["peer_bytes"] > 0 and img["backing_bytes"] > 0, img  # both sides of the kill
-    assert img["peer_bytes"] + img["backing_bytes"] == size, img
+    wait_for(lambda: not peer(mb, link.address).up, "b to mark a down", 20)
+    img = stats(mb).images["k.img"]
+    assert img.peer_bytes > 0 and img.backing_bytes > 0, img  # both sides of the kill
+    assert img.peer_bytes + img.backing_bytes == size, img
 
 
 def test_peer_hits_need_a_deadline_longer_than_the_round_trip(make_net, images, tmp_path, key_file):
@@ -168,17 +161,17 @@ def test_peer_hits_need_a_deadline_longer_than_the_round_trip(make_net, images, 
     wait_for(lambda: knows(mb, slow_b.address, 128) and knows(mc, slow_c.address, 128), "a's summary at b and c")
 
     assert read_all(os.path.join(mb, "d.img")) == data
-    img = stats(mb)["images"]["d.img"]
-    assert img["peer_bytes"] == size and img["backing_bytes"] == 0, img
+    img = stats(mb).images["d.img"]
+    assert img.peer_bytes == size and img.backing_bytes == 0, img
     pb = peer(mb, slow_b.address)
-    assert pb["rtt_ms"] > 3.5, pb  # the proxy's delay is really on the path (a lower bound, not a timing)
+    assert pb.rtt_ms > 3.5, pb  # the proxy's delay is really on the path (a lower bound, not a timing)
 
     assert read_all(os.path.join(mc, "d.img")) == data
-    img = stats(mc)["images"]["d.img"]
-    assert img["peer_bytes"] == 0 and img["backing_bytes"] == size, img
+    img = stats(mc).images["d.img"]
+    assert img.peer_bytes == 0 and img.backing_bytes == size, img
     pc = peer(mc, slow_c.address)
-    assert pc["requests"] > 0 and pc["abandoned"] > 0 and pc["hits_taken"] == 0, pc  # asked, gave up at the deadline
-    assert pc["up"], pc  # a slow peer is not a dead one
+    assert pc.requests > 0 and pc.abandoned > 0 and pc.hits_taken == 0, pc  # asked, gave up at the deadline
+    assert pc.up, pc  # a slow peer is not a dead one
 
 
 @pytest.mark.parametrize("mode", ["wire", "remac"])
@@ -199,20 +192,20 @@ def test_a_peer_whose_blocks_arrive_corrupted_is_never_served(make_net, images, 
     wait_for(lambda: knows(mb, bad.address, 64), "a's summary at b")
 
     assert read_all(os.path.join(mb, "c.img")) == data
-    img = stats(mb)["images"]["c.img"]
-    assert img["peer_bytes"] == 0 and img["backing_bytes"] == size, img
+    img = stats(mb).images["c.img"]
+    assert img.peer_bytes == 0 and img.backing_bytes == size, img
     p = peer(mb, bad.address)
-    assert p["hits_taken"] == 0, p
+    assert p.hits_taken == 0, p
     log = Path(net.mounts[1].log).read_text()
     if mode == "remac":
-        assert p["corrupt_blocks"] >= 1, p
+        assert p.corrupt_blocks >= 1, p
         assert "a wrong chunk" in log
         time.sleep(1.0)
         p = peer(mb, bad.address)
-        assert not p["up"] and p["connects"] == 1, p  # dropped, and left alone (banned for 60 s)
+        assert not p.up and p.connects == 1, p  # dropped, and left alone (banned for 60 s)
     else:
         assert "wrong MAC" in log
-        assert p["protocol_errors"] >= 1 and p["connects"] == 1 and not p["up"], p  # counted, and banned: no reconnect loop
+        assert p.protocol_errors >= 1 and p.connects == 1 and not p.up, p  # counted, and banned: no reconnect loop
     # A second read is served right too (from b's own cache now, or the backing).
     assert read_all(os.path.join(mb, "c.img")) == data
 
@@ -231,7 +224,7 @@ def test_a_file_changed_on_the_backing_is_not_served_stale_across_a_slow_link(ma
     with open(images / "v.img", "r+b") as f:  # another host rewrites the image on NFS
         f.write(b"2" * size)
     assert read_all(os.path.join(mb, "v.img")) == b"2" * size
-    assert stats(mb)["images"]["v.img"]["peer_bytes"] == 0
+    assert stats(mb).images["v.img"].peer_bytes == 0
 
 
 def test_namespaces_are_gone_after_a_net_closes(tmp_path):

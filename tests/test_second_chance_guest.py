@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fusecache.stats import BalloonGuest
 from tests.guest import CommandChannel, Guest, domain_xml, make_disk
 from tests.harness.waiting import wait_for
 from tests.mounting import stats
@@ -39,33 +40,33 @@ def backing(tmp_path: Path, content: bytes) -> Path:
     return d
 
 
-def guest_view(mp: str, name: str) -> dict:
-    return stats(mp)["balloon"]["guests"].get(name, {})
+def guest_view(mp: str, name: str) -> BalloonGuest:
+    return stats(mp).balloon.guests.get(name) or BalloonGuest()
 
 
 def _shrink_and_reread(mp: str, name: str, read, balloon, deflate, meminfo, content: bytes, backing_fraction: float) -> None:
     md5 = hashlib.md5(content).hexdigest()
     assert read().split()[0] == md5
-    wait_for(lambda: guest_view(mp, name).get("stats", {}).get("stat-disk-caches", 0) >= FILE_MIB * MiB * 9 // 10,
+    wait_for(lambda: guest_view(mp, name).stats.get("stat-disk-caches", 0) >= FILE_MIB * MiB * 9 // 10,
              "the guest's statistics to show the file in its page cache")
     cached_before = meminfo()["Cached"]
     balloon()
-    wait_for(lambda: guest_view(mp, name).get("admitted_chunks", 0) > 0, "second-chance admission")
+    wait_for(lambda: guest_view(mp, name).admitted_chunks > 0, "second-chance admission")
     dropped = cached_before - meminfo()["Cached"]  # what the guest itself says it evicted (the balloon has stopped)
-    wait_for(lambda: stats(mp)["queue"] == 0, "the writer to commit the admissions")
+    wait_for(lambda: stats(mp).queue == 0, "the writer to commit the admissions")
     deflate()
-    before = stats(mp)["images"]["guest.img"]
+    before = stats(mp).images["guest.img"]
     assert read().split()[0] == md5  # the guest's own checksum of its re-read
-    after = stats(mp)["images"]["guest.img"]
+    after = stats(mp).images["guest.img"]
     g = guest_view(mp, name)
-    hit = after["hit_bytes"] - before["hit_bytes"]
-    backing_bytes = after["backing_bytes"] - before["backing_bytes"]
-    missed = max(0, dropped - g["admitted_bytes"])  # evicted, but beyond the monitor's estimate
-    print(f"guest dropped {dropped / MiB:.0f} MiB, estimated ~{g['evicted_estimate'] / MiB:.0f} MiB, "
-          f"fusecache admitted {g['admitted_bytes'] / MiB:.0f} MiB; "
+    hit = after.hit_bytes - before.hit_bytes
+    backing_bytes = after.backing_bytes - before.backing_bytes
+    missed = max(0, dropped - g.admitted_bytes)  # evicted, but beyond the monitor's estimate
+    print(f"guest dropped {dropped / MiB:.0f} MiB, estimated ~{g.evicted_estimate / MiB:.0f} MiB, "
+          f"fusecache admitted {g.admitted_bytes / MiB:.0f} MiB; "
           f"re-read: {hit / MiB:.0f} MiB from the cache, {backing_bytes / MiB:.0f} MiB from the backing")
     assert hit >= 64 * MiB, "the re-read of what the guest evicted must come from the cache"
-    assert hit >= g["admitted_bytes"] * 0.9, "what was admitted must be served from the cache"
+    assert hit >= g.admitted_bytes * 0.9, "what was admitted must be served from the cache"
     assert backing_bytes <= hit * 0.1 + missed, "the re-read may go to the backing only for what the estimate missed"
     assert missed <= dropped * backing_fraction, "the eviction estimate must be close to what the guest dropped"
 
@@ -75,7 +76,7 @@ def test_real_guest_reread_after_balloon_is_served_from_the_cache(mounter, guest
     m = mounter.mount(str(backing), "--cache-dir", str(tmp_path / "cache"), "--cache-size", "1G", "--balloon", f"qmp:{qmp}")
     with Guest(tmp_path / "guest", guest_build) as g:
         g.start(os.path.join(m.mountpoint, "guest.img"), memory_mib=GUEST_MIB, qmp_sock=qmp)
-        wait_for(lambda: "fc-guest" in stats(m.mountpoint)["balloon"]["guests"], "the monitor to find the guest")
+        wait_for(lambda: "fc-guest" in stats(m.mountpoint).balloon.guests, "the monitor to find the guest")
         _shrink_and_reread(
             m.mountpoint, "fc-guest",
             read=lambda: g.check("md5sum /mnt/f"),
@@ -102,7 +103,7 @@ def test_libvirt_guest_setmem_admits_into_the_cache(mounter, guest_build, backin
     try:
         channel.connect(10)
         channel.wait_ready(60)
-        wait_for(lambda: name in stats(m.mountpoint)["balloon"]["guests"], "the monitor to find the domain")
+        wait_for(lambda: name in stats(m.mountpoint).balloon.guests, "the monitor to find the domain")
         _shrink_and_reread(
             m.mountpoint, name,
             read=lambda: channel.check("md5sum /mnt/f"),

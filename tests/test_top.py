@@ -150,15 +150,15 @@ def test_live_screen_agrees_with_stats(mount, terminal):
     term.wait_for("reads/s back to zero", lambda s: "vm1.img" in s and image_row(s, "vm1.img")[1] == "0")
     screen = term.screen()
     st = stats(mount.mountpoint)
-    c = st["images"]["vm1.img"]
-    total = c["hit_bytes"] + c["peer_bytes"] + c["backing_bytes"]
+    c = st.images["vm1.img"]
+    total = c.hit_bytes + c.peer_bytes + c.backing_bytes
     row = image_row(screen, "vm1.img")
-    assert row[3] == f"{100 * (c['hit_bytes'] + c['peer_bytes']) / total:.1f}"
-    assert row[-1] == str(c["admitted_chunks"])
-    assert f"/ {human(st['store']['capacity'])}" in screen
-    assert f"{human(st['store']['bytes_stored'])} / " in screen
-    assert f"local {100 * c['hit_bytes'] / total:.1f}%" in screen
-    assert f"miss {100 * c['backing_bytes'] / total:.1f}%" in screen
+    assert row[3] == f"{100 * (c.hit_bytes + c.peer_bytes) / total:.1f}"
+    assert row[-1] == str(c.admitted_chunks)
+    assert f"/ {human(st.store.capacity)}" in screen
+    assert f"{human(st.store.bytes_stored)} / " in screen
+    assert f"local {100 * c.hit_bytes / total:.1f}%" in screen
+    assert f"miss {100 * c.backing_bytes / total:.1f}%" in screen
 
     term.tmux("send-keys", "-t", "top", "q")
     assert term.exit_status() == 0
@@ -200,8 +200,8 @@ def test_once_prints_one_plain_frame(mount):
     assert "\x1b" not in out, "--once must be plain text"
     assert all(len(line) <= 100 for line in out.splitlines())
     assert mount.mountpoint in out and "vm1.img" in out
-    assert f"/ {human(st['store']['capacity'])}" in out
-    assert image_row(out, "vm1.img")[-1] == str(st["images"]["vm1.img"]["admitted_chunks"])
+    assert f"/ {human(st.store.capacity)}" in out
+    assert image_row(out, "vm1.img")[-1] == str(st.images["vm1.img"].admitted_chunks)
 
 
 def test_without_a_terminal_top_prints_one_frame_and_exits(mount):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol
 
+from fusecache.version import Version
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Attr:
@@ -33,9 +35,9 @@ class Attr:
     change: int = 0
 
     @property
-    def version(self) -> tuple[int, int, int, int]:
+    def version(self) -> Version:
         """What identifies one version of a file's content (close-to-open check)."""
-        return (self.size, self.mtime_ns, self.ctime_ns, self.change)
+        return Version(self.size, self.mtime_ns, self.ctime_ns, self.change)
 
     @classmethod
     def from_stat(cls, st: Any) -> Attr:

@@ -8,10 +8,11 @@ that owns it, and marks a clean shutdown on `close`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from fusecache.errors import QuietError
 from fusecache.geometry import CHUNK_SIZE
+from fusecache.stats import StoreStats
 from fusecache.store.check import problems
 from fusecache.store.eviction import EVICTIONS
 from fusecache.store.layout import PAGE_SIZE, Location
@@ -143,21 +144,21 @@ class Store:
         """The inode of every file with a record (for dropping the whole cache)."""
         return self._reader.iter_files()
 
-    def stats(self) -> dict[str, int | float]:
+    def stats(self) -> StoreStats:
         chunks, free, logical = self._reader.totals()
         used = self._nslots - free
-        return {
-            "capacity": self._nslots * PAGE_SIZE,
-            "page_size": PAGE_SIZE,
-            "chunk_size": self.chunk_size,
-            "pages_used": used,
-            "bytes_stored": used * PAGE_SIZE,
-            "logical_bytes": logical,
-            "dedup_ratio": logical / (used * PAGE_SIZE) if used else 1.0,
-            "chunks": chunks,
-            "max_chunks": self.max_chunks,
+        return StoreStats(
+            capacity=self._nslots * PAGE_SIZE,
+            page_size=PAGE_SIZE,
+            chunk_size=self.chunk_size,
+            pages_used=used,
+            bytes_stored=used * PAGE_SIZE,
+            logical_bytes=logical,
+            dedup_ratio=logical / (used * PAGE_SIZE) if used else 1.0,
+            chunks=chunks,
+            max_chunks=self.max_chunks,
             **self._counters,
-        }
+        )
 
     def check(self) -> list[str]:
         """Problems the integrity checker finds (empty: consistent). Only while no batch is being applied."""
@@ -170,10 +171,6 @@ class Store:
     def apply(self, batch: WriteBatch) -> None:
         """Apply one batch: releases and evictions commit first, then admissions (see the package docstring)."""
         self._writer.apply(batch)
-
-    def set_peer_holds(self, holds: Callable[[bytes], bool]) -> None:
-        """Deprecated: pass `WriteBatch.peer_holds` instead. Kept until daemon.py stops calling it."""
-        self._writer.peer_holds = holds
 
     def close(self) -> None:
         """Make everything durable and mark a clean shutdown."""

@@ -109,15 +109,13 @@ class Writer:
         self.env, self.tables, self.slab, self.eviction, self.counters = env, tables, slab, eviction, counters
         self.chunk_size = chunk_size
         self.max_chunks = max_chunks
-        # Until the cache's writer queue passes `WriteBatch.peer_holds`, the one set by `Store.set_peer_holds`.
-        self.peer_holds: Callable[[bytes], bool] = _no_peer_holds
 
     def apply(self, batch: WriteBatch) -> None:
         """Releases and evictions commit first, then admissions in a second transaction (package docstring)."""
         if any(len(data) > self.chunk_size for *_, data in batch.admit):
             raise ValueError(f"an admitted chunk is longer than the chunk size {self.chunk_size}")
         admissions = [Admission(pack_key(ino, gen, chunk), data) for ino, gen, chunk, data in batch.admit]
-        peer_holds = batch.peer_holds or self.peer_holds
+        peer_holds = batch.peer_holds or _no_peer_holds
         try:
             with self.env.begin(write=True) as txn:
                 w = self.txn(txn, peer_holds)

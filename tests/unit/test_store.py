@@ -113,7 +113,7 @@ def test_hit_miss_and_file_record(tmp_path: Path) -> None:
     assert store.read_page(b"\x01" * 16) is None
     assert sorted(store.iter_digests()) == sorted(digests)
     stats = store.stats()
-    assert (stats["hits"], stats["misses"], stats["chunks"]) == (1, 2, 1)
+    assert (stats.hits, stats.misses, stats.chunks) == (1, 2, 1)
     store.close()
 
 
@@ -124,9 +124,9 @@ def test_dedup_stores_pages_once(tmp_path: Path) -> None:
     assert store.read_chunk(1, 1, 0) == store.read_chunk(2, 1, 0) == data
     assert store.read_chunk(2, 1, 1) == data[:PAGE_SIZE] * 16
     stats = store.stats()
-    assert stats["pages_used"] == 16
-    assert stats["logical_bytes"] == 3 * CHUNK
-    assert stats["dedup_ratio"] == 3.0
+    assert stats.pages_used == 16
+    assert stats.logical_bytes == 3 * CHUNK
+    assert stats.dedup_ratio == 3.0
     check_integrity(store)
 
 
@@ -136,8 +136,8 @@ def test_holes_take_no_slots(tmp_path: Path) -> None:
     admit(store, (1, 1, 0, bytes(CHUNK)), (1, 1, 1, mixed))
     assert store.read_chunk(1, 1, 0) == bytes(CHUNK)
     assert store.read_chunk(1, 1, 1) == mixed
-    assert store.stats()["pages_used"] == 8
-    assert store.stats()["logical_bytes"] == 8 * PAGE_SIZE
+    assert store.stats().pages_used == 8
+    assert store.stats().logical_bytes == 8 * PAGE_SIZE
     holes = store.chunk_digests(1, 1, 0)
     assert holes is not None and store.read_page(holes[0]) == bytes(PAGE_SIZE)
 
@@ -148,10 +148,10 @@ def test_partial_chunk_at_eof(tmp_path: Path) -> None:
     admit(store, (1, 1, 9, tail), (1, 1, 10, b""))
     assert store.read_chunk(1, 1, 9) == tail
     assert store.read_chunk(1, 1, 10) == b""
-    assert store.stats()["logical_bytes"] == 5000
+    assert store.stats().logical_bytes == 5000
     # The padded last page dedups with a full page of the same bytes.
     admit(store, (2, 1, 0, tail[4096:] + bytes(8192 - 5000)))
-    assert store.stats()["pages_used"] == 2
+    assert store.stats().pages_used == 2
 
 
 def test_admitting_longer_than_a_chunk_is_a_bug(tmp_path: Path) -> None:
@@ -172,10 +172,10 @@ def test_eviction_keeps_the_bound_and_the_hot_chunks(tmp_path: Path, eviction: s
         key = (2, 1, n)
         admitted[key] = unique()
         admit(store, (*key, admitted[key]))
-        assert store.stats()["pages_used"] <= 16 * 16
+        assert store.stats().pages_used <= 16 * 16
     stats = store.stats()
-    assert stats["evicted_chunks"] >= 60 + 3 - 16
-    assert stats["chunks"] <= 16
+    assert stats.evicted_chunks >= 60 + 3 - 16
+    assert stats.chunks <= 16
     kept = [k for k, v in admitted.items() if store.read_chunk(*k) == v]
     assert (2, 1, 59) in kept and len(kept) <= 13
     check_integrity(store)
@@ -197,8 +197,8 @@ def test_a_batch_larger_than_the_cache_is_partly_skipped(tmp_path: Path) -> None
     batch = [(1, 1, c, unique()) for c in range(10)]
     admit(store, *batch)
     stats = store.stats()
-    assert stats["pages_used"] <= 64
-    assert stats["skipped_chunks"] == 6
+    assert stats.pages_used <= 64
+    assert stats.skipped_chunks == 6
     assert [store.read_chunk(*k) == d for *k, d in batch].count(True) == 4
     check_integrity(store)
 
@@ -207,7 +207,7 @@ def test_chunk_count_is_bounded_too(tmp_path: Path) -> None:
     store = Store(str(tmp_path), CHUNK)
     for c in range(store.max_chunks + 5):
         admit(store, (1, 1, c, bytes(CHUNK)))  # holes: no slots, but metadata
-    assert store.stats()["chunks"] == store.max_chunks
+    assert store.stats().chunks == store.max_chunks
 
 
 def test_shared_pages_are_kept_longer(tmp_path: Path) -> None:
@@ -243,7 +243,7 @@ def test_warm_reopen(tmp_path: Path) -> None:
     assert all(store.read_chunk(1, 3, c) == v for c, v in data.items())
     assert store.file_record(1) == (3, (1, 2, 3, 4))
     for k in ("pages_used", "logical_bytes", "chunks"):
-        assert store.stats()[k] == before[k]
+        assert getattr(store.stats(), k) == getattr(before, k)
     check_integrity(store)
     store.close()
 
@@ -265,10 +265,10 @@ def test_a_damaged_page_is_a_miss_and_healed_by_readmission(tmp_path: Path) -> N
     admit(store, (1, 1, 0, data))
     damage(store, slots_of(store, 1, 1, 0)[5])
     assert store.read_chunk(1, 1, 0) is None
-    assert store.stats()["verify_failures"] == 1
+    assert store.stats().verify_failures == 1
     admit(store, (2, 1, 0, data))  # same content from another image: dedup finds the page, and repairs it
     assert store.read_chunk(1, 1, 0) == store.read_chunk(2, 1, 0) == data
-    assert store.stats()["healed_pages"] == 1
+    assert store.stats().healed_pages == 1
 
 
 def test_iter_digests_lists_every_page_once(tmp_path: Path) -> None:
@@ -276,7 +276,7 @@ def test_iter_digests_lists_every_page_once(tmp_path: Path) -> None:
     for n in range(4):  # more pages than one read transaction's worth (4096)
         admit(store, *((1, 1, n * 80 + c, unique()) for c in range(80)))
     digests = list(store.iter_digests())
-    assert len(digests) == len(set(digests)) == store.stats()["pages_used"] == 5120
+    assert len(digests) == len(set(digests)) == store.stats().pages_used == 5120
 
 
 def test_gen_bump_forget_and_drop(tmp_path: Path) -> None:
@@ -293,7 +293,7 @@ def test_gen_bump_forget_and_drop(tmp_path: Path) -> None:
     assert store.read_chunk(2, 1, 0) is None
     store.apply(WriteBatch(forget_files=[1]))
     assert store.read_chunk(1, 2, 0) is None and store.file_record(1) is None
-    assert store.stats()["pages_used"] == 0 and store.stats()["chunks"] == 0
+    assert store.stats().pages_used == 0 and store.stats().chunks == 0
     check_integrity(store)
 
 
@@ -303,7 +303,7 @@ def test_readmission_replaces_the_chunk(tmp_path: Path) -> None:
     admit(store, (1, 1, 0, a))
     admit(store, (1, 1, 0, b), (2, 1, 0, a))  # a's pages change owner within one batch
     assert store.read_chunk(1, 1, 0) == b and store.read_chunk(2, 1, 0) == a
-    assert store.stats()["pages_used"] == 32
+    assert store.stats().pages_used == 32
     check_integrity(store)
 
 
@@ -315,7 +315,7 @@ def test_slot_reuse_under_an_old_reader_is_a_miss(tmp_path: Path) -> None:
     admit(store, (2, 1, 0, b))  # evicts a and reuses its slots
     assert store._reader.chunk_in(old_view, pack_key(1, 1, 0)) is None
     old_view.abort()
-    assert store.stats()["verify_failures"] == 1
+    assert store.stats().verify_failures == 1
     assert store.read_chunk(1, 1, 0) is None
     assert store.read_chunk(2, 1, 0) == b
 
@@ -375,7 +375,7 @@ def test_sigkill_during_admission_never_serves_wrong_bytes(tmp_path: Path) -> No
                     got = store.read_chunk(ino, gen, chunk)
                     assert got is None or got == content(ino, gen, chunk)
                     held += got is not None
-        assert store.stats()["verify_failures"] == 0, f"round {round_}: a committed page lost its content"
+        assert store.stats().verify_failures == 0, f"round {round_}: a committed page lost its content"
         check_integrity(store)
         store.abandon()  # no clean close: the next child opens a cache that was killed
     assert held > 0
@@ -415,7 +415,7 @@ def test_capacity_grow_and_shrink(tmp_path: Path) -> None:
     admit(store, *((2, 1, c, unique()) for c in range(4)))
     store.close()
     store = Store(str(tmp_path), 2 * CHUNK)
-    assert store.stats()["pages_used"] <= 32
+    assert store.stats().pages_used <= 32
     assert os.path.getsize(tmp_path / "pages.slab") == 2 * CHUNK
     assert all(store.read_chunk(1, 1, c) in (None, v) for c, v in data.items())
     check_integrity(store)
@@ -448,7 +448,7 @@ def test_incompatible_format_is_a_quiet_error(tmp_path: Path, changes: dict, mes
         Store(str(tmp_path), 1 << 20)
     assert "--reset-cache" in str(err.value) and str(tmp_path) in str(err.value)
     store = Store(str(tmp_path), 1 << 20, reset=True)
-    assert store.stats()["chunks"] == 0
+    assert store.stats().chunks == 0
 
 
 def test_bad_dirs_are_quiet_errors(tmp_path: Path) -> None:
@@ -499,7 +499,7 @@ def test_reset_starts_empty_even_from_a_corrupt_cache(tmp_path: Path) -> None:
     (tmp_path / "meta.lmdb" / "data.mdb").write_bytes(b"garbage" * 5000)
     store = Store(str(tmp_path), 1 << 20, reset=True)
     assert store.read_chunk(1, 1, 0) is None
-    assert store.stats()["pages_used"] == 0
+    assert store.stats().pages_used == 0
     data = unique()
     admit(store, (1, 1, 0, data))
     assert store.read_chunk(1, 1, 0) == data
@@ -550,7 +550,7 @@ def test_ranges_of_dense_sparse_and_short_chunks(tmp_path: Path) -> None:
         span = store.read_span(1, 1, 0, 2, 1000, 2000)  # dense, sparse, short: one buffer
         assert span is not None and bytes(span) == dense[1000:] + sparse + short[:2000]
     assert store.read_chunk(1, 1, 9, 0, 10) is None
-    assert store.stats()["verify_failures"] == 0
+    assert store.stats().verify_failures == 0
     check_integrity(store)
 
 
@@ -569,15 +569,15 @@ def test_a_damaged_page_fails_only_the_ranges_that_hold_it(tmp_path: Path, layou
     assert store.read_chunks(1, 1, 0, 0, 6 * PAGE_SIZE, None) == [data[6 * PAGE_SIZE :]]
     span = store.read_span(1, 1, 0, 0, 6 * PAGE_SIZE + 1, None)
     assert span is not None and bytes(span) == data[6 * PAGE_SIZE + 1 :]
-    assert store.stats()["verify_failures"] == 0
+    assert store.stats().verify_failures == 0
     assert store.read_span(1, 1, 0, 0, 5 * PAGE_SIZE, 5 * PAGE_SIZE + 1) is None
     assert store.read_span(1, 1, 0, 0) is None
-    assert store.stats()["verify_failures"] == 2
+    assert store.stats().verify_failures == 2
     assert store.read_chunk(1, 1, 0, 5 * PAGE_SIZE + 100, 5 * PAGE_SIZE + 200) is None  # inside page 5
     assert store.read_chunk(1, 1, 0, 4 * PAGE_SIZE, 6 * PAGE_SIZE + 1) is None  # across it
     assert store.read_chunk(1, 1, 0) is None  # the whole chunk: its digest fails
     assert store.read_chunks(1, 1, 0, 0, 0, None) == [None]
-    assert store.stats()["verify_failures"] == 6
+    assert store.stats().verify_failures == 6
     admit(store, (1, 1, 0, data))  # the same bytes again: healed
     assert store.read_chunk(1, 1, 0) == data
     check_integrity(store)
@@ -626,7 +626,7 @@ def test_read_chunks_is_read_chunk_per_chunk(tmp_path: Path) -> None:
                 break
         span = store.read_span(1, 1, first, last, lo, hi)
         assert (None if span is None else bytes(span)) == (None if parts is None else b"".join(parts)), (first, last, lo, hi)
-    assert store.stats()["verify_failures"] == 0
+    assert store.stats().verify_failures == 0
 
 
 def test_slots_are_allocated_in_runs_and_reused(tmp_path: Path) -> None:
@@ -634,7 +634,7 @@ def test_slots_are_allocated_in_runs_and_reused(tmp_path: Path) -> None:
     first = {c: unique() for c in range(8)}
     admit(store, *((1, 1, c, v) for c, v in first.items()))
     assert all(is_run(store, 1, 1, c) for c in first)
-    assert store.stats()["pages_used"] == 128
+    assert store.stats().pages_used == 128
     # Free every other chunk: four 16-slot extents that do not touch.
     store.apply(WriteBatch(drop=[(1, 1, c) for c in (0, 2, 4, 6)]))
     check_integrity(store)
@@ -656,8 +656,8 @@ def test_slots_are_allocated_in_runs_and_reused(tmp_path: Path) -> None:
         admit(store, (4, 1, n, unique()), (4, 1, n + 100, bytes(CHUNK // 2) + unique(CHUNK // 2)))
         check_integrity(store)
         assert store.read_chunk(4, 1, n) is not None
-    assert store.stats()["pages_used"] <= 128
-    assert store.stats()["verify_failures"] == 0
+    assert store.stats().pages_used <= 128
+    assert store.stats().verify_failures == 0
 
 
 def test_same_key_twice_in_one_batch(tmp_path: Path) -> None:
@@ -668,7 +668,7 @@ def test_same_key_twice_in_one_batch(tmp_path: Path) -> None:
     check_integrity(store)
     admit(store, (1, 1, 0, a), (1, 1, 0, a))
     assert store.read_chunk(1, 1, 0) == a
-    assert store.stats()["pages_used"] == 16
+    assert store.stats().pages_used == 16
     check_integrity(store)
 
 

@@ -1,10 +1,16 @@
-"""Admission: which blocks a read brings into the cache, and when.
+"""Admission: which chunks a read brings into the cache, and when (what *leaves* the cache is
+eviction, the store's business).
 
-`Inclusive` admits every block a guest reads, at once: for hosts without
+An admission policy sees each miss (`on_miss`) and each write (`written`);
+it admits through a small `AdmissionTarget` (admit these chunks if still
+current; read these again for admission) and looks images up on the
+backing: it never sees the cache's read path. A new policy is a class here.
+
+`Inclusive` admits every chunk a guest reads, at once: for hosts without
 ballooning, and for comparison.
 
 `SecondChance` is the exclusive mode of the hypervisor-cache research: a
-block a guest reads is *not* stored (the guest holds it in its own page
+chunk a guest reads is *not* stored (the guest holds it in its own page
 cache; a second copy would waste host memory). Its location is remembered in
 that guest's recently-read list, oldest first, and its bytes are kept for a
 while in a bounded staging buffer. When the balloon monitor reports that the
@@ -13,7 +19,7 @@ page cache lost, are what it most likely evicted: those are admitted, from
 the staging buffer when it still has them, else read again from the backing
 in the background (never on the read path).
 
-Which guest read a block: each guest's open images (from QMP `query-block`
+Which guest read a chunk: each guest's open images (from QMP `query-block`
 or the libvirt domain XML) are resolved to backing inodes; a read of an
 image counts for every guest that has it open (a shared base image is in
 the lists of all its guests, and admitted when any of them shrinks).
@@ -21,7 +27,7 @@ Reads of images no guest has open are in the list of `HOST`: no balloon
 empties it; `fusecache admit` admits a range explicitly.
 
 Bookkeeping: one entry per 64 KiB chunk read, 179 bytes measured
-(tests/test_policy.py::test_bookkeeping_bytes_per_gib_of_reads), so 2.8 MiB
+(tests/unit/test_admission.py::test_bookkeeping_bytes_per_gib_of_reads), so 2.8 MiB
 per GiB of guest reads; a guest's list is bounded by its memory (it cannot
 have evicted more than it held).
 """
@@ -34,40 +40,54 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from fusecache.backing import OffLoop
 from fusecache.inodes import OpenFile
+from fusecache.stats import AdmissionStats, GuestAdmission
 
 if TYPE_CHECKING:
     from fusecache.balloon import GuestState, Shrink
-    from fusecache.cache import Cache
 
 log = logging.getLogger(__name__)
 
 HOST = "(host)"
 DEFAULT_RECENT_LIMIT = 4 << 30  # bytes of reads remembered for a guest whose memory size is not known yet
+Key = tuple[int, int, int]  # (ino, gen, chunk)
+
+
+class AdmissionTarget(Protocol):
+    """Where admitted chunks go (`fusecache.files.Files`): the never-stale checks happen there."""
+
+    async def admit_current(self, key: Key, data: bytes, wait: bool = False) -> bool:
+        """Admit a chunk read earlier unless its file changed since; with `wait`, wait out a busy writer."""
+        ...
+
+    async def read_for_admission(self, path: str, keys: list[Key]) -> list[tuple[Key, bytes]]:
+        """Read chunks of one file again from the backing; those that changed meanwhile are left out."""
+        ...
 
 
 class Admission(Protocol):
     name: str
 
     def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
-        """A block was read from the backing: True to admit it now."""
+        """A chunk was read from the backing: True to admit it now."""
         ...
 
     def written(self, ino: int, chunks: range) -> None:
         """These chunks of `ino` were just written: staged copies are stale."""
         ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> AdmissionStats: ...
 
     async def run(self) -> None: ...
 
 
 class Inclusive:
-    """Admit every block read."""
+    """Admit every chunk read."""
 
     name = "inclusive"
 
@@ -77,14 +97,11 @@ class Inclusive:
     def written(self, ino: int, chunks: range) -> None:
         pass
 
-    def stats(self) -> dict[str, Any]:
-        return {"mode": self.name}
+    def stats(self) -> AdmissionStats:
+        return AdmissionStats(self.name)
 
     async def run(self) -> None:
         pass
-
-
-Key = tuple[int, int, int]  # (ino, gen, chunk)
 
 
 @dataclasses.dataclass
@@ -179,22 +196,27 @@ class SecondChance:
 
     name = "second-chance"
 
-    def __init__(self, mountpoint: str, staging_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self,
+        mountpoint: str,
+        target: AdmissionTarget,
+        backing: OffLoop,
+        *,
+        staging_bytes: int,
+        peer_holds: Callable[[Key], bool] | None = None,
+    ) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
+        self._target = target
+        self._backing = backing
         self.staging = StagingBuffer(staging_bytes)
         self.guests: dict[str, GuestReads] = collections.defaultdict(GuestReads)
         self._guests_of: dict[int, set[str]] = {}  # backing ino -> guests with it open
         self._paths: dict[int, str] = {}  # backing ino -> a path to reopen it by
-        self._cache: Cache | None = None
         self._send, self._receive = trio.open_memory_channel[tuple[str, list[Key]]](256)
         self._images_changed = trio.Event()
         self._guest_images: dict[str, list[str]] = {}
-        self.on_admitted: Callable[[str, int], None] = lambda guest, nbytes: None
         # (ino, gen, chunk) -> True when a peer already holds that chunk: admitted "by reference", not stored
-        self.peer_holds: Callable[[Key], bool] | None = None
-
-    def bind(self, cache: Cache) -> None:
-        self._cache = cache
+        self.peer_holds = peer_holds
 
     # ---- the read path (inline, on the loop) ---------------------------------
     def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
@@ -233,7 +255,7 @@ class SecondChance:
             try:
                 self._send.send_nowait((shrink.guest, keys))
             except trio.WouldBlock:
-                log.warning("admission queue full: guest %s's evicted blocks are not admitted", shrink.guest)
+                log.warning("admission queue full: guest %s's evicted chunks are not admitted", shrink.guest)
 
     # ---- background work --------------------------------------------------------
     async def run(self) -> None:
@@ -250,8 +272,7 @@ class SecondChance:
             await trio.to_thread.run_sync(_malloc_trim)
 
     async def _admit_keys(self, guest: str, keys: list[Key]) -> None:
-        cache = self._cache
-        assert cache is not None
+        target = self._target
         reads = self.guests[guest]
         refetch: dict[int, list[Key]] = collections.defaultdict(list)
         for key in keys:
@@ -262,27 +283,25 @@ class SecondChance:
             if data is None:
                 refetch[key[0]].append(key)
                 continue
-            if await cache.admit_current(key, data, wait=True):
+            if await target.admit_current(key, data, wait=True):
                 reads.from_staging += 1
-                self._count(guest, reads, len(data))
+                self._count(reads, len(data))
         for ino, ks in refetch.items():
             path = self._paths.get(ino)
             if path is None:
                 continue
-            for key, data in await cache.read_for_admission(path, ks):
-                if await cache.admit_current(key, data, wait=True):
+            for key, data in await target.read_for_admission(path, ks):
+                if await target.admit_current(key, data, wait=True):
                     reads.from_backing += 1
-                    self._count(guest, reads, len(data))
+                    self._count(reads, len(data))
 
-    def _count(self, guest: str, reads: GuestReads, nbytes: int) -> None:
+    @staticmethod
+    def _count(reads: GuestReads, nbytes: int) -> None:
         reads.admitted_chunks += 1
         reads.admitted_bytes += nbytes
-        self.on_admitted(guest, nbytes)
 
     async def _resolve_images(self) -> None:
         """Keep `_guests_of` (backing ino -> guests) current as guests come and go."""
-        cache = self._cache
-        assert cache is not None
         while True:
             await self._images_changed.wait()
             self._images_changed = trio.Event()
@@ -293,7 +312,7 @@ class SecondChance:
                     if rel is None:
                         continue
                     try:
-                        attr = await cache.backing.lstat(rel)
+                        attr = await self._backing.lstat(rel)
                     except OSError as exc:
                         log.debug("guest %s image %s: %s", guest, image, exc.strerror)
                         continue
@@ -309,26 +328,26 @@ class SecondChance:
             return path[len(self.mountpoint) + 1 :]
         return None
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "mode": self.name,
-            "staging_bytes": self.staging.used,
-            "staging_capacity": self.staging.capacity,
-            "staged_chunks": len(self.staging),
-            "guests": {
-                name: {
-                    "recent_bytes": r.recent_bytes,
-                    "recent_chunks": len(r.recent),
-                    "recent_limit": r.limit,
-                    "shrinks": r.shrinks,
-                    "evicted_estimate": r.evicted_estimate,
-                    "admitted_chunks": r.admitted_chunks,
-                    "admitted_bytes": r.admitted_bytes,
-                    "from_staging": r.from_staging,
-                    "from_backing": r.from_backing,
-                    "by_reference": r.by_reference,
-                    "aged_out": r.aged_out,
-                }
+    def stats(self) -> AdmissionStats:
+        return AdmissionStats(
+            mode=self.name,
+            staging_bytes=self.staging.used,
+            staging_capacity=self.staging.capacity,
+            staged_chunks=len(self.staging),
+            guests={
+                name: GuestAdmission(
+                    recent_bytes=r.recent_bytes,
+                    recent_chunks=len(r.recent),
+                    recent_limit=r.limit,
+                    shrinks=r.shrinks,
+                    evicted_estimate=r.evicted_estimate,
+                    admitted_chunks=r.admitted_chunks,
+                    admitted_bytes=r.admitted_bytes,
+                    from_staging=r.from_staging,
+                    from_backing=r.from_backing,
+                    by_reference=r.by_reference,
+                    aged_out=r.aged_out,
+                )
                 for name, r in sorted(self.guests.items())
             },
-        }
+        )

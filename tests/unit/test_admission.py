@@ -8,13 +8,16 @@ import tracemalloc
 import pytest
 import trio
 
+from fusecache.admission import HOST, Admission, GuestReads, Inclusive, SecondChance
 from fusecache.backing import OffLoop
 from fusecache.backing.local import LocalBacking
 from fusecache.balloon import GuestState, Shrink
 from fusecache.cache import Cache
+from fusecache.files import Files
 from fusecache.inodes import OpenFile
-from fusecache.policy import HOST, GuestReads, Inclusive, SecondChance
+from fusecache.peer_reads import PeerReads
 from fusecache.store import Store
+from fusecache.store_queue import StoreQueue
 
 MiB = 1 << 20
 CS = 65536
@@ -45,10 +48,27 @@ def open_file(backing: LocalBacking, path: str, fh: int = 1) -> OpenFile:
     return OpenFile(fh, 0, path, h, backing.fstat(h), True)
 
 
+def parts(backing: LocalBacking, store: Store) -> tuple[OffLoop, Files]:
+    """What a cache and its admission policy share: the backing and the per-file state over the store's queue."""
+    offloop = OffLoop(backing)
+    return offloop, Files(offloop, store, StoreQueue(store), revalidate=2.0)
+
+
+def make_cache(offloop: OffLoop, files: Files, admission: Admission, peer_reads=None) -> Cache:
+    return Cache(offloop, files, files.queue, admission, peer_reads=peer_reads)
+
+
+async def run(cache: Cache) -> None:
+    """The background work of a mount: the store's writer and the admission policy."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.queue.run)
+        nursery.start_soon(cache.admission.run)
+
+
 async def settle(cache: Cache) -> None:
     for _ in range(200):
         await trio.sleep(0.01)
-        if not cache._queue:
+        if cache.queue.empty:
             return
 
 
@@ -57,21 +77,19 @@ def test_second_chance_admits_what_the_guest_evicted(env, tmp_path):
     data = os.urandom(4 * MiB)
     (images / "vm1.img").write_bytes(data)
     mountpoint = str(tmp_path / "mnt")
-    policy = SecondChance(mountpoint, staging_bytes=2 * MiB)  # half the reads stay staged, half are read again
-    cache = Cache(OffLoop(backing), store, policy)
-    policy.bind(cache)
-    admitted = []
-    policy.on_admitted = lambda guest, n: admitted.append((guest, n))
+    offloop, files = parts(backing, store)
+    policy = SecondChance(mountpoint, files, offloop, staging_bytes=2 * MiB)  # half staged, half read again
+    cache = make_cache(offloop, files, policy)
 
     async def go():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(cache.run)
+            nursery.start_soon(run, cache)
             policy.on_guests({"vm1": GuestState("vm1", [mountpoint + "/vm1.img"], 512 * MiB, None, {})})
             await trio.sleep(0.1)  # the policy resolves the image to its inode
             f = open_file(backing, "vm1.img")
             assert await cache.read(f, 0, 4 * MiB) == data
             await settle(cache)
-            assert store.stats()["chunks"] == 0  # second chance: nothing stored on first read
+            assert store.stats().chunks == 0  # second chance: nothing stored on first read
             reads = backing.preads
             policy.on_shrink(Shrink("vm1", [mountpoint + "/vm1.img"], 3 * MiB, 3 * MiB))
             await trio.sleep(0.3)
@@ -83,23 +101,23 @@ def test_second_chance_admits_what_the_guest_evicted(env, tmp_path):
         return refetched, cache.images["vm1.img"].hit_bytes - hits_before
 
     refetched, hit = trio.run(go)
-    g = policy.stats()["guests"]["vm1"]
-    assert g["admitted_chunks"] == 48  # the oldest 3 MiB of its reads
-    assert g["from_backing"] > 0 and g["from_staging"] > 0 and refetched >= 1
+    g = policy.stats().guests["vm1"]
+    assert g.admitted_chunks == 48  # the oldest 3 MiB of its reads
+    assert g.from_backing > 0 and g.from_staging > 0 and refetched >= 1
     assert hit == 3 * MiB
-    assert sum(n for _, n in admitted) == 3 * MiB
+    assert g.admitted_bytes == 3 * MiB
 
 
 def test_staged_block_written_since_is_read_again(env, tmp_path):
     images, backing, store = env
     (images / "a.img").write_bytes(os.urandom(MiB))
-    policy = SecondChance(str(tmp_path / "mnt"))
-    cache = Cache(OffLoop(backing), store, policy)
-    policy.bind(cache)
+    offloop, files = parts(backing, store)
+    policy = SecondChance(str(tmp_path / "mnt"), files, offloop, staging_bytes=256 * MiB)
+    cache = make_cache(offloop, files, policy)
 
     async def go():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(cache.run)
+            nursery.start_soon(run, cache)
             f = open_file(backing, "a.img")
             await cache.read(f, 0, MiB)
             await cache.write(f, 100, b"new bytes")
@@ -119,7 +137,7 @@ def test_staged_block_written_since_is_read_again(env, tmp_path):
 def test_concurrent_misses_of_one_block_read_the_backing_once(env):
     images, backing, store = env
     (images / "b.img").write_bytes(os.urandom(CS * 4))
-    cache = Cache(OffLoop(backing), store, Inclusive())
+    cache = make_cache(*parts(backing, store), Inclusive())
 
     async def go():
         f = open_file(backing, "b.img")
@@ -181,14 +199,14 @@ def test_evicted_chunks_a_peer_holds_are_admitted_by_reference(env, tmp_path):
     images, backing, store = env
     (images / "vm.img").write_bytes(os.urandom(MiB))
     mountpoint = str(tmp_path / "mnt")
-    policy = SecondChance(mountpoint)
-    cache = Cache(OffLoop(backing), store, policy, peers=PeersHolding(set(range(0, 16, 2))))
-    policy.bind(cache)
-    policy.peer_holds = cache.peer_holds
+    offloop, files = parts(backing, store)
+    peer_reads = PeerReads(PeersHolding(set(range(0, 16, 2))), files)
+    policy = SecondChance(mountpoint, files, offloop, staging_bytes=256 * MiB, peer_holds=peer_reads.holds)
+    cache = make_cache(offloop, files, policy, peer_reads)
 
     async def go():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(cache.run)
+            nursery.start_soon(run, cache)
             policy.on_guests({"vm": GuestState("vm", [mountpoint + "/vm.img"], 512 * MiB, None, {})})
             await trio.sleep(0.1)
             f = open_file(backing, "vm.img")
@@ -199,14 +217,14 @@ def test_evicted_chunks_a_peer_holds_are_admitted_by_reference(env, tmp_path):
             nursery.cancel_scope.cancel()
 
     trio.run(go)
-    g = policy.stats()["guests"]["vm"]
-    assert g["by_reference"] == 8 and g["admitted_chunks"] == 8  # the even chunks stay on the peer
-    assert store.stats()["chunks"] == 8
+    g = policy.stats().guests["vm"]
+    assert g.by_reference == 8 and g.admitted_chunks == 8  # the even chunks stay on the peer
+    assert store.stats().chunks == 8
 
 
 def test_a_shrink_admits_from_what_the_guest_could_still_hold():
     """Reads older than the guest's page cache size were dropped by the guest itself before the balloon moved."""
-    policy = SecondChance("/mnt")
+    policy = SecondChance("/mnt", None, None, staging_bytes=0)  # type: ignore[arg-type]  # on_shrink uses neither
     reads = policy.guests["vm"]
     reads.limit = 100 * CS
     for c in range(100):
@@ -216,4 +234,4 @@ def test_a_shrink_admits_from_what_the_guest_could_still_hold():
     policy.on_shrink(Shrink("vm", [], 20 * CS, 10 * CS, cache_before=40 * CS))
     # the guest held at most the newest 40 reads (60..99); it evicted the oldest 10 of those
     assert sent == [("vm", [(1, 1, c) for c in range(60, 70)])]
-    assert policy.stats()["guests"]["vm"]["aged_out"] == 60 * CS
+    assert policy.stats().guests["vm"].aged_out == 60 * CS

@@ -1,0 +1,230 @@
+"""Building one mount's parts, in dependency order, and taking them down in reverse.
+
+options -> backing -> store -> peer server and peer set -> store queue ->
+files -> peer reads -> admission -> cache -> balloon monitor -> control
+verbs. Every part gets what it depends on in its constructor; each part's
+teardown is registered on an AsyncExitStack right after it is built, so a
+failure at any step (a foreign cache, a port in use) undoes exactly what was
+built. Background tasks (the writer, admission, peers, the balloon monitor)
+run in a nursery on the same stack, cancelled first on the way out. The
+daemon (`daemon.py`) owns the process around it: checks, FUSE, readiness,
+signals. A new part is built here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import trio
+
+from fusecache.admission import Admission, Inclusive, SecondChance
+from fusecache.backing import OffLoop, open_backing
+from fusecache.cache import Cache, Passthrough
+from fusecache.commands import Commands
+from fusecache.control import Handler
+from fusecache.errors import QuietError, find_in
+from fusecache.files import Files
+from fusecache.options import MountOptions, default_cache_dir
+from fusecache.peer_reads import PeerReads
+from fusecache.stats import BalloonGuest, BalloonStats, ClusterStats, MountStats, PeeringStats
+from fusecache.store import Store
+from fusecache.store_queue import StoreQueue
+
+if TYPE_CHECKING:
+    from fusecache.balloon import BalloonMonitor
+    from fusecache.peers import PeerServer, PeerSet
+
+log = logging.getLogger(__name__)
+
+CLUSTER_COUNT_EVERY = 10.0  # seconds between counts of what a peer also holds
+
+
+@dataclasses.dataclass
+class Mount:
+    """One mount's built parts; `cache` and what hangs off it are None with --no-cache."""
+
+    opts: MountOptions
+    backing: OffLoop
+    root_ino: int
+    data: Cache | Passthrough
+    cache: Cache | None = None
+    admission: Admission | None = None
+    second_chance: SecondChance | None = None
+    monitor: BalloonMonitor | None = None
+    peer_server: PeerServer | None = None
+    peer_set: PeerSet | None = None
+    peer_reads: PeerReads | None = None
+    commands: Commands | None = None
+    started: float = dataclasses.field(default_factory=time.time)
+    cluster: ClusterStats = dataclasses.field(default_factory=ClusterStats)
+
+    def handlers(self) -> dict[str, Handler]:
+        """The control verbs this mount answers besides stats."""
+        return self.commands.handlers() if self.commands is not None else {}
+
+    async def count_holdings(self) -> None:
+        """Every few seconds: how much of this cache a peer also holds (the dedup across hosts)."""
+        assert self.peer_reads is not None and self.cache is not None
+        while True:
+            also, only = await self.peer_reads.cluster_holdings()
+            server = self.peer_server
+            self.cluster = ClusterStats(
+                chunks_also_on_peers=also,
+                chunks_only_here=only,
+                sampled=also + only,
+                peer_bytes_taken=sum(c.peer_bytes for c in self.cache.images.values()),
+                bytes_given=sum(s.bytes_out for s in server.stats().values()) if server is not None else 0,
+            )
+            await trio.sleep(CLUSTER_COUNT_EVERY)
+
+    def stats(self, open_files: int) -> MountStats:
+        """Every figure of this mount (`fusecache stats --json` is its JSON form)."""
+        opts = self.opts
+        out = MountStats(opts.mountpoint, opts.backing, os.getpid(), self.started, open_files)
+        cache = self.cache
+        if cache is not None:
+            out.admission = cache.admission.stats()
+            out.images = {name: dataclasses.replace(c) for name, c in sorted(cache.images.items())}
+            out.store = cache.store.stats()
+            out.queue = cache.queue.queued
+            out.skipped_admissions = cache.queue.skipped_admissions
+        monitor = self.monitor
+        guests = {name: BalloonGuest(**g) for name, g in monitor.snapshot()["guests"].items()} if monitor is not None else {}
+        if out.admission is not None:
+            for name, reads in out.admission.guests.items():
+                guest = guests.setdefault(name, BalloonGuest())
+                for field in dataclasses.fields(reads):
+                    setattr(guest, field.name, getattr(reads, field.name))
+        out.balloon = BalloonStats([str(s) for s in monitor.sources] if monitor is not None else [], guests)
+        out.peers = PeeringStats(
+            opts.listen,
+            self.peer_set.stats() if self.peer_set is not None else {},
+            self.peer_server.stats() if self.peer_server is not None else {},
+            dataclasses.replace(self.cluster),
+        )
+        return out
+
+
+@contextlib.asynccontextmanager
+async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
+    """Build every part of the mount `opts` describes; yield it running; tear it down on the way out.
+
+    Raises QuietError (after tearing down what was built) when a part cannot be built.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        backing = open_backing(opts.backing)
+        stack.callback(backing.shutdown)
+        try:
+            root = backing.lstat("")
+        except OSError as exc:
+            raise QuietError(f"cannot read the backing {opts.backing}: {exc.strerror}")
+        offloop = OffLoop(backing)
+        if not opts.cache:
+            yield Mount(opts, offloop, root.ino, Passthrough(offloop))
+            return
+
+        cache_dir = opts.cache_dir or default_cache_dir(opts.mountpoint)
+        store = Store(cache_dir, opts.cache_size, reset=opts.reset_cache)
+        stack.push_async_callback(_close_store, store)  # last: after the queue has drained into it
+        st = store.stats()
+        log.info("cache %s: %d of %d bytes held, %d chunks", cache_dir, st.bytes_stored, st.capacity, st.chunks)
+
+        peer_server, peer_set = _peers(opts, store)
+        queue = StoreQueue(
+            store,
+            on_committed=peer_server.note_change if peer_server is not None else None,
+            peer_holds=peer_set.may_hold if peer_set is not None else None,
+        )
+        stack.push_async_callback(queue.close)  # applies what is queued before the store closes
+        files = Files(offloop, store, queue, revalidate=opts.revalidate)
+        peer_reads = PeerReads(peer_set, files) if peer_set is not None else None
+
+        second_chance: SecondChance | None = None
+        admission: Admission
+        if opts.admit == "inclusive":
+            admission = Inclusive()
+        else:
+            second_chance = admission = SecondChance(
+                opts.mountpoint,
+                files,
+                offloop,
+                staging_bytes=opts.staging_bytes,
+                peer_holds=peer_reads.holds if peer_reads is not None else None,
+            )
+            if not opts.balloon:
+                log.info("second-chance admission with no --balloon source: chunks enter the cache only by `fusecache admit`")
+        cache = Cache(offloop, files, queue, admission, peer_reads=peer_reads)
+
+        monitor = None
+        if opts.balloon and second_chance is not None:
+            from fusecache.balloon import BalloonMonitor
+
+            monitor = BalloonMonitor(opts.balloon, on_shrink=second_chance.on_shrink, on_guests=second_chance.on_guests)
+
+        mount = Mount(
+            opts, offloop, root.ino, cache,
+            cache=cache, admission=admission, second_chance=second_chance, monitor=monitor,
+            peer_server=peer_server, peer_set=peer_set, peer_reads=peer_reads, commands=Commands(offloop, files),
+        )  # fmt: skip
+
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)  # unwinds first: the tasks end before the queue drains
+        nursery.start_soon(queue.run)
+        nursery.start_soon(admission.run)
+        if monitor is not None:
+            nursery.start_soon(monitor.run)
+        if peer_server is not None:
+            try:
+                await nursery.start(peer_server.run)
+            except (OSError, BaseExceptionGroup) as exc:
+                err = find_in(exc, OSError)
+                if err is None:
+                    raise
+                raise QuietError(f"cannot listen for peers on {opts.listen}: {err.strerror}; choose another --listen address")
+            log.info("serving peers on %s", opts.listen)
+        if peer_set is not None:
+            await nursery.start(peer_set.run)
+            nursery.start_soon(mount.count_holdings)
+        yield mount
+
+
+async def _close_store(store: Store) -> None:
+    """Marks a clean shutdown; runs even when the mount is being cancelled."""
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(store.close)
+
+
+def cluster_key(opts: MountOptions) -> bytes | None:
+    """The key peers authenticate with; refuses peering without one unless --peer-insecure on loopback."""
+    if not opts.peering:
+        return None
+    if not opts.cache:
+        raise QuietError("--peer and --listen share the cache: they cannot be used with --no-cache")
+    from fusecache.peers.protocol import INSECURE_REFUSED, load_cluster_key, session_key
+
+    if opts.cluster_key_file:
+        key = load_cluster_key(opts.cluster_key_file)
+    elif opts.peer_insecure:
+        key = None
+    else:
+        raise QuietError(INSECURE_REFUSED)
+    session_key(key, [*opts.peers, *([opts.listen] if opts.listen else [])])  # refuses insecure peering off loopback
+    return key
+
+
+def _peers(opts: MountOptions, store: Store) -> tuple[PeerServer | None, PeerSet | None]:
+    """The peer server and peer set this mount's options ask for (the server is started later)."""
+    if not opts.peering:
+        return None, None
+    from fusecache.peers import PeerServer, PeerSet
+
+    key = cluster_key(opts)
+    server = PeerServer(opts.listen, key, store, capacity_pages=opts.summary_pages) if opts.listen else None
+    peerset = PeerSet(opts.peers, key, fetch_timeout=opts.peer_timeout, server=server) if opts.peers else None
+    return server, peerset

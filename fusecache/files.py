@@ -1,0 +1,225 @@
+"""Per-file state and the never-stale rules: which cached chunks of a file are still its content.
+
+For every file the cache has seen: its *generation* (one version of its
+content; location keys carry it), the backing's version last seen, a write
+*epoch* and the writes in flight. The rules, in one place:
+- At open and every `revalidate` seconds the backing's version (size, mtime,
+  ctime, NFS change) is compared with the one recorded; if another host
+  changed it, the generation is bumped in memory at once, so no old chunk is
+  found again. Truncate and unlink bump it too.
+- A write goes to the backing first; the chunks it touched are then dropped
+  (queued, and a miss until committed) before the write returns; an
+  extending write also drops the old end-of-file chunk.
+- A chunk read from the backing is admitted only if no write to that file
+  started or ended while it was read (the epoch) and the generation is
+  unchanged (`Snapshot.still_current`, `admit_current`).
+`Files` is also what admission admits through (`admit_current`,
+`read_for_admission`): admission never sees the read path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import NamedTuple
+
+import trio
+
+from fusecache.backing import Attr, OffLoop
+from fusecache.stats import ImageCounters
+from fusecache.store import Store
+from fusecache.store_queue import Key, StoreQueue
+from fusecache.version import UNKNOWN, Version
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class FileState:
+    ino: int
+    gen: int
+    version: Version | None  # None: not known; adopt the backing's at the next check
+    checked: float = 0.0  # time.monotonic() of the last version check
+    epoch: int = 0  # bumped when a write starts and when it ends
+    writing: int = 0  # writes in flight
+
+
+class Snapshot(NamedTuple):
+    """A file's state when a backing read started: the read may be admitted only if nothing changed since."""
+
+    gen: int
+    epoch: int
+    quiet: bool  # no write was in flight when the read started
+
+    def still_current(self, st: FileState) -> bool:
+        return self.quiet and st.writing == 0 and st.epoch == self.epoch and st.gen == self.gen
+
+
+class Files:
+    """Every known file's state, its name, its counters, and the rules above."""
+
+    def __init__(self, backing: OffLoop, store: Store, queue: StoreQueue, *, revalidate: float) -> None:
+        self.backing = backing
+        self.store = store
+        self.queue = queue
+        self.revalidate = revalidate
+        self.chunk_size = store.chunk_size
+        self._files: dict[int, FileState] = {}
+        self._names: dict[int, str] = {}  # ino -> the name it was last opened by
+        self.images: dict[str, ImageCounters] = defaultdict(ImageCounters)
+
+    def get(self, ino: int) -> FileState:
+        st = self._files.get(ino)
+        if st is None:
+            rec = self.store.file_record(ino)
+            st = FileState(ino, rec[0], Version(*rec[1])) if rec else FileState(ino, 1, None)
+            self._files[ino] = st
+        return st
+
+    def known(self) -> set[int]:
+        return set(self._files)
+
+    def name(self, ino: int) -> str:
+        return self._names.get(ino, str(ino))
+
+    def counters(self, name: str) -> ImageCounters:
+        return self.images[name]
+
+    # ---- versions ------------------------------------------------------------
+    def opened(self, path: str, attr: Attr) -> FileState:
+        """`path` was opened with these attributes (close-to-open: read at this open)."""
+        self._names[attr.ino] = path
+        st = self.get(attr.ino)
+        self.check(st, attr)
+        return st
+
+    def check(self, st: FileState, attr: Attr) -> None:
+        version = attr.version
+        st.checked = time.monotonic()
+        if st.version == version:
+            return
+        if st.version is not None:
+            # changed behind our back (another host, or a tool on the NFS server)
+            self._new_generation(st)
+            self.images[self.name(st.ino)].invalidations += 1
+            log.info("%s changed on the backing: its cached chunks are dropped", self.name(st.ino))
+        st.version = version
+        self.queue.record_file(st.ino, st.gen, version)
+
+    async def revalidated(self, ino: int, handle: object) -> FileState:
+        """The file's state, its version checked against the backing if `revalidate` seconds have passed."""
+        st = self._files.get(ino) or self.get(ino)  # the hit path: one dict lookup when the file is known
+        if time.monotonic() - st.checked >= self.revalidate:
+            self.check(st, await self.backing.fstat(handle))
+        return st
+
+    def resized(self, ino: int) -> None:
+        st = self.get(ino)
+        self._new_generation(st)
+        st.version = None
+        self.queue.record_file(st.ino, st.gen, UNKNOWN)
+
+    def unlinked(self, ino: int) -> None:
+        """Forget the file's cached content (unlinked, or dropped by command)."""
+        st = self.get(ino)
+        self._new_generation(st)
+        st.version = None
+        self.queue.forget_file(ino)
+
+    @staticmethod
+    def _new_generation(st: FileState) -> None:
+        """Nothing of the old generation is found again (its location keys no longer match)."""
+        st.gen += 1
+
+    # ---- writes ----------------------------------------------------------------
+    def write_started(self, st: FileState) -> Version | None:
+        """Returns the version before the write, for `write_ended`."""
+        st.writing += 1
+        st.epoch += 1
+        return st.version
+
+    def write_ended(self, st: FileState, offset: int, nbytes: int) -> range:
+        """Drop the chunks the write touched (whether or not it succeeded); returns them."""
+        st.writing -= 1
+        st.epoch += 1
+        cs = self.chunk_size
+        touched = range(offset // cs, (offset + nbytes - 1) // cs + 1) if nbytes else range(0)
+        for c in touched:
+            self.queue.drop((st.ino, st.gen, c))
+        return touched
+
+    def write_done(self, st: FileState, before: Version | None, attr: Attr) -> None:
+        """The write succeeded and the file now has `attr`: adopt its version as our own change."""
+        if before is None:
+            self.resized(st.ino)  # the old size is not known: the old end-of-file chunk cannot be found
+        elif attr.size != before.size:
+            # the chunk that held the old end of file is short in the store: it must not end reads early
+            self.queue.drop((st.ino, st.gen, before.size // self.chunk_size))
+        st.version = attr.version
+        st.checked = time.monotonic()
+        self.queue.record_file(st.ino, st.gen, attr.version)
+
+    # ---- admission -------------------------------------------------------------
+    def is_current(self, key: Key) -> bool:
+        """Whether a chunk read earlier may still be admitted: same generation, not dropped, not being written."""
+        st = self.get(key[0])
+        return st.gen == key[1] and not self.queue.is_dropped(key) and not st.writing
+
+    def admit(self, key: Key, data: bytes, name: str | None = None) -> bool:
+        """Queue a chunk for the store (False when the writer is too far behind), counted for its image."""
+        if not self.queue.admit(key, data):
+            return False
+        self.images[name or self.name(key[0])].admitted_chunks += 1
+        return True
+
+    async def admit_current(self, key: Key, data: bytes, wait: bool = False) -> bool:
+        """Admit a chunk read earlier, unless its file has changed since or is being written.
+
+        With `wait`, a writer too far behind is waited for rather than the chunk skipped.
+        """
+        while self.is_current(key):
+            if self.admit(key, data):
+                return True
+            if not wait:
+                return False
+            await trio.sleep(0.01)
+        return False
+
+    async def read_for_admission(self, path: str, keys: list[Key]) -> list[tuple[Key, bytes]]:
+        """Read chunks of one file again from the backing, in a worker thread, for a delayed admission.
+
+        Chunks written or regenerated while this ran are left out (the
+        epoch check of the read path, for a read that is not a guest's).
+        """
+        if not keys:
+            return []
+        st = self.get(keys[0][0])
+        epoch, gen = st.epoch, st.gen
+        cs = self.chunk_size
+        sync = self.backing.sync
+
+        def read_all() -> list[tuple[Key, bytes]]:
+            out = []
+            h = sync.open(path, os.O_RDONLY)
+            try:
+                if sync.fstat(h).ino != keys[0][0]:
+                    return []  # the name now holds another file
+                for key in sorted(keys):
+                    data = sync.pread(h, key[2] * cs, cs)
+                    if data:
+                        out.append((key, data))
+            finally:
+                sync.close(h)
+            return out
+
+        try:
+            got = await self.backing.run(read_all)
+        except OSError as exc:
+            log.info("%s: cannot read it again for admission: %s", path, exc.strerror)
+            return []
+        if st.epoch != epoch or st.gen != gen or st.writing:
+            return []
+        return got

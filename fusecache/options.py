@@ -1,0 +1,87 @@
+"""A mount's options: every default `fusecache mount` has, written once, and every size derived
+from --cache-size. The command line's argparse defaults and help read them from here; the
+daemon and `assemble` read `MountOptions`. A new option goes here first."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from fusecache.geometry import PAGE_SIZE
+
+ATTR_TIMEOUT = 1.0  # seconds the kernel may cache attributes
+CACHE_SIZE = 2 << 30
+MIN_CACHE_SIZE = 1 << 20  # below this the store cannot hold its own metadata usefully
+ADMIT = "second-chance"
+ADMIT_CHOICES = ("second-chance", "inclusive")
+REVALIDATE = 2.0  # seconds between checks of an open file's version against the backing
+PEER_TIMEOUT = 0.005  # seconds a miss waits for peers before it reads the backing
+MAX_STAGING_SIZE = 256 << 20  # staging is a quarter of the cache, at most this
+
+
+def staging_size(cache_size: int) -> int:
+    """The default staging buffer: recently read chunks kept so admission need not read them again."""
+    return min(MAX_STAGING_SIZE, cache_size // 4)
+
+
+def summary_pages(cache_size: int) -> int:
+    """How many pages the peer summary is sized for: every page the cache can hold."""
+    return cache_size // PAGE_SIZE
+
+
+@dataclasses.dataclass
+class MountOptions:
+    backing: str
+    mountpoint: str
+    foreground: bool = False
+    allow_other: bool = False
+    debug: bool = False
+    log_file: str | None = None
+    ready_fd: int | None = None
+    attr_timeout: float = ATTR_TIMEOUT
+    cache: bool = True
+    cache_dir: str | None = None
+    cache_size: int = CACHE_SIZE
+    reset_cache: bool = False
+    admit: str = ADMIT
+    balloon: list[str] = dataclasses.field(default_factory=list)
+    staging_size: int | None = None  # None: derived from cache_size (`staging_bytes`)
+    revalidate: float = REVALIDATE
+    metrics: tuple[str, int] | None = None
+    listen: str | None = None
+    peers: list[str] = dataclasses.field(default_factory=list)
+    cluster_key_file: str | None = None
+    peer_insecure: bool = False
+    peer_timeout: float = PEER_TIMEOUT
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_size if self.staging_size is not None else staging_size(self.cache_size)
+
+    @property
+    def summary_pages(self) -> int:
+        return summary_pages(self.cache_size)
+
+    @property
+    def peering(self) -> bool:
+        return bool(self.peers or self.listen)
+
+
+def _mount_name(mountpoint: str) -> str:
+    return os.path.realpath(mountpoint).strip("/").replace("/", "-") or "root"
+
+
+def default_log_file(mountpoint: str) -> str:
+    if os.geteuid() == 0:
+        base = "/var/log/fusecache"
+    else:
+        base = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "fusecache")
+    return os.path.join(base, f"{_mount_name(mountpoint)}.log")
+
+
+def default_cache_dir(mountpoint: str) -> str:
+    if os.geteuid() == 0:
+        base = "/var/cache/fusecache"
+    else:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusecache")
+    return os.path.join(base, _mount_name(mountpoint))

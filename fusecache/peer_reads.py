@@ -1,0 +1,61 @@
+"""What the cache asks of its peers: chunks of a file's current version within one bounded wait,
+whether a peer holds a chunk (for admission by reference), and how much of this cache a peer
+also holds (the dedup across hosts, counted every few seconds for stats)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from fusecache.files import Files
+from fusecache.store_queue import Key
+from fusecache.version import UNKNOWN, Version
+
+if TYPE_CHECKING:
+    from fusecache.peers import PeerSet
+
+CLUSTER_SAMPLE = 200_000  # locations looked at per count of cluster holdings
+
+
+class PeerReads:
+    def __init__(self, peers: PeerSet, files: Files) -> None:
+        self.peers = peers
+        self.files = files
+
+    async def fetch(self, ino: int, version: Version, chunks: list[int]) -> dict[int, bytes]:
+        """Chunks that peers send within one bounded wait (each checked against its page digests by PeerSet)."""
+        peers = self.peers
+        deadline = trio.current_time() + peers.fetch_timeout
+        offered: dict[int, bytes] = {}
+
+        async def one(c: int) -> None:
+            data = await peers.fetch_location(ino, version, c, deadline)
+            if data is not None:
+                offered[c] = data
+
+        async with trio.open_nursery() as nursery:
+            for c in chunks:
+                nursery.start_soon(one, c)
+        return offered
+
+    def holds(self, key: Key) -> bool:
+        """Whether a peer's summary says it holds this chunk of the file's current version."""
+        st = self.files.get(key[0])
+        if st.gen != key[1] or st.version is None or st.version == UNKNOWN:
+            return False
+        return self.peers.may_hold_location(key[0], st.version, key[2])
+
+    async def cluster_holdings(self, limit: int = CLUSTER_SAMPLE) -> tuple[int, int]:
+        """(chunks held here that a peer also holds, chunks held only here), over a sample of up to `limit`."""
+        also = only = 0
+        for n, (ino, version, chunk) in enumerate(self.files.store.iter_locations()):
+            if n >= limit:
+                break
+            if self.peers.may_hold_location(ino, version, chunk):
+                also += 1
+            else:
+                only += 1
+            if n % 1000 == 999:
+                await trio.sleep(0)  # let requests in
+        return also, only

@@ -1,0 +1,190 @@
+"""The figures a mount reports, as types, and their one JSON form.
+
+Each producer fills its own type (`Store.stats` -> `StoreStats`, admission
+-> `AdmissionStats`, the read path -> `ImageCounters`, peers -> their
+`PeerStats`/`RemoteStats`); `Mount.stats` puts them in one `MountStats`;
+the control socket sends `to_json()`; `fusecache stats`, `fusecache top`,
+the Prometheus exporter, the demo and the tests read it back with
+`MountStats.from_json`. One name per figure: a new stat is a field here and
+in its producer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+from fusecache.peers import PeerStats, RemoteStats
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(slots=True)
+class ImageCounters:
+    """One image's reads and writes since the mount started."""
+
+    reads: int = 0
+    hit_bytes: int = 0
+    peer_bytes: int = 0
+    backing_bytes: int = 0
+    hit_chunks: int = 0
+    miss_chunks: int = 0
+    admitted_chunks: int = 0
+    writes: int = 0
+    write_bytes: int = 0
+    invalidations: int = 0
+
+    @property
+    def read_bytes(self) -> int:
+        return self.hit_bytes + self.peer_bytes + self.backing_bytes
+
+
+@dataclasses.dataclass
+class StoreStats:
+    """The store: how full, how deduplicated, and what its readers and writer did."""
+
+    capacity: int = 0
+    page_size: int = 0
+    chunk_size: int = 0
+    pages_used: int = 0
+    bytes_stored: int = 0
+    logical_bytes: int = 0
+    dedup_ratio: float = 1.0
+    chunks: int = 0
+    max_chunks: int = 0
+    hits: int = 0
+    misses: int = 0
+    admitted_chunks: int = 0
+    skipped_chunks: int = 0
+    evicted_chunks: int = 0
+    dropped_chunks: int = 0
+    verify_failures: int = 0
+    healed_pages: int = 0
+
+
+@dataclasses.dataclass
+class GuestAdmission:
+    """What second-chance admission knows of one guest: its recent reads and what its shrinks admitted."""
+
+    recent_bytes: int = 0
+    recent_chunks: int = 0
+    recent_limit: int = 0
+    shrinks: int = 0
+    evicted_estimate: int = 0
+    admitted_chunks: int = 0
+    admitted_bytes: int = 0
+    from_staging: int = 0
+    from_backing: int = 0
+    by_reference: int = 0  # evicted chunks a peer already held: left there, not stored twice
+    aged_out: int = 0  # bytes of reads the guest had dropped on its own before a shrink
+
+
+@dataclasses.dataclass
+class AdmissionStats:
+    mode: str = ""
+    staging_bytes: int = 0
+    staging_capacity: int = 0
+    staged_chunks: int = 0
+    guests: dict[str, GuestAdmission] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class BalloonGuest:
+    """One guest as the balloon monitor sees it, with what admission did for it."""
+
+    running: bool = False
+    source: str | None = None
+    images: list[str] = dataclasses.field(default_factory=list)
+    actual: int | None = None
+    target: int | None = None
+    stats: dict[str, int] = dataclasses.field(default_factory=dict)
+    shrinks: int = 0
+    balloon_bytes: int = 0
+    evicted_estimate: int = 0
+    recent_bytes: int = 0
+    recent_chunks: int = 0
+    recent_limit: int = 0
+    admitted_chunks: int = 0
+    admitted_bytes: int = 0
+    from_staging: int = 0
+    from_backing: int = 0
+    by_reference: int = 0
+    aged_out: int = 0
+
+
+@dataclasses.dataclass
+class BalloonStats:
+    sources: list[str] = dataclasses.field(default_factory=list)
+    guests: dict[str, BalloonGuest] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ClusterStats:
+    """How much of this cache a peer also holds (sampled), and what crossed hosts."""
+
+    chunks_also_on_peers: int = 0
+    chunks_only_here: int = 0
+    sampled: int = 0
+    peer_bytes_taken: int = 0
+    bytes_given: int = 0
+
+
+@dataclasses.dataclass
+class PeeringStats:
+    listen: str | None = None
+    peers: dict[str, PeerStats] = dataclasses.field(default_factory=dict)
+    served: dict[str, RemoteStats] = dataclasses.field(default_factory=dict)
+    cluster: ClusterStats = dataclasses.field(default_factory=ClusterStats)
+
+
+@dataclasses.dataclass
+class MountStats:
+    """Everything `fusecache stats --json` shows. With --no-cache, `store` and `admission` are None."""
+
+    mountpoint: str = ""
+    backing: str = ""
+    pid: int = 0
+    started: float = 0.0
+    open_files: int = 0
+    store: StoreStats | None = None
+    admission: AdmissionStats | None = None
+    images: dict[str, ImageCounters] = dataclasses.field(default_factory=dict)
+    queue: int = 0  # changes queued for the store, not yet committed
+    skipped_admissions: int = 0  # misses not admitted because the writer was too far behind
+    balloon: BalloonStats = dataclasses.field(default_factory=BalloonStats)
+    peers: PeeringStats = dataclasses.field(default_factory=PeeringStats)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> MountStats:
+        """The stats a daemon sent; fields it did not send keep their defaults, unknown ones are ignored."""
+        return from_json(cls, obj)
+
+
+def from_json(cls: type[T], obj: Any) -> T:
+    """A dataclass (and the dataclasses inside it) from its `dataclasses.asdict` form."""
+    return _decode(cls, obj)  # type: ignore[no-any-return]
+
+
+def _decode(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        return tp(**{k: _decode(hints[k], v) for k, v in value.items() if k in names})
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        return {k: _decode(vt, v) for k, v in value.items()}
+    if origin is list:
+        (it,) = typing.get_args(tp)
+        return [_decode(it, v) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _decode(inner[0], value) if len(inner) == 1 else value
+    return value

@@ -1,0 +1,263 @@
+"""The cache without FUSE and without root: an in-memory backing, a real store in a temporary
+directory, the parts built as assemble builds them. Hits, misses, never-stale on writes and
+on changes made behind the cache's back, and the order of admissions and drops."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+
+import pytest
+import trio
+
+from fusecache.admission import Inclusive
+from fusecache.backing import Attr, OffLoop
+from fusecache.cache import Cache
+from fusecache.files import Files
+from fusecache.geometry import CHUNK_SIZE
+from fusecache.inodes import OpenFile
+from fusecache.store import Store
+from fusecache.store_queue import StoreQueue
+
+CS = CHUNK_SIZE
+MiB = 1 << 20
+
+
+@dataclasses.dataclass
+class MemFile:
+    ino: int
+    data: bytearray
+    mtime_ns: int = 1
+
+
+class MemBacking:
+    """A backing of files in memory that counts its reads; `gate`, when set, holds every pread's bytes until opened."""
+
+    description = "memory"
+
+    def __init__(self) -> None:
+        self.files: dict[str, MemFile] = {}
+        self.preads = 0
+        self.gate: threading.Event | None = None
+        self.reading = threading.Event()
+
+    def put(self, path: str, data: bytes) -> None:
+        old = self.files.get(path)
+        ino = old.ino if old else len(self.files) + 100
+        self.files[path] = MemFile(ino, bytearray(data), (old.mtime_ns + 1) if old else 1)
+
+    def _attr(self, f: MemFile) -> Attr:
+        return Attr(f.ino, 0o100644, 1, 0, 0, len(f.data), 0, 0, 0, f.mtime_ns, f.mtime_ns)
+
+    def lstat(self, path: str) -> Attr:
+        return self._attr(self.files[path])
+
+    def open(self, path: str, flags: int) -> str:
+        if path not in self.files:
+            raise FileNotFoundError(2, os.strerror(2))
+        return path
+
+    def fstat(self, fh: str) -> Attr:
+        return self._attr(self.files[fh])
+
+    def pread(self, fh: str, offset: int, size: int) -> bytes:
+        self.preads += 1
+        data = bytes(self.files[fh].data[offset : offset + size])
+        if self.gate is not None:  # the bytes are read; they arrive only when the gate opens
+            self.reading.set()
+            self.gate.wait(10)
+        return data
+
+    def pwrite(self, fh: str, data: bytes, offset: int) -> int:
+        f = self.files[fh]
+        if len(f.data) < offset:
+            f.data.extend(bytes(offset - len(f.data)))
+        f.data[offset : offset + len(data)] = data
+        f.mtime_ns += 1
+        return len(data)
+
+    def close(self, fh: str) -> None:
+        pass
+
+
+@pytest.fixture
+def mem(tmp_path):
+    backing = MemBacking()
+    store = Store(str(tmp_path / "cache"), 64 * MiB)
+    queue = StoreQueue(store)
+    offloop = OffLoop(backing)  # type: ignore[arg-type]  # duck-typed: the calls the cache makes
+    files = Files(offloop, store, queue, revalidate=3600.0)
+    cache = Cache(offloop, files, queue, Inclusive())
+    yield backing, cache
+    store.close()
+
+
+def opened(backing: MemBacking, path: str) -> OpenFile:
+    return OpenFile(1, 1, path, path, backing.lstat(path), True)
+
+
+async def open_file(cache: Cache, backing: MemBacking, path: str) -> OpenFile:
+    f = opened(backing, path)
+    await cache.opened(f)
+    return f
+
+
+def test_a_miss_reads_the_backing_then_the_same_bytes_are_a_hit(mem):
+    backing, cache = mem
+    data = os.urandom(4 * CS + 100)
+    backing.put("a.img", data)
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        first = bytes(await cache.read(f, 0, 5 * CS))
+        await cache.queue.drain()
+        reads = backing.preads
+        second = bytes(await cache.read(f, 1000, 3 * CS))
+        tail = bytes(await cache.read(f, 4 * CS, CS))  # the short last chunk, and past end of file
+        return first, second, tail, backing.preads - reads
+
+    first, second, tail, extra = trio.run(go)
+    assert first == data
+    assert second == data[1000 : 1000 + 3 * CS]
+    assert tail == data[4 * CS :]
+    assert extra == 0
+    c = cache.images["a.img"]
+    assert c.hit_chunks == 5 and c.miss_chunks == 5 and c.admitted_chunks == 5
+
+
+def test_admitted_chunks_are_served_before_the_writer_commits(mem):
+    backing, cache = mem
+    data = os.urandom(2 * CS)
+    backing.put("a.img", data)
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        await cache.read(f, 0, 2 * CS)
+        assert not cache.queue.settled  # nothing drained yet: served from the queue's pending admissions
+        reads = backing.preads
+        again = bytes(await cache.read(f, 0, 2 * CS))
+        return again, backing.preads - reads
+
+    again, extra = trio.run(go)
+    assert again == data and extra == 0
+
+
+@pytest.mark.parametrize("drain_between", [False, True])
+def test_a_write_is_read_back_at_once_never_the_cached_bytes(mem, drain_between):
+    backing, cache = mem
+    backing.put("a.img", os.urandom(3 * CS))
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        await cache.read(f, 0, 3 * CS)
+        if drain_between:
+            await cache.queue.drain()
+        await cache.write(f, CS + 10, b"fresh bytes")
+        now = bytes(await cache.read(f, CS, 64))
+        await cache.queue.drain()
+        later = bytes(await cache.read(f, CS, 64))
+        return now, later
+
+    now, later = trio.run(go)
+    expected = bytes(backing.files["a.img"].data[CS : CS + 64])
+    assert now[10:21] == b"fresh bytes"
+    assert now == later == expected
+
+
+def test_an_extending_write_does_not_leave_the_old_end_of_file_short(mem):
+    backing, cache = mem
+    backing.put("a.img", b"x" * (CS + 100))
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        await cache.read(f, 0, 2 * CS)
+        await cache.queue.drain()
+        await cache.write(f, 2 * CS, b"y" * 10)
+        await cache.queue.drain()
+        return bytes(await cache.read(f, 0, 2 * CS + 10))
+
+    got = trio.run(go)
+    assert got == bytes(backing.files["a.img"].data)
+    assert len(got) == 2 * CS + 10
+
+
+def test_a_change_behind_the_cache_is_seen_at_the_next_open(mem):
+    backing, cache = mem
+    backing.put("a.img", b"old!" * (CS // 4))
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        await cache.read(f, 0, CS)
+        await cache.queue.drain()
+        backing.put("a.img", b"new!" * (CS // 4))  # another host wrote it: new mtime
+        f = await open_file(cache, backing, "a.img")
+        return bytes(await cache.read(f, 0, 8))
+
+    assert trio.run(go) == b"new!new!"
+    assert cache.images["a.img"].invalidations == 1
+
+
+def test_a_read_that_raced_a_write_is_not_admitted(mem):
+    backing, cache = mem
+    backing.put("a.img", b"o" * CS)
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        gate = backing.gate = threading.Event()
+        got: list[bytes] = []
+
+        async def reader():
+            got.append(bytes(await cache.read(f, 0, CS)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.to_thread.run_sync(backing.reading.wait, 10)  # the read is inside the backing now
+            backing.gate = None
+            await cache.write(f, 0, b"n" * 16)
+            gate.set()
+        await cache.queue.drain()
+        return got[0], bytes(await cache.read(f, 0, 16))
+
+    raced, now = trio.run(go)
+    assert raced == b"o" * CS  # read before the write landed: a correct answer to a read that raced it
+    assert now == b"n" * 16  # but not admitted: the next read sees the write
+    assert cache.images["a.img"].admitted_chunks == 1  # only the re-read after the write, not the raced read
+
+
+def test_an_admission_then_a_drop_of_one_chunk_ends_dropped(mem):
+    _, cache = mem
+    queue = cache.queue
+    key = (7, 1, 0)
+
+    async def go():
+        queue.record_file(7, 1, backing_version())
+        assert queue.admit(key, b"a" * CS)
+        queue.drop(key)
+        assert queue.is_dropped(key)
+        await queue.drain()
+
+    trio.run(go)
+    assert cache.store.read_chunks(7, 1, 0, 0) == [None]
+    assert not queue.is_dropped(key)  # committed: the store alone answers now
+
+
+def test_a_drop_then_an_admission_of_one_chunk_ends_admitted(mem):
+    _, cache = mem
+    queue = cache.queue
+    key = (7, 1, 0)
+
+    async def go():
+        queue.record_file(7, 1, backing_version())
+        queue.drop(key)
+        assert queue.admit(key, b"a" * CS)
+        await queue.drain()
+
+    trio.run(go)
+    assert cache.store.read_chunks(7, 1, 0, 0) == [b"a" * CS]
+
+
+def backing_version():
+    from fusecache.version import Version
+
+    return Version(CS, 1, 1, 0)
