@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import select
@@ -62,6 +63,7 @@ class MountOptions:
     metrics: tuple[str, int] | None = None
     listen: str | None = None
     peers: list[str] = dataclasses.field(default_factory=list)
+    peer_allow: list[str] = dataclasses.field(default_factory=list)  # networks the peer server accepts besides --peer hosts
     cluster_key_file: str | None = None
     peer_insecure: bool = False
     peer_timeout: float = 0.005
@@ -309,6 +311,14 @@ def _cluster_key(opts: MountOptions) -> bytes | None:
 
         raise QuietError(INSECURE_REFUSED)
     session_key(key, [*opts.peers, *([opts.listen] if opts.listen else [])])  # refuses insecure peering off loopback
+    if opts.listen and not opts.peers and not opts.peer_allow:
+        raise QuietError(f"--listen {opts.listen} would accept no one: peers connect only from --peer hosts and --peer-allow networks; "
+                         "add --peer HOST:PORT or --peer-allow CIDR")
+    for net in opts.peer_allow:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise QuietError(f"--peer-allow {net} is not a network: write it as an address or CIDR, e.g. 10.0.0.0/24")
     return key
 
 
@@ -319,7 +329,11 @@ def _peering(opts: MountOptions, cache: Cache) -> tuple[Any, Any]:
     from fusecache.peers import PeerServer, PeerSet
 
     key = _cluster_key(opts)
-    server = PeerServer(opts.listen, key, cache.store, capacity_pages=opts.cache_size // 4096) if opts.listen else None
+    server = (
+        PeerServer(opts.listen, key, cache.store, capacity_pages=opts.cache_size // 4096, allow=[*opts.peers, *opts.peer_allow])
+        if opts.listen
+        else None
+    )
     peerset = PeerSet(opts.peers, key, fetch_timeout=opts.peer_timeout, server=server) if opts.peers else None
     if server is not None:
         cache.on_committed = server.note_change
@@ -366,6 +380,7 @@ def _peer_stats(opts: MountOptions, server: Any, peerset: Any) -> dict[str, Any]
         "listen": opts.listen,
         "peers": {a: dataclasses.asdict(s) for a, s in peerset.stats().items()} if peerset is not None else {},
         "served": {ip: dataclasses.asdict(s) for ip, s in server.stats().items()} if server is not None else {},
+        "handshakes": dataclasses.asdict(server.handshake_stats()) if server is not None else {},
     }
 
 
