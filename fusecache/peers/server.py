@@ -15,7 +15,7 @@ the Bloom summaries it builds from the provider and sends to every client.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import errno
 import ipaddress
 import logging
 import math
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 SUMMARY_BATCH = 512
 # Names in the allow-list (peers given by host name) are looked up again this often.
 RESOLVE_INTERVAL = 60.0
+# After accepting a connection that dropped a pending handshake, wait this long before the next accept.
+DROP_PACE = 0.002
 # At most one log line this often about connections refused or dropped before authentication.
 PREAUTH_LOG_INTERVAL = 10.0
 
@@ -290,15 +292,58 @@ class PeerServer:
         if not self._allow:
             log.warning("peer server on %s: no --peer and no --peer-allow: every connection will be refused", self._host or "*")
         await self._allow.resolve()
-        async with trio.open_nursery() as nursery:
-            if self._allow.names:
-                nursery.start_soon(self._resolve_forever)
-            serve = functools.partial(trio.serve_tcp, self._serve_connection, self._port, host=self._host or None)
-            listeners = await nursery.start(serve)
-            self.port = listeners[0].socket.getsockname()[1]
-            log.info("peer server listening on %s:%d", self._host or "*", self.port)
-            nursery.start_soon(self._summarise_forever)
-            task_status.started(self.port)
+        listeners = await trio.open_tcp_listeners(self._port, host=self._host or None)
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._allow.names:
+                    nursery.start_soon(self._resolve_forever)
+                for listener in listeners:
+                    nursery.start_soon(self._accept_forever, listener, nursery)
+                self.port = listeners[0].socket.getsockname()[1]
+                log.info("peer server listening on %s:%d", self._host or "*", self.port)
+                nursery.start_soon(self._summarise_forever)
+                task_status.started(self.port)
+        finally:
+            for listener in listeners:
+                listener.socket.close()
+
+    async def _accept_forever(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept connections and decide at once who may start a handshake (see module docstring).
+
+        After a connection that dropped a pending handshake, the next accept waits
+        DROP_PACE: connections that reconnect as fast as they are dropped then
+        cycle at most 1/DROP_PACE times a second, so an honest handshake has at
+        least `per_source` * DROP_PACE to send its HELLO (its place in the kernel's
+        accept queue costs it a few ms at most)."""
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    raise
+                log.error("peer server: cannot accept (%s): out of file descriptors or memory; retrying", e.strerror)
+                await trio.sleep(0.1)
+                continue
+            hs = self._handshake_stats
+            try:
+                ip = stream.socket.getpeername()[0]
+            except OSError:  # already gone
+                stream.socket.close()
+                continue
+            if not self._allow.allows(ip):
+                hs.not_allowed += 1
+                stream.socket.close()  # before reading a byte: no state, no answer
+                self._note_preauth("refused: not a configured peer nor in --peer-allow", ip)
+                continue
+            scope = trio.CancelScope(deadline=trio.current_time() + self._handshake_timeout)
+            pending, dropped = self._pending.add(ip, scope)
+            hs.accepted += 1
+            hs.peak_pending = max(hs.peak_pending, self._pending.count)
+            nursery.start_soon(self._serve_connection, stream, pending)
+            if dropped is not None:
+                hs.dropped += 1
+                self._note_preauth(f"a pending handshake from {dropped.ip} dropped to make room", ip)
+                await trio.sleep(DROP_PACE)
 
     def note_change(self, count: int = 1) -> None:
         """The store admitted or evicted `count` pages: a summary is rebuilt early once
@@ -376,29 +421,19 @@ class PeerServer:
             capacity = bloom.items * 11 // 10
         return bloom
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        # trio.serve_tcp ends the whole server if a handler raises: none may.
+    async def _serve_connection(self, stream: trio.SocketStream, pending: _Pending) -> None:
+        # One connection's failure must not end the server.
         try:
-            await self._serve_authenticated(stream)
+            await self._serve_authenticated(stream, pending)
         except Exception:
             log.exception("serving a peer connection failed")
 
-    async def _serve_authenticated(self, stream: trio.SocketStream) -> None:
-        ip = stream.socket.getpeername()[0]
+    async def _serve_authenticated(self, stream: trio.SocketStream, pending: _Pending) -> None:
+        ip = pending.ip
         hs = self._handshake_stats
         async with stream:
-            if not self._allow.allows(ip):
-                hs.not_allowed += 1
-                self._note_preauth("refused: not a configured peer nor in --peer-allow", ip)
-                return
             framed = None
-            scope = trio.move_on_after(self._handshake_timeout)
-            pending, dropped = self._pending.add(ip, scope)
-            hs.accepted += 1
-            hs.peak_pending = max(hs.peak_pending, self._pending.count)
-            if dropped is not None:
-                hs.dropped += 1
-                self._note_preauth(f"a pending handshake from {dropped.ip} dropped to make room", ip)
+            scope = pending.scope
 
             def talked() -> None:
                 pending.talked = True
