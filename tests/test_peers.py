@@ -773,3 +773,17 @@ def test_a_keyed_peer_claiming_everything_is_not_believed(lie: str, expect_log) 
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_the_allow_list_takes_peer_addresses_names_and_networks() -> None:
+    async def main() -> None:
+        from fusecache.peers.server import AllowList, _allow_entry
+
+        allow = AllowList([_allow_entry(a) for a in ["localhost:7070", "[::1]:7070", "10.1.0.0/16", "192.0.2.7"]])
+        await allow.resolve()
+        assert allow.allows("127.0.0.1") and allow.allows("::1")  # localhost, looked up
+        assert allow.allows("10.1.200.3") and allow.allows("::ffff:10.1.0.9") and allow.allows("192.0.2.7")
+        assert not allow.allows("10.2.0.1") and not allow.allows("192.0.2.8") and not allow.allows("not an address")
+        assert not AllowList([])
+
+    trio.run(main)
