@@ -16,9 +16,10 @@ delayed link, and hosts that hold the peer port with idle connections (from
 another host, and from a keyed peer's own address). No timing is asserted
 beyond generous "returns within N s".
 
-`python -m tests.test_peers_netns idle HOST:PORT N` (run inside a namespace
-with nsenter) is that last attacker: N connections that never send a byte and
-reconnect as soon as they are closed, until SIGTERM.
+`python -m tests.test_peers_netns idle HOST:PORT N [hello]` (run inside a
+namespace with nsenter) is that last attacker: N connections that never send
+a byte (or only a well-formed HELLO) and reconnect as soon as they are
+closed, until SIGTERM.
 """
 
 from __future__ import annotations
@@ -262,9 +263,10 @@ def test_namespaces_are_gone_after_a_net_closes(tmp_path):
 class IdleFlood:
     """`count` idle connections from namespace `ns` to `target` that reconnect when closed, in a process of their own."""
 
-    def __init__(self, ns: str, target: str, count: int) -> None:
+    def __init__(self, ns: str, target: str, count: int, hello: bool = False) -> None:
         root = Path(__file__).resolve().parent.parent
         cmd = ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "tests.test_peers_netns", "idle", target, str(count)]
+        cmd += ["hello"] if hello else []
         self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.startswith("READY"):
@@ -283,10 +285,12 @@ class IdleFlood:
         return int(out.split()[-1]) if out and out.split()[-1].isdigit() else 0
 
 
-def test_idle_connections_from_anywhere_do_not_keep_a_keyed_peer_out(make_net, images, tmp_path, key_file):
+@pytest.mark.parametrize("talking", [False, True], ids=["silent", "hello"])
+def test_idle_connections_from_anywhere_do_not_keep_a_keyed_peer_out(make_net, images, tmp_path, key_file, talking):
     """64 idle reconnecting connections from a host that is no peer (refused at accept) and 64
     from the keyed peer's own address (held in the bounded pending table, oldest dropped):
-    the keyed peer still connects and serves."""
+    the keyed peer still connects and serves. hello: those from the peer's address send a
+    well-formed HELLO first, so they look like a peer's handshake until the proof is due."""
     size = 4 * MiB
     data = os.urandom(size)
     (images / "p.img").write_bytes(data)
@@ -295,7 +299,7 @@ def test_idle_connections_from_anywhere_do_not_keep_a_keyed_peer_out(make_net, i
     cl = Cluster(net, str(images), key_file, tmp_path)
     ma = cl.start(a, [b.peer_address], allow_net=False)  # a accepts b's address only
     assert read_all(os.path.join(ma, "p.img")) == data
-    floods = [IdleFlood(c.ns, a.peer_address, 64), IdleFlood(b.ns, a.peer_address, 64)]
+    floods = [IdleFlood(c.ns, a.peer_address, 64), IdleFlood(b.ns, a.peer_address, 64, hello=talking)]
     try:
         wait_for(lambda: (h := stats(ma)["peers"]["handshakes"])["not_allowed"] >= 64 and h["dropped"] >= 64, "the floods at a")
         # The handshake itself, timed from b's namespace while both floods run: every one succeeds.
@@ -323,7 +327,9 @@ def test_idle_connections_from_anywhere_do_not_keep_a_keyed_peer_out(make_net, i
     print(f"idle connections made: from c {made[0]}, from b's address {made[1]}; a's handshakes: {stats(ma)['peers']['handshakes']}")
 
 
-async def _idle(target: str, count: int) -> None:
+async def _idle(target: str, count: int, hello: bool) -> None:
+    from fusecache.peers.protocol import HEADER, HELLO, _hello
+
     host, port = target.rsplit(":", 1)
     made = 0
     ready = asyncio.Event()
@@ -340,6 +346,9 @@ async def _idle(target: str, count: int) -> None:
             if made >= count:
                 ready.set()
             try:
+                if hello:
+                    body = _hello(os.urandom(32))
+                    writer.write(HEADER.pack(HELLO, 0, 0, len(body)) + body)
                 await reader.read()  # until the server closes it
             except OSError:
                 pass
@@ -379,9 +388,9 @@ def _handshakes(target: str, key_file: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["idle"] and len(sys.argv) == 4:
-        asyncio.run(_idle(sys.argv[2], int(sys.argv[3])))
+    if sys.argv[1:2] == ["idle"] and len(sys.argv) in (4, 5):
+        asyncio.run(_idle(sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["hello"]))
     elif sys.argv[1:2] == ["handshakes"] and len(sys.argv) == 5:
         _handshakes(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
-        sys.exit("usage: python -m tests.test_peers_netns idle HOST:PORT N | handshakes HOST:PORT KEYFILE N")
+        sys.exit("usage: python -m tests.test_peers_netns idle HOST:PORT N [hello] | handshakes HOST:PORT KEYFILE N")
