@@ -3,6 +3,8 @@
 This module owns everything both ends of a peer connection must agree on
 (`docs/peer-protocol.md` is the spec): the frame layout and every length
 limit, the message encodings, the HMAC-SHA256 challenge-response handshake
+(whose HELLO carries the protocol version and the page and chunk sizes of
+`fusecache.geometry`: hosts that differ refuse each other, naming why)
 and the per-frame MACs under the session keys it derives, the page digest
 rule (xxh3-128, with a fixed marker for all-zero pages), and the checks on
 keys and addresses done before any socket is opened. The server and the
