@@ -309,9 +309,12 @@ def test_idle_connections_from_anywhere_do_not_keep_a_keyed_peer_out(make_net, i
             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert probe.returncode == 0, probe.stderr
-        times = sorted(float(t) for t in probe.stdout.split())
-        print(f"\n20 keyed handshakes from b's address under both floods: median {times[10] * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms")
-        assert len(times) == 20 and times[-1] < 5.0  # a generous bound: each one succeeded, none waited out a timeout
+        results = [line.split() for line in probe.stdout.splitlines()]
+        times = sorted(float(t) for t, _ in results)
+        retried = sum(int(n) > 1 for _, n in results)
+        print(f"\n20 keyed connects from b's address under both floods: median {times[10] * 1000:.1f} ms, "
+              f"max {times[-1] * 1000:.1f} ms, {retried} needed a retry")
+        assert len(times) == 20 and times[-1] < 5.0  # a generous bound: each one got through
         mb = cl.start(b, [a.peer_address], allow_net=False)
         started = time.monotonic()
         wait_for(lambda: knows(mb, a.peer_address, size // (64 * 1024)), "b to connect to a and get its summary", 20)
@@ -320,7 +323,7 @@ def test_idle_connections_from_anywhere_do_not_keep_a_keyed_peer_out(make_net, i
         img = stats(mb)["images"]["p.img"]
         assert img["peer_bytes"] == size and img["backing_bytes"] == 0, img
         hs = stats(ma)["peers"]["handshakes"]
-        assert hs["authenticated"] >= 1 and hs["peak_pending"] <= 64, hs
+        assert hs["authenticated"] >= 1 and hs["peak_pending"] <= 32, hs  # one source: its share of the table
         assert set(stats(ma)["peers"]["served"]) == {b.addr}, stats(ma)["peers"]["served"]  # no record of c at all
     finally:
         made = [f.stop() for f in floods]
@@ -367,10 +370,11 @@ async def _idle(target: str, count: int, hello: bool) -> None:
 
 
 def _handshakes(target: str, key_file: str, count: int) -> None:
-    """`count` keyed handshakes one after another; prints each one's seconds; exits 1 at the first failure."""
+    """`count` keyed connects one after another, each retried as PeerSet retries (50 ms, doubling);
+    prints each one's seconds and attempts; exits 1 if one has not succeeded after 10 s."""
     import trio
 
-    from fusecache.peers.protocol import client_handshake
+    from fusecache.peers.protocol import ProtocolError, client_handshake
 
     host, port = target.rsplit(":", 1)
     key = Path(key_file).read_bytes()
@@ -378,11 +382,19 @@ def _handshakes(target: str, key_file: str, count: int) -> None:
     async def main() -> None:
         for _ in range(count):
             started = trio.current_time()
+            attempts, backoff = 0, 0.05
             with trio.fail_after(10):
-                stream = await trio.open_tcp_stream(host, int(port))
-                async with stream:
-                    await client_handshake(stream, key)
-            print(f"{trio.current_time() - started:.6f}", flush=True)
+                while True:
+                    attempts += 1
+                    try:
+                        stream = await trio.open_tcp_stream(host, int(port))
+                        async with stream:
+                            await client_handshake(stream, key)
+                        break
+                    except (ProtocolError, OSError, trio.BrokenResourceError):
+                        await trio.sleep(backoff)
+                        backoff *= 2
+            print(f"{trio.current_time() - started:.6f} {attempts}", flush=True)
 
     trio.run(main)
 

@@ -256,8 +256,8 @@ class PeerServer:
         max_in_flight: int = 256,
         handshake_timeout: float = 2.0,
         idle_timeout: float = 60.0,
-        max_handshakes: int = 64,
-        max_handshakes_per_source: int = 16,
+        max_handshakes: int = 128,
+        max_handshakes_per_source: int = 32,
     ) -> None:
         self._key = session_key(key, [listen])
         self._host, self._port = split_address(listen)
