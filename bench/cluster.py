@@ -135,7 +135,8 @@ def summarise(samples: list[float]) -> dict[str, float]:
 
 def host_args(host: Host, cache_dir: Path, key_file: str, peers: list[str], admit: str = "inclusive") -> list[str]:
     return ["--admit", admit, "--cache-dir", str(cache_dir), "--cache-size", "512M", "--cluster-key-file", key_file,
-            "--listen", host.peer_address, "--peer-timeout", "0.5", *[a for p in peers for a in ("--peer", p)]]  # fmt: skip
+            "--listen", host.peer_address, "--peer-allow", host.addr.rsplit(".", 1)[0] + ".0/24",  # peers come through proxies too
+            "--peer-timeout", "0.5", *[a for p in peers for a in ("--peer", p)]]  # fmt: skip
 
 
 # ---- 1. backing bytes --------------------------------------------------------------

@@ -64,7 +64,7 @@ class MemoryStore:
 
 def serve(key: bytes) -> None:
     async def main() -> None:
-        server = PeerServer("127.0.0.1:0", key, MemoryStore(), capacity_pages=PAGES)
+        server = PeerServer("127.0.0.1:0", key, MemoryStore(), capacity_pages=PAGES, allow=["127.0.0.1"])
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.run)
             print(port, flush=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from fusecache.errors import QuietError, find_in
 from fusecache.files import Files
 from fusecache.options import MountOptions, default_cache_dir
 from fusecache.peer_reads import PeerReads
+from fusecache.peers import HandshakeStats
 from fusecache.stats import BalloonGuest, BalloonStats, ClusterStats, MountStats, PeeringStats
 from fusecache.store import Store
 from fusecache.store_queue import StoreQueue
@@ -107,6 +109,7 @@ class Mount:
             self.peer_set.stats() if self.peer_set is not None else {},
             self.peer_server.stats() if self.peer_server is not None else {},
             dataclasses.replace(self.cluster),
+            self.peer_server.handshake_stats() if self.peer_server is not None else HandshakeStats(),
         )
         return out
 
@@ -215,6 +218,14 @@ def cluster_key(opts: MountOptions) -> bytes | None:
     else:
         raise QuietError(INSECURE_REFUSED)
     session_key(key, [*opts.peers, *([opts.listen] if opts.listen else [])])  # refuses insecure peering off loopback
+    if opts.listen and not opts.peers and not opts.peer_allow:
+        raise QuietError(f"--listen {opts.listen} would accept no one: peers connect only from --peer hosts and --peer-allow networks; "
+                         "add --peer HOST:PORT or --peer-allow CIDR")
+    for net in opts.peer_allow:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise QuietError(f"--peer-allow {net} is not a network: write it as an address or CIDR, e.g. 10.0.0.0/24")
     return key
 
 
@@ -225,6 +236,10 @@ def _peers(opts: MountOptions, store: Store) -> tuple[PeerServer | None, PeerSet
     from fusecache.peers import PeerServer, PeerSet
 
     key = cluster_key(opts)
-    server = PeerServer(opts.listen, key, store, capacity_pages=opts.summary_pages) if opts.listen else None
+    server = (
+        PeerServer(opts.listen, key, store, capacity_pages=opts.summary_pages, allow=[*opts.peers, *opts.peer_allow])
+        if opts.listen
+        else None
+    )
     peerset = PeerSet(opts.peers, key, fetch_timeout=opts.peer_timeout, server=server) if opts.peers else None
     return server, peerset

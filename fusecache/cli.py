@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = m.add_argument_group("peers")
     pr.add_argument("--listen", metavar="ADDRESS:PORT", help="serve this host's cache to peers here (e.g. 0.0.0.0:7070)")
     pr.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a host that mounts the same export (repeatable)")
+    pr.add_argument("--peer-allow", action="append", default=[], metavar="CIDR",
+                    help="also accept peer connections from this network (repeatable; --peer hosts always are)")
     pr.add_argument("--cluster-key-file", metavar="PATH", help="the shared key peers authenticate with (mode 0600)")
     pr.add_argument("--peer-insecure", action="store_true", help="peer without a key: for tests on loopback only, refused elsewhere")
     pr.add_argument("--peer-timeout", type=seconds, default=options.PEER_TIMEOUT, metavar="SECONDS",
@@ -161,6 +163,7 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         metrics=args.metrics,
         listen=args.listen,
         peers=args.peer,
+        peer_allow=args.peer_allow,
         cluster_key_file=args.cluster_key_file,
         peer_insecure=args.peer_insecure,
         peer_timeout=args.peer_timeout,

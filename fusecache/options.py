@@ -50,6 +50,7 @@ class MountOptions:
     metrics: tuple[str, int] | None = None
     listen: str | None = None
     peers: list[str] = dataclasses.field(default_factory=list)
+    peer_allow: list[str] = dataclasses.field(default_factory=list)  # networks the peer server accepts besides --peer hosts
     cluster_key_file: str | None = None
     peer_insecure: bool = False
     peer_timeout: float = PEER_TIMEOUT

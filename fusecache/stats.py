@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from fusecache.peers import PeerStats, RemoteStats
+from fusecache.peers import HandshakeStats, PeerStats, RemoteStats
 
 T = TypeVar("T")
 
@@ -137,6 +137,7 @@ class PeeringStats:
     peers: dict[str, PeerStats] = dataclasses.field(default_factory=dict)
     served: dict[str, RemoteStats] = dataclasses.field(default_factory=dict)
     cluster: ClusterStats = dataclasses.field(default_factory=ClusterStats)
+    handshakes: HandshakeStats = dataclasses.field(default_factory=HandshakeStats)
 
 
 @dataclasses.dataclass

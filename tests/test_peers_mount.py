@@ -90,7 +90,7 @@ def test_a_peer_with_the_wrong_key_learns_nothing(mounter, images, tmp_path, key
         f.write(os.urandom(MiB))
     port_a = free_port()
     a = mounter.mount(images.spec, "--admit", "inclusive", "--cache-dir", str(tmp_path / "ca"),
-                      "--listen", f"127.0.0.1:{port_a}", "--cluster-key-file", key_file)
+                      "--listen", f"127.0.0.1:{port_a}", "--peer-allow", "127.0.0.1", "--cluster-key-file", key_file)
     read_all(os.path.join(a.mountpoint, "s.img"))
     other = tmp_path / "other.key"
     other.write_bytes(os.urandom(32))
@@ -103,8 +103,9 @@ def test_a_peer_with_the_wrong_key_learns_nothing(mounter, images, tmp_path, key
     assert s.images["s.img"].peer_bytes == 0
     peer = s.peers.peers[f"127.0.0.1:{port_a}"]
     assert not peer.up and peer.summary_locations == 0
-    served = stats(a.mountpoint).peers.served
-    assert all(r.bytes_out == 0 or r.requests == 0 for r in served.values())
+    served = stats(a.mountpoint).peers
+    assert served.served == {}  # no record of any address that never authenticated
+    assert served.handshakes.failed >= 1 and served.handshakes.authenticated == 0, served.handshakes
 
 
 def test_peering_needs_a_key(images, tmp_path):
@@ -129,7 +130,23 @@ def test_listen_address_in_use_fails_the_mount(images, tmp_path, key_file):
         port = s.getsockname()[1]
         mp = tmp_path / "m"
         mp.mkdir()
-        proc = run_fusecache("mount", images.spec, str(mp), "--listen", f"127.0.0.1:{port}", "--cluster-key-file", key_file,
+        proc = run_fusecache("mount", images.spec, str(mp), "--listen", f"127.0.0.1:{port}", "--peer-allow", "127.0.0.0/8",
+                             "--cluster-key-file", key_file,
                              "--cache-dir", str(tmp_path / "c"), "--log-file", str(tmp_path / "log"))
     assert proc.returncode != 0 and "cannot listen" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not is_mounted(str(mp))
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--listen", "127.0.0.1:7070"], "would accept no one"),
+        (["--listen", "127.0.0.1:7070", "--peer-allow", "10.0.0.0/33"], "--peer-allow 10.0.0.0/33 is not a network"),
+    ],
+)
+def test_a_listen_that_accepts_no_one_or_a_bad_network_is_refused(images, tmp_path, key_file, args, says):
+    mp = tmp_path / "m"
+    mp.mkdir()
+    proc = run_fusecache("mount", images.spec, str(mp), *args, "--cluster-key-file", key_file, "--cache-dir", str(tmp_path / "c"))
+    assert proc.returncode != 0 and says in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not is_mounted(str(mp))

@@ -11,15 +11,24 @@ no netem) that adds delay and can corrupt the peer's CHUNK frames.
 What `test_peers_mount.py` (loopback) does not cover, and this does:
 a peer killed or cut off in the middle of a transfer, peers behind a round
 trip longer or shorter than the deadline, a peer whose blocks arrive
-corrupted (on the wire, or correctly MAC'd but wrong), and staleness across a
-delayed link. No timing is asserted beyond generous "returns within N s".
+corrupted (on the wire, or correctly MAC'd but wrong), staleness across a
+delayed link, and hosts that hold the peer port with idle connections (from
+another host, and from a keyed peer's own address). No timing is asserted
+beyond generous "returns within N s".
+
+`python -m tests.test_peers_netns idle HOST:PORT N [hello]` (run inside a
+namespace with nsenter) is that last attacker: N connections that never send
+a byte (or only a well-formed HELLO) and reconnect as soon as they are
+closed, until SIGTERM.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -77,10 +86,13 @@ class Cluster:
     def __init__(self, net: Net, backing: str, key_file: str, tmp: Path) -> None:
         self.net, self.backing, self.key_file, self.tmp = net, backing, key_file, tmp
 
-    def start(self, host: Host, peers: Sequence[str] = (), timeout: str = "0.5", *extra: str) -> str:
+    def start(self, host: Host, peers: Sequence[str] = (), timeout: str = "0.5", *extra: str, allow_net: bool = True) -> str:
+        # Peers here connect through link proxies, from their own address to --peer 127.0.0.1:...:
+        # the server accepts the whole bridge (--peer-allow) unless a test says otherwise.
+        allow = ["--peer-allow", host.addr.rsplit(".", 1)[0] + ".0/24"] if allow_net else []
         args = ["--admit", "inclusive", "--cache-dir", str(self.tmp / f"cache-{host.ns}"), "--cache-size", "256M",
                 "--listen", host.peer_address, "--cluster-key-file", self.key_file, "--peer-timeout", timeout,
-                *[a for p in peers for a in ("--peer", p)], *extra]  # fmt: skip
+                *allow, *[a for p in peers for a in ("--peer", p)], *extra]  # fmt: skip
         return self.net.mount(host, self.backing, *args).mountpoint
 
 
@@ -233,3 +245,151 @@ def test_namespaces_are_gone_after_a_net_closes(tmp_path):
     net.close()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert not any(n in listed for n in names)
+
+
+class IdleFlood:
+    """`count` idle connections from namespace `ns` to `target` that reconnect when closed, in a process of their own."""
+
+    def __init__(self, ns: str, target: str, count: int, hello: bool = False) -> None:
+        root = Path(__file__).resolve().parent.parent
+        cmd = ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "tests.test_peers_netns", "idle", target, str(count)]
+        cmd += ["hello"] if hello else []
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line.startswith("READY"):
+            self.stop()
+            raise RuntimeError(f"idle flood from {ns} did not start: {line!r}")
+
+    def stop(self) -> int:
+        """Stop it by PID; the number of connections it made."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return int(out.split()[-1]) if out and out.split()[-1].isdigit() else 0
+
+
+@pytest.mark.parametrize("talking", [False, True], ids=["silent", "hello"])
+def test_idle_connections_from_anywhere_do_not_keep_a_keyed_peer_out(make_net, images, tmp_path, key_file, talking):
+    """64 idle reconnecting connections from a host that is no peer (refused at accept) and 64
+    from the keyed peer's own address (held in the bounded pending table, oldest dropped):
+    the keyed peer still connects and serves. hello: those from the peer's address send a
+    well-formed HELLO first, so they look like a peer's handshake until the proof is due."""
+    size = 4 * MiB
+    data = os.urandom(size)
+    (images / "p.img").write_bytes(data)
+    net = make_net(3)
+    a, b, c = net.hosts
+    cl = Cluster(net, str(images), key_file, tmp_path)
+    ma = cl.start(a, [b.peer_address], allow_net=False)  # a accepts b's address only
+    assert read_all(os.path.join(ma, "p.img")) == data
+    floods = [IdleFlood(c.ns, a.peer_address, 64), IdleFlood(b.ns, a.peer_address, 64, hello=talking)]
+    try:
+        wait_for(lambda: (h := stats(ma)["peers"]["handshakes"])["not_allowed"] >= 64 and h["dropped"] >= 64, "the floods at a")
+        # The handshake itself, timed from b's namespace while both floods run: every one succeeds.
+        probe = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{b.ns}", sys.executable, "-m", "tests.test_peers_netns", "handshakes",
+             a.peer_address, key_file, "20"],
+            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert probe.returncode == 0, probe.stderr
+        results = [line.split() for line in probe.stdout.splitlines()]
+        times = sorted(float(t) for t, _ in results)
+        retried = sum(int(n) > 1 for _, n in results)
+        print(f"\n20 keyed connects from b's address under both floods: median {times[10] * 1000:.1f} ms, "
+              f"max {times[-1] * 1000:.1f} ms, {retried} needed a retry")
+        assert len(times) == 20 and times[-1] < 5.0  # a generous bound: each one got through
+        mb = cl.start(b, [a.peer_address], allow_net=False)
+        started = time.monotonic()
+        wait_for(lambda: knows(mb, a.peer_address, size // (64 * 1024)), "b to connect to a and get its summary", 20)
+        print(f"\nb connected to a and had its summary {time.monotonic() - started:.2f} s after its mount returned")
+        assert read_all(os.path.join(mb, "p.img")) == data
+        img = stats(mb)["images"]["p.img"]
+        assert img["peer_bytes"] == size and img["backing_bytes"] == 0, img
+        hs = stats(ma)["peers"]["handshakes"]
+        assert hs["authenticated"] >= 1 and hs["peak_pending"] <= 32, hs  # one source: its share of the table
+        assert set(stats(ma)["peers"]["served"]) == {b.addr}, stats(ma)["peers"]["served"]  # no record of c at all
+    finally:
+        made = [f.stop() for f in floods]
+    print(f"idle connections made: from c {made[0]}, from b's address {made[1]}; a's handshakes: {stats(ma)['peers']['handshakes']}")
+
+
+async def _idle(target: str, count: int, hello: bool) -> None:
+    from fusecache.peers.protocol import HEADER, HELLO, _hello
+
+    host, port = target.rsplit(":", 1)
+    made = 0
+    ready = asyncio.Event()
+
+    async def one() -> None:
+        nonlocal made
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                await asyncio.sleep(0.01)
+                continue
+            made += 1
+            if made >= count:
+                ready.set()
+            try:
+                if hello:
+                    body = _hello(os.urandom(32))
+                    writer.write(HEADER.pack(HELLO, 0, 0, len(body)) + body)
+                await reader.read()  # until the server closes it
+            except OSError:
+                pass
+            writer.close()
+
+    tasks = [asyncio.create_task(one()) for _ in range(count)]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await ready.wait()
+    print("READY", flush=True)
+    await stop.wait()
+    for t in tasks:
+        t.cancel()
+    print(made, flush=True)
+
+
+def _handshakes(target: str, key_file: str, count: int) -> None:
+    """`count` keyed connects one after another, each retried as PeerSet retries (50 ms, doubling);
+    prints each one's seconds and attempts; exits 1 if one has not succeeded after 10 s."""
+    import trio
+
+    from fusecache.peers.protocol import ProtocolError, client_handshake
+
+    host, port = target.rsplit(":", 1)
+    key = Path(key_file).read_bytes()
+
+    async def main() -> None:
+        for _ in range(count):
+            started = trio.current_time()
+            attempts, backoff = 0, 0.05
+            with trio.fail_after(10):
+                while True:
+                    attempts += 1
+                    try:
+                        stream = await trio.open_tcp_stream(host, int(port))
+                        async with stream:
+                            await client_handshake(stream, key)
+                        break
+                    except (ProtocolError, OSError, trio.BrokenResourceError):
+                        await trio.sleep(backoff)
+                        backoff *= 2
+            print(f"{trio.current_time() - started:.6f} {attempts}", flush=True)
+
+    trio.run(main)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["idle"] and len(sys.argv) in (4, 5):
+        asyncio.run(_idle(sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["hello"]))
+    elif sys.argv[1:2] == ["handshakes"] and len(sys.argv) == 5:
+        _handshakes(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        sys.exit("usage: python -m tests.test_peers_netns idle HOST:PORT N [hello] | handshakes HOST:PORT KEYFILE N")

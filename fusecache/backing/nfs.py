@@ -32,11 +32,19 @@ over) a file this backing has open renames it to `.fusecache-nfs-*` in the
 same directory instead ("silly rename"), and removes it at the last close.
 Other clients' unlinks cannot be seen: a read then fails with ESTALE.
 
+Versions. `fstat` on NFSv4 also returns the change attribute, read with a
+GETATTR of our own on a side connection per context (`nfs_change.py`: libnfs
+4.0 does not expose it), with size, mtime and ctime from that same reply; if
+that fails the attributes are libnfs's with change 0 (a version that differs,
+so at worst cached blocks are dropped). `lstat` leaves change at 0: versions
+are only taken from open files. NFSv3 has no change attribute: two writes
+within one timestamp tick of the server's filesystem look like one version
+(README, "Versions on NFS").
+
 libnfs 4.0's NFSv4 has rough edges, worked around here: path SETATTRs run on
 a connection of their own, creates fix up mode and times, writes are split
 (above), and each context has its own client name. Not available through it:
-the NFSv4 change attribute (`Attr.change` is 0: libnfs's stat has no field
-for it, so file versions rest on size, mtime and ctime), extended attributes
+the NFSv4 change attribute (read on the side, above), extended attributes
 (ENOTSUP), RENAME_EXCHANGE (EINVAL), and nanosecond times (utimens is sent
 with microsecond precision). NFSv3 (the default) has none of these issues.
 """
@@ -45,6 +53,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import dataclasses
 import errno
 import itertools
 import logging
@@ -60,6 +69,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fusecache.backing import Attr, StatFs
+from fusecache.backing.nfs_change import ChangeReader, file_handle
 from fusecache.errors import QuietError
 
 log = logging.getLogger(__name__)
@@ -214,6 +224,7 @@ class _Context:
         self.gen = 0
         self.broken = True
         self.started = 0.0  # when the current checkout began
+        self.change: ChangeReader | None = None  # NFSv4: GETATTRs of the change attribute, on a connection of their own
 
     def error(self) -> str:
         msg = _nfs().nfs_get_error(self.ptr) if self.ptr else None
@@ -284,6 +295,8 @@ class NfsBacking:
         self._down_since: float | None = None  # when the server was first seen failing
         self._shut = False
         self._silly = itertools.count()
+        # NFSv4: read the change attribute in fstat (off when the server does not give it).
+        self.read_change = version == 4
         self._executor = concurrent.futures.ThreadPoolExecutor(max(1, connections - 1), thread_name_prefix="fusecache-nfs")
 
     # ---- construction from a URL -------------------------------------------------
@@ -377,6 +390,8 @@ class NfsBacking:
     def _mount(self, ctx: _Context) -> None:
         """(Re)create ctx's connection and mount; raises _MountError."""
         lib = _nfs()
+        if ctx.change is not None:
+            ctx.change.close()  # the server may have restarted: a fresh connection for it too
         if ctx.ptr:
             # Handles opened on the old connection are dropped with it (gen changes).
             lib.nfs_destroy_context(ctx.ptr)
@@ -664,8 +679,32 @@ class NfsBacking:
 
     def fstat(self, fh: NfsHandle) -> Attr:
         st = _Stat64()
-        self._fcall("fstat", fh, "nfs_fstat64", ctypes.byref(st))
-        return _attr(st)
+        ctx = self._acquire()
+        try:
+            nfsfh = self._fh_on(ctx, fh)
+            self._check(ctx, self._run(ctx, "nfs_fstat64", nfsfh, ctypes.byref(st)), "fstat", fh.path)
+            attr = _attr(st)
+            return self._with_change(ctx, nfsfh, fh, attr) if self.version == 4 and self.read_change else attr
+        finally:
+            self._release(ctx)
+
+    def _with_change(self, ctx: _Context, nfsfh: int, fh: NfsHandle, attr: Attr) -> Attr:
+        """`attr` with the change attribute, and size and times from the same GETATTR (NFSv4)."""
+        if ctx.change is None:
+            ctx.change = ChangeReader(self.server, self.port or 2049, self.timeout)
+        try:
+            got = ctx.change.read(file_handle(nfsfh))
+            if got.fileid != fh.fileid:
+                raise OSError(errno.EIO, f"GETATTR answered for fileid {got.fileid}, not {fh.fileid}")
+        except OSError as e:
+            if e.errno == errno.ENOTSUP:
+                self.read_change = False
+                log.warning("%s: %s; file versions rest on size, mtime and ctime", self.description, e.strerror)
+            elif e.errno not in (errno.ESTALE, errno.ENOENT):
+                log.warning("%s: reading the change attribute of %s failed (%s): this version of it goes without",
+                            self.description, fh.path, e.strerror or e)
+            return attr
+        return dataclasses.replace(attr, size=got.size, mtime_ns=got.mtime_ns, ctime_ns=got.ctime_ns, change=got.change)
 
     def pread(self, fh: NfsHandle, offset: int, size: int) -> bytes:
         if size <= 0:
@@ -917,6 +956,8 @@ class NfsBacking:
             ctx = self._acquire(ctx, mount=False)
             if ctx.ptr:
                 _nfs().nfs_destroy_context(ctx.ptr)
+            if ctx.change is not None:
+                ctx.change.close()
             ctx.ptr = None
             ctx.broken = True
 

@@ -77,6 +77,7 @@ class PeerStats:
     abandoned: int = 0  # requests given up on: deadline passed, or another peer answered first
     corrupt_blocks: int = 0
     protocol_errors: int = 0  # sessions that ended on a bad frame (wrong MAC, malformed): the peer is then banned
+    summaries_refused: int = 0  # summaries fuller than an honest one can be (see BloomFilter.plausible): not used
     lost: int = 0  # requests in flight when a session ended
     bytes_in: int = 0
     bytes_out: int = 0
@@ -89,6 +90,7 @@ class _SummaryInProgress:
     generation: int
     bloom: BloomFilter
     received: int = 0
+    ones: int = 0  # bits set in the parts received
 
 
 class _Peer:
@@ -421,8 +423,17 @@ class PeerSet:
             raise BadFrame("SUMMARY parts out of order")
         part.bloom.bits[offset : offset + len(data)] = data
         part.received += len(data)
+        part.ones += int.from_bytes(data, "little").bit_count()  # counted per part: the cost is spread like the parts
         if part.received == nbytes:
             del peer.in_progress[kind]
+            why = part.bloom.plausible(part.ones / nbits)
+            if why is not None:
+                # A host with the key could otherwise claim every block: its summary would make
+                # second chance skip every admission here, and send every miss to it first.
+                peer.stats.summaries_refused += 1
+                log.warning("peer %s: its %s summary is refused: %s; the previous one stays in use",
+                            peer.address, "page" if kind == SUMMARY_DIGESTS else "location", why)
+                return
             peer.summaries[kind] = part.bloom
             if kind == SUMMARY_DIGESTS:
                 peer.stats.summary_pages = items

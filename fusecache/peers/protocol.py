@@ -3,6 +3,8 @@
 This module owns everything both ends of a peer connection must agree on
 (`docs/peer-protocol.md` is the spec): the frame layout and every length
 limit, the message encodings, the HMAC-SHA256 challenge-response handshake
+(whose HELLO carries the protocol version and the page and chunk sizes of
+`fusecache.geometry`: hosts that differ refuse each other, naming why)
 and the per-frame MACs under the session keys it derives, the page digest
 rule (xxh3-128, with a fixed marker for all-zero pages), and the checks on
 keys and addresses done before any socket is opened. The server and the
@@ -18,22 +20,21 @@ import os
 import secrets
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 import xxhash
 
 from fusecache.errors import QuietError
+from fusecache.geometry import CHUNK_SIZE, PAGE_SIZE, PAGES_PER_CHUNK
 from fusecache.peers.summary import BloomFilter
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+# Version 2: HELLO carries the page and chunk sizes (hosts built with other units refuse each other).
+VERSION = 2
 MAGIC = b"FCPEER"
 
-PAGE_SIZE = 4096
-CHUNK_SIZE = 64 * 1024
-PAGES_PER_CHUNK = CHUNK_SIZE // PAGE_SIZE
 DIGEST_SIZE = 16
 # A page is named by the xxh3-128 of its 4096 bytes (a file's short last page
 # padded with zeros). An all-zero page, a hole, is never stored or sent: its
@@ -64,7 +65,8 @@ NOT_FOUND = 35
 ERROR = 36
 PONG = 37
 
-HELLO_BODY = struct.Struct(f"!{len(MAGIC)}sH{NONCE_SIZE}s")
+HELLO_BODY = struct.Struct(f"!{len(MAGIC)}sH{NONCE_SIZE}sII")  # magic, version, nonce, page size, chunk size
+HELLO_PREFIX = struct.Struct(f"!{len(MAGIC)}sH")  # what every version's HELLO starts with
 # (ino, size, mtime_ns, ctime_ns, change, chunk_no): a location, and the bytes
 # the location summary hashes.
 LOCATION = struct.Struct("!QQqqQQ")
@@ -232,18 +234,37 @@ def _proof(key: bytes, label: bytes, client_nonce: bytes, server_nonce: bytes) -
     return hmac.digest(key, b"fusecache-peer v1 " + label + client_nonce + server_nonce, "sha256")
 
 
+def _hello(nonce: bytes) -> bytes:
+    return HELLO_BODY.pack(MAGIC, VERSION, nonce, PAGE_SIZE, CHUNK_SIZE)
+
+
 async def _receive_hello(framed: FramedStream) -> bytes:
+    """The other end's HELLO, read and checked for the magic only: `check_hello` does the rest."""
     frame = await framed.receive()
     if frame is None:
         raise ProtocolError("closed before HELLO")
     type_, _, payload = frame
-    if type_ != HELLO or len(payload) != HELLO_BODY.size:
+    if type_ != HELLO or len(payload) < HELLO_PREFIX.size:
         raise ProtocolError(f"expected HELLO, got a frame of type {type_} and {len(payload)} bytes")
-    magic, version, nonce = HELLO_BODY.unpack(payload)
-    if magic != MAGIC:
+    if HELLO_PREFIX.unpack_from(payload)[0] != MAGIC:
         raise ProtocolError("not a fusecache peer (bad magic in HELLO)")
+    return payload
+
+
+def check_hello(payload: bytes) -> bytes:
+    """The nonce of a HELLO from a host that speaks our version with our page and chunk sizes;
+    else ProtocolError naming what differs (every version's HELLO starts with magic and version)."""
+    version = HELLO_PREFIX.unpack_from(payload)[1]
     if version != VERSION:
-        raise ProtocolError(f"speaks peer protocol version {version}, this host speaks {VERSION}")
+        raise ProtocolError(f"speaks peer protocol version {version}, this host speaks {VERSION}: run one fusecache version on every host")
+    if len(payload) != HELLO_BODY.size:
+        raise ProtocolError(f"a version {version} HELLO of {len(payload)} bytes, not {HELLO_BODY.size}")
+    _, _, nonce, page_size, chunk_size = HELLO_BODY.unpack(payload)
+    if (page_size, chunk_size) != (PAGE_SIZE, CHUNK_SIZE):
+        raise ProtocolError(
+            f"uses {page_size}-byte pages and {chunk_size}-byte chunks, this host {PAGE_SIZE} and {CHUNK_SIZE}: "
+            "build every host with the same fusecache"
+        )
     return nonce
 
 
@@ -266,8 +287,8 @@ async def client_handshake(stream: trio.abc.Stream, key: bytes) -> FramedStream:
     """Authenticate to a server: HELLO both ways, our proof first, then the server's."""
     framed = FramedStream(stream)
     client_nonce = secrets.token_bytes(NONCE_SIZE)
-    await framed.send(HELLO, 0, HELLO_BODY.pack(MAGIC, VERSION, client_nonce))
-    server_nonce = await _receive_hello(framed)
+    await framed.send(HELLO, 0, _hello(client_nonce))
+    server_nonce = check_hello(await _receive_hello(framed))
     await framed.send(AUTH, 0, _proof(key, b"client", client_nonce, server_nonce))
     if not hmac.compare_digest(await _receive_proof(framed), _proof(key, b"server", client_nonce, server_nonce)):
         raise AuthError("the server's proof is wrong: it does not hold our cluster key")
@@ -276,13 +297,20 @@ async def client_handshake(stream: trio.abc.Stream, key: bytes) -> FramedStream:
     return framed
 
 
-async def server_handshake(stream: trio.abc.Stream, key: bytes) -> FramedStream:
+async def server_handshake(stream: trio.abc.Stream, key: bytes, on_hello: Callable[[], None] | None = None) -> FramedStream:
     """Authenticate a client. The server proves itself only after the client did, so a
-    host without the key receives nothing computed from the key: only a random nonce."""
+    host without the key receives nothing computed from the key: only a random nonce.
+    `on_hello` is called once the client's HELLO has arrived (the server's table of
+    pending handshakes drops silent connections before talking ones)."""
     framed = FramedStream(stream)
-    client_nonce = await _receive_hello(framed)
+    hello = await _receive_hello(framed)
+    if on_hello is not None:
+        on_hello()
     server_nonce = secrets.token_bytes(NONCE_SIZE)
-    await framed.send(HELLO, 0, HELLO_BODY.pack(MAGIC, VERSION, server_nonce))
+    # Our HELLO goes out before theirs is judged, so a client of another version or
+    # geometry learns why it is refused (it checks ours) rather than seeing a bare close.
+    await framed.send(HELLO, 0, _hello(server_nonce))
+    client_nonce = check_hello(hello)
     if not hmac.compare_digest(await _receive_proof(framed), _proof(key, b"client", client_nonce, server_nonce)):
         raise AuthError("wrong proof: the client does not hold this cluster key")
     await framed.send(AUTH, 0, _proof(key, b"server", client_nonce, server_nonce))

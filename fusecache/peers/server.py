@@ -1,7 +1,11 @@
 """The peer server: answers other hosts' requests from the local store, publishes summaries.
 
-This module owns the listening side: the handshake with each connecting host,
-the per-host and total bounds on requests in flight (a host that sends
+This module owns the listening side: who may connect at all (the configured
+peers and `--peer-allow` networks: any other source is closed at accept, before
+a byte is read), the table of handshakes in progress (bounded per source and in
+total; a new connection drops the oldest pending one rather than being refused,
+so idle connections cannot keep a keyed peer out), the handshake with each
+connecting host, the per-host and total bounds on requests in flight (a host that sends
 faster than it reads stops being read, through TCP backpressure, and cannot
 grow our memory or take more than its share of the trio loop), the answers
 (from a `PageProvider`, called inline: it is an LMDB read of a few µs), and
@@ -11,10 +15,12 @@ the Bloom summaries it builds from the provider and sends to every client.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import errno
+import ipaddress
 import logging
 import math
-from collections.abc import Iterable
+import socket
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import trio
@@ -54,6 +60,14 @@ log = logging.getLogger(__name__)
 
 # Yield to the loop this often while iterating the provider for a summary.
 SUMMARY_BATCH = 512
+# Names in the allow-list (peers given by host name) are looked up again this often.
+RESOLVE_INTERVAL = 60.0
+# After accepting a connection that dropped a pending handshake, wait this long before the next accept.
+DROP_PACE = 0.002
+# At most one log line this often about connections refused or dropped before authentication.
+PREAUTH_LOG_INTERVAL = 10.0
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class PageProvider(Protocol):
@@ -80,7 +94,6 @@ class RemoteStats:
     """What one remote host (by IP address) asked of this server."""
 
     connections: int = 0
-    refused: int = 0  # failed authentication
     protocol_errors: int = 0
     requests: int = 0
     hits_given: int = 0
@@ -89,6 +102,120 @@ class RemoteStats:
     bytes_out: int = 0
     in_flight: int = 0
     peak_in_flight: int = 0
+
+
+@dataclasses.dataclass
+class HandshakeStats:
+    """Connections before authentication, for the whole server: no per-address state is
+    kept for hosts that have not authenticated (an address could be anyone's)."""
+
+    accepted: int = 0  # from an allowed source, handshake started
+    authenticated: int = 0
+    not_allowed: int = 0  # from a source that is no configured peer nor in --peer-allow: closed at once
+    dropped: int = 0  # pending handshakes dropped to make room for a newer one
+    timed_out: int = 0
+    failed: int = 0  # wrong proof, bad HELLO, another version or geometry
+    pending: int = 0
+    peak_pending: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Pending:
+    ip: str
+    scope: trio.CancelScope
+    talked: bool = False  # its HELLO has arrived
+    dropped: bool = False
+
+
+class PendingHandshakes:
+    """Handshakes in progress: at most `per_source` from one address and `total` in all.
+
+    A new connection is never refused for room: it drops an older pending one
+    instead, from its own address if that address is at its share, else from
+    the address holding the most. Within an address, the oldest connection that
+    has not yet sent its HELLO goes first, then the oldest. An honest peer
+    finishes its handshake in two round trips; connections that sit idle, or
+    reconnect as soon as they are closed, only ever displace each other.
+    """
+
+    def __init__(self, total: int, per_source: int) -> None:
+        self.total = total
+        self.per_source = per_source
+        self._by_ip: dict[str, list[_Pending]] = {}
+        self.count = 0
+
+    def add(self, ip: str, scope: trio.CancelScope) -> tuple[_Pending, _Pending | None]:
+        """Register a handshake; returns it and the one dropped for it (already cancelled), if any."""
+        mine = self._by_ip.get(ip, [])
+        victim = None
+        if len(mine) >= self.per_source:
+            victim = self._pick(mine)
+        elif self.count >= self.total:
+            victim = self._pick(max(self._by_ip.values(), key=len))
+        if victim is not None:
+            victim.dropped = True
+            victim.scope.cancel()
+            self.remove(victim)
+        entry = _Pending(ip, scope)
+        self._by_ip.setdefault(ip, []).append(entry)
+        self.count += 1
+        return entry, victim
+
+    def remove(self, entry: _Pending) -> None:
+        entries = self._by_ip.get(entry.ip)
+        if entries is None or entry not in entries:
+            return
+        entries.remove(entry)
+        self.count -= 1
+        if not entries:
+            del self._by_ip[entry.ip]
+
+    @staticmethod
+    def _pick(entries: list[_Pending]) -> _Pending:
+        return next((e for e in entries if not e.talked), entries[0])
+
+
+class AllowList:
+    """The sources the server accepts connections from: the configured peers' addresses
+    (names looked up at start and every RESOLVE_INTERVAL) and explicit networks."""
+
+    def __init__(self, entries: Sequence[str]) -> None:
+        self.networks: list[Network] = []
+        self.names: list[str] = []
+        self._resolved: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+        self._by_name: dict[str, set[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
+        for entry in entries:
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self.names.append(entry)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks or self.names)
+
+    def allows(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return addr in self._resolved or any(addr in net for net in self.networks)
+
+    async def resolve(self) -> None:
+        """Look the names up again; a name that does not resolve keeps its old addresses."""
+        found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+        for name in self.names:
+            try:
+                infos = await trio.socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+            except OSError as e:
+                log.warning("peer %s: cannot look up its address (%s): connections from it are refused until it resolves", name, e)
+                found |= self._by_name.get(name, set())
+                continue
+            addrs = {ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos}
+            self._by_name[name] = addrs
+            found |= addrs
+        self._resolved = found
 
 
 @dataclasses.dataclass
@@ -106,7 +233,12 @@ class _Summary:
 
 
 class PeerServer:
-    """Serves the local store to authenticated peers on `listen` ('host:port')."""
+    """Serves the local store to authenticated peers on `listen` ('host:port').
+
+    `allow`: who may connect at all: peer addresses ('host:port', as given to
+    --peer), IP addresses, networks ('10.0.0.0/24'), or host names. A
+    connection from anywhere else is closed at accept. Empty: nobody.
+    """
 
     def __init__(
         self,
@@ -114,6 +246,7 @@ class PeerServer:
         key: bytes | None,
         provider: PageProvider,
         *,
+        allow: Sequence[str] = (),
         capacity_pages: int = 1 << 18,
         capacity_locations: int | None = None,
         summary_interval: float = 60.0,
@@ -123,7 +256,8 @@ class PeerServer:
         max_in_flight: int = 256,
         handshake_timeout: float = 2.0,
         idle_timeout: float = 60.0,
-        max_handshakes: int = 32,
+        max_handshakes: int = 128,
+        max_handshakes_per_source: int = 32,
     ) -> None:
         self._key = session_key(key, [listen])
         self._host, self._port = split_address(listen)
@@ -139,8 +273,11 @@ class PeerServer:
         self._total = trio.Semaphore(max_in_flight)
         self._handshake_timeout = handshake_timeout
         self._idle_timeout = idle_timeout
-        self._max_handshakes = max_handshakes
-        self._handshaking = 0
+        self._allow = AllowList([_allow_entry(a) for a in allow])
+        self._pending = PendingHandshakes(max_handshakes, max_handshakes_per_source)
+        self._handshake_stats = HandshakeStats()
+        self._preauth_logged_at = -math.inf
+        self._preauth_unlogged = 0
         self._peer_slots: dict[str, trio.Semaphore] = {}
         self._stats: dict[str, RemoteStats] = {}
         self._summary: _Summary | None = None
@@ -152,13 +289,61 @@ class PeerServer:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled; `task_status.started(port)` once listening."""
-        async with trio.open_nursery() as nursery:
-            serve = functools.partial(trio.serve_tcp, self._serve_connection, self._port, host=self._host or None)
-            listeners = await nursery.start(serve)
-            self.port = listeners[0].socket.getsockname()[1]
-            log.info("peer server listening on %s:%d", self._host or "*", self.port)
-            nursery.start_soon(self._summarise_forever)
-            task_status.started(self.port)
+        if not self._allow:
+            log.warning("peer server on %s: no --peer and no --peer-allow: every connection will be refused", self._host or "*")
+        await self._allow.resolve()
+        listeners = await trio.open_tcp_listeners(self._port, host=self._host or None)
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._allow.names:
+                    nursery.start_soon(self._resolve_forever)
+                for listener in listeners:
+                    nursery.start_soon(self._accept_forever, listener, nursery)
+                self.port = listeners[0].socket.getsockname()[1]
+                log.info("peer server listening on %s:%d", self._host or "*", self.port)
+                nursery.start_soon(self._summarise_forever)
+                task_status.started(self.port)
+        finally:
+            for listener in listeners:
+                listener.socket.close()
+
+    async def _accept_forever(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept connections and decide at once who may start a handshake (see module docstring).
+
+        After a connection that dropped a pending handshake, the next accept waits
+        DROP_PACE: connections that reconnect as fast as they are dropped then
+        cycle at most 1/DROP_PACE times a second, so an honest handshake has at
+        least `per_source` * DROP_PACE to send its HELLO (its place in the kernel's
+        accept queue costs it a few ms at most)."""
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    raise
+                log.error("peer server: cannot accept (%s): out of file descriptors or memory; retrying", e.strerror)
+                await trio.sleep(0.1)
+                continue
+            hs = self._handshake_stats
+            try:
+                ip = stream.socket.getpeername()[0]
+            except OSError:  # already gone
+                stream.socket.close()
+                continue
+            if not self._allow.allows(ip):
+                hs.not_allowed += 1
+                stream.socket.close()  # before reading a byte: no state, no answer
+                self._note_preauth("refused: not a configured peer nor in --peer-allow", ip)
+                continue
+            scope = trio.CancelScope(deadline=trio.current_time() + self._handshake_timeout)
+            pending, dropped = self._pending.add(ip, scope)
+            hs.accepted += 1
+            hs.peak_pending = max(hs.peak_pending, self._pending.count)
+            nursery.start_soon(self._serve_connection, stream, pending)
+            if dropped is not None:
+                hs.dropped += 1
+                self._note_preauth(f"a pending handshake from {dropped.ip} dropped to make room", ip)
+                await trio.sleep(DROP_PACE)
 
     def note_change(self, count: int = 1) -> None:
         """The store admitted or evicted `count` pages: a summary is rebuilt early once
@@ -169,8 +354,29 @@ class PeerServer:
             self._changed_a_lot.set()
 
     def stats(self) -> dict[str, RemoteStats]:
-        """Per remote IP address: what it asked and what it was given."""
+        """Per remote IP address that authenticated: what it asked and what it was given."""
         return dict(self._stats)
+
+    def handshake_stats(self) -> HandshakeStats:
+        """Connections before authentication, for the whole server."""
+        return dataclasses.replace(self._handshake_stats, pending=self._pending.count)
+
+    async def _resolve_forever(self) -> None:
+        while True:
+            await trio.sleep(RESOLVE_INTERVAL)
+            await self._allow.resolve()
+
+    def _note_preauth(self, what: str, ip: str) -> None:
+        """One log line per PREAUTH_LOG_INTERVAL about refused or dropped connections, not one
+        each: whoever can reach the port must not be able to flood the log."""
+        now = trio.current_time()
+        if now - self._preauth_logged_at < PREAUTH_LOG_INTERVAL:
+            self._preauth_unlogged += 1
+            return
+        more = f" ({self._preauth_unlogged} more such events since the last line)" if self._preauth_unlogged else ""
+        log.warning("peer connection from %s: %s%s", ip, what, more)
+        self._preauth_logged_at = now
+        self._preauth_unlogged = 0
 
     async def _summarise_forever(self) -> None:
         while True:
@@ -186,16 +392,11 @@ class PeerServer:
 
     async def _build_summary(self) -> None:
         # Size for the configured capacity, or for what was held last time if more.
-        digests = BloomFilter.for_capacity(max(self._capacity_pages, self._summary_items * 11 // 10))
-        for i, digest in enumerate(self._provider.iter_digests()):
-            digests.add(digest)
-            if i % SUMMARY_BATCH == SUMMARY_BATCH - 1:
-                await trio.sleep(0)
-        locations = BloomFilter.for_capacity(max(self._capacity_locations, self._summary_locations * 11 // 10))
-        for i, location in enumerate(self._provider.iter_locations()):
-            locations.add(encode_location(*location))
-            if i % SUMMARY_BATCH == SUMMARY_BATCH - 1:
-                await trio.sleep(0)
+        digests = await self._filled(max(self._capacity_pages, self._summary_items * 11 // 10), self._provider.iter_digests)
+        locations = await self._filled(
+            max(self._capacity_locations, self._summary_locations * 11 // 10),
+            lambda: (encode_location(*location) for location in self._provider.iter_locations()),
+        )
         generation = self._summary.generation + 1 if self._summary else 1
         parts = encode_summary(generation, SUMMARY_DIGESTS, digests) + encode_summary(generation, SUMMARY_LOCATIONS, locations)
         self._summary = _Summary(generation, parts)
@@ -206,36 +407,55 @@ class PeerServer:
         log.debug("peer summary %d: %d pages, %d locations, %d bytes", generation, digests.items, locations.items,
                   len(digests.bits) + len(locations.bits))
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        # trio.serve_tcp ends the whole server if a handler raises: none may.
+    async def _filled(self, capacity: int, keys: Callable[[], Iterable[bytes]]) -> BloomFilter:
+        """A filter of every key, sized for `capacity`; built again, sized for what it holds,
+        if that came out too full for clients to accept (more keys than the sizing expected)."""
+        for _ in range(2):
+            bloom = BloomFilter.for_capacity(capacity)
+            for i, key in enumerate(keys()):
+                bloom.add(key)
+                if i % SUMMARY_BATCH == SUMMARY_BATCH - 1:
+                    await trio.sleep(0)
+            if bloom.plausible() is None:
+                break
+            capacity = bloom.items * 11 // 10
+        return bloom
+
+    async def _serve_connection(self, stream: trio.SocketStream, pending: _Pending) -> None:
+        # One connection's failure must not end the server.
         try:
-            await self._serve_authenticated(stream)
+            await self._serve_authenticated(stream, pending)
         except Exception:
             log.exception("serving a peer connection failed")
 
-    async def _serve_authenticated(self, stream: trio.SocketStream) -> None:
-        ip = stream.socket.getpeername()[0]
-        remote = self._stats.setdefault(ip, RemoteStats())
+    async def _serve_authenticated(self, stream: trio.SocketStream, pending: _Pending) -> None:
+        ip = pending.ip
+        hs = self._handshake_stats
         async with stream:
-            if self._handshaking >= self._max_handshakes:
-                log.warning("peer %s: refused, %d handshakes already in progress", ip, self._handshaking)
-                return
-            self._handshaking += 1
             framed = None
+            scope = pending.scope
+
+            def talked() -> None:
+                pending.talked = True
+
             try:
-                with trio.move_on_after(self._handshake_timeout):
-                    framed = await server_handshake(stream, self._key)
+                with scope:
+                    framed = await server_handshake(stream, self._key, talked)
             except ProtocolError as e:
-                remote.refused += 1
-                log.warning("peer %s: refused: %s", ip, e)
+                hs.failed += 1
+                self._note_preauth(f"refused: {e}", ip)
                 return
-            except trio.BrokenResourceError:
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             finally:
-                self._handshaking -= 1
+                self._pending.remove(pending)
             if framed is None:
-                log.warning("peer %s: did not authenticate within %.1f s", ip, self._handshake_timeout)
+                if not pending.dropped:
+                    hs.timed_out += 1
+                    self._note_preauth(f"did not authenticate within {self._handshake_timeout:.1f} s", ip)
                 return
+            hs.authenticated += 1
+            remote = self._stats.setdefault(ip, RemoteStats())
             remote.connections += 1
             conn = _Connection(framed, remote, self._peer_slots.setdefault(ip, trio.Semaphore(self._per_peer)))
             queue_in, queue_out = trio.open_memory_channel[tuple[int, int, bytes, trio.Event | None]](math.inf)
@@ -350,3 +570,15 @@ class PeerServer:
                 continue
             await ready.wait()
 
+
+
+def _allow_entry(entry: str) -> str:
+    """A peer's 'host:port' -> its host; an address, network or name as it is."""
+    try:
+        ipaddress.ip_network(entry, strict=False)
+        return entry
+    except ValueError:
+        pass
+    if ":" in entry and entry.rpartition(":")[2].isdigit():
+        return split_address(entry)[0]
+    return entry

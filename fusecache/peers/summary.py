@@ -16,6 +16,12 @@ import secrets
 import xxhash
 
 FALSE_POSITIVE_RATE = 0.01
+# A summary whose bits say "may hold" for more than this share of keys it does not
+# hold is refused (`plausible`). An honest filter at its sized capacity is at 1%,
+# at 1.5x its capacity at ~6%; the server re-sizes one that came out fuller. A
+# filter with every bit set (a host that claims to hold everything, and so makes
+# second chance skip every admission as "held by a peer") is at 100%.
+MAX_FALSE_POSITIVE_RATE = 0.10
 _MASK64 = (1 << 64) - 1
 
 
@@ -45,6 +51,33 @@ class BloomFilter:
             bits[pos >> 3] |= 1 << (pos & 7)
             pos = (pos + step) % nbits
         self.items += 1
+
+    def fill(self) -> float:
+        """The share of bits set."""
+        return int.from_bytes(self.bits, "little").bit_count() / self.nbits
+
+    def false_positive_rate(self, fill: float | None = None) -> float:
+        """The share of keys not held that this filter says may be held: fill ** hashes."""
+        return (self.fill() if fill is None else fill) ** self.hashes
+
+    def plausible(self, fill: float | None = None) -> str | None:
+        """Why no honest host sends this filter, or None if one could.
+
+        Two limits: its false-positive rate (fill ** k) is above
+        MAX_FALSE_POSITIVE_RATE; or it has more bits set than `items` keys can
+        set (expected fill 1 - exp(-k items / nbits), plus four standard
+        deviations and 1%): a host that claims few keys and sets many bits.
+        """
+        fill = self.fill() if fill is None else fill
+        rate = self.false_positive_rate(fill)
+        if rate > MAX_FALSE_POSITIVE_RATE:
+            limit = MAX_FALSE_POSITIVE_RATE
+            return f"{fill:.0%} of its bits are set: it would claim {rate:.0%} of what it does not hold (limit {limit:.0%})"
+        expected = 1 - math.exp(-self.hashes * self.items / self.nbits)
+        slack = 4 * math.sqrt(max(expected * (1 - expected), 1 / self.nbits) / self.nbits) + 0.01
+        if fill > expected + slack:
+            return f"{fill:.0%} of its bits are set, more than {self.items} keys can set ({expected:.0%})"
+        return None
 
     def __contains__(self, key: bytes) -> bool:
         h = xxhash.xxh3_128_intdigest(key, self.salt)

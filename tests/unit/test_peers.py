@@ -20,6 +20,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 
 from fusecache.errors import QuietError
+from fusecache.geometry import CHUNK_SIZE, PAGE_SIZE
 from fusecache.peers import HOLE_DIGEST, BloomFilter, PeerServer, PeerSet, RemoteStats, Version, load_cluster_key, page_digest
 from fusecache.peers.protocol import (
     CHUNK,
@@ -35,6 +36,7 @@ from fusecache.peers.protocol import (
     PONG,
     REQUEST_SIZES,
     SUMMARY,
+    SUMMARY_DIGESTS,
     SUMMARY_LOCATIONS,
     VERSION,
     AuthError,
@@ -48,6 +50,7 @@ from fusecache.peers.protocol import (
     page_matches,
     server_handshake,
 )
+from fusecache.peers.server import PendingHandshakes
 from fusecache.store import ZERO_DIGEST
 
 KEY = b"k" * 32
@@ -100,6 +103,7 @@ class CorruptingStore(FakeStore):
 @contextlib.asynccontextmanager
 async def serving(store: FakeStore, key: bytes | None = KEY, **kwargs: object) -> AsyncIterator[PeerServer]:
     async with trio.open_nursery() as nursery:
+        kwargs.setdefault("allow", ["127.0.0.0/8"])
         server = PeerServer("127.0.0.1:0", key, store, **kwargs)
         await nursery.start(server.run)
         yield server
@@ -120,6 +124,11 @@ async def wait_for_summaries(peers: PeerSet) -> None:
     with trio.fail_after(10):
         while not any(s.up and s.summary_pages > 0 and s.summary_locations > 0 for s in peers.stats().values()):
             await trio.sleep(0.01)
+
+
+def hello_frame(page_size: int = PAGE_SIZE) -> bytes:
+    """A client's HELLO, sent by hand."""
+    return HEADER.pack(HELLO, 0, 0, HELLO_BODY.size) + HELLO_BODY.pack(MAGIC, VERSION, os.urandom(32), page_size, CHUNK_SIZE)
 
 
 def far() -> float:
@@ -229,7 +238,7 @@ def test_wrong_key_is_refused_and_learns_nothing(expect_log) -> None:
             # sends nothing at all (no proof of its own, no data) and closes.
             stream = await trio.open_tcp_stream("127.0.0.1", server.port)
             async with stream:
-                await stream.send_all(HEADER.pack(HELLO, 0, 0, HELLO_BODY.size) + HELLO_BODY.pack(MAGIC, VERSION, os.urandom(32)))
+                await stream.send_all(hello_frame())
                 await stream.send_all(HEADER.pack(2, 0, 0, 32) + os.urandom(32))
                 received = await read_to_eof(stream)
             assert len(received) == HEADER.size + HELLO_BODY.size and received[0] == HELLO
@@ -242,8 +251,8 @@ def test_wrong_key_is_refused_and_learns_nothing(expect_log) -> None:
                 await trio.sleep(0.3)
                 assert not peers.stats()[f"127.0.0.1:{server.port}"].up
                 assert await peers.fetch_page(next(iter(store.pages))) is None
-            assert server.stats()["127.0.0.1"].refused >= 2
-            assert server.stats()["127.0.0.1"].hits_given == 0
+            assert server.handshake_stats().failed >= 2
+            assert "127.0.0.1" not in server.stats()  # no per-address record of a host that never authenticated
 
     trio.run(main)
 
@@ -346,7 +355,7 @@ def test_a_restarted_peer_is_reconnected(expect_log) -> None:
             await trio.sleep(0.3)
             assert not peers.stats()[address].up
             async with trio.open_nursery() as nursery:
-                await nursery.start(PeerServer(address, KEY, store).run)
+                await nursery.start(PeerServer(address, KEY, store, allow=["127.0.0.1"]).run)
                 await wait_for_summaries(peers)
                 digest = next(iter(store.pages))
                 assert await peers.fetch_page(digest, far()) == store.pages[digest]
@@ -590,3 +599,191 @@ def test_load_cluster_key(tmp_path: os.PathLike[str]) -> None:
         f.write(b"short")
     with pytest.raises(QuietError, match="fewer than 16"):
         load_cluster_key(path)
+
+
+# ---- who may connect, and handshakes in progress (issue 11, item 3) ------------------
+
+
+def test_a_source_not_allowed_is_closed_unanswered(expect_log) -> None:
+    expect_log("not a configured peer")
+    store = FakeStore(pages=4)
+
+    async def main() -> None:
+        async with serving(store, allow=["127.0.0.1"]) as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address="127.0.0.3")
+            async with stream:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(hello_frame())
+                assert await read_to_eof(stream) == b""  # not even a nonce
+            hs = server.handshake_stats()
+            assert hs.not_allowed == 1 and hs.accepted == 0
+            assert server.stats() == {}
+            await still_serves(server, store)
+
+    trio.run(main)
+
+
+async def hold_idle(port: int, count: int, source: str, stop: trio.Event, made: list[int]) -> None:
+    """`count` connections that never send a byte and reconnect as soon as they are closed."""
+
+    async def one() -> None:
+        while not stop.is_set():
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
+            except OSError:
+                await trio.sleep(0.01)
+                continue
+            made[0] += 1
+            async with stream:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await read_to_eof(stream)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one)
+        await stop.wait()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("source", ["127.0.0.1", "127.0.0.2"], ids=["same-address", "other-address"])
+def test_idle_connections_do_not_keep_a_keyed_peer_out(source: str, expect_log) -> None:
+    """64 idle connections that reconnect when closed, from the keyed peer's own address or from
+    another allowed one: the keyed peer still connects and is served."""
+    expect_log("dropped to make room", "did not authenticate")
+    store = FakeStore(pages=8)
+
+    async def main() -> None:
+        async with serving(store, handshake_timeout=2.0) as server, trio.open_nursery() as nursery:
+            stop, made = trio.Event(), [0]
+            nursery.start_soon(hold_idle, server.port, 64, source, stop, made)
+            with trio.fail_after(10):
+                while server.handshake_stats().dropped < 64:
+                    await trio.sleep(0.01)
+            async with peer_set([server.port]) as peers:
+                await wait_for_summaries(peers)
+                digest = next(iter(store.pages))
+                assert await peers.fetch_page(digest, far()) == store.pages[digest]
+            hs = server.handshake_stats()
+            assert hs.peak_pending <= 32 + 1 and hs.authenticated >= 1, hs  # the flood's share, and the keyed peer
+            print(f"\n{made[0]} idle connections made, {hs.dropped} dropped")
+            stop.set()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_pending_handshakes_drop_the_oldest_silent_one_first() -> None:
+    table = PendingHandshakes(total=4, per_source=2)
+    a1, _ = table.add("a", trio.CancelScope())
+    a2, _ = table.add("a", trio.CancelScope())
+    a1.talked = True
+    a3, dropped = table.add("a", trio.CancelScope())
+    assert dropped is a2 and a2.scope.cancel_called and table.count == 2  # a1 talked: a2 goes first
+    a4, dropped = table.add("a", trio.CancelScope())
+    assert dropped is a3  # a3 is silent
+    b1, _ = table.add("b", trio.CancelScope())
+    table.add("b", trio.CancelScope())
+    _, dropped = table.add("c", trio.CancelScope())  # full: from the address holding the most (a tie: the first)
+    assert dropped is a4 and table.count == 4
+    table.remove(b1)
+    table.remove(b1)  # twice is harmless
+    assert table.count == 3
+
+
+def test_a_host_of_another_geometry_is_refused_with_the_reason(expect_log) -> None:
+    expect_log("8192-byte pages")
+    store = FakeStore(pages=4)
+
+    async def odd_server(stream: trio.SocketStream) -> None:
+        framed = FramedStream(stream)
+        with contextlib.suppress(Exception):
+            await framed.receive()
+            await framed.send(HELLO, 0, HELLO_BODY.pack(MAGIC, VERSION, os.urandom(32), 8192, CHUNK_SIZE))
+
+    async def main() -> None:
+        async with serving(store) as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                await stream.send_all(hello_frame(page_size=8192))
+                received = await read_to_eof(stream)
+            # The server sent its own HELLO (so the client can tell why) and nothing more.
+            assert len(received) == HEADER.size + HELLO_BODY.size and received[0] == HELLO
+            assert server.handshake_stats().failed == 1
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(trio.serve_tcp, odd_server, 0)
+                port = listeners[0].socket.getsockname()[1]
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    with pytest.raises(ProtocolError, match="8192-byte pages and 65536-byte chunks, this host 4096 and 65536"):
+                        await client_handshake(stream, KEY)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+# ---- summaries a keyed peer may not send (issue 11, item 4) -------------------------
+
+
+def test_an_honest_summary_is_plausible_and_a_full_one_is_not() -> None:
+    bloom = BloomFilter.for_capacity(5000)
+    for _ in range(5000):
+        bloom.add(os.urandom(16))
+    assert bloom.plausible() is None
+    for _ in range(2500):  # 1.5x its capacity: more false positives, still what an honest host may send
+        bloom.add(os.urandom(16))
+    assert bloom.plausible() is None
+    full = BloomFilter(bloom.nbits, bloom.hashes, bloom.salt, bytearray(b"\xff" * len(bloom.bits)), items=10**9)
+    assert "claim 100%" in full.plausible()
+    liar = BloomFilter(bloom.nbits, bloom.hashes, bloom.salt, bytearray(bloom.bits), items=100)
+    assert "more than 100 keys can set" in liar.plausible()
+
+
+@pytest.mark.parametrize("lie", ["every-bit", "few-items"])
+def test_a_keyed_peer_claiming_everything_is_not_believed(lie: str, expect_log) -> None:
+    """A host holding the key sends a summary with every bit set (or far more bits than its
+    item count): it is refused, so it cannot make this host skip admissions or ask it for everything."""
+    expect_log("summary is refused")
+    store = FakeStore(pages=64)
+
+    async def liar(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(Exception):
+            framed = await server_handshake(stream, KEY)
+            honest = BloomFilter.for_capacity(1000)
+            for digest in store.pages:
+                honest.add(digest)
+            await framed.send(SUMMARY, 0, encode_summary(1, SUMMARY_DIGESTS, honest)[0])
+            bits = bytearray(b"\xff" * len(honest.bits)) if lie == "every-bit" else bytearray(b"\x55" * len(honest.bits))
+            items = 10**6 if lie == "every-bit" else 64
+            for part in encode_summary(2, SUMMARY_DIGESTS, BloomFilter(honest.nbits, honest.hashes, 7, bits, items)):
+                await framed.send(SUMMARY, 0, part)
+            while (frame := await framed.receive()) is not None:
+                if frame[0] == PING:
+                    await framed.send(PONG, frame[1])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, liar, 0)
+            port = listeners[0].socket.getsockname()[1]
+            async with peer_set([port]) as peers:
+                with trio.fail_after(10):
+                    while peers.stats()[f"127.0.0.1:{port}"].summaries_refused == 0:
+                        await trio.sleep(0.01)
+                assert all(peers.may_hold(d) for d in store.pages)  # the honest summary before it stays
+                assert sum(peers.may_hold(os.urandom(16)) for _ in range(2000)) < 100
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_the_allow_list_takes_peer_addresses_names_and_networks() -> None:
+    async def main() -> None:
+        from fusecache.peers.server import AllowList, _allow_entry
+
+        allow = AllowList([_allow_entry(a) for a in ["localhost:7070", "[::1]:7070", "10.1.0.0/16", "192.0.2.7"]])
+        await allow.resolve()
+        assert allow.allows("127.0.0.1") and allow.allows("::1")  # localhost, looked up
+        assert allow.allows("10.1.200.3") and allow.allows("::ffff:10.1.0.9") and allow.allows("192.0.2.7")
+        assert not allow.allows("10.2.0.1") and not allow.allows("192.0.2.8") and not allow.allows("not an address")
+        assert not AllowList([])
+
+    trio.run(main)
