@@ -12,15 +12,19 @@ memory, evicted.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import trio
+import xxhash
 
 from fusecache.geometry import PAGE_SIZE, PAGES_PER_CHUNK
 from fusecache.guestmem import (
@@ -35,10 +39,13 @@ from fusecache.guestmem import (
     Unscannable,
     libvirt_base_memory,
     locate_qemu,
+    locate_qmp_guest,
     locate_ram,
     qmp_socket_pid,
     scan,
 )
+from fusecache.qmp import open_qmp
+from tests.guest import Guest
 
 CHILD = r"""
 import ctypes, sys
@@ -365,3 +372,124 @@ def test_served_pages_bytes_per_page_are_as_documented():
     assert served.nbytes == 1000 * PAGE_RECORD_BYTES == 1000 * 32
     data = np.random.default_rng(1).integers(0, 255, size=PAGE_SIZE * 4, dtype=np.uint8).tobytes()
     assert served.record(1, 1, 0, data) == 4
+
+
+# -- a real guest
+
+
+GUEST_MIB = 256
+FILE_MIB = 48
+BALLOON_MIB = 96
+
+
+def make_disk_4k(image: Path, files: dict[str, bytes], size_mib: int) -> None:
+    """An ext4 image with 4 KiB blocks (mkfs picks 1 KiB below 512 MB): guest page-cache pages line up with image pages."""
+    with tempfile.TemporaryDirectory(prefix="fc-disk-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d", tmp,
+                        str(image), f"{size_mib}M"], check=True, capture_output=True)  # fmt: skip
+
+
+def ram_digests(ram: GuestRam) -> set[bytes]:
+    """The oracle: the xxh3-128 of every page of the guest's RAM, read whole through /proc/PID/mem."""
+    fd = os.open(f"/proc/{ram.pid}/mem", os.O_RDONLY)
+    try:
+        out = set()
+        for off in range(0, ram.size, 16 << 20):
+            block = os.pread(fd, 16 << 20, ram.address + off)
+            out.update(xxhash.xxh3_128_digest(block[i : i + PAGE_SIZE]) for i in range(0, len(block), PAGE_SIZE))
+        return out
+    finally:
+        os.close(fd)
+
+
+def wait_for(cond, what: str, timeout: float = 60.0):
+    """Bound on waiting (a failure names what never happened), not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.5)
+    return value
+
+
+class ImagePages:
+    """The disk image as fusecache served it: every page indexed as served; which pages hold the guest's file."""
+
+    def __init__(self, image: bytes, file_content: bytes) -> None:
+        self.image = image
+        file_pages = {file_content[i : i + PAGE_SIZE] for i in range(0, len(file_content), PAGE_SIZE)}
+        self.file_pages = {p for p in range(len(image) // PAGE_SIZE) if image[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] in file_pages}
+        assert len(self.file_pages) == len(file_content) // PAGE_SIZE  # random content: every page once
+        self.file_digests = {self.digest(p) for p in self.file_pages}
+
+    def digest(self, p: int) -> bytes:
+        return xxhash.xxh3_128_digest(self.image[p * PAGE_SIZE : (p + 1) * PAGE_SIZE])
+
+    def judge(self, ram: GuestRam, served: ServedPages) -> tuple[set[int], set[int]]:
+        """One scan with every image page served anew: the file's pages found resident, and evicted.
+
+        Checked against the oracle, page for page: a page is resident exactly
+        when its bytes are somewhere in guest RAM. The oracle is read before and
+        after the scan and must agree on the file's pages (the guest may still be settling).
+        """
+        for _ in range(20):
+            served.record(INO, GEN, 0, self.image)
+            before = ram_digests(ram) & self.file_digests
+            result = run_scan(ram, served)
+            after = ram_digests(ram) & self.file_digests
+            if before == after:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the guest's memory never held still for a scan")
+        resident = {loc.chunk * PAGES_PER_CHUNK + loc.page for loc in result.resident} & self.file_pages
+        evicted = {loc.chunk * PAGES_PER_CHUNK + loc.page for loc in result.evicted} & self.file_pages
+        assert resident | evicted == self.file_pages
+        assert resident == {p for p in self.file_pages if self.digest(p) in after}
+        return resident, evicted
+
+
+@pytest.mark.mount
+@pytest.mark.guest
+def test_real_guest_holds_the_file_it_read_until_the_balloon_or_free_page_reporting_takes_it(mounter, guest_build, tmp_path):
+    content = os.urandom(FILE_MIB << 20)
+    backing = tmp_path / "images"
+    backing.mkdir()
+    make_disk_4k(backing / "guest.img", {"f": content}, size_mib=FILE_MIB + 40)
+    pages = ImagePages((backing / "guest.img").read_bytes(), content)
+    m = mounter.mount(str(backing), "--cache-dir", str(tmp_path / "cache"), "--cache-size", "256M")
+    qmp_sock = tmp_path / "qmp.sock"
+    with Guest(tmp_path / "guest", guest_build) as g:
+        # Free page reporting (a host-side device property; the guest's stock virtio_balloon driver does the rest) hands
+        # memory the guest frees back to QEMU, which discards it: evicted page-cache pages then leave guest RAM at once.
+        g.start(os.path.join(m.mountpoint, "guest.img"), memory_mib=GUEST_MIB, qmp_sock=qmp_sock,
+                extra=["-global", "virtio-balloon-pci.free-page-reporting=on"])  # fmt: skip
+
+        async def locate() -> GuestRam | Unscannable:
+            async with open_qmp(str(qmp_sock)) as qmp:
+                return await locate_qmp_guest(qmp)
+
+        ram = trio.run(locate)
+        assert isinstance(ram, GuestRam), str(ram)
+        assert ram.pid == g.pid and ram.size == GUEST_MIB << 20
+        served = ServedPages.for_ram(ram.size, grace=0)
+
+        assert g.check("md5sum /mnt/f").split()[0] == hashlib.md5(content).hexdigest()
+        resident, evicted = pages.judge(ram, served)
+        assert resident == pages.file_pages and not evicted
+
+        # The balloon takes most of the guest's memory: what it evicted is found evicted, what it kept resident.
+        g.balloon(BALLOON_MIB)
+        resident, evicted = pages.judge(ram, served)
+        assert len(evicted) > len(pages.file_pages) // 4
+        assert len(resident) * PAGE_SIZE <= g.meminfo()["Cached"]
+
+        # Given its memory back, the guest reads the file again and holds all of it; then drops its caches.
+        g.balloon(GUEST_MIB)
+        assert g.check("md5sum /mnt/f").split()[0] == hashlib.md5(content).hexdigest()
+        resident, evicted = pages.judge(ram, served)
+        assert resident == pages.file_pages
+        g.check("sync; echo 3 > /proc/sys/vm/drop_caches")
+        # Reporting runs a couple of seconds after memory is freed, in 2 MiB blocks: wait for most of the file to go.
+        wait_for(lambda: len(pages.judge(ram, served)[1]) > len(pages.file_pages) // 2, "free page reporting to discard the file's pages")
