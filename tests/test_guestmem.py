@@ -206,6 +206,21 @@ def test_scan_finds_served_pages_resident_then_exactly_the_overwritten_ones_evic
     assert len(served) == len(evidence_pages()) - len(gone)
 
 
+@pytest.mark.parametrize("words", [(0, 2048), (3000 // 8 * 8, 512)])
+def test_other_fingerprint_layouts_scan_the_same(child, words):
+    """Words apart are read as two pieces per page; words in either order work."""
+    ram = child.ram()
+    served = ServedPages(capacity=RAM_PAGES, grace=0, words=words)
+    served.record(INO, GEN, 0, child.content)
+    held = {p for p in range(RAM_PAGES) if p not in ZERO_PAGES}  # page 9 is evidence here: its zeroed words are not these
+    assert len(served) == len(held)
+    for p in (1, 64, 1999):
+        child.overwrite(p)
+    result = run_scan(ram, served)
+    assert set(result.evicted) == {loc(p) for p in (1, 64, 1999)}
+    assert set(result.resident) == {loc(p) for p in held - {1, 64, 1999}}
+
+
 def test_a_page_served_again_is_judged_by_its_newest_record(child, tmp_path):
     ram = child.ram()
     served = ServedPages.for_ram(ram.size, grace=0)

@@ -34,7 +34,7 @@ import trio
 from ..geometry import PAGE_SIZE
 from .locate import GuestRam, Reason, Unscannable, same_process, still_mapped
 from .procmem import IOV_MAX, ProcMemError, read_scattered
-from .served import DIGEST_BYTES, FINGERPRINT_WORDS, Locations, ServedPages, Snapshot, fingerprint_keys
+from .served import DIGEST_DTYPE, Locations, ServedPages, Snapshot, fingerprint_keys
 
 BLOCK_PAGES = 1 << 15  # pages of guest RAM per block of the word pass (128 MiB of RAM, 512 KiB of words); a stop is checked per block
 DEFAULT_CPU_FRACTION = 0.05  # of one core, for all guests' scans together
@@ -70,29 +70,34 @@ class _Stopped(Exception):
     pass
 
 
-def _read_words(ram: GuestRam, should_stop: Callable[[], bool] | None) -> np.ndarray:
-    """The two fingerprint words of every page of ram: a (pages, 2) uint64 array."""
+def _read_words(ram: GuestRam, offsets: tuple[int, int], should_stop: Callable[[], bool] | None) -> np.ndarray:
+    """The two fingerprint words of every page of ram: a (pages, 2) uint64 array.
+
+    Adjacent words are one 16-byte piece per page: the kernel's cost is per piece (it pins the page for each).
+    """
     pages = ram.size // PAGE_SIZE
     words = np.empty((pages, 2), dtype=np.uint64)
-    offsets = np.array(FINGERPRINT_WORDS, dtype=np.uint64)
-    remote = np.empty((min(pages, BLOCK_PAGES), 2, 2), dtype=np.uint64)
-    remote[:, :, 1] = 8
-    page_offsets = np.arange(min(pages, BLOCK_PAGES), dtype=np.uint64) * np.uint64(PAGE_SIZE)
-    pattern = page_offsets[:, None] + offsets[None, :]
+    lo, hi = sorted(offsets)
+    pieces = [(lo, 16)] if hi == lo + 8 else [(lo, 8), (hi, 8)]
+    block = min(pages, BLOCK_PAGES)
+    remote = np.empty((block, len(pieces), 2), dtype=np.uint64)
+    remote[:, :, 1] = [length for _, length in pieces]
+    pattern = np.arange(block, dtype=np.uint64)[:, None] * np.uint64(PAGE_SIZE) + np.array([off for off, _ in pieces], dtype=np.uint64)
     for first in range(0, pages, BLOCK_PAGES):
         if should_stop is not None and should_stop():
             raise _Stopped
         n = min(BLOCK_PAGES, pages - first)
         remote[:n, :, 0] = pattern[:n] + np.uint64(ram.address + first * PAGE_SIZE)
         read_scattered(ram.pid, remote[:n].reshape(-1, 2), words[first : first + n])
-    return words
+    # Read in address order; the index's key takes them in its own order.
+    return words if tuple(offsets) == (lo, hi) else words[:, ::-1]
 
 
 def _page_digests(ram: GuestRam, pages: np.ndarray, digest: Callable[[memoryview], bytes]) -> np.ndarray:
-    """The first DIGEST_BYTES of digest() of each listed page of ram, read whole."""
-    out = np.empty((len(pages), DIGEST_BYTES), dtype=np.uint8)
+    """digest() of each listed page of ram, read whole (as DIGEST_DTYPE)."""
     if len(pages) == 0:
-        return out
+        return np.zeros(0, dtype=DIGEST_DTYPE)
+    out: list[bytes] = []
     buf = np.empty((min(len(pages), IOV_MAX), PAGE_SIZE), dtype=np.uint8)
     remote = np.empty((min(len(pages), IOV_MAX), 2), dtype=np.uint64)
     remote[:, 1] = PAGE_SIZE
@@ -102,32 +107,27 @@ def _page_digests(ram: GuestRam, pages: np.ndarray, digest: Callable[[memoryview
         n = len(batch)
         remote[:n, 0] = batch.astype(np.uint64) * np.uint64(PAGE_SIZE) + np.uint64(ram.address)
         read_scattered(ram.pid, remote[:n], buf[:n])
-        for i in range(n):
-            out[first + i] = np.frombuffer(digest(view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])[:DIGEST_BYTES], dtype=np.uint8)
+        out.extend(digest(view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i in range(n))
     buf.fill(0)  # guest content does not outlive the pass, even in freed memory
-    return out
+    return np.array(out, dtype=DIGEST_DTYPE)
 
 
-def _classify(snap: Snapshot, cand_keys: np.ndarray, cand_digests: np.ndarray) -> tuple[np.ndarray, int]:
+def _classify(snap: Snapshot, cand_digests: np.ndarray) -> tuple[np.ndarray, int]:
     """A bool per snapshot entry: resident (its content is in RAM at least as many times as locations hold it);
-    and how many candidate RAM pages were confirmed (their whole-page digest matched a served page's)."""
-    left = np.searchsorted(snap.keys, cand_keys, side="left")
-    right = np.searchsorted(snap.keys, cand_keys, side="right")
-    counts = right - left
-    ram_idx = np.repeat(np.arange(len(cand_keys)), counts)
-    starts = np.repeat(left - np.cumsum(counts) + counts, counts)
-    entry_idx = starts + np.arange(len(ram_idx))
-    same = np.all(cand_digests[ram_idx] == snap.digests[entry_idx], axis=1)
-    ram_idx, entry_idx = ram_idx[same], entry_idx[same]
-    resident = np.zeros(len(snap.keys), dtype=bool)
-    if len(ram_idx) == 0:
+    and how many candidate RAM pages were confirmed (their whole-page digest is a served page's).
+
+    Counted per content, never per (RAM page, location) pair: a page held many times and served from many
+    places costs no more than its two counts.
+    """
+    contents, content_of, locations = np.unique(snap.digests, return_inverse=True, return_counts=True)
+    resident = np.zeros(len(snap.digests), dtype=bool)
+    if len(contents) == 0 or len(cand_digests) == 0:
         return resident, 0
-    # Per content: locations served with it (pairs per RAM copy) against copies in RAM (pairs per location).
-    locations_per_copy = np.bincount(ram_idx, minlength=len(cand_keys))
-    copies_per_location = np.bincount(entry_idx, minlength=len(snap.keys))
-    enough = copies_per_location[entry_idx] >= locations_per_copy[ram_idx]
-    resident[entry_idx[enough]] = True
-    return resident, int(np.count_nonzero(locations_per_copy))
+    at = np.minimum(np.searchsorted(contents, cand_digests), len(contents) - 1)
+    confirmed = contents[at] == cand_digests
+    copies = np.bincount(at[confirmed], minlength=len(contents))
+    resident = (copies >= locations)[content_of]
+    return resident, int(np.count_nonzero(confirmed))
 
 
 def scan(ram: GuestRam, served: ServedPages, should_stop: Callable[[], bool] | None = None) -> ScanResult | Unscannable:
@@ -146,7 +146,7 @@ def scan(ram: GuestRam, served: ServedPages, should_stop: Callable[[], bool] | N
     snap = served.snapshot()
     no_evidence = served.no_evidence
     try:
-        words = _read_words(ram, should_stop)
+        words = _read_words(ram, served.words, should_stop)
         t1 = time.monotonic()
         timings["words"] = t1 - t0
         w0, w1 = words[:, 0], words[:, 1]
@@ -158,7 +158,7 @@ def scan(ram: GuestRam, served: ServedPages, should_stop: Callable[[], bool] | N
             hit = snap.keys[pos] == ram_keys
         else:
             hit = np.zeros(len(ram_keys), dtype=bool)
-        cand_pages, cand_keys = evidence[hit], ram_keys[hit]
+        cand_pages = evidence[hit]
         t2 = time.monotonic()
         timings["match"] = t2 - t1
         if should_stop is not None and should_stop():
@@ -176,7 +176,7 @@ def scan(ram: GuestRam, served: ServedPages, should_stop: Callable[[], bool] | N
     if should_stop is not None and should_stop():
         return Unscannable(Reason.STOPPED, f"process {ram.pid}")
     t3 = time.monotonic()
-    resident, confirmed = _classify(snap, cand_keys, cand_digests)
+    resident, confirmed = _classify(snap, cand_digests)
     evicted_idx = np.flatnonzero(~resident)
     served.settle(snap, evicted_idx)
     timings["settle"] = time.monotonic() - t3
