@@ -318,6 +318,44 @@ def test_a_process_that_exits_mid_scan_is_a_typed_result(child):
     assert len(served) == len(evidence_pages())  # a failed pass changes nothing
 
 
+def test_pages_recorded_and_dropped_during_a_scan_are_kept_straight(child):
+    """The read path records while a scan runs (here: from the scan's own stop check, after its snapshot), enough to
+    drop the oldest entries for capacity: the scan still reports exactly what it judged, and forgets only that."""
+    ram = child.ram()
+    served = ServedPages(capacity=600, grace=0)
+    served.record(INO, GEN, 0, child.content[: 500 * PAGE_SIZE])
+    assert len(served) == 497
+    for p in (100, 450):
+        child.overwrite(p)
+    recorded_during = False
+
+    def record_meanwhile() -> bool:
+        nonlocal recorded_during
+        if not recorded_during:
+            recorded_during = True
+            served.record(INO, GEN, 1000 * PAGE_SIZE, child.content[1000 * PAGE_SIZE : 1200 * PAGE_SIZE])
+            assert served.dropped == 97  # pages 0-99: the oldest
+        return False
+
+    result = scan(ram, served, should_stop=record_meanwhile)
+    assert isinstance(result, ScanResult), str(result)
+    assert set(result.evicted) == {loc(100), loc(450)}
+    assert set(result.resident) == {loc(p) for p in set(range(500)) - {5, 6, 9, 100, 450}}
+    after = run_scan(ram, served)
+    assert len(after.evicted) == 0
+    assert set(after.resident) == {loc(p) for p in set(range(101, 500)) - {450}} | {loc(p) for p in range(1000, 1200)}
+
+
+def test_a_stopped_scan_changes_nothing(child):
+    ram = child.ram()
+    served = ServedPages.for_ram(ram.size, grace=0)
+    served.record(INO, GEN, 0, child.content)
+    child.overwrite(8)
+    result = scan(ram, served, should_stop=lambda: True)
+    assert isinstance(result, Unscannable) and result.reason is Reason.STOPPED
+    assert set(run_scan(ram, served).evicted) == {loc(8)}
+
+
 def test_a_gone_process_or_a_reused_pid_is_a_typed_result(child):
     ram = child.ram()
     served = ServedPages.for_ram(ram.size, grace=0)

@@ -95,11 +95,6 @@ class Locations:
             out[key] = out.get(key, 0) | (1 << page)
         return out
 
-    @staticmethod
-    def empty() -> Locations:
-        z = np.zeros(0, dtype=np.uint64)
-        return Locations(z, z, z)
-
 
 @dataclass
 class Snapshot:
@@ -113,6 +108,7 @@ class Snapshot:
     young: int  # entries served within the grace period: not judged, counted as resident
     dropped_before: int  # ServedPages.dropped when the snapshot was taken
     files: list[tuple[int, int]]  # the (ino, gen) table, as it was
+    renumbered: int  # ServedPages' renumbering count then
 
 
 class ServedPages:
@@ -135,7 +131,8 @@ class ServedPages:
         self._n = 0
         self._files: list[tuple[int, int]] = []
         self._file_no: dict[tuple[int, int], int] = {}
-        self._recent: deque[tuple[float, int]] = deque()  # (when, index length after a record): for the grace period
+        self._recent: deque[tuple[float, int]] = deque()  # (when, where its pages start) per record: for the grace period
+        self._renumbered = 0  # times the (ino, gen) table was renumbered: a snapshot's packed locations are then stale
         self._lock = threading.Lock()
         self.recorded = 0  # pages entered into the index
         self.no_evidence = 0  # served pages whose fingerprint words are both zero: never matched, never judged
@@ -143,7 +140,7 @@ class ServedPages:
 
     @classmethod
     def for_ram(cls, ram_bytes: int, digest: Digest = default_digest, grace: float = RECENT_GRACE) -> ServedPages:
-        """An index as large as a guest of ram_bytes can hold pages."""
+        """An index holding at most as many pages as a guest with ram_bytes of RAM can."""
         return cls(max(1, ram_bytes // PAGE_SIZE), digest, grace)
 
     def __len__(self) -> int:
@@ -159,8 +156,9 @@ class ServedPages:
 
         Only whole pages at page-aligned file offsets are indexed: the guest's
         page cache pages line up with them. `digests`, if given, are the
-        caller's digests of those whole pages in order (the store may already
-        hold them); else `digest` is computed here, one call per page.
+        digests of those whole pages in order, made with this index's digest
+        function (the store may already hold them); else they are computed
+        here, one call per page.
         """
         view = memoryview(data).cast("B")
         skip = -offset % PAGE_SIZE
@@ -170,6 +168,8 @@ class ServedPages:
             return 0
         if digests is not None and len(digests) != npages:
             raise ValueError(f"{len(digests)} digests for {npages} pages")
+        if first_page + npages > 1 << PAGE_BITS:
+            raise ValueError(f"offset {offset} is beyond the {PAGE_SIZE << PAGE_BITS} bytes a location can name")
         body = view[skip : skip + npages * PAGE_SIZE]
         words = np.frombuffer(body, dtype=np.uint64)
         w0, w1 = words[self.words[0] // 8 :: PAGE_SIZE // 8], words[self.words[1] // 8 :: PAGE_SIZE // 8]
@@ -219,6 +219,7 @@ class ServedPages:
         self._file_no = {f: i for i, f in enumerate(self._files)}
         mask = np.uint64((1 << PAGE_BITS) - 1)
         self._locs[: self._n] = (inverse.astype(np.uint64) << np.uint64(PAGE_BITS)) | (self._locs[: self._n] & mask)
+        self._renumbered += 1
 
     def _append(self, keys: np.ndarray, digests: np.ndarray, locs: np.ndarray) -> int:
         """Append entries (dropping the oldest if full); the index of the first appended."""
@@ -257,6 +258,7 @@ class ServedPages:
             all_locs = self._locs[: self._n].copy()
             files = list(self._files)
             dropped = self.dropped
+            renumbered = self._renumbered
         # Newest record per location wins; a young one supersedes older ones, which are then not judged either.
         _, first_from_end = np.unique(all_locs[::-1], return_index=True)
         newest = len(all_locs) - 1 - first_from_end
@@ -264,7 +266,7 @@ class ServedPages:
         positions = positions[np.argsort(keys[positions], kind="stable")]
         return Snapshot(
             keys=keys[positions], digests=digests[positions], locs=all_locs[positions], positions=positions.astype(np.int64),
-            judged_below=judged, young=len(all_locs) - judged, dropped_before=dropped, files=files,
+            judged_below=judged, young=len(all_locs) - judged, dropped_before=dropped, files=files, renumbered=renumbered,
         )  # fmt: skip
 
     def settle(self, snap: Snapshot, evicted: np.ndarray) -> None:
@@ -281,7 +283,7 @@ class ServedPages:
             keep[gone] = False
             # Older records of a judged location are superseded: forget them (not those recorded since the snapshot).
             old_end = max(0, snap.judged_below - shift)
-            if len(snap.locs) and old_end:
+            if len(snap.locs) and old_end and snap.renumbered == self._renumbered:
                 dup = np.isin(self._locs[:old_end], snap.locs)
                 newest = snap.positions - shift
                 dup[newest[newest >= 0]] = False
