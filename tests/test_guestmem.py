@@ -38,6 +38,7 @@ from fusecache.guestmem import (
     ServedPages,
     Unscannable,
     libvirt_base_memory,
+    locate_libvirt_guest,
     locate_qemu,
     locate_qmp_guest,
     locate_ram,
@@ -45,7 +46,7 @@ from fusecache.guestmem import (
     scan,
 )
 from fusecache.qmp import open_qmp
-from tests.guest import Guest
+from tests.guest import CommandChannel, Guest, domain_xml
 
 CHILD = r"""
 import ctypes, sys
@@ -546,3 +547,34 @@ def test_real_guest_holds_the_file_it_read_until_the_balloon_or_free_page_report
         g.check("sync; echo 3 > /proc/sys/vm/drop_caches")
         # Reporting runs a couple of seconds after memory is freed, in 2 MiB blocks: wait for most of the file to go.
         wait_for(lambda: len(pages.judge(ram, served)[1]) > len(pages.file_pages) // 2, "free page reporting to discard the file's pages")
+
+
+@pytest.mark.guest
+@pytest.mark.libvirt
+def test_libvirt_guest_ram_is_found_through_its_pidfile_and_domain_xml(guest_build, tmp_path, request):
+    content = os.urandom(16 << 20)
+    make_disk_4k(tmp_path / "guest.img", {"f": content}, size_mib=48)
+    pages = ImagePages((tmp_path / "guest.img").read_bytes(), content)
+    daemon = request.getfixturevalue("libvirtd")
+    name = f"fc-gm-{os.getpid()}"
+    work = tmp_path / "dom"
+    work.mkdir()
+    (work / "dom.xml").write_text(domain_xml(name, guest_build, tmp_path / "guest.img", work, memory_mib=GUEST_MIB))
+    daemon.virsh("create", str(work / "dom.xml"))
+    channel = CommandChannel(work / "cmd.sock")
+    try:
+        channel.connect(10)
+        channel.wait_ready(60)
+        # libvirtd runs in its own mount namespace: its /run/libvirt is workdir/run.
+        ram = locate_libvirt_guest(name, daemon.virsh("dumpxml", name), state_dir=str(daemon.workdir / "run" / "qemu"))
+        assert isinstance(ram, GuestRam), str(ram)
+        assert ram.size == GUEST_MIB << 20
+        served = ServedPages.for_ram(ram.size, grace=0)
+        channel.check("cat /mnt/f > /dev/null")
+        resident, evicted = pages.judge(ram, served)
+        assert resident == pages.file_pages and not evicted
+        missing = locate_libvirt_guest("no-such-domain", "<domain/>", state_dir=str(daemon.workdir / "run" / "qemu"))
+        assert isinstance(missing, Unscannable) and missing.reason is Reason.NO_PID
+    finally:
+        channel.close()
+        daemon.virsh("destroy", name)
