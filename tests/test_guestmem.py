@@ -212,7 +212,9 @@ def test_other_fingerprint_layouts_scan_the_same(child, words):
     """Words apart are read as two pieces per page; words in either order work."""
     ram = child.ram()
     served = ServedPages(capacity=RAM_PAGES, grace=0, words=words)
-    served.record(INO, GEN, 0, child.content)
+    served.record(INO, GEN, 0, child.content[: 1000 * PAGE_SIZE])  # a large reply: words taken out with numpy
+    for first in range(1000, RAM_PAGES, 10):  # small ones: sliced out page by page
+        served.record(INO, GEN, first * PAGE_SIZE, child.content[first * PAGE_SIZE : (first + 10) * PAGE_SIZE])
     held = {p for p in range(RAM_PAGES) if p not in ZERO_PAGES}  # page 9 is evidence here: its zeroed words are not these
     assert len(served) == len(held)
     for p in (1, 64, 1999):

@@ -144,7 +144,6 @@ def scan(ram: GuestRam, served: ServedPages, should_stop: Callable[[], bool] | N
     if gone is not None:
         return gone
     snap = served.snapshot()
-    no_evidence = served.no_evidence
     try:
         words = _read_words(ram, served.words, should_stop)
         t1 = time.monotonic()
@@ -184,7 +183,7 @@ def scan(ram: GuestRam, served: ServedPages, should_stop: Callable[[], bool] | N
         resident=served.locations(snap, np.flatnonzero(resident)),
         evicted=served.locations(snap, evicted_idx),
         young=snap.young,
-        no_evidence=no_evidence,
+        no_evidence=snap.no_evidence,
         ram_pages=ram.size // PAGE_SIZE,
         zero_word_pages=ram.size // PAGE_SIZE - len(evidence),
         candidates=len(cand_pages),

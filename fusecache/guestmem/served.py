@@ -52,6 +52,7 @@ FILE_BITS = 24  # a packed location: file number (an index into the (ino, gen) t
 PAGE_BITS = 64 - FILE_BITS
 RECENT_GRACE = 1.0  # seconds: pages served this recently are not judged by a scan (the reply may not be in guest RAM yet)
 DROP_FRACTION = 8  # when full, drop the oldest 1/8 at once: one array move per many records
+FLUSH_PAGES = 1024  # index queued replies once they hold this many pages: the numpy work is per batch, not per reply
 
 
 def default_digest(data: bytes | memoryview) -> bytes:
@@ -109,6 +110,7 @@ class Snapshot:
     dropped_before: int  # ServedPages.dropped when the snapshot was taken
     files: list[tuple[int, int]]  # the (ino, gen) table, as it was
     renumbered: int  # ServedPages' renumbering count then
+    no_evidence: int  # ServedPages.no_evidence then
 
 
 class ServedPages:
@@ -132,19 +134,43 @@ class ServedPages:
         self._files: list[tuple[int, int]] = []
         self._file_no: dict[tuple[int, int], int] = {}
         self._recent: deque[tuple[float, int]] = deque()  # (when, where its pages start) per record: for the grace period
+        # Replies not yet indexed: ((ino, gen), first page, fingerprint words, digests, when).
+        self._pending: list[tuple[tuple[int, int], int, bytes, Sequence[bytes], float]] = []
+        self._pending_pages = 0
         self._renumbered = 0  # times the (ino, gen) table was renumbered: a snapshot's packed locations are then stale
         self._lock = threading.Lock()
-        self.recorded = 0  # pages entered into the index
-        self.no_evidence = 0  # served pages whose fingerprint words are both zero: never matched, never judged
-        self.dropped = 0  # pages dropped, oldest first, to stay within capacity
+        self._recorded = 0
+        self._no_evidence = 0
+        self._dropped = 0
 
     @classmethod
     def for_ram(cls, ram_bytes: int, digest: Digest = default_digest, grace: float = RECENT_GRACE) -> ServedPages:
         """An index holding at most as many pages as a guest with ram_bytes of RAM can."""
         return cls(max(1, ram_bytes // PAGE_SIZE), digest, grace)
 
+    def _counted(self, value: Callable[[], int]) -> int:
+        with self._lock:
+            self._flush()
+            return value()
+
     def __len__(self) -> int:
-        return self._n
+        """Pages indexed."""
+        return self._counted(lambda: self._n)
+
+    @property
+    def recorded(self) -> int:
+        """Pages ever entered into the index."""
+        return self._counted(lambda: self._recorded)
+
+    @property
+    def no_evidence(self) -> int:
+        """Served pages whose fingerprint words are both zero: never indexed, never judged."""
+        return self._counted(lambda: self._no_evidence)
+
+    @property
+    def dropped(self) -> int:
+        """Pages dropped, oldest first, to stay within capacity."""
+        return self._counted(lambda: self._dropped)
 
     @property
     def nbytes(self) -> int:
@@ -152,53 +178,75 @@ class ServedPages:
         return self._keys.nbytes + self._digests.nbytes + self._locs.nbytes
 
     def record(self, ino: int, gen: int, offset: int, data: bytes | memoryview, digests: Sequence[bytes] | None = None) -> int:
-        """Note that `data`, read at byte `offset` of file (ino, gen), was served to the guest. Returns pages indexed.
+        """Note that `data`, read at byte `offset` of file (ino, gen), was served to the guest. Returns the whole pages noted.
 
-        Only whole pages at page-aligned file offsets are indexed: the guest's
-        page cache pages line up with them. `digests`, if given, are the
-        digests of those whole pages in order, made with this index's digest
-        function (the store may already hold them); else they are computed
-        here, one call per page.
+        Only whole pages at page-aligned file offsets count: the guest's page
+        cache pages line up with them. `digests`, if given, are the digests of
+        those whole pages in order, made with this index's digest function
+        (the store may already hold them); else they are computed here, one
+        call per page. This runs in the read path: it only slices out the
+        fingerprint words and queues them; the numpy work is done for many
+        replies at once (`_flush`), when enough are queued or a scan asks.
         """
         view = memoryview(data).cast("B")
         skip = -offset % PAGE_SIZE
         first_page = (offset + skip) // PAGE_SIZE
-        npages = max(0, (len(view) - skip) // PAGE_SIZE)
-        if npages == 0:
+        end = skip + (len(view) - skip) // PAGE_SIZE * PAGE_SIZE
+        if end <= skip:
             return 0
+        npages = (end - skip) // PAGE_SIZE
         if digests is not None and len(digests) != npages:
             raise ValueError(f"{len(digests)} digests for {npages} pages")
         if first_page + npages > 1 << PAGE_BITS:
             raise ValueError(f"offset {offset} is beyond the {PAGE_SIZE << PAGE_BITS} bytes a location can name")
-        body = view[skip : skip + npages * PAGE_SIZE]
-        words = np.frombuffer(body, dtype=np.uint64)
-        w0, w1 = words[self.words[0] // 8 :: PAGE_SIZE // 8], words[self.words[1] // 8 :: PAGE_SIZE // 8]
-        evidence = (w0 | w1) != 0
-        keep = np.flatnonzero(evidence)
-        if len(keep) == 0:
-            self.no_evidence += npages
-            return 0
-        if len(keep) < npages:
-            w0, w1 = w0[keep], w1[keep]
-        keys = fingerprint_keys(w0, w1)
+        w0, w1 = self.words
+        if npages >= 32:  # a few numpy calls beat a slice per page
+            flat = np.frombuffer(view[skip:end], dtype=np.uint64)
+            words = np.stack([flat[w0 // 8 :: PAGE_SIZE // 8], flat[w1 // 8 :: PAGE_SIZE // 8]], axis=1).tobytes()
+        elif w1 == w0 + 8:
+            words = b"".join([view[p : p + 16] for p in range(skip + w0, end, PAGE_SIZE)])
+        else:
+            words = b"".join([view[p + w : p + w + 8] for p in range(skip, end, PAGE_SIZE) for w in (w0, w1)])
         if digests is None:
             digest = self.digest
-            dig = np.array([digest(body[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i in keep.tolist()], dtype=DIGEST_DTYPE)
-        else:
-            dig = np.array([digests[i] for i in keep.tolist()], dtype=DIGEST_DTYPE)
-        pages = keep.astype(np.uint64) + np.uint64(first_page)
+            digests = [digest(view[p : p + PAGE_SIZE]) for p in range(skip, end, PAGE_SIZE)]
         with self._lock:
-            locs = (np.uint64(self._file_number(ino, gen)) << np.uint64(PAGE_BITS)) | pages
-            start = self._append(keys, dig, locs)
-            self.no_evidence += npages - len(keep)
-            self.recorded += len(keep)
-            if self.grace > 0:
-                now = time.monotonic()
-                self._recent.append((now, start))
-                # Only the oldest record still within the grace period matters to a snapshot.
-                while len(self._recent) > 1 and self._recent[1][0] < now - self.grace:
-                    self._recent.popleft()
-        return len(keep)
+            self._pending.append(((ino, gen), first_page, words, digests, time.monotonic()))
+            self._pending_pages += npages
+            if self._pending_pages >= FLUSH_PAGES:
+                self._flush()
+        return npages
+
+    def _flush(self) -> None:
+        """Index the queued replies (with the lock held)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_pages = self._pending, [], 0
+        counts = np.array([len(d) for _, _, _, d, _ in pending], dtype=np.int64)
+        words = np.frombuffer(b"".join([w for _, _, w, _, _ in pending]), dtype=np.uint64).reshape(-1, 2)
+        w0, w1 = words[:, 0], words[:, 1]
+        evidence = (w0 | w1) != 0
+        keep = np.flatnonzero(evidence)
+        starts = np.cumsum(counts) - counts
+        reply = np.repeat(np.arange(len(pending)), counts)
+        in_reply = (np.arange(len(reply)) - starts[reply]).astype(np.uint64)
+        page = np.repeat(np.array([fp for _, fp, _, _, _ in pending], dtype=np.uint64), counts) + in_reply
+        fno = np.repeat(np.array([self._file_number(*f) for f, _, _, _, _ in pending], dtype=np.uint64), counts)
+        digests = np.array([d for _, _, _, ds, _ in pending for d in ds], dtype=DIGEST_DTYPE)
+        self._no_evidence += len(reply) - len(keep)
+        self._recorded += len(keep)
+        if len(keep) == 0:
+            return
+        keys = fingerprint_keys(w0[keep], w1[keep])
+        locs = (fno[keep] << np.uint64(PAGE_BITS)) | page[keep]
+        first = self._append(keys, digests[keep], locs)
+        if self.grace > 0:
+            # Where each reply's pages start in the index, for the grace period (replies with no evidence start where the next does).
+            kept_before = np.searchsorted(keep, starts)
+            cutoff = time.monotonic() - self.grace
+            self._recent.extend((t, max(0, first + k)) for (*_, t), k in zip(pending, kept_before.tolist(), strict=True) if t >= cutoff)
+            while len(self._recent) > 1 and self._recent[1][0] < cutoff:
+                self._recent.popleft()
 
     def _file_number(self, ino: int, gen: int) -> int:
         no = self._file_no.get((ino, gen))
@@ -222,11 +270,12 @@ class ServedPages:
         self._renumbered += 1
 
     def _append(self, keys: np.ndarray, digests: np.ndarray, locs: np.ndarray) -> int:
-        """Append entries (dropping the oldest if full); the index of the first appended."""
-        if len(keys) > self.capacity:  # a single record larger than the guest: only its last pages can be resident
+        """Append entries (dropping the oldest if full); the index the first entry got (negative if even it was dropped)."""
+        cut = 0
+        if len(keys) > self.capacity:  # a batch larger than the guest: only its last pages can be resident
             cut = len(keys) - self.capacity
             keys, digests, locs = keys[cut:], digests[cut:], locs[cut:]
-            self.dropped += cut
+            self._dropped += cut
         if self._n + len(keys) > self.capacity:
             drop = max(self._n + len(keys) - self.capacity, self.capacity // DROP_FRACTION)
             self._drop_oldest(min(drop, self._n))
@@ -235,7 +284,7 @@ class ServedPages:
         self._digests[lo:hi] = digests
         self._locs[lo:hi] = locs
         self._n = hi
-        return lo
+        return lo - cut
 
     def _drop_oldest(self, k: int) -> None:
         n = self._n
@@ -243,12 +292,13 @@ class ServedPages:
         self._digests[: n - k] = self._digests[k:n]
         self._locs[: n - k] = self._locs[k:n]
         self._n = n - k
-        self.dropped += k
+        self._dropped += k
         self._recent = deque((t, max(0, m - k)) for t, m in self._recent)
 
     def snapshot(self) -> Snapshot:
         """The entries a scan judges: all but those served within the grace period; of several records of one location, the newest."""
         with self._lock:
+            self._flush()
             judged = self._n
             if self.grace > 0:
                 cutoff = time.monotonic() - self.grace
@@ -257,7 +307,8 @@ class ServedPages:
             digests = self._digests[:judged].copy()
             all_locs = self._locs[: self._n].copy()
             files = list(self._files)
-            dropped = self.dropped
+            dropped = self._dropped
+            no_evidence = self._no_evidence
             renumbered = self._renumbered
         # Newest record per location wins; a young one supersedes older ones, which are then not judged either.
         _, first_from_end = np.unique(all_locs[::-1], return_index=True)
@@ -267,6 +318,7 @@ class ServedPages:
         return Snapshot(
             keys=keys[positions], digests=digests[positions], locs=all_locs[positions], positions=positions.astype(np.int64),
             judged_below=judged, young=len(all_locs) - judged, dropped_before=dropped, files=files, renumbered=renumbered,
+            no_evidence=no_evidence,
         )  # fmt: skip
 
     def settle(self, snap: Snapshot, evicted: np.ndarray) -> None:
@@ -276,7 +328,7 @@ class ServedPages:
         Entries dropped for capacity since the snapshot are already gone.
         """
         with self._lock:
-            shift = self.dropped - snap.dropped_before
+            shift = self._dropped - snap.dropped_before
             gone = snap.positions[evicted] - shift
             gone = gone[gone >= 0]
             keep = np.ones(self._n, dtype=bool)
