@@ -71,6 +71,8 @@ def _start_time(pid: int) -> int | Unscannable:
         return Unscannable(Reason.PROCESS_GONE, f"process {pid}")
     except PermissionError:
         return Unscannable(Reason.NO_PERMISSION, f"/proc/{pid}/stat")
+    except OSError:
+        return Unscannable(Reason.PROCESS_GONE, f"process {pid}")
     # The command name (field 2) may hold spaces and parentheses: fields start after the last ')'.
     return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
@@ -98,7 +100,7 @@ def _mappings(pid: int) -> list[tuple[int, int, str, int, str]] | Unscannable:
         # Reading a process that is exiting can fail with ESRCH.
         if e.errno == errno.ESRCH:
             return Unscannable(Reason.PROCESS_GONE, f"process {pid}")
-        raise
+        return Unscannable(Reason.MAPPING_NOT_FOUND, f"/proc/{pid}/maps: {e.strerror or e}")
     out = []
     for line in lines:
         fields = line.split(maxsplit=5)
@@ -111,7 +113,7 @@ def _is_ram_mapping(perms: str, inode: int, path: str) -> bool:
     if not perms.startswith("rw") or "x" in perms:
         return False
     if perms[3] == "p":
-        return inode == 0 and (not path or path.startswith("["))  # anonymous private: QEMU's default RAM
+        return inode == 0 and (not path or path.startswith("[anon:"))  # anonymous private (maybe named): QEMU's default RAM
     # Shared: a memfd or hugetlbfs backend (memory-backend-memfd / -file, libvirt's memoryBacking).
     return path.startswith("/memfd:") or "hugepages" in path
 

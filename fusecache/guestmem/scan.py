@@ -7,7 +7,7 @@ every 4 KiB page of guest RAM (16 bytes per page through process_vm_readv,
 IOV_MAX pieces per call), drops pages whose words are both zero (free and
 ballooned memory: no evidence), matches the rest against the served pages'
 sorted keys with numpy, and confirms each candidate by reading the whole page
-and comparing the caller's digest. A served page whose content is in RAM is
+and comparing its digest (the index's digest function). A served page whose content is in RAM is
 resident; one whose content is not is evicted. When several served locations
 hold the same content and RAM holds fewer copies than there are locations,
 all of them are reported evicted: which copy went is unknowable, and
@@ -54,7 +54,7 @@ class ScanResult:
     confirmed: int  # of those, pages whose full digest matched
     wall_s: float
     cpu_s: float  # this thread's CPU time (user + system)
-    timings: dict[str, float] = field(default_factory=dict)  # wall seconds by phase: words, match, confirm, settle
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds by phase: snapshot, words, match, confirm, settle
 
 
 def _failure(ram: GuestRam, err: ProcMemError) -> Unscannable:
@@ -144,10 +144,12 @@ def scan(ram: GuestRam, served: ServedPages, should_stop: Callable[[], bool] | N
     if gone is not None:
         return gone
     snap = served.snapshot()
+    t1 = time.monotonic()
+    timings["snapshot"] = t1 - t0
     try:
         words = _read_words(ram, served.words, should_stop)
+        timings["words"] = time.monotonic() - t1
         t1 = time.monotonic()
-        timings["words"] = t1 - t0
         w0, w1 = words[:, 0], words[:, 1]
         evidence = np.flatnonzero((w0 | w1) != 0)
         ram_keys = fingerprint_keys(w0[evidence], w1[evidence])
