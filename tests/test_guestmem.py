@@ -503,6 +503,9 @@ class ImagePages:
         evicted = {loc.chunk * PAGES_PER_CHUNK + loc.page for loc in result.evicted} & self.file_pages
         assert resident | evicted == self.file_pages
         assert resident == {p for p in self.file_pages if self.digest(p) in after}
+        print(f"file pages: {len(resident)} resident, {len(evicted)} evicted of {len(self.file_pages)}; "
+              f"scan {result.wall_s:.2f} s, {result.cpu_s:.2f} s CPU for {ram.size >> 20} MiB; "
+              f"{result.candidates} candidates, {result.confirmed} confirmed")  # fmt: skip
         return resident, evicted
 
 
