@@ -40,7 +40,7 @@ lint: venv
 	$(VENV)/bin/ruff check fusecache tests bench
 
 bench: setup
-	for b in passthrough hitpath store_profile eviction blocksize nfs_raw nfs secondchance peer_latency cluster; do \
+	for b in passthrough hitpath store_profile eviction blocksize nfs_raw nfs secondchance peer_latency cluster guestmem; do \
 		test -f bench/$$b.py && $(PY) bench/$$b.py || exit 1; \
 	done
 
