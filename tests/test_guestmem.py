@@ -179,6 +179,23 @@ def test_locate_finds_the_mapping_by_size_and_it_holds_the_content(child):
     assert isinstance(not_qemu, Unscannable) and not_qemu.reason is Reason.NOT_QEMU
 
 
+def test_ram_in_shared_memory_is_refused_before_anything_is_read():
+    """A memfd RAM backend: reading the holes the balloon punched would allocate them again (measured: it does)."""
+    size = RAM_PAGES * PAGE_SIZE
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import mmap, os, sys\n"
+        f"fd = os.memfd_create('pc.ram'); os.ftruncate(fd, {size}); ram = mmap.mmap(fd, {size})\n"
+        "print('ready', flush=True); sys.stdin.read()\n"
+    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        result = locate_ram(holder.pid, size)
+        assert isinstance(result, Unscannable) and result.reason is Reason.SHARED_RAM
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
 def test_scan_finds_served_pages_resident_then_exactly_the_overwritten_ones_evicted(child):
     ram = child.ram()
     served = ServedPages.for_ram(ram.size, grace=0)

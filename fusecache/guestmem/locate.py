@@ -5,10 +5,11 @@ domain's pidfile), the guest's RAM size (QMP `query-memory-size-summary`
 base-memory; libvirt's domain XML), the mapping in /proc/PID/maps that holds
 it, and the identity check that keeps a reused PID from being taken for the
 guest. QEMU keeps guest RAM in one anonymous read-write mapping of exactly the
-RAM size (memfd or hugepage backends: a shared one); under TCG a ~1 GiB
-`rwxp` code buffer sits beside it, which the permissions rule out. Every
-failure is an `Unscannable` value saying why (no permission, no such mapping,
-the process is gone): callers fall back to estimates, nothing raises.
+RAM size; under TCG a ~1 GiB `rwxp` code buffer sits beside it, which the
+permissions rule out. RAM in shared memory (memfd, hugetlbfs) is refused:
+reading its holes would allocate them. Every failure is an `Unscannable`
+value saying why (no permission, no such mapping, the process is gone):
+callers fall back to estimates, nothing raises.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Reason(enum.Enum):
     PROCESS_GONE = "the QEMU process is gone"
     MAPPING_NOT_FOUND = "no mapping of the guest's RAM size in the QEMU process"
     MAPPING_AMBIGUOUS = "several mappings of the guest's RAM size in the QEMU process"
+    SHARED_RAM = "the guest's RAM is shared memory (memfd or hugetlbfs): reading it would allocate what the guest gave back"
     NOT_QEMU = "the process is not QEMU"
     NO_PID = "the QEMU process is not known"
     NO_SIZE = "the guest's RAM size is not known"
@@ -110,12 +112,15 @@ def _mappings(pid: int) -> list[tuple[int, int, str, int, str]] | Unscannable:
 
 
 def _is_ram_mapping(perms: str, inode: int, path: str) -> bool:
-    if not perms.startswith("rw") or "x" in perms:
-        return False
-    if perms[3] == "p":
-        return inode == 0 and (not path or path.startswith("[anon:"))  # anonymous private (maybe named): QEMU's default RAM
-    # Shared: a memfd or hugetlbfs backend (memory-backend-memfd / -file, libvirt's memoryBacking).
-    return path.startswith("/memfd:") or "hugepages" in path
+    """Anonymous private read-write memory (maybe named): QEMU's default RAM. Reading a page the guest never
+    touched or gave back maps the shared zero page: it allocates nothing."""
+    return perms.startswith("rw") and "x" not in perms and perms[3] == "p" and inode == 0 and (not path or path.startswith("[anon:"))
+
+
+def _is_shared_ram(perms: str, path: str) -> bool:
+    """A memfd or hugetlbfs RAM backend (memory-backend-memfd / -file, libvirt's memoryBacking). Reading a hole in
+    it faults a page in: a scan would take back the memory the guest's balloon returned, so it is refused."""
+    return perms.startswith("rw") and perms[3] == "s" and (path.startswith("/memfd:") or "hugepages" in path)
 
 
 def locate_ram(pid: int, size: int) -> GuestRam | Unscannable:
@@ -130,6 +135,8 @@ def locate_ram(pid: int, size: int) -> GuestRam | Unscannable:
         return maps
     found = [(lo, hi) for lo, hi, perms, inode, path in maps if hi - lo == size and _is_ram_mapping(perms, inode, path)]
     if not found:
+        if any(hi - lo == size and _is_shared_ram(perms, path) for lo, hi, perms, _, path in maps):
+            return Unscannable(Reason.SHARED_RAM, f"process {pid}")
         return Unscannable(Reason.MAPPING_NOT_FOUND, f"process {pid}, {size} bytes")
     if len(found) > 1:
         return Unscannable(Reason.MAPPING_AMBIGUOUS, f"process {pid}: {len(found)} mappings of {size} bytes")
