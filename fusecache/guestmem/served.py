@@ -15,8 +15,9 @@ one piece. Measured (`bench/guestmem.py`), on pages of real OS files: words
 at 0 and 2048 make slightly better evidence (1.9% of pages have both words
 zero against 2.8%; 4.8% share their key with a page of other content against
 8.6%), but they are two pieces per page, and the kernel's cost is per piece
-(it pins the page for each): the scan took 0.51 CPU s per GiB with them and
-0.32 with one piece, the extra refuted candidates costing almost nothing.
+(it pins the page for each): over three runs the scan took 0.46-0.51 CPU s
+per GiB with them and 0.32-0.37 with one piece, the extra refuted candidates
+costing almost nothing.
 The middle of a page is past any header at its start (file-format magic,
 which byte 0 and byte 8 share across many files: 12.7% shared keys). A page
 whose two words are both zero (all-zero pages, short file tails) is no
