@@ -97,6 +97,13 @@ class QmpClient:
     def closed(self) -> bool:
         return self._closed is not None
 
+    @property
+    def peer_pid(self) -> int | None:
+        """QEMU's PID: the peer of the unix socket (SO_PEERCRED), or None if the kernel cannot tell."""
+        from .guestmem.locate import peer_pid
+
+        return peer_pid(self._stream.socket)
+
     async def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         """Run one command; its "return" value. Raises QmpError, QmpClosed or QmpTimeout."""
         if self._closed is not None:
