@@ -89,7 +89,7 @@ def test_sizes_that_are_not_a_finite_non_negative_size_are_refused(option, text)
 _NUMBER_TEXT = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.integers(min_value=-(1 << 70), max_value=1 << 70).map(str),
-    st.sampled_from(["nan", "inf", "-inf", "+inf", "infinity", "1e400", "-0", "0x10", "", " ", "1_000", "١"]),
+    st.sampled_from(["nan", "inf", "-inf", "+inf", "infinity", "1e400", "-0", "0x10", "", " ", "1_000", "\u0661"]),
 )
 
 
