@@ -5,9 +5,9 @@ eviction order (touched on every hit) and the counters. Every read takes its
 own LMDB read transaction (MVCC: it never waits for the writer) and copies
 bytes out of the read-only slab map; the writer may be reusing a slot an
 older view still points at, so every byte is checked after it is copied: the
-chunk digest when a whole chunk is read (one hash), else the digest of each
-page overlapping the range read. A mismatch is a miss (`verify_failures`),
-never wrong data.
+chunk digest when a whole chunk is read (one hash), else the check of each
+page overlapping the range read (seeded xxh3-128: `fusecache/identity.py`).
+A mismatch is a miss (`verify_failures`), never wrong data.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import lmdb
 import xxhash
 
+from fusecache.identity import ContentKeys
 from fusecache.store.eviction import Eviction
 from fusecache.store.layout import (
     INO,
@@ -27,7 +28,6 @@ from fusecache.store.layout import (
     SHIFT,
     U32,
     U64,
-    ZERO_DIGEST,
     ZERO_PAGE,
     Key,
     Location,
@@ -53,9 +53,19 @@ class Reader:
     """The store's reads: lock-free, verified, safe beside the one writer."""
 
     def __init__(
-        self, env: lmdb.Environment, tables: Tables, slab: Slab, eviction: Eviction, counters: dict[str, int], *, chunk_size: int
+        self,
+        env: lmdb.Environment,
+        tables: Tables,
+        slab: Slab,
+        eviction: Eviction,
+        counters: dict[str, int],
+        *,
+        chunk_size: int,
+        keys: ContentKeys,
     ) -> None:
         self.env, self.tables, self.slab, self.eviction, self.counters = env, tables, slab, eviction, counters
+        self.keys = keys
+        self._seed = keys.seed  # the checks below call xxhash with it directly: the hit path's hash
         self.chunk_size = chunk_size
         self._whole_run_head = whole_run_head(chunk_size).unpack_from
 
@@ -96,7 +106,7 @@ class Reader:
         value = txn.get(key, db=self.tables.loc)
         if value is None:
             return None
-        cs = self.chunk_size
+        cs, seed = self.chunk_size, self._seed
         if lo <= 0 and (hi is None or hi >= cs):
             try:
                 length, flags, chunk_digest, first_slot = self._whole_run_head(value)
@@ -109,7 +119,7 @@ class Reader:
                     return None
                 # Copy first, verify the copy: the writer may be reusing a slot right now.
                 data = self.slab.map[first_slot << SHIFT : (first_slot << SHIFT) + cs]
-                if xxhash.xxh3_128_digest(data) != chunk_digest:
+                if xxhash.xxh3_128_digest(data, seed) != chunk_digest:
                     self.counters["verify_failures"] += 1
                     return None
                 return data
@@ -129,7 +139,7 @@ class Reader:
             if whole:
                 # Copy first, verify the copy: the writer may be reusing a slot right now.
                 data = mm[base : base + length]
-                if xxhash.xxh3_128_digest(data) != chunk_digest:
+                if xxhash.xxh3_128_digest(data, seed) != chunk_digest:
                     self.counters["verify_failures"] += 1
                     return None
                 return data
@@ -138,7 +148,7 @@ class Reader:
             digests = page_digests(value, refs_at, npages, p0, p1)
             view = memoryview(data)
             for j in range(p1 - p0 + 1):
-                if xxhash.xxh3_128_digest(view[j << SHIFT : (j + 1) << SHIFT]) != digests[16 * j : 16 * j + 16]:
+                if xxhash.xxh3_128_digest(view[j << SHIFT : (j + 1) << SHIFT], seed) != digests[16 * j : 16 * j + 16]:
                     self.counters["verify_failures"] += 1
                     return None
         else:
@@ -175,13 +185,13 @@ class Reader:
             if whole:
                 if len(data) != length:
                     data = data[:length]
-                if xxhash.xxh3_128_digest(data) != chunk_digest:
+                if xxhash.xxh3_128_digest(data, seed) != chunk_digest:
                     self.counters["verify_failures"] += 1
                     return None
                 return data
             view = memoryview(data)
             for off, digest in checks:
-                if xxhash.xxh3_128_digest(view[off : off + PAGE_SIZE]) != digest:
+                if xxhash.xxh3_128_digest(view[off : off + PAGE_SIZE], seed) != digest:
                     self.counters["verify_failures"] += 1
                     return None
         lo -= p0 << SHIFT
@@ -196,7 +206,7 @@ class Reader:
         full_pages = cs >> SHIFT
         whole_from = first if lo <= 0 else first + 1  # chunks from here to whole_to are read whole
         whole_to = last if hi is None or hi >= cs else last - 1
-        digest = xxhash.xxh3_128_digest
+        digest = self.keys.check
         whole_head = self._whole_run_head
         pos = begin = 0
         keys = []
@@ -294,13 +304,13 @@ class Reader:
         loc = self.location(ino, gen, chunk)
         if loc is None:
             return None
-        digests = [ZERO_DIGEST] * ((loc.length + PAGE_SIZE - 1) >> SHIFT)
+        digests = [self.keys.zero_name] * ((loc.length + PAGE_SIZE - 1) >> SHIFT)
         for i, digest, _ in loc.pages():
             digests[i] = digest
         return digests
 
     def read_page(self, digest: bytes) -> bytes | None:
-        if digest == ZERO_DIGEST:
+        if digest == self.keys.zero_name:
             return ZERO_PAGE
         with self.env.begin(db=self.tables.pages, buffers=True) as txn:
             value = txn.get(digest)
@@ -311,7 +321,7 @@ class Reader:
             self.counters["verify_failures"] += 1
             return None
         page = self.slab.map[slot << SHIFT : (slot + 1) << SHIFT]
-        if xxhash.xxh3_128_digest(page) != digest:
+        if self.keys.name(page) != digest:  # a peer's request: the name itself, not the (cheaper) check
             self.counters["verify_failures"] += 1
             return None
         return page
