@@ -131,8 +131,19 @@ class Files:
         before/after fstats judge those) and for a file whose version is not known yet.
         """
         st = self._files.get(attr.ino)
-        if st is not None and not st.writing and st.version is not None:
-            self.check(st, attr)
+        if st is None or st.writing or st.version is None or st.version == UNKNOWN:
+            return
+        seen = attr.version
+        if seen.change == 0 and st.version.change != 0:
+            # getattr stats by name, and on NFSv4 that carries no change attribute (only an open
+            # file's fstat does): compare the rest, and leave the version to the next fstat check.
+            if seen[:3] != st.version[:3]:
+                self._new_generation(st)
+                self.images[self.name(st.ino)].invalidations += 1
+                log.info("%s changed on the backing: its cached chunks are dropped", self.name(st.ino))
+                st.checked = 0.0  # the next read checks with fstat at once, and records that version
+            return
+        self.check(st, attr)
 
     async def revalidated(self, ino: int, handle: object) -> FileState:
         """The file's state, its version checked against the backing if `revalidate` seconds have passed."""

@@ -329,3 +329,29 @@ def test_overlapping_writes_of_ours_are_not_taken_for_another_host(mem):
         return bytes(await cache.read(f, 0, CS))
 
     assert trio.run(go) == bytes(backing.files["a.img"].data[:CS])
+
+
+def test_getattr_by_name_without_a_change_attribute_does_not_drop_an_nfs4_files_chunks(mem):
+    """NFSv4: fstat carries the change attribute, a stat by name does not; only a real difference is a change."""
+    backing, cache = mem
+    backing.put("a.img", os.urandom(2 * CS))
+    with_change = lambda attr: dataclasses.replace(attr, change=attr.mtime_ns * 10)  # noqa: E731
+    plain_fstat = backing.fstat
+    backing.fstat = lambda fh: with_change(plain_fstat(fh))  # type: ignore[method-assign]
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        await cache.read(f, 0, 2 * CS)
+        await cache.queue.drain()
+        cache.attributes_seen(backing.lstat("a.img"))  # same size and times, change 0: the same version
+        reads = backing.preads
+        same = bytes(await cache.read(f, 0, 2 * CS)) == bytes(backing.files["a.img"].data[: 2 * CS])
+        hit = backing.preads == reads
+        _change_behind(backing, "a.img", 0, b"new!" * 4)
+        cache.attributes_seen(backing.lstat("a.img"))  # another mtime: changed
+        return same, hit, bytes(await cache.read(f, 0, 16))
+
+    same, hit, after = trio.run(go)
+    assert same and hit  # served from the store: no new generation
+    assert after == b"new!" * 4
+    assert cache.images["a.img"].invalidations == 1
