@@ -206,7 +206,7 @@ class Reader:
         full_pages = cs >> SHIFT
         whole_from = first if lo <= 0 else first + 1  # chunks from here to whole_to are read whole
         whole_to = last if hi is None or hi >= cs else last - 1
-        digest = self.keys.check
+        digest, seed = xxhash.xxh3_128_digest, self._seed
         whole_head = self._whole_run_head
         pos = begin = 0
         keys = []
@@ -227,7 +227,7 @@ class Reader:
                             self.counters["verify_failures"] += 1
                             return None
                         view[pos : pos + cs] = slab[slot << SHIFT : (slot << SHIFT) + cs]
-                        if digest(view[pos : pos + cs]) != chunk_digest:
+                        if digest(view[pos : pos + cs], seed) != chunk_digest:
                             self.counters["verify_failures"] += 1
                             return None
                         keys.append(key)
@@ -269,14 +269,14 @@ class Reader:
                     digests_at = head + 4 * count
                 # Verify the copy: the writer may be reusing a slot right now.
                 if whole:
-                    ok = digest(view[pos : pos + length]) == chunk_digest
+                    ok = digest(view[pos : pos + length], seed) == chunk_digest
                     pos += length
                 else:
                     ok = True
                     for i, k in checks:
                         at = pos + ((i - p0) << SHIFT)
                         d = digests_at + 16 * k
-                        if digest(view[at : at + PAGE_SIZE]) != bytes(value[d : d + 16]):
+                        if digest(view[at : at + PAGE_SIZE], seed) != bytes(value[d : d + 16]):
                             ok = False
                             break
                     pos += chi - (p0 << SHIFT)  # the next chunk's bytes follow this one's
