@@ -145,6 +145,10 @@ class Store:
         """(ino, version, chunk) of every held chunk of a file's current generation: the peers' location summary."""
         return self._reader.iter_locations()
 
+    def held_chunks(self, ino: int, gen: int, first: int, last: int) -> set[int]:
+        """Which of chunks first..last of (ino, gen) the store holds (one read transaction, keys only)."""
+        return self._reader.held_chunks(ino, gen, first, last)
+
     def pins(self) -> dict[int, str]:
         """The pinned inodes, as committed (ino -> the image path it was pinned by)."""
         return self._reader.pins()

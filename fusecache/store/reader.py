@@ -57,6 +57,7 @@ class Holdings:
     """What the store holds of one generation of one file."""
 
     chunks: list[int] = dataclasses.field(default_factory=list)  # chunk numbers held
+    chunk_bytes: list[int] = dataclasses.field(default_factory=list)  # non-hole bytes of each
     cached_bytes: int = 0  # non-hole bytes of those chunks
     shared_bytes: int = 0  # of which pages some other file (or another of its generations) holds too
 
@@ -359,6 +360,19 @@ class Reader:
         with self.env.begin(db=self.tables.meta, buffers=True) as txn:
             return decode_pins(txn.get(b"pins"))
 
+    def held_chunks(self, ino: int, gen: int, first: int, last: int) -> set[int]:
+        """Which of chunks first..last of (ino, gen) are held (keys only: nothing is read or verified)."""
+        out = set()
+        end = pack_key(ino, gen, last)
+        with self.env.begin(db=self.tables.loc) as txn:
+            cur = txn.cursor()
+            if cur.set_range(pack_key(ino, gen, first)):
+                for key in cur.iternext(values=False):
+                    if key > end:
+                        break
+                    out.add(unpack_key(key)[2])
+        return out
+
     def keys_of(self, inos: Iterable[int]) -> list[Key]:
         """Every loc key of these inodes, any generation."""
         out: list[Key] = []
@@ -389,7 +403,8 @@ class Reader:
                         break
                     loc = decode_loc(value)
                     out.chunks.append(unpack_key(key)[2])
-                    out.cached_bytes += loc.held_bytes()
+                    out.chunk_bytes.append(loc.held_bytes())
+                    out.cached_bytes += out.chunk_bytes[-1]
                     own.update(loc.digests)
             pages = txn.cursor(db=self.tables.pages)
             for digest, value in pages.getmulti(sorted(own)):
