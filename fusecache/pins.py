@@ -169,7 +169,8 @@ class Pins:
         for ino, (path, a) in attrs.items():
             rec = self._files.setdefault(ino, {"path": path, "pins": {}})
             rec["path"] = path
-            rec["pins"][image] = how
+            if rec["pins"].get(image) != "pin":  # an explicit pin outlives the --pin that also matches it
+                rec["pins"][image] = how
             self._sizes[ino] = allocated(a)
         self._persist()
         log.info("pinned %s (%s)%s", image, how, f" with {', '.join(chain[1:])}" if len(chain) > 1 else "")
@@ -218,13 +219,22 @@ class Pins:
         for path, attr in walk_images(backing):
             if any(fnmatch.fnmatchcase(path, g) for g in self.globs):
                 matched[path] = attr
-        total = sum(allocated(a) for a in {a.ino: a for a in matched.values()}.values())
+        sizes = {ino: self._sizes.get(ino, 0) for ino, rec in self._files.items() if self._kept(rec)}
+        ours = {a.ino: allocated(a) for a in matched.values()}
+        total = sum({**sizes, **ours}.values())
         if total > self.budget:
+            kept = f" with what is pinned already ({human(sum(sizes.values()))})" if sizes else ""
             raise QuietError(
-                f"--pin {' '.join(self.globs)} matches {len(matched)} images of {human(total)}, over the pin budget of "
-                f"{human(self.budget)}: pin fewer images, or give a larger --cache-size or --pin-budget"
+                f"--pin {' '.join(self.globs)} matches {len(matched)} images of {human(sum(ours.values()))}: {human(total)}{kept}, "
+                f"over the pin budget of {human(self.budget)}: pin fewer images, `fusecache unpin` some, or give a larger "
+                "--cache-size or --pin-budget"
             )
         return sorted(matched)
+
+    def _kept(self, rec: dict[str, Any]) -> bool:
+        """Whether a pinned file stays pinned at this mount: some pin of it is not a --pin this mount dropped."""
+        wanted = {f"--pin {g}" for g in self.globs}
+        return any(not how.startswith("--pin ") or how in wanted for how in rec["pins"].values())
 
     async def apply_globs(self, matched: list[str]) -> None:
         """Once the mount serves: pin what --pin matched (with backing chains), and drop --pin pins no longer asked for."""
