@@ -237,14 +237,28 @@ class Pins:
         return any(not how.startswith("--pin ") or how in wanted for how in rec["pins"].values())
 
     async def apply_globs(self, matched: list[str]) -> None:
-        """Once the mount serves: pin what --pin matched (with backing chains), and drop --pin pins no longer asked for."""
+        """Once the mount serves: drop --pin pins no longer asked for and pins of files gone, then pin what --pin matched."""
         wanted = {f"--pin {g}" for g in self.globs}
         stale = {img for img, info in self.images().items() if info.by.startswith("--pin ") and info.by not in wanted}
         for img in stale:
             self._remove(img)
         if stale:
-            self._persist()
             log.info("unpinned %s: pinned by a --pin this mount does not give", ", ".join(sorted(stale)))
+        # A pinned file deleted while unmounted, its inode number reused: the pin must not pass to the newcomer.
+        gone = []
+        for ino, rec in list(self._files.items()):
+            try:
+                same = (await self.backing.lstat(rec["path"])).ino == ino
+            except OSError:
+                same = False
+            if not same:
+                gone.append(rec["path"])
+                del self._files[ino]
+                self._sizes.pop(ino, None)
+        if gone:
+            log.info("unpinned %s: not the pinned file any more (deleted or replaced)", ", ".join(sorted(gone)))
+        if stale or gone:
+            self._persist()
         if not matched:
             return
         while (entry := mounts.find_mount(self.mountpoint)) is None or entry.fstype != mounts.FSTYPE:

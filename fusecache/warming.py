@@ -7,9 +7,10 @@ already cached (held by the store, or queued for it) are skipped; the rest
 come from a peer whose summary says it holds them, else from the backing,
 and are admitted under the never-stale rules of `Files` (a chunk read while
 its file was written or regenerated is not admitted). A job is background
-work: one fetch in flight, a byte rate limit on what it fetches, and it waits
-for the store's writer to catch up instead of filling its queue, so the
-guests' own admissions are not refused because of it. What a cancelled job
+work: one fetch in flight, a byte rate limit on what it fetches (a quarter of
+it while guests are reading), and it waits for the store's writer to catch up
+instead of filling its queue, so the guests' own admissions are not refused
+because of it. What a cancelled job
 admitted stays cached. Finished jobs are kept a while for the last poll.
 """
 
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 WARM_READ = 1 << 20  # bytes fetched per step
 QUEUE_ROOM = 32 << 20  # a job waits while more than this is admitted and not yet committed
 PEER_WAIT = 0.5  # seconds a job waits for peers before reading the backing (no guest is waiting)
+# While guests read (a guest request since the job's last step), a job fetches at this share of its rate:
+# background priority. bench/warm.py measures what guests' reads cost with and without it.
+BUSY_SHARE = 0.25
 KEEP_FINISHED = 600.0  # seconds a finished job stays visible
 MAX_FINISHED = 16
 
@@ -50,7 +54,8 @@ class _Job:
     ended: trio.Event = dataclasses.field(default_factory=trio.Event)
     started: float = dataclasses.field(default_factory=time.monotonic)
     finished: float | None = None
-    fetched: int = 0
+    next_at: float = 0.0  # time.monotonic() before which the next fetch may not start (the pacing)
+    guest_reads: int = -1  # the guests' read count at the last step
 
 
 class Warmer:
@@ -230,15 +235,18 @@ class Warmer:
         return from_peers + from_backing
 
     async def _pace(self, job: _Job, fetched: int) -> None:
-        """Keep the bytes fetched under the job's rate; yield to the loop either way."""
-        job.fetched += fetched
-        rate = job.progress.rate_limit
-        if rate:
-            ahead = job.started + job.fetched / rate - time.monotonic()
-            if ahead > 0:
-                await trio.sleep(ahead)
-                return
-        await trio.sleep(0)
+        """Keep the bytes fetched under the job's rate, a quarter of it while guests read; yield to the loop either way."""
+        reads = sum(c.reads for c in self.files.images.values())
+        busy = job.guest_reads >= 0 and reads != job.guest_reads
+        job.guest_reads = reads
+        rate = job.progress.rate_limit * (BUSY_SHARE if busy else 1.0)
+        now = time.monotonic()
+        if rate and fetched:
+            job.next_at = max(job.next_at, now) + fetched / rate
+        if job.next_at > now:
+            await trio.sleep(job.next_at - now)
+        else:
+            await trio.sleep(0)
 
 
 def _overlap(c: int, cs: int, lo: int, hi: int) -> int:

@@ -258,3 +258,17 @@ def test_bad_input_is_one_line_each(mounter, tmp_path):
     mp2 = tmp_path / "nocache"
     mp2.mkdir()
     one_line_error(run_fusecache("mount", str(root), str(mp2), "--no-cache", "--pin", "*"), 1, "--no-cache")
+
+
+def test_a_pin_does_not_pass_to_a_file_that_replaced_the_pinned_one(mounter, tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    write_random(str(root / "a.img"), MiB, 13)
+    args = ("--cache-dir", str(tmp_path / "cache"))
+    m = mounter.mount(str(root), *args)
+    assert run_fusecache("pin", m.mountpoint, "a.img").returncode == 0
+    mounter.unmount(m)
+    os.rename(root / "a.img", root / "old.img")  # keeps its inode: the pin must not follow the name to another file
+    write_random(str(root / "a.img"), MiB, 14)
+    m = mounter.mount(str(root), *args)
+    wait_for(lambda: not stats(m.mountpoint).pins.pins, "the stale pin to go")
