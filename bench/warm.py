@@ -69,6 +69,8 @@ class WarmLoop:
             cmd = [*FUSECACHE, "warm", self.mountpoint, "bulk.img", "--rate", str(self.rate), "--json"]
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
             out, err = self.proc.communicate()
+            if self.proc.returncode < 0 or (self.proc.returncode == 130 and not out):
+                continue  # stopped before it started a job
             if self.proc.returncode not in (0, 130):
                 self.error = f"fusecache warm failed: {err.strip()}"
                 return

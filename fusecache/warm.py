@@ -37,10 +37,10 @@ def main(mountpoint: str, images: list[str], offset: int, length: int | None, ra
     args: dict[str, Any] = {"images": images, "offset": offset, "length": length}
     if rate is not None:
         args["rate"] = rate
-    job = control.request(mountpoint, "warm", **args)["id"]
     # SIGTERM leaves like Ctrl-C does: the job is cancelled, not left running unseen
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        job = control.request(mountpoint, "warm", **args)["id"]
         try:
             p = _follow_bar(mountpoint, job) if sys.stdout.isatty() and not as_json else _follow(mountpoint, job)
         except KeyboardInterrupt:
