@@ -2,10 +2,11 @@
 
 options -> backing -> store -> peer server and peer set -> store queue ->
 files -> peer reads -> admission -> cache -> pins -> balloon monitor ->
-control verbs (admit/drop, warm jobs, pin/unpin, ls). Every part gets what it depends on in its constructor; each part's
-teardown is registered on an AsyncExitStack right after it is built, so a
-failure at any step (a foreign cache, a port in use) undoes exactly what was
-built. Background tasks (the writer, admission, peers, the balloon monitor)
+control verbs (admit/drop, warm jobs, pin/unpin, ls). Every part gets what
+it depends on in its constructor; each part's teardown is registered on an
+AsyncExitStack right after it is built, so a failure at any step (a foreign
+cache, a port in use) undoes exactly what was built. Background tasks (the
+writer, admission, peers, the balloon monitor, warm jobs, the --pin task)
 run in a nursery on the same stack, cancelled first on the way out. The
 daemon (`daemon.py`) owns the process around it: checks, FUSE, readiness,
 signals. A new part is built here, and nowhere else.

@@ -68,7 +68,7 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *words: st
         assert w in lines[0], lines[0]
 
 
-def test_warm_then_a_direct_read_of_the_whole_image_reads_nothing_from_the_backing(mounter, images, tmp_path):
+def test_warm_then_a_direct_read_reads_nothing_from_the_backing(mounter, images, tmp_path):
     data = write_random(images.path("golden.img"), 24 * MiB + 5000, 1)  # a partial last chunk too
     m = mounter.mount(images.spec, "--cache-dir", str(tmp_path / "cache"))  # the default second-chance admission
     proc = run_fusecache("warm", m.mountpoint, "golden.img")

@@ -22,8 +22,9 @@ Format version FORMAT_VERSION; all integers big-endian.
   total of the free extents; b"logical_bytes" -> u64 non-hole bytes held by
   loc entries; b"order" (only after a clean close) -> the loc keys in
   eviction order, victim first; b"pins" (only once something was pinned) -> JSON
-  {"INO": "path", ...}: the inodes whose chunks eviction never takes, and the
-  image path each was pinned by (for listings).
+  {"INO": LABEL, ...}: the inodes whose chunks eviction never takes, each with
+  a string the store does not read (`pins.py` keeps its record there: the
+  file's path and the pins that cover it).
 - `pages.slab`: slot s holds a page at byte offset s * 4096.
 
 A loc value is decoded two ways, both here: `decode_loc` into a `Location`

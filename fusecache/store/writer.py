@@ -59,7 +59,7 @@ class WriteBatch:
     other than the file's recorded one is a read of a superseded version: skipped.
     peer_holds(digest) tells eviction which pages a peer also holds: those are
     cheaper to lose (None: no peer holds anything). pins, when given, replaces
-    the pinned inodes (ino -> the image path it was pinned by): their chunks
+    the pinned inodes (ino -> a label the store keeps for its caller): their chunks
     leave the eviction order, and those of inodes no longer pinned return to it.
     """
 
