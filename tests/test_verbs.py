@@ -165,6 +165,8 @@ def test_pin_at_mount_by_glob_and_the_budget(mounter, tmp_path):
     pins = stats(m.mountpoint).pins
     assert [p.image for p in pins.pins] == ["golden/a.img", "golden/b.img"] and {p.by for p in pins.pins} == {"--pin golden/*"}
     assert pins.allocated_bytes == 6 * MiB and pins.budget == 8 * MiB
+    top = run_fusecache("top", "--once", "--interval", "0", m.mountpoint)
+    assert "pinned 6.0 MiB of 8.0 MiB: golden/a.img, golden/b.img" in top.stdout, top.stdout
     # a pin past the budget: refused in one line, nothing changed
     one_line_error(run_fusecache("pin", m.mountpoint, "big.img"), 1, "big.img", "over the pin budget of 8.0 MiB")
     assert stats(m.mountpoint).pins.allocated_bytes == 6 * MiB
