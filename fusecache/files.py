@@ -82,6 +82,10 @@ class Files:
     def known(self) -> set[int]:
         return set(self._files)
 
+    def names(self) -> dict[int, str]:
+        """ino -> the path each known file was last opened by."""
+        return dict(self._names)
+
     def name(self, ino: int) -> str:
         return self._names.get(ino, str(ino))
 

@@ -1,7 +1,7 @@
 """The queue of changes to the store, and the one writer task that applies them.
 
 Everything that changes the store goes through here, in order: file records
-(generation, version), forgotten files, dropped chunks and admitted chunks.
+(generation, version), forgotten files, pins, dropped chunks and admitted chunks.
 Until the writer has committed them, what is queued is visible to readers
 from here: an admitted chunk is served from `pending`, a dropped chunk is a
 miss (`is_dropped`). The writer applies the queue in batches, one worker
@@ -76,6 +76,11 @@ class StoreQueue:
         return self._seq - self._committed
 
     @property
+    def pending_admit_bytes(self) -> int:
+        """Bytes admitted and not yet committed (admissions are refused past MAX_PENDING_ADMIT_BYTES)."""
+        return self._pending_admit_bytes
+
+    @property
     def empty(self) -> bool:
         return not self._queue
 
@@ -85,6 +90,10 @@ class StoreQueue:
 
     def forget_file(self, ino: int) -> None:
         self._enqueue("forget", ino)
+
+    def set_pins(self, pins: dict[int, str]) -> None:
+        """Replace the pinned inodes (ino -> image path): applied in queue order, persisted by the store."""
+        self._enqueue("pins", dict(pins))
 
     def drop(self, key: Key) -> None:
         self._dropped[key] = self._enqueue("drop", key)
@@ -128,6 +137,8 @@ class StoreQueue:
                 batch.drop.append(item)  # type: ignore[arg-type]
             elif kind == "file":
                 batch.files.append(item)  # type: ignore[arg-type]
+            elif kind == "pins":
+                batch.pins = item  # type: ignore[assignment]
             else:
                 batch.forget_files.append(item)  # type: ignore[arg-type]
             taken += 1

@@ -35,12 +35,13 @@ from rich.text import Text
 from fusecache import control, mounts
 from fusecache.errors import QuietError
 from fusecache.peers import PeerStats
-from fusecache.stats import BalloonGuest, ImageCounters, MountStats
+from fusecache.stats import BalloonGuest, ImageCounters, MountStats, PinStats, WarmProgress
 
 HISTORY = 60.0  # seconds of throughput the sparkline covers
 SPARK_WIDTH = 30  # characters: one per HISTORY / SPARK_WIDTH seconds
 STATS_TIMEOUT = 2.0  # a hung daemon delays a refresh by at most this
 ONCE_WIDTH = 100
+WARM_SHOWN = 60.0  # seconds a finished warm job stays on screen
 
 
 def human(n: float) -> str:
@@ -309,6 +310,29 @@ def _peers_table(peers: dict[str, PeerStats], g: Glyphs) -> Table:
     return table
 
 
+def _warm_line(p: WarmProgress, g: Glyphs) -> Text:
+    """One warm job: its bar, bytes, rate and time left (or how it ended)."""
+    fetched = p.peer_bytes + p.backing_bytes
+    rate = fetched / p.elapsed if p.elapsed > 0 else 0.0
+    fill = p.done_bytes / p.total_bytes if p.total_bytes else 1.0
+    t = Text(f"warm #{p.id} ")
+    t.append(_bar(fill, 10, g), style="green" if p.state == "running" else "dim")
+    t.append(f" {human(p.done_bytes)} / {human(p.total_bytes)} ({100 * fill:.0f}%)  {_mbs(rate)} MB/s")
+    if p.state == "running":
+        left = (p.total_bytes - p.done_bytes) / rate if rate > 0 else None
+        t.append(f"  ETA {g.dash if left is None else _duration(left)}")
+    else:
+        t.append(f"  {p.state}", style="bold red" if p.state == "failed" else "dim")
+    t.append(f"  {', '.join(p.images)}", style="dim")
+    return t
+
+
+def _pins_line(pins: PinStats) -> Text:
+    t = Text(f"pinned {human(pins.allocated_bytes)} of {human(pins.budget)}: ")
+    t.append(", ".join(p.image + (f" (+{len(p.chain) - 1} backing)" if len(p.chain) > 1 else "") for p in pins.pins), style="magenta")
+    return t
+
+
 def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
     s = view.stats
     title = Text(view.mountpoint, style="bold")
@@ -353,6 +377,11 @@ def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
     lines.append(Text("hits   ").append_text(_split(*_totals(images))))
     if images:
         lines.append(_images_table(view, g))
+    if s.pins.pins:
+        lines.append(_pins_line(s.pins))
+    for job in s.warms:
+        if job.state == "running" or time.time() - (job.started + job.elapsed) < WARM_SHOWN:
+            lines.append(_warm_line(job, g))
     guests = s.balloon.guests
     peers = s.peers.peers
     if guests:

@@ -766,3 +766,49 @@ def test_check_refuses_what_it_cannot_check(tmp_path: Path) -> None:
         store.close()
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "in use by a fusecache process" in done.stderr
     assert run_check(tmp_path / "busy").returncode == 0
+
+
+@pytest.mark.parametrize("eviction", ["s3fifo", "lru"])
+def test_a_pinned_file_survives_a_scan_and_a_restart(tmp_path: Path, eviction: str) -> None:
+    store = Store(str(tmp_path), 16 * CHUNK, eviction=eviction)
+    golden = {c: unique() for c in range(6)}
+    admit(store, *((1, 1, c, v) for c, v in golden.items()))
+    store.apply(WriteBatch(pins={1: "golden.img"}))
+    assert store.pins() == {1: "golden.img"}
+    for c in range(60):  # a backup scan of an image nearly four times the cache
+        admit(store, (2, 1, c, unique()))
+    assert all(store.read_chunk(1, 1, c) == v for c, v in golden.items())
+    assert store.stats().chunks <= 16
+    check_integrity(store)
+    store.close()
+    store = Store(str(tmp_path), 16 * CHUNK, eviction=eviction)  # pins survive a restart
+    assert store.pins() == {1: "golden.img"}
+    for c in range(60, 120):
+        admit(store, (2, 1, c, unique()))
+    assert all(store.read_chunk(1, 1, c) == v for c, v in golden.items())
+    store.apply(WriteBatch(pins={}))  # unpinned: evictable again
+    for c in range(120, 180):
+        admit(store, (2, 1, c, unique()))
+    assert [store.read_chunk(1, 1, c) for c in golden].count(None) == len(golden)
+    check_integrity(store)
+    store.close()
+
+
+def test_a_cache_full_of_pinned_chunks_skips_admissions(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 4 * CHUNK)
+    golden = [(1, 1, c, unique()) for c in range(4)]
+    admit(store, *golden)
+    store.apply(WriteBatch(pins={1: "golden.img"}))
+    admit(store, (2, 1, 0, unique()))
+    assert all(store.read_chunk(*k) == d for *k, d in golden)
+    assert store.read_chunk(2, 1, 0) is None and store.stats().skipped_chunks == 1
+    check_integrity(store)
+
+
+def test_holdings_count_bytes_shared_with_other_files(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    shared, own = unique(), unique()
+    admit(store, (1, 1, 0, shared), (1, 1, 1, own), (1, 1, 2, bytes(CHUNK)), (2, 1, 5, shared))
+    h = store.holdings(1, 1)
+    assert h.chunks == [0, 1, 2] and h.cached_bytes == 2 * CHUNK and h.shared_bytes == CHUNK
+    assert store.holdings(2, 1).shared_bytes == CHUNK and store.holdings(3, 1).chunks == []
