@@ -18,7 +18,7 @@ from collections.abc import Callable, Set
 import lmdb
 import xxhash
 
-from fusecache.store.eviction import Eviction
+from fusecache.store.eviction import HOST, Eviction, Shares
 from fusecache.store.layout import (
     INO,
     SHIFT,
@@ -57,7 +57,9 @@ class WriteBatch:
     Order: forget_files, files, drop, then admit. An admission for a generation
     other than the file's recorded one is a read of a superseded version: skipped.
     peer_holds(digest) tells eviction which pages a peer also holds: those are
-    cheaper to lose (None: no peer holds anything).
+    cheaper to lose (None: no peer holds anything). owners names, per admitted
+    (ino, gen, chunk), the guest it is admitted for (absent: the host); it is
+    charged to that owner's share (`eviction.Shares`).
     """
 
     admit: list[tuple[int, int, int, bytes]] = dataclasses.field(default_factory=list)
@@ -65,15 +67,17 @@ class WriteBatch:
     files: list[tuple[int, int, tuple[int, int, int, int]]] = dataclasses.field(default_factory=list)
     forget_files: list[int] = dataclasses.field(default_factory=list)
     peer_holds: Callable[[bytes], bool] | None = None
+    owners: dict[tuple[int, int, int], str] = dataclasses.field(default_factory=dict)
 
 
 class Admission:
     """One chunk to admit, hashed before the write transaction starts."""
 
-    __slots__ = ("chunk_digest", "data", "key", "length", "pages", "present")
+    __slots__ = ("chunk_digest", "data", "key", "length", "owner", "pages", "present")
 
-    def __init__(self, key: Key, data: bytes) -> None:
+    def __init__(self, key: Key, data: bytes, owner: str = HOST) -> None:
         self.key = key
+        self.owner = owner
         self.length = len(data)
         self.chunk_digest = xxhash.xxh3_128_digest(data)
         npages = pages_of(self.length)
@@ -114,7 +118,10 @@ class Writer:
         """Releases and evictions commit first, then admissions in a second transaction (package docstring)."""
         if any(len(data) > self.chunk_size for *_, data in batch.admit):
             raise ValueError(f"an admitted chunk is longer than the chunk size {self.chunk_size}")
-        admissions = [Admission(pack_key(ino, gen, chunk), data) for ino, gen, chunk, data in batch.admit]
+        owners = batch.owners
+        admissions = [
+            Admission(pack_key(ino, gen, chunk), data, owners.get((ino, gen, chunk), HOST)) for ino, gen, chunk, data in batch.admit
+        ]
         peer_holds = batch.peer_holds or _no_peer_holds
         try:
             with self.env.begin(write=True) as txn:
@@ -305,6 +312,10 @@ class WriteTxn:
         files, nslots = self.tables.files, self.slab.nslots
         fitting: list[Admission] = []
         digests: set[bytes] = set()
+        shares = self.eviction if isinstance(self.eviction, Shares) else None
+        share = shares.share() if shares is not None else 0
+        incoming: dict[str, int] = collections.Counter()
+        room = self.free_slots()  # slots free now: beyond its share, an owner admits only into these
         for a in admissions:
             ino, gen, _ = unpack_key(a.key)
             record = self.txn.get(INO.pack(ino), db=files)
@@ -315,6 +326,13 @@ class WriteTxn:
             if len(digests) + len(new_digests) > nslots or len(fitting) >= self.max_chunks:
                 self.counters["skipped_chunks"] += 1
                 continue
+            if shares is not None and incoming[a.owner] >= share and len(new_digests) > room:
+                # Past a whole share in one batch, room would come from other owners' chunks while this one
+                # may hold none of its own yet: not admitted (it would only evict this batch's own admissions).
+                self.counters["skipped_chunks"] += 1
+                continue
+            room -= len(new_digests)
+            incoming[a.owner] += 1
             digests |= new_digests
             fitting.append(a)
         needed = len(digests) - len(self.txn.cursor(db=self.tables.pages).getmulti(sorted(digests)))
@@ -322,6 +340,8 @@ class WriteTxn:
         new_chunks = len(keys) - len(self.txn.cursor(db=self.tables.loc).getmulti(sorted(keys)))
         free = self.free_slots()
         evicted = 0
+        if shares is not None:
+            shares.expect(incoming)
         while free < needed or len(self.eviction) + new_chunks > self.max_chunks:
             key = self.eviction.evict_one(self.weigh)
             if key is None:
@@ -394,7 +414,10 @@ class WriteTxn:
             digests = [d for _, d in a.pages]
             entries[a.key] = encode_loc(a.length, a.chunk_digest, a.present, [slot_of[d] for d in digests], digests)
             self.logical += held_bytes(a.length, a.present)
-            self.eviction.insert(a.key)
+            if isinstance(self.eviction, Shares):
+                self.eviction.insert(a.key, a.owner)
+            else:
+                self.eviction.insert(a.key)
         loc = txn.cursor(db=loc_db)
         replaced = [bytes(v) for _, v in loc.getmulti(list(entries))]
         loc.putmulti(sorted(entries.items()))
