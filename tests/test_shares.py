@@ -27,9 +27,10 @@ import pytest
 import trio
 
 from fusecache.stats import BalloonGuest, ShareStats
+from fusecache.top import human
 from tests.harness.simguest import BLOCK, RESERVED, EmulatedGuest
 from tests.harness.waiting import wait_for
-from tests.mounting import stats
+from tests.mounting import run_fusecache, stats
 
 pytestmark = [pytest.mark.mount]
 MiB = 1 << 20
@@ -145,6 +146,14 @@ def test_a_lying_guest_cannot_flush_another_guests_share(mounter, tmp_path: Path
             assert shares.get("honest", ShareStats()).held_chunks == honest_held  # not one of the honest guest's chunks evicted
             assert shares["honest"].share_chunks == CACHE_MIB * MiB // BLOCK // 3
             assert s.store.chunks <= CACHE_MIB * MiB // BLOCK
+            # shares and each guest's mode in `fusecache top` and `fusecache stats`
+            top = run_fusecache("top", mp, "--once", "--interval", "0")
+            assert top.returncode == 0, top.stderr
+            row = next(line for line in top.stdout.splitlines() if line.strip("│ ").startswith("honest "))
+            assert "estimate" in row.split()
+            assert f"{human(honest_held * BLOCK)}/{human(shares['honest'].share_chunks * BLOCK)}" in row
+            text = run_fusecache("stats", mp).stdout
+            assert "shares (held / share): " in text and "liar " in text and " over" in text
 
             # The honest guest gets its memory back and reads everything again: what it evicted comes from the cache.
             on_loop(honest.set_balloon, honest.memory)
