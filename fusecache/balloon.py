@@ -36,11 +36,12 @@ What a guest reports is not trusted beyond what the host can check: the
 balloon's `actual` and `stat-disk-caches` both come from the guest. A
 shrink is capped by the guest's RAM size (QMP `query-memory-size-summary`,
 libvirt's maximum memory: set by the host) and, where the source reports
-what the host asked for (libvirt's current memory target, `dom.info()`), by
-the drop the host asked for: from the baseline down to that target. QEMU
-does not tell one QMP client the balloon target another client set, so over
-QMP the bound is the RAM size; the further bounds are admission's (each read
-taken once, per-guest shares of the cache). `Shrink.cache_before_at` says
+a target (libvirt's current memory, `dom.info()`), by the drop from the
+baseline down to it. That cap is weak: libvirt updates a running domain's
+current memory from the balloon's BALLOON_CHANGE events, i.e. from the
+guest. QEMU does not tell one QMP client the balloon target another client
+set. So the bound relied on is the RAM size; the further bounds are
+admission's (each read taken once, per-guest shares of the cache). `Shrink.cache_before_at` says
 when the baseline's page-cache figure was reported, so admission can add
 what the guest read since.
 """

@@ -360,7 +360,7 @@ def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
         failures = store.verify_failures
         t.append(str(failures), style="bold red" if failures else "")
         lines.append(t)
-        if store.shares:
+        if len(store.shares) > 1:  # one owner alone has the whole cache: nothing to show
             lines.append(Text(f"shares {share_text(store)}"))
     else:
         lines.append(Text("no cache (--no-cache): every read goes to the backing", style="dim"))
