@@ -69,8 +69,10 @@ log = logging.getLogger(__name__)
 
 HOST = "(host)"
 DEFAULT_RECENT_LIMIT = 4 << 30  # bytes of reads remembered for a guest whose memory size is not known yet
-CHECKPOINT_EVERY = 0.1  # seconds between marks of a guest's read total (for "read since its last report")
-CHECKPOINTS = 1 << 14  # marks kept: ~27 minutes of continuous reading; older reports are older than any shrink's
+CHECKPOINT_EVERY = 0.25  # seconds between marks of a guest's read total (for "read since its last report")
+# Marks kept: 8.5 minutes of continuous reading, ~220 KB at most per guest. A shrink's baseline report is
+# seconds old (polled every second, a shrink reported within PENDING_MAX); an older one counts every read.
+CHECKPOINTS = 2048
 Key = tuple[int, int, int]  # (ino, gen, chunk)
 
 
@@ -158,12 +160,10 @@ class GuestReads:
 
     def read_since(self, when: float) -> int:
         """Bytes read since `when` (time.monotonic()), rounded up to the mark before it: never an undercount."""
-        base = 0
         for t, total in reversed(self.marks):
-            base = total
             if t <= when:
-                break
-        return self.read_total - base if self.marks else 0
+                return self.read_total - total
+        return self.read_total  # older than every mark kept (or no reads): all of them
 
     def forget_older_than_newest(self, nbytes: int) -> int:
         """Drop entries beyond the newest `nbytes`: the guest's page cache cannot hold them any more."""
