@@ -31,7 +31,7 @@ balloon's `actual` and its `stat-disk-caches`. What the page cache held
 before the balloon moved is the guest's last report *plus what it read
 through the mount since* (its statistics lag its reads); how much it gave up
 is capped by the monitor (`balloon.Shrink`) by what the host can check (its
-RAM size, libvirt's target), never by `actual` alone. Each chunk read is
+RAM size), never taken from `actual` alone. Each chunk read is
 taken at most once, so a guest can make the host re-read at most what it
 read itself, and its admissions are charged to its own share of the cache
 (`fusecache.store.eviction.Shares`): they evict its own chunks first once it
