@@ -42,6 +42,14 @@ class ImageCounters:
 
 
 @dataclasses.dataclass
+class ShareStats:
+    """One owner's part of the cache: chunks held, and its share (chunks it keeps whoever else admits)."""
+
+    held_chunks: int = 0
+    share_chunks: int = 0
+
+
+@dataclasses.dataclass
 class StoreStats:
     """The store: how full, how deduplicated, and what its readers and writer did."""
 
@@ -62,12 +70,14 @@ class StoreStats:
     dropped_chunks: int = 0
     verify_failures: int = 0
     healed_pages: int = 0
+    shares: dict[str, ShareStats] = dataclasses.field(default_factory=dict)  # per owner: a guest, "(host)", "(earlier run)"
 
 
 @dataclasses.dataclass
 class GuestAdmission:
     """What second-chance admission knows of one guest: its recent reads and what its shrinks admitted."""
 
+    mode: str = ""  # how its evictions are known: "estimate" (balloon statistics, bounded by what the host checks)
     recent_bytes: int = 0
     recent_chunks: int = 0
     recent_limit: int = 0
@@ -103,6 +113,8 @@ class BalloonGuest:
     shrinks: int = 0
     balloon_bytes: int = 0
     evicted_estimate: int = 0
+    memory: int | None = None  # the guest's RAM size as the host knows it (QMP memory summary, libvirt maxMemory)
+    mode: str = ""
     recent_bytes: int = 0
     recent_chunks: int = 0
     recent_limit: int = 0

@@ -98,14 +98,14 @@ class StoreQueue:
     def drop(self, key: Key) -> None:
         self._dropped[key] = self._enqueue("drop", key)
 
-    def admit(self, key: Key, data: bytes) -> bool:
-        """Queue one chunk for the store; False (not admitted) when the writer is too far behind."""
+    def admit(self, key: Key, data: bytes, owner: str | None = None) -> bool:
+        """Queue one chunk for the store, charged to `owner`'s share (None: the host); False when the writer is too far behind."""
         if self._pending_admit_bytes + len(data) > MAX_PENDING_ADMIT_BYTES:
             self.skipped_admissions += 1
             return False
         self._pending_admit_bytes += len(data)
         self._pending[key] = data
-        self._enqueue("admit", (*key, data))
+        self._enqueue("admit", ((*key, data), owner))
         return True
 
     def _enqueue(self, kind: str, item: object) -> int:
@@ -130,7 +130,10 @@ class StoreQueue:
                 if admits >= MAX_BATCH_ADMITS:
                     break
                 admits += 1
-                batch.admit.append(item)  # type: ignore[arg-type]
+                chunk, owner = item  # type: ignore[misc]
+                batch.admit.append(chunk)
+                if owner is not None:
+                    batch.owners[chunk[:3]] = owner
             elif admits:
                 break
             elif kind == "drop":

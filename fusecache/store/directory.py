@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 from fusecache.errors import QuietError
 from fusecache.geometry import CHUNK_SIZE
-from fusecache.stats import StoreStats
+from fusecache.stats import ShareStats, StoreStats
 from fusecache.store.check import problems
-from fusecache.store.eviction import EVICTIONS
+from fusecache.store.eviction import EVICTIONS, Shares
 from fusecache.store.layout import PAGE_SIZE, Location
 from fusecache.store.opening import CacheFiles
 from fusecache.store.reader import Holdings, Reader
@@ -53,7 +53,8 @@ class Store:
         self.max_chunks = CHUNKS_PER_CAPACITY_CHUNK * (capacity // chunk_size)
         if eviction not in EVICTIONS:
             raise QuietError(f"unknown eviction policy {eviction!r}; choose one of {', '.join(EVICTIONS)}")
-        self._eviction = EVICTIONS[eviction]()
+        # Per-owner shares over the chosen order: no guest's admissions flush another's chunks (eviction.Shares).
+        self._eviction = Shares(EVICTIONS[eviction], capacity // chunk_size)
         # Bumped from the loop and the writer thread without a lock: a lost count is harmless.
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._files = CacheFiles(
@@ -174,8 +175,14 @@ class Store:
             dedup_ratio=logical / (used * PAGE_SIZE) if used else 1.0,
             chunks=chunks,
             max_chunks=self.max_chunks,
+            shares=self.shares(),
             **self._counters,
         )
+
+    def shares(self) -> dict[str, ShareStats]:
+        """Per owner (guest, the host, chunks of an earlier run): chunks held and the share it is owed."""
+        share = self._eviction.share()
+        return {owner: ShareStats(held_chunks=n, share_chunks=share) for owner, n in self._eviction.held().items()}
 
     def check(self) -> list[str]:
         """Problems the integrity checker finds (empty: consistent). Only while no batch is being applied."""

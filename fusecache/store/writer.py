@@ -18,7 +18,7 @@ from collections.abc import Callable, Set
 import lmdb
 import xxhash
 
-from fusecache.store.eviction import Eviction
+from fusecache.store.eviction import HOST, Eviction, Shares
 from fusecache.store.layout import (
     INO,
     SHIFT,
@@ -61,6 +61,8 @@ class WriteBatch:
     cheaper to lose (None: no peer holds anything). pins, when given, replaces
     the pinned inodes (ino -> a label the store keeps for its caller): their chunks
     leave the eviction order, and those of inodes no longer pinned return to it.
+    owners names, per admitted (ino, gen, chunk), the guest it is admitted for
+    (absent: the host); it is charged to that owner's share (`eviction.Shares`).
     """
 
     admit: list[tuple[int, int, int, bytes]] = dataclasses.field(default_factory=list)
@@ -69,15 +71,17 @@ class WriteBatch:
     forget_files: list[int] = dataclasses.field(default_factory=list)
     peer_holds: Callable[[bytes], bool] | None = None
     pins: dict[int, str] | None = None
+    owners: dict[tuple[int, int, int], str] = dataclasses.field(default_factory=dict)
 
 
 class Admission:
     """One chunk to admit, hashed before the write transaction starts."""
 
-    __slots__ = ("chunk_digest", "data", "key", "length", "pages", "present")
+    __slots__ = ("chunk_digest", "data", "key", "length", "owner", "pages", "present")
 
-    def __init__(self, key: Key, data: bytes) -> None:
+    def __init__(self, key: Key, data: bytes, owner: str = HOST) -> None:
         self.key = key
+        self.owner = owner
         self.length = len(data)
         self.chunk_digest = xxhash.xxh3_128_digest(data)
         npages = pages_of(self.length)
@@ -125,7 +129,10 @@ class Writer:
         """Releases and evictions commit first, then admissions in a second transaction (package docstring)."""
         if any(len(data) > self.chunk_size for *_, data in batch.admit):
             raise ValueError(f"an admitted chunk is longer than the chunk size {self.chunk_size}")
-        admissions = [Admission(pack_key(ino, gen, chunk), data) for ino, gen, chunk, data in batch.admit]
+        owners = batch.owners
+        admissions = [
+            Admission(pack_key(ino, gen, chunk), data, owners.get((ino, gen, chunk), HOST)) for ino, gen, chunk, data in batch.admit
+        ]
         peer_holds = batch.peer_holds or _no_peer_holds
         new_pins: set[int] | None = None
         try:
@@ -357,6 +364,10 @@ class WriteTxn:
         files, nslots = self.tables.files, self.slab.nslots
         fitting: list[Admission] = []
         digests: set[bytes] = set()
+        shares = self.eviction if isinstance(self.eviction, Shares) else None
+        share = shares.share() if shares is not None else 0
+        incoming: dict[str, int] = collections.Counter()
+        room = self.free_slots()  # slots free now: beyond its share, an owner admits only into these
         for a in admissions:
             ino, gen, _ = unpack_key(a.key)
             record = self.txn.get(INO.pack(ino), db=files)
@@ -367,6 +378,13 @@ class WriteTxn:
             if len(digests) + len(new_digests) > nslots or len(fitting) >= self.max_chunks:
                 self.counters["skipped_chunks"] += 1
                 continue
+            if shares is not None and incoming[a.owner] >= share and len(new_digests) > room:
+                # Past a whole share in one batch, room would come from other owners' chunks while this one
+                # may hold none of its own yet: not admitted (it would only evict this batch's own admissions).
+                self.counters["skipped_chunks"] += 1
+                continue
+            room -= len(new_digests)
+            incoming[a.owner] += 1
             digests |= new_digests
             fitting.append(a)
         needed = len(digests) - len(self.txn.cursor(db=self.tables.pages).getmulti(sorted(digests)))
@@ -374,6 +392,8 @@ class WriteTxn:
         new_chunks = len(keys) - len(self.txn.cursor(db=self.tables.loc).getmulti(sorted(keys)))
         free = self.free_slots()
         evicted = 0
+        if shares is not None:
+            shares.expect(incoming)
         # The loc entries, not the eviction order's length: pinned chunks count against max_chunks too.
         while free < needed or self.txn.stat(self.tables.loc)["entries"] + new_chunks > self.max_chunks:
             key = self.eviction.evict_one(self.weigh)
@@ -447,7 +467,11 @@ class WriteTxn:
             digests = [d for _, d in a.pages]
             entries[a.key] = encode_loc(a.length, a.chunk_digest, a.present, [slot_of[d] for d in digests], digests)
             self.logical += held_bytes(a.length, a.present)
-            if not self.pinned or INO.unpack_from(a.key)[0] not in self.pinned:
+            if self.pinned and INO.unpack_from(a.key)[0] in self.pinned:
+                pass  # a pinned chunk is never a victim: it stays out of the eviction order
+            elif isinstance(self.eviction, Shares):
+                self.eviction.insert(a.key, a.owner)
+            else:
                 self.eviction.insert(a.key)
         loc = txn.cursor(db=loc_db)
         replaced = [bytes(v) for _, v in loc.getmulti(list(entries))]
