@@ -130,3 +130,31 @@ def test_a_relative_log_file_is_made_absolute_before_the_daemon_starts(monkeypat
     monkeypatch.setattr(daemon, "serve", serve)
     cli._mount(parse_mount("--foreground", "--log-file", "logs/mount.log"), [])
     assert captured["opts"].log_file == str(tmp_path / "logs" / "mount.log")
+
+
+def test_pin_options_and_the_budget():
+    args = parse_mount("--cache-size", "8G", "--pin", "golden/*", "--pin", "*.qcow2")
+    assert args.pin == ["golden/*", "*.qcow2"] and args.pin_budget == options.PIN_BUDGET
+    opts = MountOptions("/images", "/mnt", cache_size=8 * GiB, pin_budget=0.25)
+    assert opts.pin_budget_bytes == 2 * GiB
+    for bad in ("2", "-0.1", "half"):
+        with pytest.raises(QuietError, match="--pin-budget"):
+            parse_mount("--pin-budget", bad)
+
+
+def test_warm_takes_ranges_and_rates():
+    args = cli.build_parser().parse_args(["warm", "/mnt", "a.img", "b.img", "--range", "1G:512M", "--rate", "16M"])
+    assert args.images == ["a.img", "b.img"] and args.range == (GiB, 512 * MiB) and args.rate == 16 * MiB
+    with pytest.raises(QuietError, match="OFFSET:LENGTH"):
+        cli.build_parser().parse_args(["warm", "/mnt", "a.img", "--range", "1G"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=_NUMBER_TEXT)
+def test_any_pin_budget_text_is_a_fraction_or_one_clear_line(text):
+    try:
+        args = cli.build_parser().parse_args(["mount", "/images", "/mnt", f"--pin-budget={text}"])
+    except QuietError as err:
+        assert err.exitcode == 2 and "\n" not in err.message and "--pin-budget" in err.message
+        return
+    assert 0 <= args.pin_budget <= 1
