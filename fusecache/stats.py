@@ -141,6 +141,19 @@ class PeeringStats:
 
 
 @dataclasses.dataclass
+class HealthStats:
+    """The cache's state (`health.py`): caching, degraded (passthrough) or rebuilding, why, and the faults served from the backing."""
+
+    state: str = "caching"
+    reason: str = ""
+    since: float = 0.0  # time.time() of the last change of state
+    faults: dict[str, int] = dataclasses.field(default_factory=dict)  # layer -> faults served from the backing
+    degradations: int = 0
+    rebuilds: int = 0
+    rebuild_failures: int = 0
+
+
+@dataclasses.dataclass
 class MountStats:
     """Everything `fusecache stats --json` shows. With --no-cache, `store` and `admission` are None."""
 
@@ -156,6 +169,7 @@ class MountStats:
     skipped_admissions: int = 0  # misses not admitted because the writer was too far behind
     balloon: BalloonStats = dataclasses.field(default_factory=BalloonStats)
     peers: PeeringStats = dataclasses.field(default_factory=PeeringStats)
+    health: HealthStats | None = None  # None with --no-cache
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,15 +10,25 @@ before the next admissions, then those admissions, so queue order holds (an
 admission followed by the drop of the same chunk ends dropped). Admissions
 are refused, not waited for, when the writer is too far behind: reads never
 wait for the writer.
+
+A batch that fails to commit is a fault (`Health`); its files get new
+generations (`on_failed`, set by `Files`) before its dropped marks are
+cleared, so nothing it meant to drop is served again. While the cache is
+degraded nothing is applied (the store is rebuilt empty before it serves
+again); `rebuild` replaces the store with an empty one, under the writer's
+lock, and `watch` does so by itself some time after the cache degraded.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import trio
 
+from fusecache import health
+from fusecache.health import Health
 from fusecache.store import Store, WriteBatch
 from fusecache.version import Version
 
@@ -44,8 +54,13 @@ class StoreQueue:
         *,
         on_committed: Callable[[int], None] | None = None,
         peer_holds: Callable[[bytes], bool] | None = None,
+        health: Health | None = None,
     ) -> None:
         self.store = store
+        self.health = health if health is not None else Health()
+        self.on_failed: Callable[[WriteBatch], None] | None = None  # a batch did not commit (Files fails closed)
+        self.on_rebuilt: Callable[[], None] | None = None  # the store is empty and new (Files records its files again)
+        self._rebuilds = 0  # a batch taken before a rebuild is not applied after it
         self._on_committed = on_committed
         self._peer_holds = peer_holds
         self._queue: list[tuple[int, str, object]] = []  # (seq, kind, item); seq orders drops against admissions
@@ -146,10 +161,20 @@ class StoreQueue:
         """Apply everything queued now, one batch at a time, in the writer thread."""
         while self._queue:
             batch, last = self._take_batch()
-            try:
-                await trio.to_thread.run_sync(self._apply, batch, limiter=self._writer_limiter)
-            except Exception:
-                log.exception("the cache store failed to apply a batch: those chunks are not cached")
+            rebuilds = self._rebuilds
+            if self.health.caching:
+                try:
+                    await trio.to_thread.run_sync(self._apply, batch, rebuilds, limiter=self._writer_limiter)
+                except Exception as exc:
+                    if self.on_failed is not None:
+                        self.on_failed(batch)  # before the dropped marks below are cleared
+                    what = "the batch is lost: its chunks are not cached, its files get new generations"
+                    self.health.fault(health.layer_of(exc, "store.apply"), exc, what)
+                else:
+                    self.health.store_ok()
+            # else degraded: nothing is applied; the store is rebuilt empty before it serves again
+            if rebuilds != self._rebuilds:
+                continue  # the rebuild cleared everything this batch held
             for ino, gen, chunk, data in batch.admit:
                 self._pending_admit_bytes -= len(data)
                 if self._pending.get((ino, gen, chunk)) is data:
@@ -160,9 +185,42 @@ class StoreQueue:
             if batch.admit and self._on_committed is not None:
                 self._on_committed(len(batch.admit))
 
-    def _apply(self, batch: WriteBatch) -> None:
+    def _apply(self, batch: WriteBatch, rebuilds: int) -> None:
+        if rebuilds != self._rebuilds:
+            return  # taken before the store was rebuilt: what it admits may be stale, what it drops is gone
+        if health.faults:
+            health.inject("store.apply")
         batch.peer_holds = self._peer_holds
         self.store.apply(batch)
+
+    # ---- rebuilding ------------------------------------------------------------
+    async def rebuild(self) -> None:
+        """Replace the store with an empty one (passthrough meanwhile); the state says how it went."""
+        self.health.rebuilding()
+        async with self._writer_limiter:  # no batch is being applied
+            self._rebuilds += 1
+            self._queue.clear()
+            self._pending.clear()
+            self._dropped.clear()
+            self._pending_admit_bytes = 0
+            self._committed = self._seq
+            try:
+                fresh = await trio.to_thread.run_sync(self.store.open_empty)
+            except Exception as exc:
+                self.health.rebuild_failed(exc)
+                return
+            self.store.replace_files(fresh)  # on the loop: no store read runs meanwhile
+        if self.on_rebuilt is not None:
+            self.on_rebuilt()
+        self.health.rebuilt()
+
+    async def watch(self, every: float = 1.0) -> None:
+        """Rebuild the store some time after the cache degraded (`Health.rebuild_delay`, growing while rebuilds fail)."""
+        while True:
+            await trio.sleep(every)
+            h = self.health
+            if h.state == health.DEGRADED and time.time() - h.since >= h.rebuild_delay:
+                await self.rebuild()
 
     async def close(self) -> None:
         """Apply what is queued (even when cancelled: the store is closed after this)."""

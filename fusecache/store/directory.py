@@ -2,7 +2,9 @@
 
 It builds each part from explicit handles (the LMDB environment and tables,
 the slab, the eviction order, the counters), hands every call to the part
-that owns it, and marks a clean shutdown on `close`.
+that owns it, and marks a clean shutdown on `close` (unless it was
+`taint`ed: it missed changes, so the next open starts empty). `open_empty`
+and `replace_files` rebuild it empty in place, for a degraded cache.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Store:
         if eviction not in EVICTIONS:
             raise QuietError(f"unknown eviction policy {eviction!r}; choose one of {', '.join(EVICTIONS)}")
         self._eviction = EVICTIONS[eviction]()
+        self._tainted = False
         # Bumped from the loop and the writer thread without a lock: a lost count is harmless.
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._files = CacheFiles(
@@ -65,10 +68,14 @@ class Store:
             counters=self._counters,
             eviction=self._eviction,
         )
-        env, tables, slab = self._files.env, self._files.tables, self._files.slab
-        assert env is not None and tables is not None and slab is not None
         self._eviction.load(self._files.order)
         self._nslots = nslots
+        self._wire()
+
+    def _wire(self) -> None:
+        env, tables, slab = self._files.env, self._files.tables, self._files.slab
+        assert env is not None and tables is not None and slab is not None
+        chunk_size = self.chunk_size
         self._reader = Reader(env, tables, slab, self._eviction, self._counters, chunk_size=chunk_size)
         self._writer = Writer(env, tables, slab, self._eviction, self._counters, chunk_size=chunk_size, max_chunks=self.max_chunks)
 
@@ -173,8 +180,40 @@ class Store:
         self._writer.apply(batch)
 
     def close(self) -> None:
-        """Make everything durable and mark a clean shutdown."""
-        self._files.close_clean(self._eviction.order())
+        """Make everything durable and mark a clean shutdown (a tainted store: close so that the next open starts empty)."""
+        if self._tainted:
+            self._files.close_tainted()
+        else:
+            self._files.close_clean(self._eviction.order())
+
+    def taint(self) -> None:
+        """The store missed a drop or a record it was given: it must not be trusted after a restart."""
+        self._tainted = True
+
+    # --- rebuilding (a degraded cache) -----------------------------------
+
+    def open_empty(self) -> CacheFiles:
+        """This cache directory wiped and opened empty (any thread), for `replace_files`; the open files stay as they are."""
+        return CacheFiles(
+            self.cache_dir,
+            self._nslots,
+            chunk_size=self.chunk_size,
+            max_chunks=self.max_chunks,
+            reset=True,
+            counters=self._counters,
+            eviction=type(self._eviction)(),
+            owned=True,
+        )
+
+    def replace_files(self, files: CacheFiles) -> None:
+        """Serve from `files` (from `open_empty`) from now on, and close the old ones (on the thread that reads the store)."""
+        old = self._files
+        self._files = files
+        self._eviction = files.eviction
+        self._eviction.load(files.order)
+        self._tainted = False
+        self._wire()
+        old.close()
 
     def abandon(self) -> None:
         """Close without the clean-shutdown mark: what a killed process leaves (tests of recovery use it)."""
