@@ -38,6 +38,7 @@ Key = tuple[int, int, int]  # (ino, generation, chunk)
 
 MAX_PENDING_ADMIT_BYTES = 128 << 20  # past this, misses are served but not admitted
 MAX_BATCH_ADMITS = 1024
+RETRY_AFTER = 1.0  # seconds the writer waits after a failed batch: a failing store is not hammered
 
 
 class StoreQueue:
@@ -155,10 +156,13 @@ class StoreQueue:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            await self.drain()
+            if not await self.drain():
+                await trio.sleep(RETRY_AFTER)
+                self._wakeup.set()
 
-    async def drain(self) -> None:
-        """Apply everything queued now, one batch at a time, in the writer thread."""
+    async def drain(self) -> bool:
+        """Apply everything queued now, one batch at a time, in the writer thread; False when a batch failed
+        (what is queued after it waits for the next call)."""
         while self._queue:
             batch, last = self._take_batch()
             rebuilds = self._rebuilds
@@ -170,20 +174,27 @@ class StoreQueue:
                         self.on_failed(batch)  # before the dropped marks below are cleared
                     what = "the batch is lost: its chunks are not cached, its files get new generations"
                     self.health.fault(health.layer_of(exc, "store.apply"), exc, what)
-                else:
-                    self.health.store_ok()
-            # else degraded: nothing is applied; the store is rebuilt empty before it serves again
-            if rebuilds != self._rebuilds:
-                continue  # the rebuild cleared everything this batch held
-            for ino, gen, chunk, data in batch.admit:
-                self._pending_admit_bytes -= len(data)
-                if self._pending.get((ino, gen, chunk)) is data:
-                    del self._pending[(ino, gen, chunk)]
-            self._committed = last
-            if self._dropped:
-                self._dropped = {k: s for k, s in self._dropped.items() if s > last}
-            if batch.admit and self._on_committed is not None:
-                self._on_committed(len(batch.admit))
+                    self._settle(batch, last, rebuilds)
+                    return False
+                self.health.store_ok()
+                self._settle(batch, last, rebuilds, committed=True)
+            else:  # degraded: nothing is applied; the store is rebuilt empty before it serves again
+                self._settle(batch, last, rebuilds)
+        return True
+
+    def _settle(self, batch: WriteBatch, last: int, rebuilds: int, committed: bool = False) -> None:
+        """A batch is done with (committed, failed or discarded): what it held is no longer pending or dropped here."""
+        if rebuilds != self._rebuilds:
+            return  # the rebuild cleared everything this batch held
+        for ino, gen, chunk, data in batch.admit:
+            self._pending_admit_bytes -= len(data)
+            if self._pending.get((ino, gen, chunk)) is data:
+                del self._pending[(ino, gen, chunk)]
+        self._committed = last
+        if self._dropped:
+            self._dropped = {k: s for k, s in self._dropped.items() if s > last}
+        if committed and batch.admit and self._on_committed is not None:
+            self._on_committed(len(batch.admit))
 
     def _apply(self, batch: WriteBatch, rebuilds: int) -> None:
         if rebuilds != self._rebuilds:
@@ -225,4 +236,5 @@ class StoreQueue:
     async def close(self) -> None:
         """Apply what is queued (even when cancelled: the store is closed after this)."""
         with trio.CancelScope(shield=True):
-            await self.drain()
+            while not await self.drain() and self.health.caching:
+                pass  # a failing store degrades after a few tries; then what is left is discarded
