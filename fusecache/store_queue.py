@@ -216,6 +216,7 @@ class StoreQueue:
             self._pending_admit_bytes = 0
             self._committed = self._seq
             try:
+                self.store.close_files()  # on the loop: no store read runs meanwhile; later ones fail, and are faults
                 fresh = await trio.to_thread.run_sync(self.store.open_empty)
             except Exception as exc:
                 self.health.rebuild_failed(exc)

@@ -192,8 +192,14 @@ class Store:
 
     # --- rebuilding (a degraded cache) -----------------------------------
 
+    def close_files(self) -> None:
+        """Close the open files without the clean mark, before `open_empty` (their room is needed); reads fail until
+        `replace_files` (on the thread that reads the store)."""
+        self._tainted = True
+        self._files.close()
+
     def open_empty(self) -> CacheFiles:
-        """This cache directory wiped and opened empty (any thread), for `replace_files`; the open files stay as they are."""
+        """This cache directory wiped and opened empty (any thread, after `close_files`), for `replace_files`."""
         return CacheFiles(
             self.cache_dir,
             self._nslots,
