@@ -104,17 +104,27 @@ class Cache:
         self.health = queue.health
 
     # ---- the file's life (from fs.py) ------------------------------------------
+    # Each reads the file's record from the store the first time: a fault there fails closed, never the request.
     async def opened(self, f: OpenFile) -> None:
-        self.files.opened(f.path, f.attr)  # close-to-open: f.attr was read at this open
+        try:
+            self.files.opened(f.path, f.attr)  # close-to-open: f.attr was read at this open
+        except Exception as exc:
+            self.files.fail_closed(f.ino, health.layer_of(exc, "store.read"), exc)
 
     def closed(self, f: OpenFile) -> None:
         pass
 
     def resized(self, ino: int, size: int) -> None:
-        self.files.resized(ino)
+        try:
+            self.files.resized(ino)
+        except Exception as exc:
+            self.files.fail_closed(ino, health.layer_of(exc, "store.read"), exc)
 
     def unlinked(self, ino: int) -> None:
-        self.files.unlinked(ino)
+        try:
+            self.files.unlinked(ino)
+        except Exception as exc:
+            self.files.fail_closed(ino, health.layer_of(exc, "store.read"), exc)
 
     # ---- reads ------------------------------------------------------------
     async def read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:

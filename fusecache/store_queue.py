@@ -179,6 +179,7 @@ class StoreQueue:
                 self.health.store_ok()
                 self._settle(batch, last, rebuilds, committed=True)
             else:  # degraded: nothing is applied; the store is rebuilt empty before it serves again
+                self.store.taint()  # and if it is not (unmounted first), the next mount starts it empty
                 self._settle(batch, last, rebuilds)
         return True
 

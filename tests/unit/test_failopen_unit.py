@@ -215,3 +215,31 @@ def test_health_rate_limits_its_lines(caplog, expect_log):
         h.fault("admission", RuntimeError("boom"))
     assert caplog.text.count("cache fault at admission") == 1
     assert h.faults == {"admission": 100} and h.state == health.CACHING  # admission faults never degrade
+
+
+def test_a_write_while_degraded_means_the_next_open_starts_empty(tmp_path, expect_log):
+    """Drops are not applied while degraded: a store closed then (no rebuild yet) must not be trusted again."""
+    expect_log("cache fault at", "degraded", "starting empty")
+    backing = MemBacking()
+    store = Store(str(tmp_path / "cache"), 16 * MiB)
+    queue = StoreQueue(store)
+    offloop = OffLoop(backing)  # type: ignore[arg-type]
+    files = Files(offloop, store, queue, revalidate=3600.0)
+    cache = Cache(offloop, files, queue, Inclusive())
+    data = os.urandom(2 * CS)
+    backing.put("a.img", data)
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        await cache.read(f, 0, 2 * CS)
+        await queue.drain()
+        cache.health.degrade("a test")
+        await cache.write(f, 0, b"Y" * 10)
+        await queue.close()
+
+    trio.run(go)
+    assert store.stats().chunks == 2  # the old chunks are still there, under a record that is now wrong
+    store.close()
+    reopened = Store(str(tmp_path / "cache"), 16 * MiB)
+    assert reopened.stats().chunks == 0
+    reopened.close()
