@@ -29,6 +29,15 @@ is reported as "not available".
     .venv/bin/python -m bench.hitpath [--quick] [--repeats 3] [--size-mib 1024] [--rand-mib 64] [--cold-backing] [--dir /var/tmp]
 
 Prints a table; writes bench/results/hitpath.json (hitpath-quick.json with --quick, a smoke run).
+
+`--boundary` measures instead what the error boundary (issue 10: every read
+inside a try, served from the backing on a fault of the cache) costs a hit,
+in one process: a warm cache's `Cache.read` (the boundary, then the read
+path) against `Cache._read` (the read path alone, what `read` was before
+the boundary), on the same store and file, alternating, 64 KiB and 1 MiB
+reads (the median of `--repeats` x 10 paired passes, which goes first alternating); writes bench/results/hitpath-boundary.json.
+
+    .venv/bin/python -m bench.hitpath --boundary [--repeats 3] [--dir /var/tmp]
 """
 
 from __future__ import annotations
@@ -230,8 +239,73 @@ def _verdict(ratio: float | None, met: bool | None) -> str:
     return f"{ratio:.2f} {'yes' if met else 'NO'}"
 
 
+def boundary(work: str, repeats: int) -> int:
+    """The boundary's cost on a hit: `Cache.read` against `Cache._read`, same warm store, alternating."""
+    import statistics
+
+    import trio
+
+    from fusecache.admission import Inclusive
+    from fusecache.backing import OffLoop, open_backing
+    from fusecache.cache import Cache
+    from fusecache.files import Files
+    from fusecache.inodes import OpenFile
+    from fusecache.store import Store
+    from fusecache.store_queue import StoreQueue
+
+    size = 64 * MIB
+    os.makedirs(os.path.join(work, "backing"))
+    make_random_file(os.path.join(work, "backing", "disk.img"), size // MIB)
+    backing = open_backing(os.path.join(work, "backing"))
+    store = Store(os.path.join(work, "cache"), 2 * size)
+    queue = StoreQueue(store)
+    offloop = OffLoop(backing)
+    files = Files(offloop, store, queue, revalidate=3600.0)
+    cache = Cache(offloop, files, queue, Inclusive())
+    rows, results = [], {}
+
+    async def go() -> None:
+        handle = await offloop.open("disk.img", os.O_RDONLY)
+        f = OpenFile(1, 1, "disk.img", handle, await offloop.fstat(handle), False)
+        await cache.opened(f)
+        for off in range(0, size, MIB):  # warm: every chunk admitted and committed
+            await cache.read(f, off, MIB)
+        await queue.drain()
+        for bs in (64 << 10, MIB):
+            offsets = list(range(0, size, bs))
+            times: dict[str, list[float]] = {"before (no boundary)": [], "after (boundary)": []}
+            pair = [("before (no boundary)", cache._read), ("after (boundary)", cache.read)]
+            for i in range(repeats * 10):
+                for name, read in pair if i % 2 else pair[::-1]:  # alternating which goes first
+                    t0 = time.perf_counter()
+                    for off in offsets:
+                        await read(f, off, bs)
+                    times[name].append((time.perf_counter() - t0) / len(offsets))
+            before, after = (statistics.median(v) for v in times.values())
+            ratio = statistics.median(a / b for b, a in zip(*times.values(), strict=True))  # paired: the same moment's load
+            results[f"{bs >> 10}k"] = {"before_us": before * 1e6, "after_us": after * 1e6, "after_over_before": ratio}
+            rows.append([f"{bs >> 10} KiB hit", f"{before * 1e6:.1f} us", f"{after * 1e6:.1f} us", f"{ratio:.3f}"])
+        await offloop.close(handle)
+
+    try:
+        trio.run(go)
+        hits = sum(c.hit_chunks for c in cache.images.values())
+        misses = sum(c.miss_chunks for c in cache.images.values())
+    finally:
+        store.close()
+        backing.shutdown()
+    print_table(f"the error boundary on the hit path: one process, warm store, median of {repeats * 10} paired passes",
+                ["read", "before", "after", "after/before"], rows)
+    print(f"hits {hits}, misses {misses} (the misses are the warming pass)")
+    path = write_results("hitpath-boundary", {"settings": {"repeats": repeats * 10, "file_mib": size // MIB}, "rows": results,
+                                              "hit_chunks": hits, "miss_chunks": misses})
+    print(f"wrote {path}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--boundary", action="store_true", help="the error boundary's cost on a hit, in one process (see above)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, a 256 MiB file, 16 MiB of random reads")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure, the median is kept (default 3)")
     p.add_argument("--size-mib", type=int, default=1024, help="size of the test file, read whole by 1M seq (default 1024)")
@@ -240,6 +314,12 @@ def main() -> int:
     p.add_argument("--cold-backing", action="store_true", help="drop the backing file from the page cache before no-cache and cold runs")
     p.add_argument("--dir", default="/var/tmp", help="where the test file, caches and mountpoints go: not tmpfs (default /var/tmp)")
     args = p.parse_args()
+    if args.boundary:
+        work = tempfile.mkdtemp(prefix="fusecache-bench-", dir=args.dir)
+        try:
+            return boundary(work, args.repeats)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     if args.quick:
         args.repeats, args.size_mib, args.rand_mib = 1, 256, 16
     work = tempfile.mkdtemp(prefix="fusecache-bench-", dir=args.dir)

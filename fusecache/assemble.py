@@ -32,12 +32,13 @@ from fusecache.commands import Commands
 from fusecache.control import Handler
 from fusecache.errors import QuietError, find_in
 from fusecache.files import Files
+from fusecache.health import Health
 from fusecache.listing import Listing
 from fusecache.options import MountOptions, default_cache_dir
 from fusecache.peer_reads import PeerReads
 from fusecache.peers import HandshakeStats
 from fusecache.pins import Pins
-from fusecache.stats import BalloonGuest, BalloonStats, ClusterStats, MountStats, PeeringStats
+from fusecache.stats import BalloonGuest, BalloonStats, ClusterStats, MountStats, PeeringStats, StoreStats
 from fusecache.store import Store
 from fusecache.store_queue import StoreQueue
 from fusecache.warming import Warmer
@@ -104,7 +105,12 @@ class Mount:
         if cache is not None:
             out.admission = cache.admission.stats()
             out.images = {name: dataclasses.replace(c) for name, c in sorted(cache.images.items())}
-            out.store = cache.store.stats()
+            try:
+                out.store = cache.store.stats()
+            except Exception as exc:  # a broken store does not take the figures down with it
+                cache.health.fault("store.read", exc, "its figures are left out of stats")
+                out.store = StoreStats()
+            out.health = cache.health.stats()
             out.queue = cache.queue.queued
             out.skipped_admissions = cache.queue.skipped_admissions
         if self.pins is not None:
@@ -158,6 +164,7 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
             store,
             on_committed=peer_server.note_change if peer_server is not None else None,
             peer_holds=peer_set.may_hold if peer_set is not None else None,
+            health=Health(),
         )
         stack.push_async_callback(queue.close)  # applies what is queued before the store closes
         files = Files(offloop, store, queue, revalidate=opts.revalidate)
@@ -191,13 +198,14 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
         mount = Mount(
             opts, offloop, root.ino, cache,
             cache=cache, admission=admission, second_chance=second_chance, monitor=monitor,
-            peer_server=peer_server, peer_set=peer_set, peer_reads=peer_reads, commands=Commands(offloop, files),
+            peer_server=peer_server, peer_set=peer_set, peer_reads=peer_reads, commands=Commands(offloop, files, queue),
             warmer=warmer, pins=pins, listing=Listing(offloop, files, pins, peer_reads),
         )  # fmt: skip
 
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)  # unwinds first: the tasks end before the queue drains
         nursery.start_soon(queue.run)
+        nursery.start_soon(queue.watch)
         nursery.start_soon(admission.run)
         await nursery.start(warmer.run)
         nursery.start_soon(pins.apply_globs, pin_matches)

@@ -9,6 +9,13 @@ Writes go to the backing; which cached chunks they make stale is decided by
 `Files` (the never-stale rules live there, the writer queue in
 `store_queue.py`). `Passthrough` sends everything to the backing: the mount
 with no cache, and the baseline.
+
+`Cache.read` and `Cache.write` are the error boundary (docs/internals.md,
+"Failing open"): a fault of the cache side (the store, admission, peers, the
+write path's bookkeeping) is counted and logged by `Health` and the request
+is served from the backing; only the backing's own errors (`BackingError`
+inside, the OSError outside) reach the guest. A write whose bookkeeping
+failed fails closed: its file gets a new generation before it returns.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import logging
 
 import trio
 
+from fusecache import health
 from fusecache.admission import Admission
 from fusecache.backing import Attr, Backing, OffLoop
 from fusecache.files import Files, FileState, Snapshot
@@ -58,13 +66,21 @@ class Passthrough:
         pass
 
 
+class BackingError(Exception):
+    """The backing's own error inside the read path: the guest gets it (the backing would have given it too)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 @dataclasses.dataclass(slots=True)
 class _Fetch:
     """One chunk being read from the backing; concurrent readers of it wait here instead of reading again."""
 
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
     data: bytes = b""
-    error: OSError | None = None
+    error: Exception | None = None
 
 
 class Cache:
@@ -88,28 +104,56 @@ class Cache:
         self.chunk_size = files.chunk_size
         self._inflight: dict[tuple[int, int, int], _Fetch] = {}
         self.images: dict[str, ImageCounters] = files.images  # the same counters, one hop shorter on the hit path
+        self.health = queue.health
 
     # ---- the file's life (from fs.py) ------------------------------------------
+    # Each reads the file's record from the store the first time: a fault there fails closed, never the request.
     async def opened(self, f: OpenFile) -> None:
-        self.files.opened(f.path, f.attr)  # close-to-open: f.attr was read at this open
+        try:
+            self.files.opened(f.path, f.attr)  # close-to-open: f.attr was read at this open
+        except Exception as exc:
+            self.files.fail_closed(f.ino, health.layer_of(exc, "store.read"), exc)
 
     def closed(self, f: OpenFile) -> None:
         pass
 
     def resized(self, ino: int, size: int) -> None:
-        self.files.resized(ino)
+        try:
+            self.files.resized(ino)
+        except Exception as exc:
+            self.files.fail_closed(ino, health.layer_of(exc, "store.read"), exc)
 
     def unlinked(self, ino: int) -> None:
-        self.files.unlinked(ino)
+        try:
+            self.files.unlinked(ino)
+        except Exception as exc:
+            self.files.fail_closed(ino, health.layer_of(exc, "store.read"), exc)
 
     def attributes_seen(self, attr: Attr) -> None:
         self.files.attributes_seen(attr)
 
     # ---- reads ------------------------------------------------------------
     async def read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
+        """The error boundary of reads: the cache's answer, else (degraded, or a fault of the cache) the backing's."""
+        if self.health.state is not health.CACHING:
+            return await self.backing.pread(f.handle, offset, size)
+        try:
+            return await self._read(f, offset, size)
+        except BackingError as exc:
+            raise exc.error from None
+        except Exception as exc:
+            self.health.fault(health.layer_of(exc, "store.read"), exc)
+            return await self.backing.pread(f.handle, offset, size)
+
+    async def _read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
         if size <= 0:
             return b""
-        st = await self.files.revalidated(f.ino, f.handle)
+        try:
+            st = await self.files.revalidated(f.ino, f.handle)
+        except OSError as exc:
+            raise BackingError(exc) from exc
+        if health.faults:
+            health.inject("store.read")
         cs = self.chunk_size
         first, last = offset // cs, (offset + size - 1) // cs
         lo, hi = offset - first * cs, offset + size - last * cs
@@ -193,13 +237,26 @@ class Cache:
 
         def offer(c: int, piece: bytes) -> None:
             """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch."""
-            if piece and snap.still_current(st) and self.admission.on_miss(f, snap.gen, c, piece):
-                self.files.admit((st.ino, snap.gen, c), piece, f.path)
+            if not piece or not snap.still_current(st):
+                return
+            try:
+                if health.faults:
+                    health.inject("admission")
+                if self.admission.on_miss(f, snap.gen, c, piece):
+                    self.files.admit((st.ino, snap.gen, c), piece, f.path)
+            except Exception as exc:  # the chunk is served all the same; it is only not admitted
+                self.health.fault(health.layer_of(exc, "admission"), exc, "the chunk is served, not admitted")
 
         try:
             remaining = mine
             if self.peer_reads is not None and mine and st.version is not None and st.version != UNKNOWN:
-                offered = await self.peer_reads.fetch(st.ino, st.version, [c for c, _ in mine])
+                try:
+                    if health.faults:
+                        health.inject("peers.fetch")
+                    offered = await self.peer_reads.fetch(st.ino, st.version, [c for c, _ in mine])
+                except Exception as exc:  # the peers are a cache too: their fault is a miss
+                    self.health.fault(health.layer_of(exc, "peers.fetch"), exc, "read from the backing instead")
+                    offered = {}
                 remaining = []
                 for c, fetch in mine:
                     piece = offered.get(c)
@@ -211,12 +268,15 @@ class Cache:
                     offer(c, piece)
             for run in _runs(remaining):
                 start = run[0][0] * self.chunk_size
-                data = await self.backing.pread(f.handle, start, len(run) * self.chunk_size)
+                try:
+                    data = await self.backing.pread(f.handle, start, len(run) * self.chunk_size)
+                except OSError as exc:
+                    raise BackingError(exc) from exc
                 for i, (c, fetch) in enumerate(run):
                     piece = data[i * self.chunk_size : (i + 1) * self.chunk_size]
                     fetch.data = got[c] = piece
                     offer(c, piece)
-        except OSError as exc:
+        except Exception as exc:  # whoever waits on these chunks fails the same way (never an empty chunk)
             for _, fetch in mine:
                 fetch.error = exc
             raise
@@ -233,16 +293,31 @@ class Cache:
 
     # ---- writes -----------------------------------------------------------
     async def write(self, f: OpenFile, offset: int, data: bytes) -> int:
+        """The error boundary of writes: the backing's write happens once, whatever the cache does.
+
+        A fault of the cache's bookkeeping around it fails closed (`Files.fail_closed`: a new
+        generation for the file) and the write returns what the backing said.
+        """
         files = self.files
-        st = files.get(f.ino)
-        before = files.write_started(st)
+        try:
+            st = files.get(f.ino)
+            before = files.write_started(st)
+        except Exception as exc:
+            files.fail_closed(f.ino, health.layer_of(exc, "writer"), exc)
+            return await self.backing.pwrite(f.handle, data, offset)
         try:
             written, pre, attr = await self.backing.run(_pwrite_and_stat, self.backing.sync, f.handle, data, offset)
         finally:
-            touched = files.write_ended(st, offset, len(data))
-            if touched:
-                self.admission.written(st.ino, touched)
-        files.write_done(st, before, pre, attr)
+            try:
+                touched = files.write_ended(st, offset, len(data))
+                if touched:
+                    self.admission.written(st.ino, touched)
+            except Exception as exc:
+                files.fail_closed(f.ino, health.layer_of(exc, "writer"), exc)
+        try:
+            files.write_done(st, before, pre, attr)
+        except Exception as exc:
+            files.fail_closed(f.ino, health.layer_of(exc, "writer"), exc)
         counters = files.images[f.path]
         counters.writes += 1
         counters.write_bytes += written

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("mountpoint", metavar="MOUNTPOINT")
     d.add_argument("image", metavar="IMAGE", nargs="?", help="the image, as a path in the mount (default: every image)")
 
+    r = sub.add_parser("recover", help="rebuild a mount's cache empty now (the way back from a degraded cache)")
+    r.add_argument("mountpoint", metavar="MOUNTPOINT")
+
     ck = sub.add_parser("check", help="check an unmounted cache directory's integrity (read-only)")
     ck.add_argument("cache_dir", metavar="CACHE_DIR", help="the mount's --cache-dir; exit 0 consistent, 1 problems found, 2 not checkable")
 
@@ -332,6 +335,14 @@ def _drop(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _recover(args: argparse.Namespace, argv: list[str]) -> int:
+    from fusecache import control
+
+    reply = control.request(args.mountpoint, "recover", timeout=600)
+    print(f"{args.mountpoint}: the cache store was rebuilt empty; state {reply['state']}")
+    return 0
+
+
 def _check(args: argparse.Namespace, argv: list[str]) -> int:
     from fusecache.store import check
 
@@ -341,6 +352,7 @@ def _check(args: argparse.Namespace, argv: list[str]) -> int:
 COMMANDS = {"mount": _mount, "umount": _umount, "unmount": _umount, "stats": _stats, "top": _top, "admit": _admit, "drop": _drop}
 COMMANDS["check"] = _check
 COMMANDS.update({"warm": _warm, "pin": _pin, "unpin": _unpin, "ls": _ls})
+COMMANDS["recover"] = _recover
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from fusecache import control, mounts
+from fusecache import control, health, mounts
 from fusecache.assemble import assemble, cluster_key
 from fusecache.backing import open_backing
 from fusecache.errors import QuietError, find_in
@@ -202,6 +202,7 @@ def serve(opts: MountOptions) -> None:
 
 
 async def _main(opts: MountOptions, readiness: Readiness) -> None:
+    health.load_faults_from_env()  # tests only; nothing when FUSECACHE_FAULTS is unset
     async with assemble(opts) as mount:
         ops = FuseOperations(mount.backing, mount.data, InodeTable(mount.root_ino), attr_timeout=opts.attr_timeout)
         # From here on nothing may stat the mountpoint before pyfuse3.main serves it: it would wait for itself.

@@ -19,6 +19,10 @@ content; location keys carry it), the backing's version last seen, a write
 - A chunk read from the backing is admitted only if no write to that file
   started or ended while it was read (the epoch) and the generation is
   unchanged (`Snapshot.still_current`, `admit_current`).
+- Fail closed: when the cache cannot keep these rules (a failed batch of
+  drops or records, a fault in a write's bookkeeping), the files concerned
+  get a new generation in memory before the write returns, and the store is
+  tainted so a restart starts it empty (`fail_closed`, `batch_failed`).
 `Files` is also what admission admits through (`admit_current`,
 `read_for_admission`): admission never sees the read path.
 """
@@ -34,9 +38,10 @@ from typing import NamedTuple
 
 import trio
 
+from fusecache import health
 from fusecache.backing import Attr, OffLoop
 from fusecache.stats import ImageCounters
-from fusecache.store import Store
+from fusecache.store import Store, WriteBatch
 from fusecache.store_queue import Key, StoreQueue
 from fusecache.version import UNKNOWN, Version
 
@@ -83,11 +88,15 @@ class Files:
         self._files: dict[int, FileState] = {}
         self._names: dict[int, str] = {}  # ino -> the name it was last opened by
         self.images: dict[str, ImageCounters] = defaultdict(ImageCounters)
+        self.health = queue.health
+        queue.on_failed = self.batch_failed
+        queue.on_rebuilt = self.rebuilt
 
     def get(self, ino: int) -> FileState:
         st = self._files.get(ino)
         if st is None:
-            rec = self.store.file_record(ino)
+            # degraded: the store may be unreadable; nothing of it is served until it is rebuilt empty
+            rec = self.store.file_record(ino) if self.health.caching else None
             st = FileState(ino, rec[0], Version(*rec[1])) if rec else FileState(ino, 1, None)
             self._files[ino] = st
         return st
@@ -174,6 +183,38 @@ class Files:
         """Nothing of the old generation is found again (its location keys no longer match)."""
         st.gen += 1
 
+    # ---- failing closed --------------------------------------------------------
+    def fail_closed(self, ino: int, layer: str, exc: BaseException) -> None:
+        """The cache's part of a write to `ino` failed: nothing cached of that file may be found again."""
+        self.health.fault(layer, exc, "the write went to the backing; the file's cached chunks are abandoned")
+        st = self._files.get(ino)
+        if st is None:  # the store could not even say which generation it holds: stop trusting it
+            self.health.degrade(f"the record of inode {ino} could not be read: {type(exc).__name__}: {exc}")
+            st = self._files[ino] = FileState(ino, 1, None)
+        self._new_generation(st)
+        st.version = None
+        self.store.taint()
+
+    def batch_failed(self, batch: WriteBatch) -> None:
+        """A batch did not commit: its drops, records and forgets are lost, so every file they touch moves on.
+
+        Called before the batch's dropped marks are cleared, so no read finds the old chunks in between.
+        """
+        inos = {ino for ino, _, _ in batch.drop} | {ino for ino, _, _ in batch.files} | set(batch.forget_files)
+        for ino in inos:
+            st = self._files.get(ino)
+            if st is None:
+                continue
+            self._new_generation(st)
+            self.queue.record_file(ino, st.gen, st.version if st.version is not None else UNKNOWN)
+        if inos:
+            self.store.taint()
+
+    def rebuilt(self) -> None:
+        """The store was rebuilt empty: record again every file we know, at its current generation."""
+        for st in self._files.values():
+            self.queue.record_file(st.ino, st.gen, st.version if st.version is not None else UNKNOWN)
+
     # ---- writes ----------------------------------------------------------------
     def write_started(self, st: FileState) -> Version | None:
         """Returns the version before the write, for `write_ended`."""
@@ -185,6 +226,8 @@ class Files:
         """Drop the chunks the write touched (whether or not it succeeded); returns them."""
         st.writing -= 1
         st.epoch += 1
+        if health.faults:
+            health.inject("writer")
         cs = self.chunk_size
         touched = range(offset // cs, (offset + nbytes - 1) // cs + 1) if nbytes else range(0)
         for c in touched:
@@ -222,11 +265,11 @@ class Files:
         return st.gen == key[1] and not self.queue.is_dropped(key) and not st.writing
 
     def admit(self, key: Key, data: bytes, name: str | None = None, owner: str | None = None) -> bool:
-        """Queue a chunk for the store (False when the writer is too far behind), counted for its image.
+        """Queue a chunk for the store (False when the writer is too far behind, or the cache is degraded), counted.
 
         owner: the guest it is admitted for, whose share of the cache it counts in (None: the host).
         """
-        if not self.queue.admit(key, data, owner):
+        if not self.health.caching or not self.queue.admit(key, data, owner):
             return False
         self.images[name or self.name(key[0])].admitted_chunks += 1
         return True

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from fusecache.errors import QuietError
 from fusecache.peers import PeerStats
-from fusecache.stats import BalloonGuest, ImageCounters, MountStats, StoreStats
+from fusecache.stats import BalloonGuest, HealthStats, ImageCounters, MountStats, StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ def metric_families(stats: MountStats) -> list[Metric]:
     out += _image_families(stats.images)
     if stats.store is not None:
         out += _store_families(stats.store)
+    if stats.health is not None:
+        out += _health_families(stats.health)
     if stats.balloon.guests:
         out += _balloon_families(stats.balloon.guests)
     if stats.peers.peers:
@@ -87,6 +89,20 @@ def _image_families(images: dict[str, ImageCounters]) -> list[Metric]:
         for key, family in counters:
             family.add_metric([image], getattr(c, key))
     return [read_bytes, *(family for _, family in counters)]
+
+
+def _health_families(health: HealthStats) -> list[Metric]:
+    state = GaugeMetricFamily(
+        "fusecache_cache_state", "1 for the cache's state (caching, degraded: passthrough, rebuilding), 0 for the others.", labels=["state"]
+    )
+    for name in ("caching", "degraded", "rebuilding"):
+        state.add_metric([name], 1 if health.state == name else 0)
+    faults = CounterMetricFamily("fusecache_cache_faults", "Faults of the cache, per layer, served from the backing.", labels=["layer"])
+    for layer, n in sorted(health.faults.items()):
+        faults.add_metric([layer], n)
+    degradations = CounterMetricFamily("fusecache_cache_degradations", "Times the cache degraded itself to passthrough.")
+    degradations.add_metric([], health.degradations)
+    return [state, faults, degradations]
 
 
 def _store_families(store: StoreStats) -> list[Metric]:

@@ -204,6 +204,19 @@ class ImageHoldings:
 
 
 @dataclasses.dataclass
+class HealthStats:
+    """The cache's state (`health.py`): caching, degraded (passthrough) or rebuilding, why, and the faults served from the backing."""
+
+    state: str = "caching"
+    reason: str = ""
+    since: float = 0.0  # time.time() of the last change of state
+    faults: dict[str, int] = dataclasses.field(default_factory=dict)  # layer -> faults served from the backing
+    degradations: int = 0
+    rebuilds: int = 0
+    rebuild_failures: int = 0
+
+
+@dataclasses.dataclass
 class MountStats:
     """Everything `fusecache stats --json` shows. With --no-cache, `store` and `admission` are None."""
 
@@ -221,6 +234,7 @@ class MountStats:
     peers: PeeringStats = dataclasses.field(default_factory=PeeringStats)
     pins: PinStats = dataclasses.field(default_factory=PinStats)
     warms: list[WarmProgress] = dataclasses.field(default_factory=list)
+    health: HealthStats | None = None  # None with --no-cache
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

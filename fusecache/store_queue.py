@@ -10,15 +10,25 @@ before the next admissions, then those admissions, so queue order holds (an
 admission followed by the drop of the same chunk ends dropped). Admissions
 are refused, not waited for, when the writer is too far behind: reads never
 wait for the writer.
+
+A batch that fails to commit is a fault (`Health`); its files get new
+generations (`on_failed`, set by `Files`) before its dropped marks are
+cleared, so nothing it meant to drop is served again. While the cache is
+degraded nothing is applied (the store is rebuilt empty before it serves
+again); `rebuild` replaces the store with an empty one, under the writer's
+lock, and `watch` does so by itself some time after the cache degraded.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import trio
 
+from fusecache import health
+from fusecache.health import Health
 from fusecache.store import Store, WriteBatch
 from fusecache.version import Version
 
@@ -28,6 +38,7 @@ Key = tuple[int, int, int]  # (ino, generation, chunk)
 
 MAX_PENDING_ADMIT_BYTES = 128 << 20  # past this, misses are served but not admitted
 MAX_BATCH_ADMITS = 1024
+RETRY_AFTER = 1.0  # seconds the writer waits after a failed batch: a failing store is not hammered
 
 
 class StoreQueue:
@@ -44,8 +55,13 @@ class StoreQueue:
         *,
         on_committed: Callable[[int], None] | None = None,
         peer_holds: Callable[[bytes], bool] | None = None,
+        health: Health | None = None,
     ) -> None:
         self.store = store
+        self.health = health if health is not None else Health()
+        self.on_failed: Callable[[WriteBatch], None] | None = None  # a batch did not commit (Files fails closed)
+        self.on_rebuilt: Callable[[], None] | None = None  # the store is empty and new (Files records its files again)
+        self._rebuilds = 0  # a batch taken before a rebuild is not applied after it
         self._on_committed = on_committed
         self._peer_holds = peer_holds
         self._queue: list[tuple[int, str, object]] = []  # (seq, kind, item); seq orders drops against admissions
@@ -154,31 +170,87 @@ class StoreQueue:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            await self.drain()
+            if not await self.drain():
+                await trio.sleep(RETRY_AFTER)
+                self._wakeup.set()
 
-    async def drain(self) -> None:
-        """Apply everything queued now, one batch at a time, in the writer thread."""
+    async def drain(self) -> bool:
+        """Apply everything queued now, one batch at a time, in the writer thread; False when a batch failed
+        (what is queued after it waits for the next call)."""
         while self._queue:
             batch, last = self._take_batch()
-            try:
-                await trio.to_thread.run_sync(self._apply, batch, limiter=self._writer_limiter)
-            except Exception:
-                log.exception("the cache store failed to apply a batch: those chunks are not cached")
-            for ino, gen, chunk, data in batch.admit:
-                self._pending_admit_bytes -= len(data)
-                if self._pending.get((ino, gen, chunk)) is data:
-                    del self._pending[(ino, gen, chunk)]
-            self._committed = last
-            if self._dropped:
-                self._dropped = {k: s for k, s in self._dropped.items() if s > last}
-            if batch.admit and self._on_committed is not None:
-                self._on_committed(len(batch.admit))
+            rebuilds = self._rebuilds
+            if self.health.caching:
+                try:
+                    await trio.to_thread.run_sync(self._apply, batch, rebuilds, limiter=self._writer_limiter)
+                except Exception as exc:
+                    if self.on_failed is not None:
+                        self.on_failed(batch)  # before the dropped marks below are cleared
+                    what = "the batch is lost: its chunks are not cached, its files get new generations"
+                    self.health.fault(health.layer_of(exc, "store.apply"), exc, what)
+                    self._settle(batch, last, rebuilds)
+                    return False
+                self.health.store_ok()
+                self._settle(batch, last, rebuilds, committed=True)
+            else:  # degraded: nothing is applied; the store is rebuilt empty before it serves again
+                self.store.taint()  # and if it is not (unmounted first), the next mount starts it empty
+                self._settle(batch, last, rebuilds)
+        return True
 
-    def _apply(self, batch: WriteBatch) -> None:
+    def _settle(self, batch: WriteBatch, last: int, rebuilds: int, committed: bool = False) -> None:
+        """A batch is done with (committed, failed or discarded): what it held is no longer pending or dropped here."""
+        if rebuilds != self._rebuilds:
+            return  # the rebuild cleared everything this batch held
+        for ino, gen, chunk, data in batch.admit:
+            self._pending_admit_bytes -= len(data)
+            if self._pending.get((ino, gen, chunk)) is data:
+                del self._pending[(ino, gen, chunk)]
+        self._committed = last
+        if self._dropped:
+            self._dropped = {k: s for k, s in self._dropped.items() if s > last}
+        if committed and batch.admit and self._on_committed is not None:
+            self._on_committed(len(batch.admit))
+
+    def _apply(self, batch: WriteBatch, rebuilds: int) -> None:
+        if rebuilds != self._rebuilds:
+            return  # taken before the store was rebuilt: what it admits may be stale, what it drops is gone
+        if health.faults:
+            health.inject("store.apply")
         batch.peer_holds = self._peer_holds
         self.store.apply(batch)
+
+    # ---- rebuilding ------------------------------------------------------------
+    async def rebuild(self) -> None:
+        """Replace the store with an empty one (passthrough meanwhile); the state says how it went."""
+        self.health.rebuilding()
+        async with self._writer_limiter:  # no batch is being applied
+            self._rebuilds += 1
+            self._queue.clear()
+            self._pending.clear()
+            self._dropped.clear()
+            self._pending_admit_bytes = 0
+            self._committed = self._seq
+            try:
+                self.store.close_files()  # on the loop: no store read runs meanwhile; later ones fail, and are faults
+                fresh = await trio.to_thread.run_sync(self.store.open_empty)
+            except Exception as exc:
+                self.health.rebuild_failed(exc)
+                return
+            self.store.replace_files(fresh)  # on the loop: no store read runs meanwhile
+        if self.on_rebuilt is not None:
+            self.on_rebuilt()
+        self.health.rebuilt()
+
+    async def watch(self, every: float = 1.0) -> None:
+        """Rebuild the store some time after the cache degraded (`Health.rebuild_delay`, growing while rebuilds fail)."""
+        while True:
+            await trio.sleep(every)
+            h = self.health
+            if h.state == health.DEGRADED and time.time() - h.since >= h.rebuild_delay:
+                await self.rebuild()
 
     async def close(self) -> None:
         """Apply what is queued (even when cancelled: the store is closed after this)."""
         with trio.CancelScope(shield=True):
-            await self.drain()
+            while not await self.drain() and self.health.caching:
+                pass  # a failing store degrades after a few tries; then what is left is discarded

@@ -64,6 +64,12 @@ def summary_lines(stats: MountStats) -> list[str]:
     if store is None:
         lines.append("no cache (--no-cache): every read goes to the backing")
         return lines
+    health = stats.health
+    if health is not None and health.state != "caching":
+        lines.append(f"cache {health.state.upper()}: passthrough, every read and write goes to the backing ({health.reason}); "
+                     f"`fusecache recover {stats.mountpoint}` rebuilds it now")
+    if health is not None and health.faults:
+        lines.append("faults served from the backing: " + ", ".join(f"{k} {v}" for k, v in sorted(health.faults.items())))
     lines.append(
         f"cache: {human(store.bytes_stored)} of {human(store.capacity)} stored, "
         f"{human(store.logical_bytes)} logical, dedup {store.dedup_ratio:.2f}x, "
@@ -372,6 +378,13 @@ def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
     lines.append(head)
     if view.error:  # mounted, but this poll failed: show the last figures, and why they are old
         lines.append(Text(f"{view.error} (figures from {_duration(now - view.sampled)} ago)", style="bold yellow"))
+    health = s.health
+    if health is not None and health.state != "caching":
+        warn = f"cache {health.state.upper()} (passthrough): {health.reason}; `fusecache recover` rebuilds it"
+        lines.append(Text(warn, style="bold red"))
+    if health is not None and health.faults:
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(health.faults.items()))
+        lines.append(Text(f"faults served from the backing: {faults}", style="yellow"))
     store = s.store
     if store is not None:
         cap = store.capacity

@@ -4,7 +4,10 @@
 `os.path.ismount`, and remembers the daemon's PID. `Mounter.cleanup()` (run by
 the `mounter` fixture even when the test fails) unmounts with `fusecache
 umount`, then `fusermount3 -u`, then `-z`, and stops the daemon by its PID with
-SIGTERM, then SIGKILL, if it is still there.
+SIGTERM, then SIGKILL, if it is still there; then it deletes the slabs of the
+cache dirs its mounts used (a mount reserves its whole slab on disk, and
+pytest keeps old temporary directories). A test mount without --cache-size
+gets TEST_CACHE_SIZE, not the 2 GiB default.
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 from fusecache.daemon import process_running as daemon_running  # a zombie counts as exited
+from fusecache.options import default_cache_dir
 from fusecache.stats import MountStats
 
 FUSECACHE = [sys.executable, "-m", "fusecache"]
+TEST_CACHE_SIZE = "256M"
 
 
 @dataclasses.dataclass
@@ -41,6 +47,8 @@ class Mount:
 
 
 def run_fusecache(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    if args and args[0] == "mount" and "--cache-size" not in args and "--no-cache" not in args:
+        args = (*args, "--cache-size", TEST_CACHE_SIZE)  # the slab is reserved on disk: tests keep it small
     return subprocess.run([*FUSECACHE, *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
 
 
@@ -62,6 +70,7 @@ class Mounter:
         self.tmp = tmp
         self.mounts: list[Mount] = []
         self._n = 0
+        self._cache_dirs: set[str] = set()  # every cache dir a mount used, explicit or the default one
 
     def mount(self, backing: str, *args: str, mountpoint: str | None = None) -> Mount:
         if mountpoint is None:
@@ -69,6 +78,10 @@ class Mounter:
             mountpoint = os.path.join(self.tmp, f"mnt{self._n}")
             os.makedirs(mountpoint, exist_ok=True)
         log = os.path.join(self.tmp, f"daemon{self._n}.log")
+        if "--cache-dir" in args:
+            self._cache_dirs.add(args[args.index("--cache-dir") + 1])
+        elif "--no-cache" not in args:
+            self._cache_dirs.add(default_cache_dir(os.path.abspath(mountpoint)))
         proc = run_fusecache("mount", backing, mountpoint, "--log-file", log, *args)
         if proc.returncode != 0:
             raise AssertionError(f"fusecache mount failed ({proc.returncode}): {proc.stderr.strip()}\n{_read(log)}")
@@ -91,6 +104,13 @@ class Mounter:
         for m in reversed(self.mounts):
             force_unmount(m.mountpoint, m.pid)
         self.mounts.clear()
+        for cache_dir in self._cache_dirs:
+            if cache_dir.startswith("/var/cache/fusecache/"):
+                shutil.rmtree(cache_dir, ignore_errors=True)  # named after a test's mountpoint: nobody else's
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(cache_dir, "pages.slab"))
+        self._cache_dirs.clear()
 
 
 def force_unmount(mountpoint: str, pid: int | None) -> None:

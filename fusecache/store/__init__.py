@@ -31,10 +31,12 @@ Transactions and locking
 - Page data is written with `os.pwritev` into free slots *before* the
   commit that references them. LMDB runs without fsync: a SIGKILLed process
   loses nothing committed (the OS page cache has it); after a host crash
-  (boot id changed, no clean-close mark) the cache is wiped, as its contents
-  are re-derivable. The "not clean" mark is synced at open before any
-  unsynced write; `close` fsyncs the slab, saves the eviction order and
-  marks clean.
+  (boot id changed, no clean close) the cache is wiped, as its contents
+  are re-derivable. `state.json` (outside LMDB, fsynced; `opening`) says
+  "not clean" from open, before any unsynced write; `close` fsyncs the
+  slab, saves the eviction order, syncs LMDB and records a clean close with
+  data.mdb's size and digest, checked at the next open: anything damaged,
+  truncated or of another format is wiped, never trusted, never refused.
 - An admission batch allocates its new pages in runs of adjacent slots
   (lowest free extent first), so a chunk's pages usually sit in one run and
   are written, and later read, with one call; admissions are applied

@@ -50,7 +50,7 @@ from fusecache.store.layout import (
     loc_size,
     pages_of,
 )
-from fusecache.store.opening import format_problem, read_marker
+from fusecache.store.opening import format_problem, lmdb_problem, read_marker
 
 _SHOWN = 50  # problems printed by the command; the count says how many more
 
@@ -216,6 +216,9 @@ def check_cache(cache_dir: str) -> Report:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             raise unusable("is in use by a fusecache process", "unmount it (fusecache umount MOUNTPOINT), then check")
+        damage = lmdb_problem(os.path.join(lmdb_path, "data.mdb"))  # before LMDB maps it: a truncated file would SIGBUS
+        if damage is not None:
+            return Report(cache_dir, [f"{damage} (the next mount starts it empty)"], dict.fromkeys(("chunks", "pages", "free", "slots"), 0))
         try:
             env = lmdb.open(lmdb_path, readonly=True, lock=False, max_dbs=len(TABLES), subdir=True, create=False)
         except lmdb.Error as e:

@@ -2,7 +2,9 @@
 
 It builds each part from explicit handles (the LMDB environment and tables,
 the slab, the eviction order, the counters), hands every call to the part
-that owns it, and marks a clean shutdown on `close`.
+that owns it, and marks a clean shutdown on `close` (unless it was
+`taint`ed: it missed changes, so the next open starts empty). `open_empty`
+and `replace_files` rebuild it empty in place, for a degraded cache.
 """
 
 from __future__ import annotations
@@ -62,7 +64,10 @@ class Store:
         if eviction not in EVICTIONS:
             raise QuietError(f"unknown eviction policy {eviction!r}; choose one of {', '.join(EVICTIONS)}")
         # Per-owner shares over the chosen order: no guest's admissions flush another's chunks (eviction.Shares).
+        self._eviction_name = eviction
         self._eviction = Shares(EVICTIONS[eviction], capacity // chunk_size)
+        self._tainted = False
+        self._names_key = names_key
         # Bumped from the loop and the writer thread without a lock: a lost count is harmless.
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._files = CacheFiles(
@@ -75,10 +80,15 @@ class Store:
             eviction=self._eviction,
             names_key=names_key,
         )
+        self._nslots = nslots
+        self._wire()
+
+    def _wire(self) -> None:
+        """The reader and the writer over the open files (at open, and after a rebuild)."""
         env, tables, slab, keys = self._files.env, self._files.tables, self._files.slab, self._files.keys
         assert env is not None and tables is not None and slab is not None and keys is not None
         self.keys = keys
-        self._nslots = nslots
+        chunk_size = self.chunk_size
         self._reader = Reader(env, tables, slab, self._eviction, self._counters, chunk_size=chunk_size, keys=keys)
         # Pinned inodes' chunks stay out of the eviction order; only the writer changes this set.
         self._pinned = set(self._reader.pins())
@@ -207,9 +217,47 @@ class Store:
         self._writer.apply(batch)
 
     def close(self) -> None:
-        """Make everything durable and mark a clean shutdown."""
-        # Pinned chunks last: the saved order must hold every loc key to be used at the next open.
-        self._files.close_clean(self._eviction.order() + self._reader.keys_of(self._pinned))
+        """Make everything durable and mark a clean shutdown (a tainted store: close so that the next open starts empty)."""
+        if self._tainted:
+            self._files.close_tainted()
+        else:
+            # Pinned chunks last: the saved order must hold every loc key to be used at the next open.
+            self._files.close_clean(self._eviction.order() + self._reader.keys_of(self._pinned))
+
+    def taint(self) -> None:
+        """The store missed a drop or a record it was given: it must not be trusted after a restart."""
+        self._tainted = True
+
+    # --- rebuilding (a degraded cache) -----------------------------------
+
+    def close_files(self) -> None:
+        """Close the open files without the clean mark, before `open_empty` (their room is needed); reads fail until
+        `replace_files` (on the thread that reads the store)."""
+        self._tainted = True
+        self._files.close()
+
+    def open_empty(self) -> CacheFiles:
+        """This cache directory wiped and opened empty (any thread, after `close_files`), for `replace_files`."""
+        return CacheFiles(
+            self.cache_dir,
+            self._nslots,
+            chunk_size=self.chunk_size,
+            max_chunks=self.max_chunks,
+            reset=True,
+            counters=self._counters,
+            eviction=Shares(EVICTIONS[self._eviction_name], self._nslots * PAGE_SIZE // self.chunk_size),
+            names_key=self._names_key,
+            owned=True,
+        )
+
+    def replace_files(self, files: CacheFiles) -> None:
+        """Serve from `files` (from `open_empty`) from now on, and close the old ones (on the thread that reads the store)."""
+        old = self._files
+        self._files = files
+        self._eviction = files.eviction
+        self._tainted = False
+        self._wire()
+        old.close()
 
     def abandon(self) -> None:
         """Close without the clean-shutdown mark: what a killed process leaves (tests of recovery use it)."""

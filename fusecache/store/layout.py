@@ -31,6 +31,11 @@ Format version FORMAT_VERSION; all integers big-endian.
   file's path and the pins that cover it).
 - `pages.slab`: slot s holds a page at byte offset s * 4096.
 - `keys`: the cache's content keys (`identity.ContentKeys`), mode 0600.
+- `state.json` (outside LMDB, written whole and fsynced): how the cache was
+  last closed, checked before LMDB is opened: JSON {"program", "format",
+  "page_size", "chunk_size", "boot_id", "clean": bool, "slab_size"}, and
+  after a clean close "data_size" and "data_xxh3" (xxh3-64 hex of
+  meta.lmdb/data.mdb). Written with clean false right after opening.
 
 A loc value is decoded two ways, both here: `decode_loc` into a `Location`
 (the writer, the checker, peers' digest lists), and the hit path's fast view
@@ -59,6 +64,7 @@ SHIFT = PAGE_SIZE.bit_length() - 1  # offset >> SHIFT = page index
 LMDB_DIR = "meta.lmdb"
 SLAB_FILE = "pages.slab"
 KEYS_FILE = "keys"
+STATE_FILE = "state.json"
 TABLES = (b"meta", b"files", b"loc", b"pages", b"free")
 
 LOC_KEY = Struct(">QQI")  # ino, gen, chunk number

@@ -1,19 +1,28 @@
-"""Opening a cache directory: the lock, format checks, recovery after a host crash, resizing the slab, the clean-close mark.
+"""Opening a cache directory: the lock, damage checks, wiping, reserving room, resizing the slab, the clean-close record.
 
-A directory that is not a fusecache cache, a corrupt meta.lmdb or slab, an
-older or newer format, or other page/chunk sizes raise QuietError naming the
-fix; `reset` deletes only the store's own two entries. A host crash (boot id
-changed without a clean close) wipes the cache with a warning: contents are
-re-derivable. So does a change of the content keys its pages were named and
-checked with (`keys`, 0600, made at creation; its names key derived from the
-cluster key when the mount has one, so a new cluster key starts it empty). A
-capacity change grows the slab, or shrinks it by dropping the
+The cache is re-derivable, so a cache that cannot be trusted is wiped and
+rebuilt with one log line, never refused: `state.json` (fsynced, outside
+LMDB, see `layout`) is read before LMDB is opened. After a clean close,
+data.mdb's size and xxh3 and the slab's size must match it (garbage inside
+LMDB pages can crash LMDB itself, so LMDB is not asked); while open it says
+"not clean", so a host crash (another boot id) wipes, and a killed process
+(same boot) keeps what LMDB committed once data.mdb is at least as long as
+its meta pages declare (never a SIGBUS). A missing or other-format record,
+a different page or chunk size, LMDB failing to open, or content keys other
+than the ones its pages were named with (`keys`, 0600, made at creation; its
+names key derived from the cluster key when the mount has one, so a new
+cluster key starts it empty) also wipe. A
+directory holding files that are not ours is refused (QuietError): only the
+store's own entries are ever deleted. The slab is reserved with fallocate
+(refused in one line naming the free space and the largest --cache-size
+that fits). A capacity change grows the slab, or shrinks it by dropping the
 chunks that hold slots past the new end. An exclusive flock on pages.slab
 keeps a second process out (`fusecache check` takes it shared).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -23,6 +32,7 @@ import shutil
 import struct
 
 import lmdb
+import xxhash
 
 from fusecache.errors import QuietError
 from fusecache.identity import ContentKeys
@@ -35,6 +45,7 @@ from fusecache.store.layout import (
     PAGE_SIZE,
     PROGRAM,
     SLAB_FILE,
+    STATE_FILE,
     TABLES,
     U32,
     U64,
@@ -50,19 +61,83 @@ log = logging.getLogger("fusecache.store")
 
 # Files a cache directory may hold besides ours (a dedicated filesystem's lost+found).
 _TOLERATED = {"lost+found"}
+_LMDB_MAGIC = 0xBEEFC0DE
+MIB = 1 << 20
+META_RESERVE = 8 * MIB  # room kept for data.mdb beyond 1/META_SHARE of the slab
+META_SHARE = 16
+
+
+def room_needed(capacity: int) -> int:
+    """Bytes a cache of `capacity` needs on its filesystem: the slab and room for its metadata."""
+    return capacity + META_RESERVE + capacity // META_SHARE
+
+
+def largest_fitting(free: int) -> int:
+    """The largest --cache-size (whole MiB) whose `room_needed` fits in `free` bytes (0: none)."""
+    return max(0, (free - META_RESERVE) * META_SHARE // (META_SHARE + 1)) // MIB * MIB
+
+
+def lmdb_problem(path: str) -> str | None:
+    """What is wrong with an LMDB data file at a glance (no LMDB call), or None: the meta pages, and the size they declare."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2 * PAGE_SIZE)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return "meta.lmdb/data.mdb is missing"
+    if len(head) < 2 * PAGE_SIZE:
+        return f"meta.lmdb/data.mdb is truncated ({size} bytes)"
+    best = None
+    for off in (0, PAGE_SIZE):
+        magic, version = struct.unpack_from("<II", head, off + 16)
+        (psize,) = struct.unpack_from("<I", head, off + 40)
+        last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
+        if magic == _LMDB_MAGIC and version == 1 and psize == PAGE_SIZE and (best is None or txnid > best[1]):
+            best = (last_pg, txnid)
+    if best is None:
+        return "meta.lmdb/data.mdb has no valid LMDB meta page"
+    if size < (best[0] + 1) * PAGE_SIZE:
+        return f"meta.lmdb/data.mdb is truncated ({size} bytes, its meta page says {(best[0] + 1) * PAGE_SIZE})"
+    return None
+
+
+def file_digest(path: str) -> str:
+    """xxh3-64 of a whole file, hex."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(4 * MIB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state(path: str) -> dict | None:
+    """state.json as a dict, or None if it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def write_state(path: str, state: dict) -> None:
+    """Replace state.json durably: a new file, fsynced, renamed over the old, the directory fsynced."""
+    tmp = path + ".new"
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(state).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def boot_id() -> str:
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
-
-
-def _boot_time() -> int:
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("btime "):
-                return int(line.split()[1])
-    return 0
 
 
 def read_marker(raw: bytes | memoryview | None) -> dict | None:
@@ -108,7 +183,9 @@ class CacheFiles:
         counters: dict[str, int],
         eviction: Eviction,
         names_key: bytes | None = None,
+        owned: bool = False,
     ) -> None:
+        """owned: this process already holds the directory (a rebuild while the old files are open): reset without locking first."""
         self.cache_dir = cache_dir
         self._names_key = names_key  # None: the cache's own (drawn at creation, kept)
         self.keys: ContentKeys | None = None
@@ -116,7 +193,7 @@ class CacheFiles:
         self.chunk_size = chunk_size
         self.max_chunks = max_chunks
         self._counters = counters
-        self._eviction = eviction  # only handed to WriteTxn for a resize, which does not touch it
+        self.eviction = eviction  # only handed to WriteTxn for a resize, which does not touch it
         self.env: lmdb.Environment | None = None
         self.tables: Tables | None = None
         self.slab: Slab | None = None
@@ -125,13 +202,16 @@ class CacheFiles:
         self._lmdb_path = os.path.join(cache_dir, LMDB_DIR)
         self._slab_path = os.path.join(cache_dir, SLAB_FILE)
         self._keys_path = os.path.join(cache_dir, KEYS_FILE)
+        self._state_path = os.path.join(cache_dir, STATE_FILE)
+        self._data_path = os.path.join(self._lmdb_path, "data.mdb")
+        self._wiped = False
         try:
             os.makedirs(cache_dir, exist_ok=True)
         except OSError as e:
             raise QuietError(f"cache dir {cache_dir}: cannot create it: {e.strerror}; pick a writable --cache-dir")
         try:
             if reset:
-                if os.path.isfile(self._slab_path):
+                if os.path.isfile(self._slab_path) and not owned:
                     self._lock_dir()  # never wipe a cache another process is using
                 self._wipe()
             self._open()
@@ -143,36 +223,49 @@ class CacheFiles:
         return QuietError(f"cache dir {self.cache_dir}: {what}; {fix}")
 
     def _wipe(self) -> None:
-        """Remove the cache's own files, and nothing else in the directory."""
+        """Remove the cache's own files, and nothing else in the directory (a lock held stays held: its inode goes)."""
+        fd, self._fd = self._fd, -1
         self.close()
+        self._fd = fd
         if os.path.isdir(self._lmdb_path) and not os.path.islink(self._lmdb_path):
             shutil.rmtree(self._lmdb_path)
-        if os.path.isfile(self._slab_path):
-            os.unlink(self._slab_path)
-        if os.path.isfile(self._keys_path):
-            os.unlink(self._keys_path)
+        for path in (self._slab_path, self._state_path, self._keys_path):
+            if os.path.isfile(path):
+                os.unlink(path)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _start_over(self, why: str) -> None:
+        """The cache cannot be trusted: wipe it and open it empty, with one line saying why."""
+        if self._wiped:  # already empty and new: the trouble is not the cache's content
+            raise self._fail(why, "check the cache filesystem, or pick another --cache-dir")
+        log.warning("cache dir %s: %s; starting empty", self.cache_dir, why)
+        self._wipe()
+        self._wiped = True
+        self._open()
 
     def _open(self) -> None:
         names = set(os.listdir(self.cache_dir))
+        ours = {SLAB_FILE, STATE_FILE, STATE_FILE + ".new", KEYS_FILE, KEYS_FILE + ".new"}
         if LMDB_DIR not in names or not os.path.isdir(self._lmdb_path):
-            foreign = sorted(names - {SLAB_FILE, KEYS_FILE, KEYS_FILE + ".new"} - _TOLERATED)
+            foreign = sorted(names - ours - _TOLERATED)
             if foreign:
                 raise self._fail(
                     f"holds files that are not a fusecache cache ({', '.join(foreign[:3])})", "pick an empty or new --cache-dir"
                 )
             fresh = True
         else:
+            if SLAB_FILE not in names and STATE_FILE not in names:  # an LMDB of someone else's: never wiped
+                raise self._fail("meta.lmdb is not a fusecache cache (no pages.slab beside it)", "pick another --cache-dir")
             fresh = False
         self._lock_dir()
+        if not fresh:
+            why = self._damage()
+            if why is not None:
+                return self._start_over(why)
         try:
             self.env = self._open_env(fresh)
-        except lmdb.Error as e:
-            if not fresh and self._written_before_boot():
-                log.warning("cache dir %s: metadata unreadable after a host restart (%s); starting empty", self.cache_dir, e)
-                self._wipe()
-                return self._open()
-            raise self._fail(f"meta.lmdb is corrupt ({e})")
-        try:
             with self.env.begin() as txn:
                 meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.tables.meta)}
             if fresh:
@@ -180,10 +273,6 @@ class CacheFiles:
                 meta = self._init_meta(self.keys)
             else:
                 self._check_format(meta.get(b"format"))
-                if meta.get(b"boot_id", b"").decode(errors="replace") != boot_id() and meta.get(b"clean") != b"\x01":
-                    log.warning("cache dir %s: the host crashed while the cache was open; starting empty", self.cache_dir)
-                    self._wipe()
-                    return self._open()
                 self.keys = self._read_keys()
                 if (
                     self.keys is None
@@ -191,16 +280,47 @@ class CacheFiles:
                     or (self._names_key is not None and self.keys.names_key != self._names_key)
                 ):
                     # Its pages were named with other keys: under these they would not be found, or worse.
-                    log.warning(
-                        "cache dir %s: its pages were named with other content keys (a new cluster key, or its keys file "
-                        "lost); starting empty", self.cache_dir,
-                    )
-                    self._wipe()
-                    return self._open()
+                    return self._start_over("its pages were named with other content keys (a new cluster key, or its keys file lost)")
+        except (lmdb.Error, KeyError, struct.error, ValueError) as e:  # damage below a valid header: a broken page or missing key
+            return self._start_over(f"meta.lmdb is damaged ({e!r})")
+        try:
             self._open_slab(meta, fresh)
             self.order = self._saved_order(meta)
-        except (lmdb.Error, KeyError, struct.error) as e:  # damage below a valid header: a broken page or missing key
-            raise self._fail(f"meta.lmdb is corrupt ({e!r})")
+        except (lmdb.Error, KeyError, struct.error, ValueError) as e:
+            return self._start_over(f"meta.lmdb is damaged ({e!r})")
+
+    def _damage(self) -> str | None:
+        """Why the cache on disk cannot be trusted (checked before LMDB is opened), or None."""
+        state = read_state(self._state_path)
+        if state is None or state.get("program") != PROGRAM:
+            return "it has no record of how it was closed (a crash while it was created, or an older fusecache)"
+        problem = format_problem(state, self.chunk_size)
+        if problem is not None:
+            return f"it {problem[0]}"
+        try:
+            slab_size = os.path.getsize(self._slab_path)
+        except OSError:
+            return "pages.slab is missing"
+        if slab_size != state.get("slab_size"):
+            return f"pages.slab is {slab_size} bytes, not the {state.get('slab_size')} it was closed with"
+        if not state.get("clean"):
+            if state.get("boot_id") != boot_id():
+                return "the host crashed while the cache was open"
+            # the process died but the host did not: what LMDB committed is in the page cache
+            return lmdb_problem(self._data_path)
+        try:
+            data_size = os.path.getsize(self._data_path)
+        except OSError:
+            return "meta.lmdb/data.mdb is missing"
+        if data_size != state.get("data_size"):
+            return f"meta.lmdb/data.mdb is {data_size} bytes, not the {state.get('data_size')} it was closed with"
+        if file_digest(self._data_path) != state.get("data_xxh3"):
+            return "meta.lmdb/data.mdb changed since it was closed (its digest differs)"
+        return None
+
+    def _write_state(self, clean: bool, **more: object) -> None:
+        state = {**json.loads(format_marker(self.chunk_size)), "boot_id": boot_id(), "clean": clean}
+        write_state(self._state_path, {**state, "slab_size": self.nslots * PAGE_SIZE, **more})
 
     def _lock_dir(self) -> None:
         """Own the directory: two processes writing one slab would corrupt it."""
@@ -228,19 +348,13 @@ class CacheFiles:
             raise
         return env
 
-    def _written_before_boot(self) -> bool:
-        try:
-            return os.stat(os.path.join(self._lmdb_path, "data.mdb")).st_mtime < _boot_time()
-        except OSError:
-            return False
-
     def _check_format(self, raw: bytes | None) -> None:
         marker = read_marker(raw)
         if marker is None:
-            raise self._fail("meta.lmdb is not a fusecache cache (no format marker)", "pick another --cache-dir or pass --reset-cache")
+            raise ValueError("no format marker")
         problem = format_problem(marker, self.chunk_size)
         if problem is not None:
-            raise self._fail(*problem)
+            raise ValueError(f"it {problem[0]}")
 
     def _new_keys(self) -> ContentKeys:
         """Fresh content keys, written to the keys file (0600, replaced whole) before any page is named with them."""
@@ -284,15 +398,18 @@ class CacheFiles:
         (old_slots,) = U32.unpack(meta[b"slots"])
         size = os.fstat(self._fd).st_size
         if not fresh and size < old_slots * PAGE_SIZE:
-            raise self._fail(f"pages.slab is truncated ({size} bytes, expected {old_slots * PAGE_SIZE})")
-        if self.nslots > old_slots:
-            # Grow the file before the metadata says it is larger (a crash in between is harmless).
-            os.ftruncate(self._fd, self.nslots * PAGE_SIZE)
-        # The file is at least the new size now (a shrink truncates it below, after the commit).
+            raise ValueError(f"pages.slab is truncated ({size} bytes, expected {old_slots * PAGE_SIZE})")
+        # Reserve the slab (grown before the metadata says it is larger: a crash in between is harmless),
+        # so a full filesystem is an error now, never a lost page write or a SIGBUS later.
+        self._reserve()
+        # The file is at least the new size now and allocated (a shrink truncates it below, after the commit).
+        if os.fstat(self._fd).st_size < self.nslots * PAGE_SIZE:
+            raise self._fail("pages.slab could not be grown", "check the cache filesystem")
+        self._write_state(False)  # from here on, a crash leaves the cache "not clean"
         slab_map = mmap.mmap(self._fd, self.nslots * PAGE_SIZE, prot=mmap.PROT_READ)
         self.slab = Slab(self._fd, self.nslots, slab_map, memoryview(slab_map))
         with self.env.begin(write=True) as txn:
-            w = WriteTxn(txn, self.tables, self.slab, self._eviction, self._counters, max_chunks=self.max_chunks)
+            w = WriteTxn(txn, self.tables, self.slab, self.eviction, self._counters, max_chunks=self.max_chunks)
             if self.nslots < old_slots:
                 self._shrink(w)
             elif self.nslots > old_slots:
@@ -305,6 +422,37 @@ class CacheFiles:
         self.env.sync(True)
         if size > self.nslots * PAGE_SIZE:
             os.ftruncate(self._fd, self.nslots * PAGE_SIZE)
+
+    def _reserve(self) -> None:
+        """fallocate the slab, after checking there is room for it and for the metadata."""
+        want = self.nslots * PAGE_SIZE
+        st = os.fstat(self._fd)
+        vfs = os.statvfs(self.cache_dir)
+        free = vfs.f_bavail * vfs.f_frsize + min(st.st_blocks * 512, want)  # what the slab holds now counts as room
+        try:
+            data = os.path.getsize(self._data_path)
+        except OSError:
+            data = 0
+        need = room_needed(want)
+        if need > free + data:
+            self._refuse_room(free + data)
+        try:
+            os.posix_fallocate(self._fd, 0, want)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._refuse_room(free + data)
+            raise self._fail(f"cannot reserve {want >> 20} MiB for pages.slab: {e.strerror}", "check the cache filesystem")
+
+    def _refuse_room(self, free: int) -> None:
+        fits = largest_fitting(free)
+        fix = "pick a --cache-dir with more room"
+        if fits >= self.chunk_size:
+            fix = f"pass --cache-size {fits >> 20}M or less, or {fix}"
+        raise self._fail(
+            f"its filesystem has {free >> 20} MiB free, too little for --cache-size {(self.nslots * PAGE_SIZE) >> 20}M "
+            f"and its metadata ({room_needed(self.nslots * PAGE_SIZE) >> 20} MiB)",
+            fix,
+        )
 
     def _shrink(self, w: WriteTxn) -> None:
         """Drop every chunk holding a slot past the new end, then forget those slots."""
@@ -330,14 +478,32 @@ class CacheFiles:
         return keys
 
     def close_clean(self, order: list[Key]) -> None:
-        """Make everything durable, save the eviction order and mark a clean shutdown; then close."""
+        """Make everything durable, save the eviction order and record a clean shutdown (with data.mdb's digest); then close.
+
+        If any of it fails the files are closed all the same, not clean: the next open starts empty.
+        """
         if self.env is None or self.tables is None:
             return
-        os.fsync(self._fd)
-        with self.env.begin(write=True) as txn:
-            txn.put(b"order", b"".join(order), db=self.tables.meta)
-            txn.put(b"clean", b"\x01", db=self.tables.meta)
-        self.env.sync(True)
+        try:
+            os.fsync(self._fd)
+            with self.env.begin(write=True) as txn:
+                txn.put(b"order", b"".join(order), db=self.tables.meta)
+                txn.put(b"clean", b"\x01", db=self.tables.meta)
+            self.env.sync(True)
+            self.env.close()
+            self.env = None
+            self._write_state(True, data_size=os.path.getsize(self._data_path), data_xxh3=file_digest(self._data_path))
+        except (OSError, lmdb.Error) as e:
+            log.warning("cache dir %s: could not close it cleanly (%s); the next mount starts it empty", self.cache_dir, e)
+        finally:
+            self.close()
+
+    def close_tainted(self) -> None:
+        """Close, and make sure the next open starts empty (the store missed changes it must not forget)."""
+        try:
+            os.unlink(self._state_path)
+        except OSError:
+            pass
         self.close()
 
     def close(self) -> None:

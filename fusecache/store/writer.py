@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import os
 from collections.abc import Callable, Set
 
@@ -465,7 +466,9 @@ class WriteTxn:
         fd, pos = self.slab.fd, 0
         for start, count in self.alloc(len(fresh)):
             for j in range(0, count, _IOV_MAX):
-                os.pwritev(fd, fresh_pages[pos + j : pos + min(count, j + _IOV_MAX)], (start + j) << SHIFT)
+                n = min(count, j + _IOV_MAX) - j
+                if os.pwritev(fd, fresh_pages[pos + j : pos + j + n], (start + j) << SHIFT) != n << SHIFT:
+                    raise OSError(errno.EIO, "short write to pages.slab")  # the batch fails: nothing refers to those slots
             slots += range(start, start + count)
             pos += count
         slot_of.update(zip(fresh, slots, strict=True))
