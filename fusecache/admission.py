@@ -19,6 +19,24 @@ page cache lost, are what it most likely evicted: those are admitted, from
 the staging buffer when it still has them, else read again from the backing
 in the background (never on the read path).
 
+Exact second chance (issue 12), for a guest whose memory fusecache can read
+(`fusecache.guestmem`; QEMU's RAM found by the balloon monitor): every reply
+served to the guest (hits and misses) is recorded in that guest's index of
+served pages; a scan of its RAM tells which served pages it no longer holds:
+those it evicted, whatever made it (its balloon, or its own memory pressure).
+Their chunks are admitted, from staging, else read again in the background.
+A chunk is the unit of a hit, so a chunk with any evicted page is admitted
+whole (its other pages cost at most 60 KiB, deduplicated, and the re-read of
+the evicted one is then a hit). Served pages a scan finds still resident
+need no host copy: their chunks are handed to the store as "evict first".
+Scans run at once when the balloon moves, and in the background within a CPU
+budget (`--guest-scan-cpu`). Balloon estimates are then not used for that
+guest. A guest whose memory cannot be read (no permission, encrypted memory,
+shared-memory RAM, `--no-guest-scan`) keeps the estimate below; stats say
+which mode each guest is in. Privacy: guest memory is read only to
+fingerprint it; nothing read is kept or logged (`fusecache.guestmem.scan`).
+
+Estimated second chance, for the other guests:
 Which guest read a chunk: each guest's open images (from QMP `query-block`
 or the libvirt domain XML) are resolved to backing inodes; a read of an
 image counts for every guest that has it open (a shared base image is in
@@ -42,9 +60,12 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import trio
 
 from fusecache.backing import OffLoop
+from fusecache.geometry import PAGES_PER_CHUNK
+from fusecache.guestmem import GuestMemoryScanner, GuestRam, Locations, Reason, ScanResult, ServedPages, Unscannable
 from fusecache.inodes import OpenFile
 from fusecache.stats import AdmissionStats, GuestAdmission
 
@@ -56,6 +77,7 @@ log = logging.getLogger(__name__)
 HOST = "(host)"
 DEFAULT_RECENT_LIMIT = 4 << 30  # bytes of reads remembered for a guest whose memory size is not known yet
 Key = tuple[int, int, int]  # (ino, gen, chunk)
+SCAN_EVERY = 1.0  # seconds at least between background scans of one guest (the CPU budget may make it longer)
 
 
 class AdmissionTarget(Protocol):
@@ -69,12 +91,24 @@ class AdmissionTarget(Protocol):
         """Read chunks of one file again from the backing; those that changed meanwhile are left out."""
         ...
 
+    def holds(self, key: Key) -> bool:
+        """Whether the store holds this chunk now (or is about to)."""
+        ...
+
+    def evict_first(self, keys: list[Key]) -> None:
+        """Hint the store: a guest holds these chunks itself."""
+        ...
+
 
 class Admission(Protocol):
     name: str
 
     def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
         """A chunk was read from the backing: True to admit it now."""
+        ...
+
+    def served(self, f: OpenFile, gen: int, offset: int, data: bytes | memoryview) -> None:
+        """A reply went to the guest (a hit or a miss): `data`, at byte `offset` of generation `gen`."""
         ...
 
     def written(self, ino: int, chunks: range) -> None:
@@ -93,6 +127,9 @@ class Inclusive:
 
     def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
         return True
+
+    def served(self, f: OpenFile, gen: int, offset: int, data: bytes | memoryview) -> None:
+        pass
 
     def written(self, ino: int, chunks: range) -> None:
         pass
@@ -119,6 +156,12 @@ class GuestReads:
     from_backing: int = 0
     by_reference: int = 0  # evicted chunks a peer already held: left there, one hop away, not stored twice
     aged_out: int = 0  # bytes of reads the guest had dropped on its own before a shrink: not admitted
+    mode: str = ""  # how evictions are known: "scan", "estimate", "estimate: <why not scan>" (stats.GuestAdmission)
+    scans: int = 0
+    scan_cpu_s: float = 0.0
+    scanned_bytes: int = 0
+    evicted_pages: int = 0
+    resident_pages: int = 0
 
     def add(self, key: Key, nbytes: int) -> None:
         if key in self.recent:
@@ -184,6 +227,24 @@ class StagingBuffer:
         return len(self._data)
 
 
+@dataclasses.dataclass
+class GuestScan:
+    """A guest whose memory is scanned: where its RAM is, what it was served, and what wakes its next scan."""
+
+    ram: GuestRam
+    served: ServedPages
+    wake: trio.Event = dataclasses.field(default_factory=trio.Event)
+    cancel: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+
+
+def chunk_keys(locs: Locations) -> list[Key]:
+    """The distinct (ino, gen, chunk) of a set of page locations (numpy: a scan may name hundreds of thousands)."""
+    if len(locs) == 0:
+        return []
+    table = np.unique(np.stack([locs.ino, locs.gen, locs.page // np.uint64(PAGES_PER_CHUNK)], axis=1), axis=0)
+    return [(int(i), int(g), int(c)) for i, g, c in table.tolist()]
+
+
 def _malloc_trim() -> None:
     try:
         ctypes.CDLL(None).malloc_trim(0)
@@ -204,6 +265,7 @@ class SecondChance:
         *,
         staging_bytes: int,
         peer_holds: Callable[[Key], bool] | None = None,
+        scanner: GuestMemoryScanner | None = None,
     ) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
         self._target = target
@@ -217,6 +279,10 @@ class SecondChance:
         self._guest_images: dict[str, list[str]] = {}
         # (ino, gen, chunk) -> True when a peer already holds that chunk: admitted "by reference", not stored
         self.peer_holds = peer_holds
+        # Guests whose memory is scanned (exact second chance); None: scanning is off (--no-guest-scan).
+        self.scanner = scanner
+        self.scans: dict[str, GuestScan] = {}
+        self._nursery: trio.Nursery | None = None
 
     # ---- the read path (inline, on the loop) ---------------------------------
     def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
@@ -227,6 +293,14 @@ class SecondChance:
         self.staging.put(key, data)
         return False
 
+    def served(self, f: OpenFile, gen: int, offset: int, data: bytes | memoryview) -> None:
+        if not self.scans:
+            return
+        for guest in self._guests_of.get(f.ino, ()):
+            sc = self.scans.get(guest)
+            if sc is not None:
+                sc.served.record(f.ino, gen, offset, data)
+
     def written(self, ino: int, chunks: range) -> None:
         self.staging.discard_chunks(ino, chunks)
 
@@ -234,14 +308,38 @@ class SecondChance:
     def on_guests(self, guests: dict[str, GuestState]) -> None:
         self._guest_images = {name: list(g.images) for name, g in guests.items()}
         for name, g in guests.items():
+            reads = self.guests[name]
             if g.actual:
-                self.guests[name].limit = max(g.actual, 64 << 20)
+                reads.limit = max(g.actual, 64 << 20)
+            if isinstance(g.ram, GuestRam) and self.scanner is not None:
+                sc = self.scans.get(name)
+                if sc is None or sc.ram != g.ram:
+                    if sc is not None:
+                        sc.cancel.cancel()
+                    self.scans[name] = GuestScan(g.ram, ServedPages.for_ram(g.ram.size))
+                    reads.mode = "scan"
+                    if self._nursery is not None:
+                        self._nursery.start_soon(self._scan_guest, name, self.scans[name])
+            elif name not in self.scans:
+                reads.mode = f"estimate: {g.ram.reason.value}" if isinstance(g.ram, Unscannable) else "estimate"
+        for name in [n for n in self.scans if n not in guests]:
+            self.scans.pop(name).cancel.cancel()  # the guest is gone: so is its index
         self._images_changed.set()
+
+    def on_balloon(self, guest: str) -> None:
+        """The guest's balloon moved: scan its memory now (what it evicts shows within seconds)."""
+        sc = self.scans.get(guest)
+        if sc is not None:
+            sc.wake.set()
 
     def on_shrink(self, shrink: Shrink) -> None:
         reads = self.guests[shrink.guest]
         reads.shrinks += 1
         reads.evicted_estimate += shrink.evicted_estimate
+        sc = self.scans.get(shrink.guest)
+        if sc is not None:
+            sc.wake.set()  # its scans know what it evicted: the estimate is not used
+            return
         if shrink.cache_before is not None:
             # What the guest evicted comes from what it still held: at most its page cache just before
             # the balloon moved, i.e. the newest reads. Older ones it had already dropped on its own.
@@ -260,9 +358,47 @@ class SecondChance:
     # ---- background work --------------------------------------------------------
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._resolve_images)
+            for name, sc in self.scans.items():
+                nursery.start_soon(self._scan_guest, name, sc)
             async for guest, keys in self._receive:
                 await self._admit(guest, keys)
+
+    async def _scan_guest(self, name: str, sc: GuestScan) -> None:
+        """Scan one guest's memory until it goes: at once when its balloon moves, else within the CPU budget."""
+        assert self.scanner is not None
+        reads = self.guests[name]
+        with sc.cancel:
+            while True:
+                with trio.move_on_after(SCAN_EVERY):
+                    await sc.wake.wait()
+                urgent = sc.wake.is_set()
+                sc.wake = trio.Event()
+                result = await self.scanner.scan(sc.ram, sc.served, urgent=urgent)
+                if isinstance(result, Unscannable):
+                    if result.reason is Reason.STOPPED:
+                        continue
+                    log.warning("guest %s: cannot scan its memory any more (%s): balloon estimates from now on", name, result)
+                    reads.mode = f"estimate: {result.reason.value}"
+                    if self.scans.get(name) is sc:
+                        del self.scans[name]
+                    return
+                await self._scanned(name, reads, result)
+
+    async def _scanned(self, guest: str, reads: GuestReads, result: ScanResult) -> None:
+        reads.scans += 1
+        reads.scan_cpu_s += result.cpu_s
+        reads.scanned_bytes += result.ram_pages * 4096
+        reads.evicted_pages += len(result.evicted)
+        reads.resident_pages = len(result.resident) + result.young
+        resident = chunk_keys(result.resident)
+        if resident:
+            self._target.evict_first(resident)
+        evicted = [k for k in chunk_keys(result.evicted) if not self._target.holds(k)]
+        if evicted:
+            log.info("guest %s evicted %d pages (%d chunks not held): admitting them", guest, len(result.evicted), len(evicted))
+            await self._send.send((guest, evicted))
 
     async def _admit(self, guest: str, keys: list[Key]) -> None:
         try:
@@ -328,6 +464,10 @@ class SecondChance:
             return path[len(self.mountpoint) + 1 :]
         return None
 
+    def _served_pages(self, guest: str) -> int:
+        sc = self.scans.get(guest)
+        return len(sc.served) if sc is not None else 0
+
     def stats(self) -> AdmissionStats:
         return AdmissionStats(
             mode=self.name,
@@ -347,6 +487,13 @@ class SecondChance:
                     from_backing=r.from_backing,
                     by_reference=r.by_reference,
                     aged_out=r.aged_out,
+                    mode=r.mode,
+                    scans=r.scans,
+                    scan_cpu_s=r.scan_cpu_s,
+                    scanned_bytes=r.scanned_bytes,
+                    served_pages=self._served_pages(name),
+                    evicted_pages=r.evicted_pages,
+                    resident_pages=r.resident_pages,
                 )
                 for name, r in sorted(self.guests.items())
             },

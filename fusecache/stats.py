@@ -62,6 +62,7 @@ class StoreStats:
     dropped_chunks: int = 0
     verify_failures: int = 0
     healed_pages: int = 0
+    evicted_resident: int = 0  # of evicted_chunks, chunks a scan found a guest still holding (evicted first)
 
 
 @dataclasses.dataclass
@@ -79,6 +80,15 @@ class GuestAdmission:
     from_backing: int = 0
     by_reference: int = 0  # evicted chunks a peer already held: left there, not stored twice
     aged_out: int = 0  # bytes of reads the guest had dropped on its own before a shrink
+    # How this guest's evictions are known: "scan" (its memory is read: exact), "estimate" (balloon statistics),
+    # "estimate: <why its memory cannot be read>"; "" for the host's own reads.
+    mode: str = ""
+    scans: int = 0
+    scan_cpu_s: float = 0.0
+    scanned_bytes: int = 0  # guest RAM read by scans, in total
+    served_pages: int = 0  # pages in the index of what it was served (not yet judged evicted)
+    evicted_pages: int = 0  # served pages scans found evicted (each once)
+    resident_pages: int = 0  # served pages the last scan found still held by the guest
 
 
 @dataclasses.dataclass
@@ -112,6 +122,15 @@ class BalloonGuest:
     from_backing: int = 0
     by_reference: int = 0
     aged_out: int = 0
+    # How this guest's evictions are known: "scan" (its memory is read: exact), "estimate" (balloon statistics),
+    # "estimate: <why its memory cannot be read>"; "" for the host's own reads.
+    mode: str = ""
+    scans: int = 0
+    scan_cpu_s: float = 0.0
+    scanned_bytes: int = 0  # guest RAM read by scans, in total
+    served_pages: int = 0  # pages in the index of what it was served (not yet judged evicted)
+    evicted_pages: int = 0  # served pages scans found evicted (each once)
+    resident_pages: int = 0  # served pages the last scan found still held by the guest
 
 
 @dataclasses.dataclass

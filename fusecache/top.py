@@ -70,6 +70,9 @@ def summary_lines(stats: MountStats) -> list[str]:
     )
     if stats.admission is not None:
         lines.append(f"admission: {stats.admission.mode}")
+        for name, ga in stats.admission.guests.items():
+            if ga.mode:
+                lines.append(f"  guest {name}: evictions known by {'memory scan' if ga.mode == 'scan' else ga.mode}")
     images = stats.images
     if images:
         width = max(12, *(len(n) for n in images))
@@ -279,15 +282,20 @@ def _images_table(view: MountView, g: Glyphs) -> Table:
 def _balloon_table(guests: dict[str, BalloonGuest], g: Glyphs) -> Table:
     table = Table(title="balloon", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
     table.add_column("guest", overflow="ellipsis", no_wrap=True, max_width=30)
-    for name in ("state", "target", "actual", "est. evicted", "admitted"):
+    for name in ("state", "target", "actual", "evicted", "admitted"):
         table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("known by", overflow="ellipsis", no_wrap=True, max_width=40)
 
     def size(v: Any) -> str:
         return g.dash if v is None else human(v)
 
     for name, s in guests.items():
         state = Text("running", style="green") if s.running else Text("stopped", style="dim")
-        table.add_row(name, state, size(s.target), size(s.actual), size(s.evicted_estimate), size(s.admitted_bytes))
+        # A scanned guest's evictions are found in its memory; the others' are estimated from its balloon statistics.
+        scanned = s.mode == "scan"
+        evicted = s.evicted_pages * 4096 if scanned else s.evicted_estimate
+        mode = Text("memory scan", style="green") if scanned else Text(s.mode or g.dash, style="yellow" if s.mode else "dim")
+        table.add_row(name, state, size(s.target), size(s.actual), size(evicted), size(s.admitted_bytes), mode)
     return table
 
 

@@ -8,14 +8,14 @@ that owns it, and marks a clean shutdown on `close`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from fusecache.errors import QuietError
 from fusecache.geometry import CHUNK_SIZE
 from fusecache.stats import StoreStats
 from fusecache.store.check import problems
 from fusecache.store.eviction import EVICTIONS
-from fusecache.store.layout import PAGE_SIZE, Location
+from fusecache.store.layout import PAGE_SIZE, Location, pack_key
 from fusecache.store.opening import CacheFiles
 from fusecache.store.reader import Reader
 from fusecache.store.writer import WriteBatch, Writer
@@ -25,7 +25,10 @@ from fusecache.version import Version
 # hold more chunks than its slots alone would bound, but metadata must stay
 # bounded too.
 CHUNKS_PER_CAPACITY_CHUNK = 8
-COUNTERS = ("hits", "misses", "admitted_chunks", "skipped_chunks", "evicted_chunks", "dropped_chunks", "verify_failures", "healed_pages")
+COUNTERS = (
+    "hits", "misses", "admitted_chunks", "skipped_chunks", "evicted_chunks", "dropped_chunks", "verify_failures", "healed_pages",
+    "evicted_resident",
+)  # fmt: skip
 
 
 class Store:
@@ -171,6 +174,10 @@ class Store:
     def apply(self, batch: WriteBatch) -> None:
         """Apply one batch: releases and evictions commit first, then admissions (see the package docstring)."""
         self._writer.apply(batch)
+
+    def evict_first(self, keys: Iterable[tuple[int, int, int]]) -> None:
+        """Hint (any thread): these (ino, gen, chunk) are held by a guest itself; when room is needed they go first."""
+        self._writer.evict_first.add(pack_key(*k) for k in keys)
 
     def close(self) -> None:
         """Make everything durable and mark a clean shutdown."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Set
 import lmdb
 import xxhash
 
-from fusecache.store.eviction import Eviction
+from fusecache.store.eviction import EvictFirst, Eviction
 from fusecache.store.layout import (
     INO,
     SHIFT,
@@ -109,6 +109,7 @@ class Writer:
         self.env, self.tables, self.slab, self.eviction, self.counters = env, tables, slab, eviction, counters
         self.chunk_size = chunk_size
         self.max_chunks = max_chunks
+        self.evict_first = EvictFirst()
 
     def apply(self, batch: WriteBatch) -> None:
         """Releases and evictions commit first, then admissions in a second transaction (package docstring)."""
@@ -142,7 +143,10 @@ class Writer:
             raise
 
     def txn(self, txn: lmdb.Transaction, peer_holds: Callable[[bytes], bool] = _no_peer_holds) -> WriteTxn:
-        return WriteTxn(txn, self.tables, self.slab, self.eviction, self.counters, max_chunks=self.max_chunks, peer_holds=peer_holds)
+        return WriteTxn(
+            txn, self.tables, self.slab, self.eviction, self.counters,
+            max_chunks=self.max_chunks, peer_holds=peer_holds, evict_first=self.evict_first,
+        )  # fmt: skip
 
 
 class WriteTxn:
@@ -158,10 +162,12 @@ class WriteTxn:
         *,
         max_chunks: int,
         peer_holds: Callable[[bytes], bool] = _no_peer_holds,
+        evict_first: EvictFirst | None = None,
     ) -> None:
         self.txn, self.tables, self.slab, self.eviction, self.counters = txn, tables, slab, eviction, counters
         self.max_chunks = max_chunks
         self.peer_holds = peer_holds
+        self.evict_first = evict_first
         (self.free_count,) = U32.unpack(txn.get(b"free_slots", db=tables.meta))
         (self.logical,) = U64.unpack(txn.get(b"logical_bytes", db=tables.meta))
         # Freed here, reusable only after this transaction commits.
@@ -323,7 +329,7 @@ class WriteTxn:
         free = self.free_slots()
         evicted = 0
         while free < needed or len(self.eviction) + new_chunks > self.max_chunks:
-            key = self.eviction.evict_one(self.weigh)
+            key = self._hinted_victim() or self.eviction.evict_one(self.weigh)
             if key is None:
                 break
             gone = self.remove_chunk(key) or []
@@ -333,6 +339,16 @@ class WriteTxn:
             evicted += 1
         self.counters["evicted_chunks"] += evicted
         return fitting
+
+    def _hinted_victim(self) -> Key | None:
+        """A held chunk some guest still holds itself (`EvictFirst`), taken out of the eviction order; None if none."""
+        hints = self.evict_first
+        while hints is not None and (key := hints.take()) is not None:
+            if key in self.eviction:
+                self.eviction.remove(key)
+                self.counters["evicted_resident"] += 1
+                return key
+        return None
 
     def admit(self, admissions: list[Admission]) -> None:
         """Admit in slices of ADMIT_SLICE chunks; old versions of re-admitted chunks are released last."""
