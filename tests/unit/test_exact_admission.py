@@ -22,7 +22,7 @@ from fusecache.geometry import PAGE_SIZE
 from fusecache.guestmem import GuestMemoryScanner, GuestRam, Locations, Reason, Unscannable, locate_ram
 from fusecache.store import Store
 from fusecache.store.writer import WriteBatch
-from tests.unit.test_admission import MiB, env, make_cache, open_file, parts, run, settle  # noqa: F401 - env is a fixture
+from tests.unit.test_admission import CountingBacking, MiB, make_cache, open_file, parts, run, settle
 
 CS = 65536
 RAM_PAGES = 1031  # a size no other mapping of the child has
@@ -69,6 +69,15 @@ class RamChild:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+@pytest.fixture
+def env(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    store = Store(str(tmp_path / "cache"), 64 * MiB)
+    yield images, CountingBacking(str(images)), store
+    store.close()
 
 
 @pytest.fixture
