@@ -7,8 +7,8 @@ reporting on the balloon) evict in three ways, each followed by re-reads:
 
 - `balloon`: the guest reads a 160 MiB file, its balloon goes 384 -> 128 MiB at
   once (its statistics still predate its reads), then back; it reads the file again;
-- `zipf`: a 256 MiB guest reads 64 KiB blocks of a 384 MiB file with Zipf
-  popularity (3000 reads), no balloon: its own memory pressure evicts; then
+- `zipf`: a 160 MiB guest reads 64 KiB blocks of a 384 MiB file with Zipf
+  popularity (4000 reads, exponent 0.7), no balloon: its own memory pressure evicts; then
   the very same reads again;
 - `moving`: the guest re-reads the 160 MiB file in a loop (8 times, 3 s apart)
   while its balloon goes to 128 MiB and back.
@@ -118,10 +118,10 @@ def balloon(run: Run, mode: str, content: bytes) -> None:
 def zipf(run: Run, mode: str, content: bytes) -> None:
     chunks = len(content) // CHUNK
     rng = random.Random(12)
-    weights = [1 / (k + 1) ** 0.9 for k in range(chunks)]
+    weights = [1 / (k + 1) ** 0.7 for k in range(chunks)]
     perm = list(range(chunks))
     rng.shuffle(perm)
-    offsets = [perm[k] for k in rng.choices(range(chunks), weights, k=3000)]
+    offsets = [perm[k] for k in rng.choices(range(chunks), weights, k=4000)]
     want = [hashlib.md5(content[c * CHUNK : (c + 1) * CHUNK]).hexdigest() for c in offsets]
     script = "for c in " + " ".join(map(str, offsets)) + "; do dd if=/mnt/f bs=65536 skip=$c count=1 2>/dev/null | md5sum; done"
 
@@ -157,7 +157,7 @@ def moving(run: Run, mode: str, content: bytes) -> None:
 SCENARIOS: dict[str, tuple[Callable[[Run, str, bytes], None], int, int]] = {
     # name: (workload, guest RAM MiB, file MiB)
     "balloon": (balloon, 384, 160),
-    "zipf": (zipf, 256, 384),
+    "zipf": (zipf, 160, 384),
     "moving": (moving, 384, 160),
 }
 

@@ -28,7 +28,8 @@ Their chunks are admitted, from staging, else read again in the background.
 A chunk is the unit of a hit, so a chunk with any evicted page is admitted
 whole (its other pages cost at most 60 KiB, deduplicated, and the re-read of
 the evicted one is then a hit). Served pages a scan finds still resident
-need no host copy: their chunks are handed to the store as "evict first".
+need no host copy: chunks the guest holds whole are handed to the store as
+"evict first".
 Scans run at once when the balloon moves, and in the background within a CPU
 budget (`--guest-scan-cpu`). Balloon estimates are then not used for that
 guest. A guest whose memory cannot be read (no permission, encrypted memory,
@@ -237,11 +238,18 @@ class GuestScan:
     cancel: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
 
 
-def chunk_keys(locs: Locations) -> list[Key]:
-    """The distinct (ino, gen, chunk) of a set of page locations (numpy: a scan may name hundreds of thousands)."""
+def chunk_keys(locs: Locations, whole: bool = False) -> list[Key]:
+    """The distinct (ino, gen, chunk) of a set of page locations (numpy: a scan may name hundreds of thousands).
+
+    With `whole`, only chunks all of whose pages are in the set.
+    """
     if len(locs) == 0:
         return []
-    table = np.unique(np.stack([locs.ino, locs.gen, locs.page // np.uint64(PAGES_PER_CHUNK)], axis=1), axis=0)
+    table, counts = np.unique(
+        np.stack([locs.ino, locs.gen, locs.page // np.uint64(PAGES_PER_CHUNK)], axis=1), axis=0, return_counts=True
+    )
+    if whole:
+        table = table[counts >= PAGES_PER_CHUNK]
     return [(int(i), int(g), int(c)) for i, g, c in table.tolist()]
 
 
@@ -392,7 +400,8 @@ class SecondChance:
         reads.scanned_bytes += result.ram_pages * 4096
         reads.evicted_pages += len(result.evicted)
         reads.resident_pages = len(result.resident) + result.young
-        resident = chunk_keys(result.resident)
+        # Only chunks the guest holds whole: a chunk with a page it evicted (now or before) needs its host copy.
+        resident = chunk_keys(result.resident, whole=True)
         if resident:
             self._target.evict_first(resident)
         evicted = [k for k in chunk_keys(result.evicted) if not self._target.holds(k)]

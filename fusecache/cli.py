@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--admit",
         choices=list(options.ADMIT_CHOICES),
         default=options.ADMIT,
-        help="second-chance: chunks a guest evicts when its balloon inflates (default); inclusive: every chunk read",
+        help="second-chance: chunks guests evict, found by scanning their memory or estimated from their balloons (default); "
+             "inclusive: every chunk read",
     )
     c.add_argument("--balloon", action="append", default=[], metavar="SOURCE",
                    help="watch guests' balloons: qmp:/path/to/qmp.sock (repeatable) or libvirt[:URI]")

@@ -205,3 +205,5 @@ def test_chunk_keys_of_page_locations():
     locs = Locations(np.array([1, 1, 1, 2], dtype=np.uint64), np.array([3, 3, 3, 3], dtype=np.uint64),
                      np.array([0, 15, 16, 17], dtype=np.uint64))  # fmt: skip
     assert chunk_keys(locs) == [(1, 3, 0), (1, 3, 1), (2, 3, 1)]
+    whole = Locations(np.full(17, 1, dtype=np.uint64), np.full(17, 3, dtype=np.uint64), np.arange(17, dtype=np.uint64))
+    assert chunk_keys(whole, whole=True) == [(1, 3, 0)]  # chunk 1 has one page of 16 in the set
