@@ -169,13 +169,13 @@ def one(scenario: str, mode: str, build: Any, workdir: str) -> dict[str, Any]:
     os.makedirs(images)
     make_disk(Path(images) / "guest.img", {"f": content}, size_mib=file_mib * 11 // 10 + 40, block_size=4096)
     qmp = os.path.join(workdir, "qmp.sock")
-    balloon = [] if mode == "inclusive" else ["--balloon", f"qmp:{qmp}"]  # inclusive admission follows no balloon
-    opts = ["--cache-dir", os.path.join(workdir, "cache"), "--cache-size", "1G", *balloon, *MODE_OPTIONS[mode]]
+    follow = [] if mode == "inclusive" else ["--balloon", f"qmp:{qmp}"]  # inclusive admission follows no balloon
+    opts = ["--cache-dir", os.path.join(workdir, "cache"), "--cache-size", "1G", *follow, *MODE_OPTIONS[mode]]
     mount = fusecache_mount(images, os.path.join(workdir, "mnt"), opts, os.path.join(workdir, "daemon.log"))
     with mount as mp, Guest(Path(workdir) / "guest", build) as g:
         g.start(os.path.join(mp, "guest.img"), memory_mib=ram_mib, qmp_sock=qmp, extra=FPR)
         run = Run(mp, g, ram_mib)
-        if balloon:
+        if follow:
             wait_for(lambda: run.guest().get("running"), "the monitor to find the guest")
         if mode == "scan":
             wait_for(lambda: run.guest().get("mode") == "scan", "the daemon to scan the guest")
