@@ -178,7 +178,7 @@ class GuestReads:
     from_backing: int = 0
     by_reference: int = 0  # evicted chunks a peer already held: left there, one hop away, not stored twice
     aged_out: int = 0  # bytes of reads the guest had dropped on its own before a shrink: not admitted
-    mode: str = ""  # how evictions are known: "scan" or "estimate" (stats.GuestAdmission)
+    mode: str = "estimate"  # how evictions are known: "scan" or "estimate" (stats.GuestAdmission)
     scan_off: str = ""  # why its memory is not scanned, when it is not
     scans: int = 0
     scan_cpu_s: float = 0.0
