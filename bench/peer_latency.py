@@ -24,7 +24,7 @@ import time
 
 import trio
 
-from fusecache.peers import BloomFilter, PeerServer, PeerSet, page_digest
+from fusecache.peers import BloomFilter, PeerServer, PeerSet, names_key, page_digest
 from fusecache.peers.summary import bytes_per_gib
 
 VERSION = (1 << 30, 1, 2, 3)
@@ -32,22 +32,24 @@ PAGES = 2048
 CHUNKS = 256
 
 
-def make_store(seed: int) -> tuple[dict[bytes, bytes], dict[int, tuple[bytes, list[bytes]]]]:
+def make_store(seed: int, key: bytes) -> tuple[dict[bytes, bytes], dict[int, tuple[bytes, list[bytes]]]]:
+    """Pages and chunks named as the hosts of cluster key `key` name them."""
+    names = names_key(key)
     rng = random.Random(seed)
     pages = {}
     for _ in range(PAGES):
         page = rng.randbytes(4096)
-        pages[page_digest(page)] = page
+        pages[page_digest(names, page)] = page
     chunks = {}
     for n in range(CHUNKS):
         data = rng.randbytes(65536)
-        chunks[n] = (data, [page_digest(data[i : i + 4096]) for i in range(0, 65536, 4096)])
+        chunks[n] = (data, [page_digest(names, data[i : i + 4096]) for i in range(0, 65536, 4096)])
     return pages, chunks
 
 
 class MemoryStore:
-    def __init__(self) -> None:
-        self.pages, self.chunks = make_store(1)
+    def __init__(self, key: bytes) -> None:
+        self.pages, self.chunks = make_store(1, key)
 
     def read_page(self, digest: bytes) -> bytes | None:
         return self.pages.get(digest)
@@ -64,7 +66,7 @@ class MemoryStore:
 
 def serve(key: bytes) -> None:
     async def main() -> None:
-        server = PeerServer("127.0.0.1:0", key, MemoryStore(), capacity_pages=PAGES, allow=["127.0.0.1"])
+        server = PeerServer("127.0.0.1:0", key, MemoryStore(key), capacity_pages=PAGES, allow=["127.0.0.1"])
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.run)
             print(port, flush=True)
@@ -78,7 +80,7 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 async def measure_fetches(port: int, key: bytes, fetches: int) -> dict[str, dict[str, float]]:
-    digests = list(make_store(1)[0])
+    digests = list(make_store(1, key)[0])
     results = {}
     async with trio.open_nursery() as nursery:
         peers = PeerSet([f"127.0.0.1:{port}"], key)

@@ -101,7 +101,9 @@ def profile(mod: ModuleType, chunk_size: int, runs: int, base: str) -> dict[str,
         store = mod.Store(d, 4 * CHUNKS * chunk_size, chunk_size=chunk_size)
         held = [os.urandom(chunk_size) for _ in range(CHUNKS)]
         store.apply(mod.WriteBatch(admit=[(1, 1, c, data) for c, data in enumerate(held)], files=[(1, 1, (0, 0, 0, 0))]))
-        digests = [xxhash.xxh3_128_digest(data[:page]) for data in held]  # each chunk's first page
+        # Each chunk's first page, by the name the store gives it (keyed BLAKE3 since format 3; xxh3-128 before).
+        name = store.keys.name if hasattr(store, "keys") else xxhash.xxh3_128_digest
+        digests = [name(data[:page]) for data in held]
         if hasattr(mod, "_LOC_KEY"):  # a single-module store: a baseline
             keys = [mod._LOC_KEY.pack(1, 1, c) for c in range(CHUNKS)]
             env, loc_db = store._env, store._loc

@@ -149,7 +149,7 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
             return
 
         cache_dir = opts.cache_dir or default_cache_dir(opts.mountpoint)
-        store = Store(cache_dir, opts.cache_size, reset=opts.reset_cache)
+        store = Store(cache_dir, opts.cache_size, reset=opts.reset_cache, names_key=_names_key(opts))
         stack.push_async_callback(_close_store, store)  # last: after the queue has drained into it
         st = store.stats()
         log.info("cache %s: %d of %d bytes held, %d chunks", cache_dir, st.bytes_stored, st.capacity, st.chunks)
@@ -256,6 +256,15 @@ def cluster_key(opts: MountOptions) -> bytes | None:
         except ValueError:
             raise QuietError(f"--peer-allow {net} is not a network: write it as an address or CIDR, e.g. 10.0.0.0/24")
     return key
+
+
+def _names_key(opts: MountOptions) -> bytes | None:
+    """The key the store names pages with: the cluster's when peering (all hosts name a page alike), else the cache's own."""
+    if not opts.peering:
+        return None
+    from fusecache.peers.protocol import names_key
+
+    return names_key(cluster_key(opts))
 
 
 def _peers(opts: MountOptions, store: Store) -> tuple[PeerServer | None, PeerSet | None]:

@@ -54,6 +54,9 @@ class Passthrough:
     def unlinked(self, ino: int) -> None:
         pass
 
+    def attributes_seen(self, attr: Attr) -> None:
+        pass
+
 
 @dataclasses.dataclass(slots=True)
 class _Fetch:
@@ -98,6 +101,9 @@ class Cache:
 
     def unlinked(self, ino: int) -> None:
         self.files.unlinked(ino)
+
+    def attributes_seen(self, attr: Attr) -> None:
+        self.files.attributes_seen(attr)
 
     # ---- reads ------------------------------------------------------------
     async def read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
@@ -234,21 +240,23 @@ class Cache:
         st = files.get(f.ino)
         before = files.write_started(st)
         try:
-            written, attr = await self.backing.run(_pwrite_and_stat, self.backing.sync, f.handle, data, offset)
+            written, pre, attr = await self.backing.run(_pwrite_and_stat, self.backing.sync, f.handle, data, offset)
         finally:
             touched = files.write_ended(st, offset, len(data))
             if touched:
                 self.admission.written(st.ino, touched)
-        files.write_done(st, before, attr)
+        files.write_done(st, before, pre, attr)
         counters = files.images[f.path]
         counters.writes += 1
         counters.write_bytes += written
         return written
 
 
-def _pwrite_and_stat(backing: Backing, handle: object, data: bytes, offset: int) -> tuple[int, Attr]:
+def _pwrite_and_stat(backing: Backing, handle: object, data: bytes, offset: int) -> tuple[int, Attr, Attr]:
+    """(bytes written, attributes just before, just after): `Files.write_done` adopts the after only if the before was known."""
+    pre = backing.fstat(handle)
     n = backing.pwrite(handle, data, offset)
-    return n, backing.fstat(handle)
+    return n, pre, backing.fstat(handle)
 
 
 def _runs(chunks: list[tuple[int, _Fetch]]) -> list[list[tuple[int, _Fetch]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--debug", action="store_true", help="log every request")
     m.add_argument("--log-file", metavar="PATH", help="the daemon's log (default /var/log/fusecache/MOUNTPOINT.log)")
-    m.add_argument("--attr-timeout", type=float, default=options.ATTR_TIMEOUT, metavar="SECONDS",
+    m.add_argument("--attr-timeout", type=seconds, default=options.ATTR_TIMEOUT, metavar="SECONDS",
                    help=f"kernel attribute cache time (default {options.ATTR_TIMEOUT:g})")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--metrics", type=address, metavar="ADDRESS:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9477)")
@@ -147,8 +148,13 @@ def size(text: str) -> int:
         value = float(t[: len(t) - len(unit)])
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: use a number with K, M, G or T, e.g. 8G")
+    # float() takes "inf" and "nan": neither is a size (int() of them is an internal error).
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use a finite number with K, M, G or T, e.g. 8G")
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is negative: give a size of zero or more")
+    if value * _UNITS[unit] >= 1 << 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is too large: give a size below 8E, e.g. 8G")
     return int(value * _UNITS[unit])
 
 
@@ -175,6 +181,9 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    # nan compares false with everything (--revalidate nan would never revalidate); inf never ends.
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds: give a finite number, e.g. 2")
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is negative: give zero or more seconds")
     return value
@@ -217,7 +226,8 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         foreground=args.foreground,
         allow_other=args.allow_other,
         debug=args.debug,
-        log_file=args.log_file,
+        # The daemon runs from another directory: a relative path would name another file there.
+        log_file=os.path.abspath(args.log_file) if args.log_file else None,
         ready_fd=args.ready_fd,
         attr_timeout=args.attr_timeout,
         cache=not args.no_cache,

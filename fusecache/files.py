@@ -3,13 +3,19 @@
 For every file the cache has seen: its *generation* (one version of its
 content; location keys carry it), the backing's version last seen, a write
 *epoch* and the writes in flight. The rules, in one place:
-- At open and every `revalidate` seconds the backing's version (size, mtime,
-  ctime, NFS change) is compared with the one recorded; if another host
+- At open, every `revalidate` seconds and whenever the kernel asks for a known
+  file's attributes, the backing's version (size, mtime, ctime, NFS change)
+  is compared with the one recorded; if another host
   changed it, the generation is bumped in memory at once, so no old chunk is
   found again. Truncate and unlink bump it too.
 - A write goes to the backing first; the chunks it touched are then dropped
   (queued, and a miss until committed) before the write returns; an
   extending write also drops the old end-of-file chunk.
+- The backing's version after our write is adopted as ours only if its
+  version just before the write (fstat, pwrite, fstat in one worker call)
+  was one we knew: the recorded one, or one our own overlapping writes left.
+  Otherwise another host changed the file since the last check: a new
+  generation, as at a revalidation. A write is thus a check too.
 - A chunk read from the backing is admitted only if no write to that file
   started or ended while it was read (the epoch) and the generation is
   unchanged (`Snapshot.still_current`, `admit_current`).
@@ -36,6 +42,10 @@ from fusecache.version import UNKNOWN, Version
 
 log = logging.getLogger(__name__)
 
+# Versions remembered from overlapping writes of ours: past this, a write that finds another
+# is taken as another host's change (a needless new generation, never a stale byte).
+MAX_OWN_VERSIONS = 256
+
 
 @dataclasses.dataclass(slots=True)
 class FileState:
@@ -45,6 +55,9 @@ class FileState:
     checked: float = 0.0  # time.monotonic() of the last version check
     epoch: int = 0  # bumped when a write starts and when it ends
     writing: int = 0  # writes in flight
+    # Versions our own writes left while other writes of ours were in flight: a write that
+    # overlapped them may find one of these before it (cleared when no write is in flight).
+    own: set[Version] = dataclasses.field(default_factory=set)
 
 
 class Snapshot(NamedTuple):
@@ -113,6 +126,29 @@ class Files:
         st.version = version
         self.queue.record_file(st.ino, st.gen, version)
 
+    def attributes_seen(self, attr: Attr) -> None:
+        """The kernel asked for a known file's attributes (getattr) and got `attr`: a check too.
+
+        A buffered reader's kernel drops its cached pages when it sees a new mtime here; the
+        generation must move now, or the next read would refill them with the old version's
+        chunks, kept until the file is closed. Skipped while our own writes are in flight (their
+        before/after fstats judge those) and for a file whose version is not known yet.
+        """
+        st = self._files.get(attr.ino)
+        if st is None or st.writing or st.version is None or st.version == UNKNOWN:
+            return
+        seen = attr.version
+        if seen.change == 0 and st.version.change != 0:
+            # getattr stats by name, and on NFSv4 that carries no change attribute (only an open
+            # file's fstat does): compare the rest, and leave the version to the next fstat check.
+            if seen[:3] != st.version[:3]:
+                self._new_generation(st)
+                self.images[self.name(st.ino)].invalidations += 1
+                log.info("%s changed on the backing: its cached chunks are dropped", self.name(st.ino))
+                st.checked = 0.0  # the next read checks with fstat at once, and records that version
+            return
+        self.check(st, attr)
+
     async def revalidated(self, ino: int, handle: object) -> FileState:
         """The file's state, its version checked against the backing if `revalidate` seconds have passed."""
         st = self._files.get(ino) or self.get(ino)  # the hit path: one dict lookup when the file is known
@@ -155,15 +191,28 @@ class Files:
             self.queue.drop((st.ino, st.gen, c))
         return touched
 
-    def write_done(self, st: FileState, before: Version | None, attr: Attr) -> None:
-        """The write succeeded and the file now has `attr`: adopt its version as our own change."""
+    def write_done(self, st: FileState, before: Version | None, pre: Attr, attr: Attr) -> None:
+        """The write succeeded: the backing had `pre` just before it and has `attr` after it.
+
+        `attr`'s version is adopted as our own change only if `pre`'s is a version we knew when
+        the write started (`before`), or the one recorded since, or one our overlapping writes
+        left; else another host changed the file meanwhile, and its cached chunks must go.
+        """
         if before is None:
             self.resized(st.ino)  # the old size is not known: the old end-of-file chunk cannot be found
+        elif pre.version not in (before, st.version) and pre.version not in st.own:
+            self._new_generation(st)
+            self.images[self.name(st.ino)].invalidations += 1
+            log.info("%s changed on the backing before our write: its cached chunks are dropped", self.name(st.ino))
         elif attr.size != before.size:
             # the chunk that held the old end of file is short in the store: it must not end reads early
             self.queue.drop((st.ino, st.gen, before.size // self.chunk_size))
+        if st.writing and len(st.own) < MAX_OWN_VERSIONS:
+            st.own.add(attr.version)
+        elif not st.writing:
+            st.own.clear()
         st.version = attr.version
-        st.checked = time.monotonic()
+        st.checked = time.monotonic()  # the fstat before the write was a check
         self.queue.record_file(st.ino, st.gen, attr.version)
 
     # ---- admission -------------------------------------------------------------

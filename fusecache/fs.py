@@ -47,6 +47,7 @@ class DataPath(Protocol):
     def closed(self, f: OpenFile) -> None: ...
     def resized(self, ino: int, size: int) -> None: ...
     def unlinked(self, ino: int) -> None: ...
+    def attributes_seen(self, attr: Attr) -> None: ...
 
 
 def fuse_error(exc: OSError, what: str) -> pyfuse3.FUSEError:
@@ -161,13 +162,18 @@ class FuseOperations(pyfuse3.Operations):
                 raise fuse_error(exc, path) from None
             else:
                 if self.inodes.to_fuse(attr.ino) == inode:
+                    # The kernel drops its cached pages when it sees a new mtime here: the data
+                    # path must not then refill them with the old version's chunks.
+                    self.data.attributes_seen(attr)
                     return self._entry(attr)
         # no name any more (unlinked while open) or the name now holds another file
         f = self._an_open_file(inode)
         if f is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         with _errno(f.path):
-            return self._entry(await self.backing.fstat(f.handle))
+            attr = await self.backing.fstat(f.handle)
+        self.data.attributes_seen(attr)
+        return self._entry(attr)
 
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from fusecache import options
 from fusecache.stats import ImageCounters, MountStats
 from tests.mounting import force_unmount, is_mounted, run_fusecache, stats
 
@@ -262,3 +263,65 @@ def test_foreign_and_corrupt_cache_dirs(mounter, images, tmp_path):
 )
 def test_bad_cache_options(images, tmp_path, args, needle):
     assert needle in _mount_fails(images, str(tmp_path / "m"), "--cache-dir", str(tmp_path / "c"), *args)
+
+
+def _pread_direct(fd: int, offset: int, length: int) -> bytes:
+    import mmap
+
+    buf = mmap.mmap(-1, length)  # O_DIRECT wants an aligned buffer
+    n = os.preadv(fd, [buf], offset)
+    return bytes(buf[:n])
+
+
+def test_a_write_through_the_mount_does_not_hide_another_hosts_change(mounter, images, tmp_path):
+    cs = 64 * 1024
+    write_random(images.path("w.img"), 12 * cs, 11)
+    cache = str(tmp_path / "cache")
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", cache, "--revalidate", "3600")
+    p = os.path.join(m.mountpoint, "w.img")
+    fd = os.open(p, os.O_RDWR | os.O_DIRECT)  # a guest's disk: open all along
+    try:
+        _pread_direct(fd, 0, 12 * cs)  # chunk 0 (and the rest) cached
+        wait_queue_empty(m.mountpoint)
+        theirs = hashlib.shake_256(b"another host").digest(cs)
+        images.write_behind("w.img", theirs)  # another host changes chunk 0
+        os.pwrite(fd, b"ours".ljust(4096, b"\0"), 10 * cs)  # then we write chunk 10, before any check of ours
+    finally:
+        os.close(fd)
+    for _ in range(3):  # fresh opens: the version after our write is not taken as ours alone
+        assert read_all(p)[:cs] == theirs
+    wait_queue_empty(m.mountpoint)
+    assert image_counters(m.mountpoint, "w.img").invalidations >= 1
+    mounter.unmount(m)
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", cache, "--revalidate", "3600")
+    p = os.path.join(m.mountpoint, "w.img")
+    whole = read_all(p)
+    assert whole[:cs] == theirs and whole[10 * cs : 10 * cs + 4] == b"ours"  # nor after a restart
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_held_open_sees_a_change_within_the_bound(mounter, images, tmp_path, direct):
+    revalidate, attr_timeout = options.REVALIDATE, options.ATTR_TIMEOUT  # the defaults: 2 s and 1 s
+    write_random(images.path("h.img"), 2 * MiB, 12)
+    m = mounter.mount(images.spec, *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"),
+                      "--revalidate", str(revalidate), "--attr-timeout", str(attr_timeout))
+    p = os.path.join(m.mountpoint, "h.img")
+    fd = os.open(p, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        def read() -> bytes:
+            return _pread_direct(fd, 0, MiB) if direct else os.pread(fd, MiB, 0)
+
+        read()
+        wait_queue_empty(m.mountpoint)
+        read()  # a hit, in the kernel's page cache too when buffered
+        new = hashlib.shake_256(b"changed while held open").digest(2 * MiB)
+        images.write_behind("h.img", new)
+        # The README's bound: once --revalidate plus --attr-timeout have passed, a read has the new
+        # bytes, however often the file was read meanwhile (a read in between must not pin old bytes).
+        until = time.monotonic() + revalidate + attr_timeout + 0.2
+        while time.monotonic() < until:
+            read()
+            time.sleep(0.05)
+        assert read() == new[:MiB]
+    finally:
+        os.close(fd)

@@ -7,12 +7,11 @@ protocol is specified in `docs/peer-protocol.md` and lives in `protocol.py`.
 """
 
 from fusecache.peers.client import PeerSet, PeerStats
-from fusecache.peers.protocol import HOLE_DIGEST, Version, load_cluster_key, page_digest
+from fusecache.peers.protocol import Version, hole_digest, load_cluster_key, names_key, page_digest
 from fusecache.peers.server import HandshakeStats, PageProvider, PeerServer, RemoteStats
 from fusecache.peers.summary import BloomFilter
 
 __all__ = [
-    "HOLE_DIGEST",
     "BloomFilter",
     "HandshakeStats",
     "PageProvider",
@@ -21,6 +20,8 @@ __all__ = [
     "PeerStats",
     "RemoteStats",
     "Version",
+    "hole_digest",
     "load_cluster_key",
+    "names_key",
     "page_digest",
 ]

@@ -25,7 +25,6 @@ from fusecache.peers.protocol import (
     ERROR,
     GET_LOCATION,
     GET_PAGE,
-    HOLE_DIGEST,
     MAX_HASHES,
     MAX_SUMMARY_BYTES,
     NOT_FOUND,
@@ -45,6 +44,8 @@ from fusecache.peers.protocol import (
     client_handshake,
     decode_chunk,
     encode_location,
+    hole_digest,
+    names_key,
     page_matches,
     session_key,
     split_address,
@@ -142,6 +143,8 @@ class PeerSet:
         server: PeerServer | None = None,
     ) -> None:
         self._key = session_key(key, peers)
+        self._names = names_key(key)  # the store's names key when peering: assemble gives it the same
+        self._hole = hole_digest(self._names)
         self._peers = [_Peer(a) for a in peers]
         self.fetch_timeout = fetch_timeout
         self._connect_timeout = connect_timeout
@@ -181,11 +184,11 @@ class PeerSet:
     async def fetch_page(self, digest: bytes, deadline: float | None = None) -> bytes | None:
         """The page named `digest` from a peer, checked, or None by `deadline` (trio clock;
         default now + fetch_timeout)."""
-        if digest == HOLE_DIGEST:
+        if digest == self._hole:
             return bytes(PAGE_SIZE)
 
         def check(type_: int, payload: bytes) -> bytes | None:
-            if type_ == PAGE and page_matches(payload, digest):
+            if type_ == PAGE and page_matches(self._names, payload, digest):
                 return payload
             raise ProtocolError(f"a wrong page for {digest.hex()}")
 
@@ -199,7 +202,7 @@ class PeerSet:
         def check(type_: int, payload: bytes) -> bytes | None:
             if type_ == CHUNK:
                 data, digests = decode_chunk(payload)
-                if chunk_matches(data, digests):
+                if chunk_matches(self._names, data, digests):
                     return data
             raise ProtocolError(f"a wrong chunk for ino {ino} chunk {chunk}")
 

@@ -6,7 +6,9 @@ limit, the message encodings, the HMAC-SHA256 challenge-response handshake
 (whose HELLO carries the protocol version and the page and chunk sizes of
 `fusecache.geometry`: hosts that differ refuse each other, naming why)
 and the per-frame MACs under the session keys it derives, the page digest
-rule (xxh3-128, with a fixed marker for all-zero pages), and the checks on
+rule (a page's name, keyed BLAKE3 under a key derived from the cluster key:
+`fusecache/identity.py`; an all-zero page has a name any host answers
+by itself), and the checks on
 keys and addresses done before any socket is opened. The server and the
 client build on `FramedStream`; neither parses bytes itself.
 """
@@ -23,10 +25,10 @@ import struct
 from collections.abc import Callable, Sequence
 
 import trio
-import xxhash
 
 from fusecache.errors import QuietError
 from fusecache.geometry import CHUNK_SIZE, PAGE_SIZE, PAGES_PER_CHUNK
+from fusecache.identity import NAME_SIZE, cluster_names_key, page_name
 from fusecache.peers.summary import BloomFilter
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,11 @@ log = logging.getLogger(__name__)
 VERSION = 2
 MAGIC = b"FCPEER"
 
-DIGEST_SIZE = 16
-# A page is named by the xxh3-128 of its 4096 bytes (a file's short last page
-# padded with zeros). An all-zero page, a hole, is never stored or sent: its
-# name is a fixed marker that any host answers with zeros by itself.
-HOLE_DIGEST = xxhash.xxh3_128_digest(bytes(PAGE_SIZE))
+DIGEST_SIZE = NAME_SIZE
+# A page is named by the keyed BLAKE3 of its 4096 bytes (a file's short last
+# page padded with zeros), under the names key every host derives from the
+# cluster key (`names_key`). An all-zero page, a hole, is never stored or
+# sent: any host answers its name (`hole_digest`) with zeros by itself.
 
 # Frame: type u8, flags u8, request id u32, payload length u32, payload, then
 # (after the handshake) a 16-byte truncated HMAC-SHA256 tag.
@@ -103,26 +105,34 @@ class AuthError(ProtocolError):
     """The other end does not hold the cluster key (or is not a fusecache peer)."""
 
 
-def page_digest(page: bytes | memoryview) -> bytes:
-    """The name of a page: xxh3-128 of its bytes padded with zeros to PAGE_SIZE."""
-    if len(page) < PAGE_SIZE:
-        page = bytes(page).ljust(PAGE_SIZE, b"\0")
-    return xxhash.xxh3_128_digest(page)
+def names_key(cluster_key: bytes | None) -> bytes:
+    """The key pages are named with on the wire, in summaries and in every peering host's store."""
+    return cluster_names_key(cluster_key)
 
 
-def page_matches(page: bytes | memoryview, digest: bytes) -> bool:
+def page_digest(names: bytes, page: bytes | memoryview) -> bytes:
+    """The name of a page under the names key `names`: keyed BLAKE3 of its bytes padded with zeros to PAGE_SIZE."""
+    return page_name(names, page)
+
+
+def hole_digest(names: bytes) -> bytes:
+    """The name of an all-zero page under `names`."""
+    return page_name(names, bytes(PAGE_SIZE))
+
+
+def page_matches(names: bytes, page: bytes | memoryview, digest: bytes) -> bool:
     """Whether `page` (at most PAGE_SIZE bytes, not empty) is the page named `digest`."""
-    return 0 < len(page) <= PAGE_SIZE and page_digest(page) == digest
+    return 0 < len(page) <= PAGE_SIZE and page_name(names, page) == digest
 
 
-def chunk_matches(data: bytes, digests: Sequence[bytes]) -> bool:
+def chunk_matches(names: bytes, data: bytes, digests: Sequence[bytes]) -> bool:
     """Whether `data` is exactly the pages `digests` name, in order (the last may be short)."""
     if not digests or len(digests) > PAGES_PER_CHUNK:
         return False
     if not (len(digests) - 1) * PAGE_SIZE < len(data) <= len(digests) * PAGE_SIZE:
         return False
     view = memoryview(data)
-    return all(page_matches(view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], d) for i, d in enumerate(digests))
+    return all(page_matches(names, view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], d) for i, d in enumerate(digests))
 
 
 def encode_location(ino: int, version: Version, chunk: int) -> bytes:

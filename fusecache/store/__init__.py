@@ -5,8 +5,10 @@ holds every piece of metadata, and `pages.slab`, a fixed-size file of
 capacity/4096 slots of 4096 bytes that holds page contents. A chunk (an
 aligned `chunk_size` piece of one version of one file) is a list of pages; a
 page is stored once however many chunks, files and images hold it (the
-dedup), and a page of zeros (a hole) is not stored at all. It knows nothing
-of files beyond their inode, generation and version, nor of FUSE or peers.
+dedup: pages are told apart by their name, a keyed BLAKE3 no tenant can
+collide without the cache's keys, `fusecache/identity.py`), and a page of
+zeros (a hole) is not stored at all. It knows nothing of files beyond their
+inode, generation and version, nor of FUSE or peers.
 
 Modules: `layout` (the on-disk format, encoded and decoded once),
 `eviction` (S3-FIFO, LRU), `opening` (lock, format checks, crash recovery,
@@ -62,7 +64,7 @@ Transactions and locking
 
 from fusecache.store.directory import CHUNKS_PER_CAPACITY_CHUNK, Store
 from fusecache.store.eviction import EVICTIONS, Eviction, LruEviction, S3FifoEviction
-from fusecache.store.layout import CHUNK_SIZE, FORMAT_VERSION, PAGE_SIZE, ZERO_DIGEST, ZERO_PAGE, Location
+from fusecache.store.layout import CHUNK_SIZE, FORMAT_VERSION, PAGE_SIZE, ZERO_PAGE, Location
 from fusecache.store.writer import ADMIT_SLICE, WriteBatch
 
 __all__ = [
@@ -72,7 +74,6 @@ __all__ = [
     "EVICTIONS",
     "FORMAT_VERSION",
     "PAGE_SIZE",
-    "ZERO_DIGEST",
     "ZERO_PAGE",
     "Eviction",
     "Location",

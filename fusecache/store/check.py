@@ -3,9 +3,11 @@
 It checks the meta counters, the free extents (sorted, apart, inside the
 slab, adding up to free_slots), the pages table (each slot distinct, in the
 slab, not free, its refcount equal to the loc entries that name it, the
-slab's bytes at the slot hashing to its digest), every loc entry (it decodes,
+slab's bytes at the slot having its name), every loc entry (it decodes,
 its pages are in the pages table at the slots it names, the RUN flag tells
-the truth, the chunk's bytes hash to its chunk digest, logical bytes add up)
+the truth, each page's bytes have its check, the chunk's bytes its chunk
+digest, logical bytes add up); names and checks are made with the cache's
+`keys` file (`fusecache/identity.py`)
 and the file records (a chunk of a recorded file has the record's generation).
 
 A cache in use is not checked: the daemon holds an exclusive flock on
@@ -26,11 +28,12 @@ import os
 from typing import Any
 
 import lmdb
-import xxhash
 
 from fusecache.errors import QuietError
+from fusecache.identity import ContentKeys
 from fusecache.store.layout import (
     INO,
+    KEYS_FILE,
     LMDB_DIR,
     LOC_KEY,
     PAGE_SIZE,
@@ -52,7 +55,9 @@ from fusecache.store.opening import format_problem, read_marker
 _SHOWN = 50  # problems printed by the command; the count says how many more
 
 
-def problems(txn: lmdb.Transaction, tables: Tables, slab: memoryview | mmap.mmap, nslots: int, chunk_size: int) -> list[str]:
+def problems(
+    txn: lmdb.Transaction, tables: Tables, slab: memoryview | mmap.mmap, nslots: int, chunk_size: int, keys: ContentKeys
+) -> list[str]:
     """Everything inconsistent in the store as `txn` sees it, one line each (empty: consistent)."""
     out: list[str] = []
     meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=tables.meta)}
@@ -65,6 +70,9 @@ def problems(txn: lmdb.Transaction, tables: Tables, slab: memoryview | mmap.mmap
     (logical,) = U64.unpack(meta[b"logical_bytes"])
     if slots != nslots:
         out.append(f"meta slots says {slots}, the slab holds {nslots}")
+    if meta.get(b"keys") != keys.fingerprint():
+        out.append("meta keys is not the fingerprint of the keys file: its pages were named with other keys")
+        return out
 
     # Free extents.
     extents = []
@@ -103,7 +111,7 @@ def problems(txn: lmdb.Transaction, tables: Tables, slab: memoryview | mmap.mmap
         owner[slot] = digest
         if slot in free:
             out.append(f"slot {slot} holds page {digest.hex()} and is also free")
-        if xxhash.xxh3_128_digest(slab[slot << SHIFT : (slot + 1) << SHIFT]) != digest:
+        if keys.name(slab[slot << SHIFT : (slot + 1) << SHIFT]) != digest:
             out.append(f"slot {slot}: its bytes do not match page {digest.hex()}")
     if len(owner) + len(free) != nslots:
         out.append(f"{nslots - len(owner) - len(free)} slots are neither used by a page nor free")
@@ -138,7 +146,7 @@ def problems(txn: lmdb.Transaction, tables: Tables, slab: memoryview | mmap.mmap
         held += loc.held_bytes()
         refs.update(loc.digests)
         buf = bytearray(pages_of(loc.length) << SHIFT)
-        for i, digest, slot in loc.pages():
+        for (i, digest, slot), check in zip(loc.pages(), loc.checks, strict=True):
             rec = pages.get(digest)
             if rec is None:
                 out.append(f"{where}: page {i} ({digest.hex()}) is not in the pages table")
@@ -146,6 +154,8 @@ def problems(txn: lmdb.Transaction, tables: Tables, slab: memoryview | mmap.mmap
                 out.append(f"{where}: page {i} names slot {slot}, the pages table slot {rec[0]}")
             if slot < nslots:
                 buf[i << SHIFT : (i + 1) << SHIFT] = slab[slot << SHIFT : (slot + 1) << SHIFT]
+                if keys.check(slab[slot << SHIFT : (slot + 1) << SHIFT]) != check:
+                    out.append(f"{where}: page {i}'s bytes at slot {slot} do not match its check")
         run = (
             len(loc.slots) == pages_of(loc.length)
             and len(loc.slots) > 0
@@ -155,7 +165,7 @@ def problems(txn: lmdb.Transaction, tables: Tables, slab: memoryview | mmap.mmap
             out.append(
                 f"{where}: its RUN flag is {'set' if loc.flags & RUN else 'clear'} but its slots {'are' if run else 'are not'} one run"
             )
-        if xxhash.xxh3_128_digest(memoryview(buf)[: loc.length]) != loc.chunk_digest:
+        if keys.check(memoryview(buf)[: loc.length]) != loc.chunk_digest:
             out.append(f"{where}: its bytes in the slab do not match its chunk digest")
     for digest, (slot, count) in pages.items():
         if refs.get(digest, 0) != count:
@@ -242,15 +252,27 @@ def _check_env(cache_dir: str, env: lmdb.Environment, fd: int, unusable: Any) ->
         }
         if size < nslots * PAGE_SIZE:
             return Report(cache_dir, [f"pages.slab is truncated ({size} bytes, expected {nslots * PAGE_SIZE})"], counts)
+        keys = _read_keys(cache_dir, unusable)
         if nslots == 0:
-            return Report(cache_dir, problems(txn, tables, b"", 0, chunk_size), counts)  # type: ignore[arg-type]
+            return Report(cache_dir, problems(txn, tables, b"", 0, chunk_size, keys), counts)  # type: ignore[arg-type]
         with mmap.mmap(fd, nslots * PAGE_SIZE, prot=mmap.PROT_READ) as slab_map:
             view = memoryview(slab_map)
             try:
-                found = problems(txn, tables, view, nslots, chunk_size)
+                found = problems(txn, tables, view, nslots, chunk_size, keys)
             finally:
                 view.release()
     return Report(cache_dir, found, counts)
+
+
+def _read_keys(cache_dir: str, unusable: Any) -> ContentKeys:
+    try:
+        with open(os.path.join(cache_dir, KEYS_FILE), "rb") as f:
+            keys = ContentKeys.from_bytes(f.read())
+    except OSError as e:
+        raise unusable(f"cannot read its keys file: {e.strerror}", "run the check as the cache's owner")
+    if keys is None:
+        raise unusable("its keys file is damaged", "mount it to start it empty")
+    return keys
 
 
 def main(cache_dir: str) -> int:

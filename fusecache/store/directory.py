@@ -37,8 +37,16 @@ class Store:
     page_size = PAGE_SIZE
 
     def __init__(
-        self, cache_dir: str, capacity: int, *, chunk_size: int = CHUNK_SIZE, reset: bool = False, eviction: str = "s3fifo"
+        self,
+        cache_dir: str,
+        capacity: int,
+        *,
+        chunk_size: int = CHUNK_SIZE,
+        reset: bool = False,
+        eviction: str = "s3fifo",
+        names_key: bytes | None = None,
     ) -> None:
+        """`names_key`: the key pages are named with (`identity.cluster_names_key` when peering), None: the cache's own."""
         self.cache_dir = os.path.abspath(cache_dir)
         self.chunk_size = chunk_size
         if chunk_size <= 0 or chunk_size % PAGE_SIZE:
@@ -68,17 +76,19 @@ class Store:
             reset=reset,
             counters=self._counters,
             eviction=self._eviction,
+            names_key=names_key,
         )
-        env, tables, slab = self._files.env, self._files.tables, self._files.slab
-        assert env is not None and tables is not None and slab is not None
+        env, tables, slab, keys = self._files.env, self._files.tables, self._files.slab, self._files.keys
+        assert env is not None and tables is not None and slab is not None and keys is not None
+        self.keys = keys
         self._nslots = nslots
-        self._reader = Reader(env, tables, slab, self._eviction, self._counters, chunk_size=chunk_size)
+        self._reader = Reader(env, tables, slab, self._eviction, self._counters, chunk_size=chunk_size, keys=keys)
         # Pinned inodes' chunks stay out of the eviction order; only the writer changes this set.
         self._pinned = set(self._reader.pins())
         self._eviction.load(unpinned(self._files.order, self._pinned))
         self._writer = Writer(
             env, tables, slab, self._eviction, self._counters,
-            chunk_size=chunk_size, max_chunks=self.max_chunks, pinned=self._pinned,
+            chunk_size=chunk_size, max_chunks=self.max_chunks, pinned=self._pinned, keys=keys,
         )  # fmt: skip
 
     # --- reads (any thread, lock-free) -----------------------------------
@@ -122,15 +132,15 @@ class Store:
         return self._reader.location(ino, gen, chunk)
 
     def chunk_digests(self, ino: int, gen: int, chunk: int) -> list[bytes] | None:
-        """Digest of each page of a held chunk (ZERO_DIGEST for a hole), or None: what a peer asks for."""
+        """Name of each page of a held chunk (`keys.zero_name` for a hole), or None: what a peer asks for."""
         return self._reader.chunk_digests(ino, gen, chunk)
 
     def read_page(self, digest: bytes) -> bytes | None:
-        """One page (4096 bytes) by content hash, verified; None if not held."""
+        """One page (4096 bytes) by name, verified; None if not held."""
         return self._reader.read_page(digest)
 
     def iter_digests(self) -> Iterator[bytes]:
-        """Every stored page's digest."""
+        """Every stored page's name."""
         return self._reader.iter_keys(self._reader.tables.pages)
 
     def read_location(self, ino: int, version: tuple[int, int, int, int], chunk: int) -> tuple[bytes, list[bytes]] | None:
@@ -191,7 +201,7 @@ class Store:
         """Problems the integrity checker finds (empty: consistent). Only while no batch is being applied."""
         r = self._reader
         with r.env.begin(buffers=True) as txn:
-            return problems(txn, r.tables, r.slab.view, r.slab.nslots, self.chunk_size)
+            return problems(txn, r.tables, r.slab.view, r.slab.nslots, self.chunk_size, self.keys)
 
     # --- writes (one writer thread) --------------------------------------
 

@@ -4,19 +4,23 @@ Format version FORMAT_VERSION; all integers big-endian.
 
 - `files`: ino u64 -> gen u64, size i64, mtime_ns i64, ctime_ns i64, change i64.
 - `loc`: ino u64, gen u64, chunk_no u32 -> a header of length u32, flags u8
-  and the chunk digest (xxh3-128 of the chunk's `length` bytes, holes as
-  zeros: 16 bytes); then a presence bitmap of ceil(pages/8) bytes (page i is
-  bit i%8 of byte i//8; set = stored, clear = a hole); then the slot (u32) of
-  each stored page in page order; then the xxh3-128 digest (16 bytes) of each
-  stored page in the same order. pages = ceil(length/4096); a partial last
-  page is hashed and stored padded with zeros (the chunk digest covers only
-  `length` bytes). Flag bit 0 (RUN): every page is stored, in consecutive
-  slots starting at the first slot, so the chunk is one slice of the slab.
-- `pages`: digest (16 bytes) -> slot u32, refcount u32.
+  and the chunk digest (the check, seeded xxh3-128, of the chunk's `length`
+  bytes, holes as zeros: 16 bytes); then a presence bitmap of ceil(pages/8)
+  bytes (page i is bit i%8 of byte i//8; set = stored, clear = a hole); then
+  the slot (u32) of each stored page in page order; then the check (16
+  bytes) of each stored page in the same order; then the name (keyed BLAKE3,
+  16 bytes) of each stored page in the same order. pages = ceil(length/4096);
+  a partial last page is hashed and stored padded with zeros (the chunk
+  digest covers only `length` bytes). Flag bit 0 (RUN): every page is
+  stored, in consecutive slots starting at the first slot, so the chunk is
+  one slice of the slab. Checks and names: `fusecache/identity.py`.
+- `pages`: name (16 bytes) -> slot u32, refcount u32.
 - `free`: first slot u32 -> count u32: the free extents (runs of free slots),
   never adjacent (freeing merges neighbours), none past the slab's end.
 - `meta`: b"format" -> JSON {"program": "fusecache", "format": N,
-  "page_size": 4096, "chunk_size": C}; b"boot_id" -> ASCII boot id of the
+  "page_size": 4096, "chunk_size": C}; b"keys" -> the fingerprint (16 bytes)
+  of the content keys (`keys` file, 0600) the pages were named and checked
+  with; b"boot_id" -> ASCII boot id of the
   host that last opened it; b"clean" -> b"\\x01" after a clean close, b"\\x00"
   while open; b"slots" -> u32 slot count of pages.slab; b"free_slots" -> u32
   total of the free extents; b"logical_bytes" -> u64 non-hole bytes held by
@@ -26,6 +30,7 @@ Format version FORMAT_VERSION; all integers big-endian.
   a string the store does not read (`pins.py` keeps its record there: the
   file's path and the pins that cover it).
 - `pages.slab`: slot s holds a page at byte offset s * 4096.
+- `keys`: the cache's content keys (`identity.ContentKeys`), mode 0600.
 
 A loc value is decoded two ways, both here: `decode_loc` into a `Location`
 (the writer, the checker, peers' digest lists), and the hit path's fast view
@@ -42,21 +47,18 @@ from collections.abc import Iterable
 from struct import Struct
 from typing import Any, NamedTuple
 
-import xxhash
-
 from fusecache.geometry import CHUNK_SIZE, PAGE_SIZE
 from fusecache.version import Version
 
 __all__ = ["CHUNK_SIZE", "PAGE_SIZE"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: pages named by keyed BLAKE3, checked by seeded xxh3-128
 PROGRAM = "fusecache"
 ZERO_PAGE = bytes(PAGE_SIZE)
-# Stands for a hole in a chunk's digest list; reading it gives zeros.
-ZERO_DIGEST = xxhash.xxh3_128_digest(ZERO_PAGE)
 SHIFT = PAGE_SIZE.bit_length() - 1  # offset >> SHIFT = page index
 LMDB_DIR = "meta.lmdb"
 SLAB_FILE = "pages.slab"
+KEYS_FILE = "keys"
 TABLES = (b"meta", b"files", b"loc", b"pages", b"free")
 
 LOC_KEY = Struct(">QQI")  # ino, gen, chunk number
@@ -156,10 +158,21 @@ _REFS: dict[int, Struct] = {}
 
 
 def refs_struct(n: int) -> Struct:
-    """n slots then n digests: a loc value's arrays, unpacked in one call."""
+    """n slots then n checks: the part of a loc value's arrays a read needs, unpacked in one call."""
     st = _REFS.get(n)
     if st is None:
         st = _REFS[n] = Struct(f">{n}I" + "16s" * n)
+    return st
+
+
+_ALL_REFS: dict[int, Struct] = {}
+
+
+def _all_refs_struct(n: int) -> Struct:
+    """n slots, n checks, n names: all of a loc value's arrays."""
+    st = _ALL_REFS.get(n)
+    if st is None:
+        st = _ALL_REFS[n] = Struct(f">{n}I" + "16s" * (2 * n))
     return st
 
 
@@ -168,17 +181,18 @@ class Location(NamedTuple):
 
     length: int
     flags: int
-    chunk_digest: bytes
+    chunk_digest: bytes  # the check of the chunk's bytes
     present: int  # bit i set: page i is stored; clear: a hole
     slots: tuple[int, ...]  # of the stored pages, in page order
-    digests: tuple[bytes, ...]  # of the stored pages, in page order
+    digests: tuple[bytes, ...]  # names of the stored pages, in page order (their keys in `pages`)
+    checks: tuple[bytes, ...]  # checks of the stored pages, in page order
 
     @property
     def run(self) -> bool:
         return bool(self.flags & RUN)
 
     def pages(self) -> list[tuple[int, bytes, int]]:
-        """(page index, digest, slot) of each stored page."""
+        """(page index, name, slot) of each stored page."""
         npages = pages_of(self.length)
         n = len(self.slots)
         indexes = range(npages) if n == npages else [i for i in range(npages) if self.present >> i & 1]
@@ -193,24 +207,24 @@ def decode_loc(value: bytes | memoryview) -> Location:
     at = LOC_HEAD.size + ((pages_of(length) + 7) >> 3)
     present = int.from_bytes(value[LOC_HEAD.size : at], "little")
     n = present.bit_count()
-    arrays = refs_struct(n).unpack_from(value, at)
-    return Location(length, flags, chunk_digest, present, arrays[:n], arrays[n:])
+    arrays = _all_refs_struct(n).unpack_from(value, at)
+    return Location(length, flags, chunk_digest, present, arrays[:n], arrays[2 * n :], arrays[n : 2 * n])
 
 
 def loc_size(length: int, stored: int) -> int:
     """Bytes of a loc value of a chunk of `length` bytes with `stored` pages (the checker's sanity bound)."""
-    return LOC_HEAD.size + ((pages_of(length) + 7) >> 3) + 20 * stored
+    return LOC_HEAD.size + ((pages_of(length) + 7) >> 3) + 36 * stored
 
 
-def encode_loc(length: int, chunk_digest: bytes, present: int, slots: list[int], digests: list[bytes]) -> bytes:
-    """present: bit i set for each stored page i; slots and digests: of the stored pages, in page order."""
+def encode_loc(length: int, chunk_digest: bytes, present: int, slots: list[int], checks: list[bytes], names: list[bytes]) -> bytes:
+    """present: bit i set for each stored page i; slots, checks and names: of the stored pages, in page order."""
     npages = pages_of(length)
     n = len(slots)
     run = n == npages and n > 0 and slots[-1] - slots[0] == n - 1 and slots == list(range(slots[0], slots[0] + n))
     return (
         LOC_HEAD.pack(length, RUN if run else 0, chunk_digest)
         + present.to_bytes((npages + 7) >> 3, "little")
-        + refs_struct(n).pack(*slots, *digests)
+        + _all_refs_struct(n).pack(*slots, *checks, *names)
     )
 
 
@@ -249,13 +263,13 @@ def whole_run_head(chunk_size: int) -> Struct:
 
 
 def page_digests(value: bytes | memoryview, refs_at: int, stored: int, k0: int, k1: int) -> bytes:
-    """The digests of stored pages k0..k1 (indexes among the stored pages), concatenated, 16 bytes each."""
+    """The checks of stored pages k0..k1 (indexes among the stored pages), concatenated, 16 bytes each."""
     at = refs_at + 4 * stored + 16 * k0
     return bytes(value[at : at + 16 * (k1 - k0 + 1)])
 
 
 def loc_refs(value: bytes | memoryview, refs_at: int) -> tuple[int, int, tuple[Any, ...]]:
-    """(presence bitmap, stored pages n, (n slots..., n digests...)) of a chunk that is not one RUN."""
+    """(presence bitmap, stored pages n, (n slots..., n checks...)) of a chunk that is not one RUN."""
     present = int.from_bytes(value[LOC_HEAD.size : refs_at], "little")
     n = present.bit_count()
     return present, n, refs_struct(n).unpack_from(value, refs_at)

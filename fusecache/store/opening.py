@@ -4,7 +4,10 @@ A directory that is not a fusecache cache, a corrupt meta.lmdb or slab, an
 older or newer format, or other page/chunk sizes raise QuietError naming the
 fix; `reset` deletes only the store's own two entries. A host crash (boot id
 changed without a clean close) wipes the cache with a warning: contents are
-re-derivable. A capacity change grows the slab, or shrinks it by dropping the
+re-derivable. So does a change of the content keys its pages were named and
+checked with (`keys`, 0600, made at creation; its names key derived from the
+cluster key when the mount has one, so a new cluster key starts it empty). A
+capacity change grows the slab, or shrinks it by dropping the
 chunks that hold slots past the new end. An exclusive flock on pages.slab
 keeps a second process out (`fusecache check` takes it shared).
 """
@@ -22,9 +25,11 @@ import struct
 import lmdb
 
 from fusecache.errors import QuietError
+from fusecache.identity import ContentKeys
 from fusecache.store.eviction import Eviction
 from fusecache.store.layout import (
     FORMAT_VERSION,
+    KEYS_FILE,
     LMDB_DIR,
     LOC_KEY,
     PAGE_SIZE,
@@ -93,9 +98,20 @@ class CacheFiles:
     """
 
     def __init__(
-        self, cache_dir: str, nslots: int, *, chunk_size: int, max_chunks: int, reset: bool, counters: dict[str, int], eviction: Eviction
+        self,
+        cache_dir: str,
+        nslots: int,
+        *,
+        chunk_size: int,
+        max_chunks: int,
+        reset: bool,
+        counters: dict[str, int],
+        eviction: Eviction,
+        names_key: bytes | None = None,
     ) -> None:
         self.cache_dir = cache_dir
+        self._names_key = names_key  # None: the cache's own (drawn at creation, kept)
+        self.keys: ContentKeys | None = None
         self.nslots = nslots
         self.chunk_size = chunk_size
         self.max_chunks = max_chunks
@@ -108,6 +124,7 @@ class CacheFiles:
         self._fd = -1
         self._lmdb_path = os.path.join(cache_dir, LMDB_DIR)
         self._slab_path = os.path.join(cache_dir, SLAB_FILE)
+        self._keys_path = os.path.join(cache_dir, KEYS_FILE)
         try:
             os.makedirs(cache_dir, exist_ok=True)
         except OSError as e:
@@ -132,11 +149,13 @@ class CacheFiles:
             shutil.rmtree(self._lmdb_path)
         if os.path.isfile(self._slab_path):
             os.unlink(self._slab_path)
+        if os.path.isfile(self._keys_path):
+            os.unlink(self._keys_path)
 
     def _open(self) -> None:
         names = set(os.listdir(self.cache_dir))
         if LMDB_DIR not in names or not os.path.isdir(self._lmdb_path):
-            foreign = sorted(names - {SLAB_FILE} - _TOLERATED)
+            foreign = sorted(names - {SLAB_FILE, KEYS_FILE, KEYS_FILE + ".new"} - _TOLERATED)
             if foreign:
                 raise self._fail(
                     f"holds files that are not a fusecache cache ({', '.join(foreign[:3])})", "pick an empty or new --cache-dir"
@@ -157,11 +176,25 @@ class CacheFiles:
             with self.env.begin() as txn:
                 meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.tables.meta)}
             if fresh:
-                meta = self._init_meta()
+                self.keys = self._new_keys()
+                meta = self._init_meta(self.keys)
             else:
                 self._check_format(meta.get(b"format"))
                 if meta.get(b"boot_id", b"").decode(errors="replace") != boot_id() and meta.get(b"clean") != b"\x01":
                     log.warning("cache dir %s: the host crashed while the cache was open; starting empty", self.cache_dir)
+                    self._wipe()
+                    return self._open()
+                self.keys = self._read_keys()
+                if (
+                    self.keys is None
+                    or meta.get(b"keys") != self.keys.fingerprint()
+                    or (self._names_key is not None and self.keys.names_key != self._names_key)
+                ):
+                    # Its pages were named with other keys: under these they would not be found, or worse.
+                    log.warning(
+                        "cache dir %s: its pages were named with other content keys (a new cluster key, or its keys file "
+                        "lost); starting empty", self.cache_dir,
+                    )
                     self._wipe()
                     return self._open()
             self._open_slab(meta, fresh)
@@ -209,9 +242,38 @@ class CacheFiles:
         if problem is not None:
             raise self._fail(*problem)
 
-    def _init_meta(self) -> dict[bytes, bytes]:
+    def _new_keys(self) -> ContentKeys:
+        """Fresh content keys, written to the keys file (0600, replaced whole) before any page is named with them."""
+        keys = ContentKeys.new(self._names_key)
+        tmp = self._keys_path + ".new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask, and if a stale .new was there
+            os.write(fd, keys.to_bytes())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._keys_path)
+        return keys
+
+    def _read_keys(self) -> ContentKeys | None:
+        try:
+            with open(self._keys_path, "rb") as f:
+                return ContentKeys.from_bytes(f.read())
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._fail(f"cannot read its keys file: {e.strerror}")
+
+    def _init_meta(self, keys: ContentKeys) -> dict[bytes, bytes]:
         assert self.env is not None and self.tables is not None
-        meta = {b"format": format_marker(self.chunk_size), b"slots": U32.pack(0), b"free_slots": U32.pack(0), b"logical_bytes": U64.pack(0)}
+        meta = {
+            b"format": format_marker(self.chunk_size),
+            b"keys": keys.fingerprint(),
+            b"slots": U32.pack(0),
+            b"free_slots": U32.pack(0),
+            b"logical_bytes": U64.pack(0),
+        }
         with self.env.begin(write=True, db=self.tables.meta) as txn:
             for k, v in meta.items():
                 txn.put(k, v)

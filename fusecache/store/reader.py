@@ -5,9 +5,9 @@ eviction order (touched on every hit) and the counters. Every read takes its
 own LMDB read transaction (MVCC: it never waits for the writer) and copies
 bytes out of the read-only slab map; the writer may be reusing a slot an
 older view still points at, so every byte is checked after it is copied: the
-chunk digest when a whole chunk is read (one hash), else the digest of each
-page overlapping the range read. A mismatch is a miss (`verify_failures`),
-never wrong data.
+chunk digest when a whole chunk is read (one hash), else the check of each
+page overlapping the range read (seeded xxh3-128: `fusecache/identity.py`).
+A mismatch is a miss (`verify_failures`), never wrong data.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import lmdb
 import xxhash
 
+from fusecache.identity import ContentKeys
 from fusecache.store.eviction import Eviction
 from fusecache.store.layout import (
     INO,
@@ -29,7 +30,6 @@ from fusecache.store.layout import (
     SHIFT,
     U32,
     U64,
-    ZERO_DIGEST,
     ZERO_PAGE,
     Key,
     Location,
@@ -66,9 +66,19 @@ class Reader:
     """The store's reads: lock-free, verified, safe beside the one writer."""
 
     def __init__(
-        self, env: lmdb.Environment, tables: Tables, slab: Slab, eviction: Eviction, counters: dict[str, int], *, chunk_size: int
+        self,
+        env: lmdb.Environment,
+        tables: Tables,
+        slab: Slab,
+        eviction: Eviction,
+        counters: dict[str, int],
+        *,
+        chunk_size: int,
+        keys: ContentKeys,
     ) -> None:
         self.env, self.tables, self.slab, self.eviction, self.counters = env, tables, slab, eviction, counters
+        self.keys = keys
+        self._seed = keys.seed  # the checks below call xxhash with it directly: the hit path's hash
         self.chunk_size = chunk_size
         self._whole_run_head = whole_run_head(chunk_size).unpack_from
 
@@ -109,7 +119,7 @@ class Reader:
         value = txn.get(key, db=self.tables.loc)
         if value is None:
             return None
-        cs = self.chunk_size
+        cs, seed = self.chunk_size, self._seed
         if lo <= 0 and (hi is None or hi >= cs):
             try:
                 length, flags, chunk_digest, first_slot = self._whole_run_head(value)
@@ -122,7 +132,7 @@ class Reader:
                     return None
                 # Copy first, verify the copy: the writer may be reusing a slot right now.
                 data = self.slab.map[first_slot << SHIFT : (first_slot << SHIFT) + cs]
-                if xxhash.xxh3_128_digest(data) != chunk_digest:
+                if xxhash.xxh3_128_digest(data, seed) != chunk_digest:
                     self.counters["verify_failures"] += 1
                     return None
                 return data
@@ -142,7 +152,7 @@ class Reader:
             if whole:
                 # Copy first, verify the copy: the writer may be reusing a slot right now.
                 data = mm[base : base + length]
-                if xxhash.xxh3_128_digest(data) != chunk_digest:
+                if xxhash.xxh3_128_digest(data, seed) != chunk_digest:
                     self.counters["verify_failures"] += 1
                     return None
                 return data
@@ -151,7 +161,7 @@ class Reader:
             digests = page_digests(value, refs_at, npages, p0, p1)
             view = memoryview(data)
             for j in range(p1 - p0 + 1):
-                if xxhash.xxh3_128_digest(view[j << SHIFT : (j + 1) << SHIFT]) != digests[16 * j : 16 * j + 16]:
+                if xxhash.xxh3_128_digest(view[j << SHIFT : (j + 1) << SHIFT], seed) != digests[16 * j : 16 * j + 16]:
                     self.counters["verify_failures"] += 1
                     return None
         else:
@@ -188,13 +198,13 @@ class Reader:
             if whole:
                 if len(data) != length:
                     data = data[:length]
-                if xxhash.xxh3_128_digest(data) != chunk_digest:
+                if xxhash.xxh3_128_digest(data, seed) != chunk_digest:
                     self.counters["verify_failures"] += 1
                     return None
                 return data
             view = memoryview(data)
             for off, digest in checks:
-                if xxhash.xxh3_128_digest(view[off : off + PAGE_SIZE]) != digest:
+                if xxhash.xxh3_128_digest(view[off : off + PAGE_SIZE], seed) != digest:
                     self.counters["verify_failures"] += 1
                     return None
         lo -= p0 << SHIFT
@@ -209,7 +219,7 @@ class Reader:
         full_pages = cs >> SHIFT
         whole_from = first if lo <= 0 else first + 1  # chunks from here to whole_to are read whole
         whole_to = last if hi is None or hi >= cs else last - 1
-        digest = xxhash.xxh3_128_digest
+        digest, seed = xxhash.xxh3_128_digest, self._seed
         whole_head = self._whole_run_head
         pos = begin = 0
         keys = []
@@ -230,7 +240,7 @@ class Reader:
                             self.counters["verify_failures"] += 1
                             return None
                         view[pos : pos + cs] = slab[slot << SHIFT : (slot << SHIFT) + cs]
-                        if digest(view[pos : pos + cs]) != chunk_digest:
+                        if digest(view[pos : pos + cs], seed) != chunk_digest:
                             self.counters["verify_failures"] += 1
                             return None
                         keys.append(key)
@@ -272,14 +282,14 @@ class Reader:
                     digests_at = head + 4 * count
                 # Verify the copy: the writer may be reusing a slot right now.
                 if whole:
-                    ok = digest(view[pos : pos + length]) == chunk_digest
+                    ok = digest(view[pos : pos + length], seed) == chunk_digest
                     pos += length
                 else:
                     ok = True
                     for i, k in checks:
                         at = pos + ((i - p0) << SHIFT)
                         d = digests_at + 16 * k
-                        if digest(view[at : at + PAGE_SIZE]) != bytes(value[d : d + 16]):
+                        if digest(view[at : at + PAGE_SIZE], seed) != bytes(value[d : d + 16]):
                             ok = False
                             break
                     pos += chi - (p0 << SHIFT)  # the next chunk's bytes follow this one's
@@ -307,13 +317,13 @@ class Reader:
         loc = self.location(ino, gen, chunk)
         if loc is None:
             return None
-        digests = [ZERO_DIGEST] * ((loc.length + PAGE_SIZE - 1) >> SHIFT)
+        digests = [self.keys.zero_name] * ((loc.length + PAGE_SIZE - 1) >> SHIFT)
         for i, digest, _ in loc.pages():
             digests[i] = digest
         return digests
 
     def read_page(self, digest: bytes) -> bytes | None:
-        if digest == ZERO_DIGEST:
+        if digest == self.keys.zero_name:
             return ZERO_PAGE
         with self.env.begin(db=self.tables.pages, buffers=True) as txn:
             value = txn.get(digest)
@@ -324,7 +334,7 @@ class Reader:
             self.counters["verify_failures"] += 1
             return None
         page = self.slab.map[slot << SHIFT : (slot + 1) << SHIFT]
-        if xxhash.xxh3_128_digest(page) != digest:
+        if self.keys.name(page) != digest:  # a peer's request: the name itself, not the (cheaper) check
             self.counters["verify_failures"] += 1
             return None
         return page

@@ -16,15 +16,15 @@ import os
 from collections.abc import Callable, Set
 
 import lmdb
-import xxhash
 
+from fusecache.identity import ContentKeys
 from fusecache.store.eviction import HOST, EvictFirst, Eviction, Shares
 from fusecache.store.layout import (
     INO,
     SHIFT,
     U32,
     U64,
-    ZERO_DIGEST,
+    ZERO_PAGE,
     Key,
     Slab,
     Tables,
@@ -57,7 +57,7 @@ class WriteBatch:
 
     Order: pins, forget_files, files, drop, then admit. An admission for a generation
     other than the file's recorded one is a read of a superseded version: skipped.
-    peer_holds(digest) tells eviction which pages a peer also holds: those are
+    peer_holds(name) tells eviction which pages a peer also holds: those are
     cheaper to lose (None: no peer holds anything). pins, when given, replaces
     the pinned inodes (ino -> a label the store keeps for its caller): their chunks
     leave the eviction order, and those of inodes no longer pinned return to it.
@@ -75,23 +75,30 @@ class WriteBatch:
 
 
 class Admission:
-    """One chunk to admit, hashed before the write transaction starts."""
+    """One chunk to admit, named and checked before the write transaction starts."""
 
-    __slots__ = ("chunk_digest", "data", "key", "length", "owner", "pages", "present")
+    __slots__ = ("checks", "chunk_digest", "data", "key", "length", "owner", "pages", "present")
 
-    def __init__(self, key: Key, data: bytes, owner: str = HOST) -> None:
+    def __init__(self, key: Key, data: bytes, keys: ContentKeys, owner: str = HOST) -> None:
         self.key = key
         self.owner = owner
         self.length = len(data)
-        self.chunk_digest = xxhash.xxh3_128_digest(data)
+        check, name, zero = keys.check, keys.name, keys.zero_check
+        self.chunk_digest = check(data)
         npages = pages_of(self.length)
         if self.length != npages << SHIFT:
             data = bytes(data) + bytes((npages << SHIFT) - self.length)
         self.data = view = memoryview(data)
-        # (page index, digest) of the stored pages; holes are left out.
-        digest = xxhash.xxh3_128_digest
-        pages = [(i, digest(view[i << SHIFT : (i + 1) << SHIFT])) for i in range(npages)]
-        self.pages = [p for p in pages if p[1] != ZERO_DIGEST]
+        # (page index, name) of the stored pages, and their checks in the same order; holes are left out.
+        self.pages: list[tuple[int, bytes]] = []
+        self.checks: list[bytes] = []
+        for i in range(npages):
+            page = view[i << SHIFT : (i + 1) << SHIFT]
+            c = check(page)
+            if c == zero and page == ZERO_PAGE:
+                continue
+            self.pages.append((i, name(page)))
+            self.checks.append(c)
         if len(self.pages) == npages:
             self.present = (1 << npages) - 1
         else:
@@ -118,9 +125,11 @@ class Writer:
         *,
         chunk_size: int,
         max_chunks: int,
+        keys: ContentKeys,
         pinned: set[int] | None = None,
     ) -> None:
         self.env, self.tables, self.slab, self.eviction, self.counters = env, tables, slab, eviction, counters
+        self.keys = keys
         self.chunk_size = chunk_size
         self.max_chunks = max_chunks
         self.evict_first = EvictFirst()
@@ -132,7 +141,8 @@ class Writer:
             raise ValueError(f"an admitted chunk is longer than the chunk size {self.chunk_size}")
         owners = batch.owners
         admissions = [
-            Admission(pack_key(ino, gen, chunk), data, owners.get((ino, gen, chunk), HOST)) for ino, gen, chunk, data in batch.admit
+            Admission(pack_key(ino, gen, chunk), data, self.keys, owners.get((ino, gen, chunk), HOST))
+            for ino, gen, chunk, data in batch.admit
         ]
         peer_holds = batch.peer_holds or _no_peer_holds
         new_pins: set[int] | None = None
@@ -172,7 +182,8 @@ class Writer:
     def txn(self, txn: lmdb.Transaction, peer_holds: Callable[[bytes], bool] = _no_peer_holds) -> WriteTxn:
         return WriteTxn(
             txn, self.tables, self.slab, self.eviction, self.counters,
-            max_chunks=self.max_chunks, peer_holds=peer_holds, pinned=self.pinned, evict_first=self.evict_first,
+            max_chunks=self.max_chunks, peer_holds=peer_holds, pinned=self.pinned, keys=self.keys,
+            evict_first=self.evict_first,
         )  # fmt: skip
 
 
@@ -196,10 +207,12 @@ class WriteTxn:
         *,
         max_chunks: int,
         peer_holds: Callable[[bytes], bool] = _no_peer_holds,
+        keys: ContentKeys | None = None,
         pinned: Set[int] = frozenset(),
         evict_first: EvictFirst | None = None,
     ) -> None:
         self.txn, self.tables, self.slab, self.eviction, self.counters = txn, tables, slab, eviction, counters
+        self.keys = keys  # needed only to admit (a resize only releases)
         self.max_chunks = max_chunks
         self.peer_holds = peer_holds
         self.pinned = pinned
@@ -478,7 +491,7 @@ class WriteTxn:
         entries = {}
         for a in admitted:
             digests = [d for _, d in a.pages]
-            entries[a.key] = encode_loc(a.length, a.chunk_digest, a.present, [slot_of[d] for d in digests], digests)
+            entries[a.key] = encode_loc(a.length, a.chunk_digest, a.present, [slot_of[d] for d in digests], a.checks, digests)
             self.logical += held_bytes(a.length, a.present)
             if self.pinned and INO.unpack_from(a.key)[0] in self.pinned:
                 pass  # a pinned chunk is never a victim: it stays out of the eviction order
@@ -499,10 +512,11 @@ class WriteTxn:
         (the chunk digest) when the chunk's pages are exactly one run of slots, else one per page.
         """
         slab, fd = self.slab.view, self.slab.fd
-        digest = xxhash.xxh3_128_digest
+        assert self.keys is not None
+        digest = self.keys.check
         seen: set[bytes] = set()
         for a in admitted:
-            todo = [(slot_of[d], i, d) for i, d in a.pages if d in known and d not in seen]
+            todo = [(slot_of[d], i, c) for (i, d), c in zip(a.pages, a.checks, strict=True) if d in known and d not in seen]
             if not todo:
                 continue
             seen.update(d for _, d in a.pages)
@@ -516,7 +530,7 @@ class WriteTxn:
                 and [slot for slot, _, _ in todo] == list(range(first, first + npages))
             ):
                 continue
-            for slot, i, d in todo:
-                if digest(slab[slot << SHIFT : (slot + 1) << SHIFT]) != d:
+            for slot, i, c in todo:
+                if digest(slab[slot << SHIFT : (slot + 1) << SHIFT]) != c:
                     os.pwrite(fd, a.data[i << SHIFT : (i + 1) << SHIFT], slot << SHIFT)
                     self.counters["healed_pages"] += 1

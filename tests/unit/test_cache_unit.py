@@ -261,3 +261,97 @@ def backing_version():
     from fusecache.version import Version
 
     return Version(CS, 1, 1, 0)
+
+
+def _change_behind(backing: MemBacking, path: str, offset: int, data: bytes) -> None:
+    """Another host writes into the file in place: new bytes, new mtime, same size."""
+    f = backing.files[path]
+    f.data[offset : offset + len(data)] = data
+    f.mtime_ns += 1000
+
+
+def test_a_write_through_the_cache_does_not_hide_another_hosts_change(mem, tmp_path):
+    backing, cache = mem
+    backing.put("a.img", b"old!" * (12 * CS // 4))
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        await cache.read(f, 0, CS)  # chunk 0 cached
+        await cache.queue.drain()
+        _change_behind(backing, "a.img", 0, b"new!" * (CS // 4))
+        await cache.write(f, 10 * CS, b"ours")  # our write, after the other host's
+        await cache.queue.drain()
+        held_open = bytes(await cache.read(f, 0, 8))
+        reopened = bytes(await cache.read(await open_file(cache, backing, "a.img"), 0, 8))
+        return held_open, reopened
+
+    held_open, reopened = trio.run(go)
+    assert held_open == reopened == b"new!new!"
+    assert cache.images["a.img"].invalidations == 1
+    # The store forgot the old chunk 0 too: a restart cannot serve it (to us or to peers) under the new version.
+    gen, version = cache.files.store.file_record(backing.files["a.img"].ino)
+    assert cache.files.store.read_chunk(backing.files["a.img"].ino, gen, 0) in (None, b"new!" * (CS // 4))
+    assert tuple(version)[1] == backing.files["a.img"].mtime_ns
+
+
+def test_our_own_writes_keep_the_files_cached_chunks(mem):
+    backing, cache = mem
+    backing.put("a.img", os.urandom(12 * CS))
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        await cache.read(f, 0, CS)
+        await cache.queue.drain()
+        for i in range(5):
+            await cache.write(f, (5 + i) * CS, b"ours")
+        await cache.queue.drain()
+        reads = backing.preads
+        got = bytes(await cache.read(f, 0, CS))
+        return got, backing.preads - reads
+
+    got, extra = trio.run(go)
+    assert got == bytes(backing.files["a.img"].data[:CS]) and extra == 0
+    assert cache.images["a.img"].invalidations == 0
+
+
+def test_overlapping_writes_of_ours_are_not_taken_for_another_host(mem):
+    backing, cache = mem
+    backing.put("a.img", os.urandom(12 * CS))
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        await cache.read(f, 0, CS)
+        await cache.queue.drain()
+        async with trio.open_nursery() as n:
+            for i in range(8):
+                n.start_soon(cache.write, f, (4 + i) * CS, b"ours %d" % i)
+        await cache.queue.drain()
+        return bytes(await cache.read(f, 0, CS))
+
+    assert trio.run(go) == bytes(backing.files["a.img"].data[:CS])
+
+
+def test_getattr_by_name_without_a_change_attribute_does_not_drop_an_nfs4_files_chunks(mem):
+    """NFSv4: fstat carries the change attribute, a stat by name does not; only a real difference is a change."""
+    backing, cache = mem
+    backing.put("a.img", os.urandom(2 * CS))
+    with_change = lambda attr: dataclasses.replace(attr, change=attr.mtime_ns * 10)  # noqa: E731
+    plain_fstat = backing.fstat
+    backing.fstat = lambda fh: with_change(plain_fstat(fh))  # type: ignore[method-assign]
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        await cache.read(f, 0, 2 * CS)
+        await cache.queue.drain()
+        cache.attributes_seen(backing.lstat("a.img"))  # same size and times, change 0: the same version
+        reads = backing.preads
+        same = bytes(await cache.read(f, 0, 2 * CS)) == bytes(backing.files["a.img"].data[: 2 * CS])
+        hit = backing.preads == reads
+        _change_behind(backing, "a.img", 0, b"new!" * 4)
+        cache.attributes_seen(backing.lstat("a.img"))  # another mtime: changed
+        return same, hit, bytes(await cache.read(f, 0, 16))
+
+    same, hit, after = trio.run(go)
+    assert same and hit  # served from the store: no new generation
+    assert after == b"new!" * 4
+    assert cache.images["a.img"].invalidations == 1

@@ -3,7 +3,11 @@ from --cache-size are derived in one place."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fusecache import cli, options
 from fusecache.errors import QuietError
@@ -56,6 +60,78 @@ def test_a_cache_below_the_minimum_is_refused_in_one_line():
         cli._mount(parse_mount("--cache-size", "512K"), [])
 
 
+# --- numeric options: every value is either taken as a finite, non-negative number or refused in one line
+
+
+SECONDS_OPTIONS = ("--revalidate", "--attr-timeout", "--peer-timeout")
+SIZE_OPTIONS = ("--cache-size", "--staging-size")
+
+
+def _refused_in_one_line(*argv: str) -> str:
+    with pytest.raises(QuietError) as err:
+        cli.build_parser().parse_args(["mount", "/images", "/mnt", *argv])
+    assert err.value.exitcode == 2 and "\n" not in err.value.message
+    return err.value.message
+
+
+@pytest.mark.parametrize("option", SECONDS_OPTIONS)
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "Infinity", "-1", "-0.5", "soon"])
+def test_seconds_that_are_not_a_finite_non_negative_number_are_refused(option, text):
+    assert option in _refused_in_one_line(f"{option}={text}")
+
+
+@pytest.mark.parametrize("option", SIZE_OPTIONS)
+@pytest.mark.parametrize("text", ["inf", "infG", "nan", "-inf", "-1", "1e30", "9E", "lots"])
+def test_sizes_that_are_not_a_finite_non_negative_size_are_refused(option, text):
+    assert option in _refused_in_one_line(f"{option}={text}")
+
+
+_NUMBER_TEXT = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(min_value=-(1 << 70), max_value=1 << 70).map(str),
+    st.sampled_from(["nan", "inf", "-inf", "+inf", "infinity", "1e400", "-0", "0x10", "", " ", "1_000", "\u0661"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(option=st.sampled_from(SECONDS_OPTIONS), text=_NUMBER_TEXT)
+def test_any_seconds_text_is_a_finite_non_negative_number_or_one_clear_line(option, text):
+    try:
+        args = cli.build_parser().parse_args(["mount", "/images", "/mnt", f"{option}={text}"])
+    except QuietError as err:
+        assert err.exitcode == 2 and "\n" not in err.message and option in err.message
+        return
+    value = getattr(args, option.removeprefix("--").replace("-", "_"))
+    assert math.isfinite(value) and value >= 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(option=st.sampled_from(SIZE_OPTIONS), text=_NUMBER_TEXT, unit=st.sampled_from(["", "K", "M", "G", "T", "GiB"]))
+def test_any_size_text_is_a_whole_non_negative_size_or_one_clear_line(option, text, unit):
+    try:
+        args = cli.build_parser().parse_args(["mount", "/images", "/mnt", f"{option}={text}{unit}"])
+    except QuietError as err:
+        assert err.exitcode == 2 and "\n" not in err.message and option in err.message
+        return
+    value = getattr(args, option.removeprefix("--").replace("-", "_"))
+    assert isinstance(value, int) and 0 <= value < 1 << 63
+
+
+def test_a_relative_log_file_is_made_absolute_before_the_daemon_starts(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    captured = {}
+
+    def serve(opts):
+        captured["opts"] = opts
+
+    from fusecache import daemon
+
+    monkeypatch.setattr(daemon, "setup_logging", lambda debug: None)
+    monkeypatch.setattr(daemon, "serve", serve)
+    cli._mount(parse_mount("--foreground", "--log-file", "logs/mount.log"), [])
+    assert captured["opts"].log_file == str(tmp_path / "logs" / "mount.log")
+
+
 def test_pin_options_and_the_budget():
     args = parse_mount("--cache-size", "8G", "--pin", "golden/*", "--pin", "*.qcow2")
     assert args.pin == ["golden/*", "*.qcow2"] and args.pin_budget == options.PIN_BUDGET
@@ -71,3 +147,14 @@ def test_warm_takes_ranges_and_rates():
     assert args.images == ["a.img", "b.img"] and args.range == (GiB, 512 * MiB) and args.rate == 16 * MiB
     with pytest.raises(QuietError, match="OFFSET:LENGTH"):
         cli.build_parser().parse_args(["warm", "/mnt", "a.img", "--range", "1G"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=_NUMBER_TEXT)
+def test_any_pin_budget_text_is_a_fraction_or_one_clear_line(text):
+    try:
+        args = cli.build_parser().parse_args(["mount", "/images", "/mnt", f"--pin-budget={text}"])
+    except QuietError as err:
+        assert err.exitcode == 2 and "\n" not in err.message and "--pin-budget" in err.message
+        return
+    assert 0 <= args.pin_budget <= 1

@@ -16,12 +16,11 @@ from collections.abc import AsyncIterator
 import hypothesis.strategies as st
 import pytest
 import trio
-import xxhash
 from hypothesis import HealthCheck, given, settings
 
 from fusecache.errors import QuietError
 from fusecache.geometry import CHUNK_SIZE, PAGE_SIZE
-from fusecache.peers import HOLE_DIGEST, BloomFilter, PeerServer, PeerSet, RemoteStats, Version, load_cluster_key, page_digest
+from fusecache.peers import BloomFilter, PeerServer, PeerSet, RemoteStats, Version, hole_digest, load_cluster_key, names_key, page_digest
 from fusecache.peers.protocol import (
     CHUNK,
     GET_LOCATION,
@@ -51,9 +50,14 @@ from fusecache.peers.protocol import (
     server_handshake,
 )
 from fusecache.peers.server import PendingHandshakes
-from fusecache.store import ZERO_DIGEST
+from fusecache.store import Store
 
 KEY = b"k" * 32
+NAMES = names_key(KEY)  # what the hosts of KEY's cluster name pages with
+
+
+def name(page: bytes) -> bytes:
+    return page_digest(NAMES, page)
 SLACK = 2.0  # seconds past a deadline a loaded CI machine may take to notice it
 VERSION_A: Version = (1 << 20, 1_700_000_000_000_000_000, 1_700_000_000_000_000_001, 7)
 
@@ -61,16 +65,21 @@ VERSION_A: Version = (1 << 20, 1_700_000_000_000_000_000, 1_700_000_000_000_000_
 class FakeStore:
     """The provider: pages by digest, chunks by (ino, version, chunk_no)."""
 
-    def __init__(self, pages: int = 64, chunks: int = 8) -> None:
+    def __init__(self, pages: int = 64, chunks: int = 8, key: bytes | None = KEY) -> None:
         self.pages: dict[bytes, bytes] = {}
         self.locations: dict[tuple[int, Version, int], tuple[bytes, list[bytes]]] = {}
+        names = names_key(key)  # a store names pages as its cluster does
+
+        def name(page: bytes) -> bytes:
+            return page_digest(names, page)
+
         for _ in range(pages):
             page = os.urandom(4096)
-            self.pages[page_digest(page)] = page
+            self.pages[name(page)] = page
         for n in range(chunks):
             # A hole in the middle and a short tail on the last chunk: both must verify.
             data = os.urandom(4096 * 5) + bytes(4096) + os.urandom(4096 * 9 + (100 if n == chunks - 1 else 4096))
-            self.locations[(42, VERSION_A, n)] = (data, [page_digest(data[i : i + 4096]) for i in range(0, len(data), 4096)])
+            self.locations[(42, VERSION_A, n)] = (data, [name(data[i : i + 4096]) for i in range(0, len(data), 4096)])
 
     def read_page(self, digest: bytes) -> bytes | None:
         return self.pages.get(digest)
@@ -187,7 +196,7 @@ def test_fetch_by_digest_and_by_location() -> None:
                 assert await peers.fetch_page(digest, far()) == page
             for (ino, version, n), (data, digests) in store.locations.items():
                 got = await peers.fetch_location(ino, version, n, far())
-                assert got == data and chunk_matches(got, digests)
+                assert got == data and chunk_matches(NAMES, got, digests)
             # Another version of the same file is not this content: never asked, never served.
             other = (VERSION_A[0], VERSION_A[1] + 1, *VERSION_A[2:])
             assert await peers.fetch_location(42, other, 0, far()) is None
@@ -514,12 +523,20 @@ def test_a_flood_from_one_peer_is_bounded_and_others_are_served() -> None:
     trio.run(main)
 
 
-def test_pages_and_holes_are_named_as_the_store_names_them() -> None:
-    assert HOLE_DIGEST == ZERO_DIGEST
-    assert page_digest(bytes(100)) == HOLE_DIGEST  # a short tail of zeros is a hole too
+def test_pages_and_holes_are_named_as_the_store_names_them(tmp_path) -> None:
+    store = Store(str(tmp_path / "cache"), 1 << 20, names_key=NAMES)
+    try:
+        assert hole_digest(NAMES) == store.keys.zero_name
+        page = os.urandom(4096)
+        assert name(page) == store.keys.name(page)
+    finally:
+        store.close()
+    assert name(bytes(100)) == hole_digest(NAMES)  # a short tail of zeros is a hole too
     tail = os.urandom(100)
-    assert page_matches(tail, xxhash.xxh3_128_digest(tail + bytes(4096 - 100)))
-    assert not page_matches(b"", HOLE_DIGEST)
+    assert page_matches(NAMES, tail, name(tail + bytes(4096 - 100)))
+    assert not page_matches(NAMES, b"", hole_digest(NAMES))
+    # Another cluster's key names every page otherwise; with no key (--peer-insecure), a public one.
+    assert page_digest(names_key(b"o" * 32), page) != name(page) != page_digest(names_key(None), page)
 
 
 def test_summary_false_positive_rate_is_near_one_percent() -> None:
@@ -554,19 +571,19 @@ def test_summary_is_rebuilt_when_the_store_changed_a_lot() -> None:
         ):
             await wait_for_summaries(peers)
             page = os.urandom(4096)
-            store.pages[page_digest(page)] = page
-            assert not peers.may_hold(page_digest(page))
+            store.pages[name(page)] = page
+            assert not peers.may_hold(name(page))
             server.note_change()
             with trio.fail_after(10):
-                while not peers.may_hold(page_digest(page)):
+                while not peers.may_hold(name(page)):
                     await trio.sleep(0.01)
-            assert await peers.fetch_page(page_digest(page), far()) == page
+            assert await peers.fetch_page(name(page), far()) == page
 
     trio.run(main)
 
 
 def test_peering_without_a_key_only_on_loopback() -> None:
-    store = FakeStore(pages=4)
+    store = FakeStore(pages=4, key=None)
 
     async def main() -> None:
         async with serving(store, key=None) as server, peer_set([server.port], key=None) as peers:

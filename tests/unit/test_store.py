@@ -769,8 +769,10 @@ def test_check_names_damaged_slab_bytes(tmp_path: Path) -> None:
     done = run_check(tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == f"{tmp_path}: 2 problems (4 chunks, 26 pages, 230 of 256 slots free)"
+    assert lines[0] == f"{tmp_path}: 3 problems (4 chunks, 26 pages, 230 of 256 slots free)"
     assert any(f"slot {slot}: its bytes do not match page" in line for line in lines[1:])
+    page_check = f"bytes at slot {slot} do not match its check"
+    assert any("chunk 3 of inode 2 generation 1: page " in line and page_check in line for line in lines[1:])
     assert any("chunk 3 of inode 2 generation 1: its bytes in the slab do not match its chunk digest" in line for line in lines[1:])
 
 
