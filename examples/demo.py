@@ -120,7 +120,7 @@ class Demo:
             say(f"cannot build a real guest here ({exc}): the demo runs emulated guests only")
             return
         data = os.urandom(REAL_FILE)
-        make_disk(Path(self.images) / "vm0.img", {"data": data})
+        make_disk(Path(self.images) / "vm0.img", {"data": data}, block_size=4096)  # guest pages line up with image pages
         self.real_sum = hashlib.md5(data).hexdigest()
 
     def stop_real_guest(self) -> None:
@@ -188,7 +188,9 @@ async def _demo(demo: Demo, say: Any) -> dict[str, Any]:
             say("vm0, a real guest under QEMU, boots on host1 with its disk on the mount")
             demo.real = Guest(Path(demo.work) / "vm0", demo.real_build)
             await trio.to_thread.run_sync(
-                lambda: demo.real.start(os.path.join(host1, "vm0.img"), memory_mib=REAL_GUEST_MIB, qmp_sock=vm0_qmp, name="vm0")
+                # Free page reporting: what the guest evicts leaves its RAM at once, so fusecache's scans of it see the eviction.
+                lambda: demo.real.start(os.path.join(host1, "vm0.img"), memory_mib=REAL_GUEST_MIB, qmp_sock=vm0_qmp, name="vm0",
+                                        extra=["-global", "virtio-balloon-pci.free-page-reporting=on"])
             )
         demo.start_top()
         for g in (vm1, vm2, vm3):

@@ -19,6 +19,25 @@ page cache lost, are what it most likely evicted: those are admitted, from
 the staging buffer when it still has them, else read again from the backing
 in the background (never on the read path).
 
+Exact second chance (issue 12), for a guest whose memory fusecache can read
+(`fusecache.guestmem`; QEMU's RAM found by the balloon monitor): every reply
+served to the guest (hits and misses) is recorded in that guest's index of
+served pages; a scan of its RAM tells which served pages it no longer holds:
+those it evicted, whatever made it (its balloon, or its own memory pressure).
+Their chunks are admitted, from staging, else read again in the background.
+A chunk is the unit of a hit, so a chunk with any evicted page is admitted
+whole (its other pages cost at most 60 KiB, deduplicated, and the re-read of
+the evicted one is then a hit). Served pages a scan finds still resident
+need no host copy: chunks the guest holds whole are handed to the store as
+"evict first".
+Scans run at once when the balloon moves, and in the background within a CPU
+budget (`--guest-scan-cpu`). Balloon estimates are then not used for that
+guest. A guest whose memory cannot be read (no permission, encrypted memory,
+shared-memory RAM, `--no-guest-scan`) keeps the estimate below; stats say
+which mode each guest is in. Privacy: guest memory is read only to
+fingerprint it; nothing read is kept or logged (`fusecache.guestmem.scan`).
+
+Estimated second chance, for the other guests:
 Which guest read a chunk: each guest's open images (from QMP `query-block`
 or the libvirt domain XML) are resolved to backing inodes; a read of an
 image counts for every guest that has it open (a shared base image is in
@@ -56,9 +75,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import trio
 
 from fusecache.backing import OffLoop
+from fusecache.geometry import PAGES_PER_CHUNK
+from fusecache.guestmem import GuestMemoryScanner, GuestRam, Locations, Reason, ScanResult, ServedPages, Unscannable
 from fusecache.inodes import OpenFile
 from fusecache.stats import AdmissionStats, GuestAdmission
 
@@ -74,6 +96,7 @@ CHECKPOINT_EVERY = 0.25  # seconds between marks of a guest's read total (for "r
 # seconds old (polled every second, a shrink reported within PENDING_MAX); an older one counts every read.
 CHECKPOINTS = 2048
 Key = tuple[int, int, int]  # (ino, gen, chunk)
+SCAN_EVERY = 1.0  # seconds at least between background scans of one guest (the CPU budget may make it longer)
 
 
 class AdmissionTarget(Protocol):
@@ -90,12 +113,24 @@ class AdmissionTarget(Protocol):
         """Read chunks of one file again from the backing; those that changed meanwhile are left out."""
         ...
 
+    def holds(self, key: Key) -> bool:
+        """Whether the store holds this chunk now (or is about to)."""
+        ...
+
+    def evict_first(self, keys: list[Key]) -> None:
+        """Hint the store: a guest holds these chunks itself."""
+        ...
+
 
 class Admission(Protocol):
     name: str
 
     def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
         """A chunk was read from the backing: True to admit it now."""
+        ...
+
+    def served(self, f: OpenFile, gen: int, offset: int, data: bytes | memoryview) -> None:
+        """A reply went to the guest (a hit or a miss): `data`, at byte `offset` of generation `gen`."""
         ...
 
     def written(self, ino: int, chunks: range) -> None:
@@ -114,6 +149,9 @@ class Inclusive:
 
     def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
         return True
+
+    def served(self, f: OpenFile, gen: int, offset: int, data: bytes | memoryview) -> None:
+        pass
 
     def written(self, ino: int, chunks: range) -> None:
         pass
@@ -140,6 +178,13 @@ class GuestReads:
     from_backing: int = 0
     by_reference: int = 0  # evicted chunks a peer already held: left there, one hop away, not stored twice
     aged_out: int = 0  # bytes of reads the guest had dropped on its own before a shrink: not admitted
+    mode: str = "estimate"  # how evictions are known: "scan" or "estimate" (stats.GuestAdmission)
+    scan_off: str = ""  # why its memory is not scanned, when it is not
+    scans: int = 0
+    scan_cpu_s: float = 0.0
+    scanned_bytes: int = 0
+    evicted_pages: int = 0
+    resident_pages: int = 0
     read_total: int = 0  # bytes the guest read through the mount (misses: it did not hold them)
     # (time.monotonic(), read_total) every CHECKPOINT_EVERY while it reads: what it read since a given time
     marks: collections.deque[tuple[float, int]] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=CHECKPOINTS))
@@ -219,6 +264,31 @@ class StagingBuffer:
         return len(self._data)
 
 
+@dataclasses.dataclass
+class GuestScan:
+    """A guest whose memory is scanned: where its RAM is, what it was served, and what wakes its next scan."""
+
+    ram: GuestRam
+    served: ServedPages
+    wake: trio.Event = dataclasses.field(default_factory=trio.Event)
+    cancel: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+
+
+def chunk_keys(locs: Locations, whole: bool = False) -> list[Key]:
+    """The distinct (ino, gen, chunk) of a set of page locations (numpy: a scan may name hundreds of thousands).
+
+    With `whole`, only chunks all of whose pages are in the set.
+    """
+    if len(locs) == 0:
+        return []
+    table, counts = np.unique(
+        np.stack([locs.ino, locs.gen, locs.page // np.uint64(PAGES_PER_CHUNK)], axis=1), axis=0, return_counts=True
+    )
+    if whole:
+        table = table[counts >= PAGES_PER_CHUNK]
+    return [(int(i), int(g), int(c)) for i, g, c in table.tolist()]
+
+
 def _malloc_trim() -> None:
     try:
         ctypes.CDLL(None).malloc_trim(0)
@@ -239,6 +309,7 @@ class SecondChance:
         *,
         staging_bytes: int,
         peer_holds: Callable[[Key], bool] | None = None,
+        scanner: GuestMemoryScanner | None = None,
     ) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
         self._target = target
@@ -254,6 +325,10 @@ class SecondChance:
         self._guest_images: dict[str, list[str]] = {}
         # (ino, gen, chunk) -> True when a peer already holds that chunk: admitted "by reference", not stored
         self.peer_holds = peer_holds
+        # Guests whose memory is scanned (exact second chance); None: scanning is off (--no-guest-scan).
+        self.scanner = scanner
+        self.scans: dict[str, GuestScan] = {}
+        self._nursery: trio.Nursery | None = None
 
     # ---- the read path (inline, on the loop) ---------------------------------
     def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
@@ -264,6 +339,14 @@ class SecondChance:
         self.staging.put(key, data)
         return False
 
+    def served(self, f: OpenFile, gen: int, offset: int, data: bytes | memoryview) -> None:
+        if not self.scans:
+            return
+        for guest in self._guests_of.get(f.ino, ()):
+            sc = self.scans.get(guest)
+            if sc is not None:
+                sc.served.record(f.ino, gen, offset, data)
+
     def written(self, ino: int, chunks: range) -> None:
         self.staging.discard_chunks(ino, chunks)
 
@@ -271,14 +354,39 @@ class SecondChance:
     def on_guests(self, guests: dict[str, GuestState]) -> None:
         self._guest_images = {name: list(g.images) for name, g in guests.items()}
         for name, g in guests.items():
+            reads = self.guests[name]
             if g.actual:
-                self.guests[name].limit = max(g.actual, 64 << 20)
+                reads.limit = max(g.actual, 64 << 20)
+            if isinstance(g.ram, GuestRam) and self.scanner is not None:
+                sc = self.scans.get(name)
+                if sc is None or sc.ram != g.ram:
+                    if sc is not None:
+                        sc.cancel.cancel()
+                    self.scans[name] = GuestScan(g.ram, ServedPages.for_ram(g.ram.size))
+                    reads.mode = "scan"
+                    if self._nursery is not None:
+                        self._nursery.start_soon(self._scan_guest, name, self.scans[name])
+            elif name not in self.scans:
+                reads.mode = "estimate"
+                reads.scan_off = str(g.ram) if isinstance(g.ram, Unscannable) else "scanning is off (--no-guest-scan)"
+        for name in [n for n in self.scans if n not in guests]:
+            self.scans.pop(name).cancel.cancel()  # the guest is gone: so is its index
         self._images_changed.set()
+
+    def on_balloon(self, guest: str) -> None:
+        """The guest's balloon moved: scan its memory now (what it evicts shows within seconds)."""
+        sc = self.scans.get(guest)
+        if sc is not None:
+            sc.wake.set()
 
     def on_shrink(self, shrink: Shrink) -> None:
         reads = self.guests[shrink.guest]
         reads.shrinks += 1
         reads.evicted_estimate += shrink.evicted_estimate
+        sc = self.scans.get(shrink.guest)
+        if sc is not None:
+            sc.wake.set()  # its scans know what it evicted: the estimate is not used
+            return
         if shrink.cache_before is not None:
             # What the guest evicted comes from what it still held: at most its page cache just before
             # the balloon moved, i.e. the newest reads. Older ones it had already dropped on its own.
@@ -292,25 +400,68 @@ class SecondChance:
             "guest %s gave %d MiB to its balloon, ~%d MiB of page cache: admitting its %d oldest reads",
             shrink.guest, shrink.balloon_bytes >> 20, shrink.evicted_estimate >> 20, len(keys),
         )
+        self._enqueue(shrink.guest, keys)
+
+    def _enqueue(self, guest: str, keys: list[Key]) -> None:
+        """Queue chunks a guest evicted for admission (the background task admits them)."""
         if not keys:
             return
-        queued = self._queued.get(shrink.guest)
+        queued = self._queued.get(guest)
         if queued is not None:
             queued += keys  # its job is still waiting: it takes these too
             return
         try:
-            self._send.send_nowait(shrink.guest)
+            self._send.send_nowait(guest)
         except trio.WouldBlock:
-            log.warning("admission queue full: guest %s's evicted chunks are not admitted", shrink.guest)
+            log.warning("admission queue full: guest %s's evicted chunks are not admitted", guest)
             return
-        self._queued[shrink.guest] = keys
+        self._queued[guest] = keys
 
     # ---- background work --------------------------------------------------------
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._resolve_images)
+            for name, sc in self.scans.items():
+                nursery.start_soon(self._scan_guest, name, sc)
             async for guest in self._receive:
                 await self._admit(guest, self._queued.pop(guest, []))
+
+    async def _scan_guest(self, name: str, sc: GuestScan) -> None:
+        """Scan one guest's memory until it goes: at once when its balloon moves, else within the CPU budget."""
+        assert self.scanner is not None
+        reads = self.guests[name]
+        with sc.cancel:
+            while True:
+                with trio.move_on_after(SCAN_EVERY):
+                    await sc.wake.wait()
+                urgent = sc.wake.is_set()
+                sc.wake = trio.Event()
+                result = await self.scanner.scan(sc.ram, sc.served, urgent=urgent)
+                if isinstance(result, Unscannable):
+                    if result.reason is Reason.STOPPED:
+                        continue
+                    log.warning("guest %s: cannot scan its memory any more (%s): balloon estimates from now on", name, result)
+                    reads.mode, reads.scan_off = "estimate", str(result)
+                    if self.scans.get(name) is sc:
+                        del self.scans[name]
+                    return
+                await self._scanned(name, reads, result)
+
+    async def _scanned(self, guest: str, reads: GuestReads, result: ScanResult) -> None:
+        reads.scans += 1
+        reads.scan_cpu_s += result.cpu_s
+        reads.scanned_bytes += result.ram_pages * 4096
+        reads.evicted_pages += len(result.evicted)
+        reads.resident_pages = len(result.resident) + result.young
+        # Only chunks the guest holds whole: a chunk with a page it evicted (now or before) needs its host copy.
+        resident = chunk_keys(result.resident, whole=True)
+        if resident:
+            self._target.evict_first(resident)
+        evicted = [k for k in chunk_keys(result.evicted) if not self._target.holds(k)]
+        if evicted:
+            log.info("guest %s evicted %d pages (%d chunks not held): admitting them", guest, len(result.evicted), len(evicted))
+            self._enqueue(guest, evicted)
 
     async def _admit(self, guest: str, keys: list[Key]) -> None:
         try:
@@ -376,6 +527,10 @@ class SecondChance:
             return path[len(self.mountpoint) + 1 :]
         return None
 
+    def _served_pages(self, guest: str) -> int:
+        sc = self.scans.get(guest)
+        return len(sc.served) if sc is not None else 0
+
     def stats(self) -> AdmissionStats:
         return AdmissionStats(
             mode=self.name,
@@ -384,7 +539,6 @@ class SecondChance:
             staged_chunks=len(self.staging),
             guests={
                 name: GuestAdmission(
-                    mode="estimate",
                     recent_bytes=r.recent_bytes,
                     recent_chunks=len(r.recent),
                     recent_limit=r.limit,
@@ -396,6 +550,14 @@ class SecondChance:
                     from_backing=r.from_backing,
                     by_reference=r.by_reference,
                     aged_out=r.aged_out,
+                    mode=r.mode,
+                    scan_off=r.scan_off,
+                    scans=r.scans,
+                    scan_cpu_s=r.scan_cpu_s,
+                    scanned_bytes=r.scanned_bytes,
+                    served_pages=self._served_pages(name),
+                    evicted_pages=r.evicted_pages,
+                    resident_pages=r.resident_pages,
                 )
                 for name, r in sorted(self.guests.items())
             },

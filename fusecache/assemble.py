@@ -32,6 +32,7 @@ from fusecache.commands import Commands
 from fusecache.control import Handler
 from fusecache.errors import QuietError, find_in
 from fusecache.files import Files
+from fusecache.guestmem import GuestMemoryScanner
 from fusecache.health import Health
 from fusecache.listing import Listing
 from fusecache.options import MountOptions, default_cache_dir
@@ -181,6 +182,7 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
                 offloop,
                 staging_bytes=opts.staging_bytes,
                 peer_holds=peer_reads.holds if peer_reads is not None else None,
+                scanner=GuestMemoryScanner(opts.guest_scan_cpu) if opts.guest_scan and opts.balloon else None,
             )
             if not opts.balloon:
                 log.info("second-chance admission with no --balloon source: chunks enter the cache only by `fusecache admit`")
@@ -193,7 +195,13 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
         if opts.balloon and second_chance is not None:
             from fusecache.balloon import BalloonMonitor
 
-            monitor = BalloonMonitor(opts.balloon, on_shrink=second_chance.on_shrink, on_guests=second_chance.on_guests)
+            monitor = BalloonMonitor(
+                opts.balloon,
+                on_shrink=second_chance.on_shrink,
+                on_guests=second_chance.on_guests,
+                on_balloon=second_chance.on_balloon,
+                locate_ram=second_chance.scanner is not None,
+            )
 
         mount = Mount(
             opts, offloop, root.ino, cache,

@@ -60,6 +60,7 @@ from typing import Any
 import trio
 
 from .errors import QuietError
+from .guestmem import GuestRam, Reason, Unscannable, locate_libvirt_guest, locate_qmp_guest
 from .qmp import QmpClient, QmpClosed, QmpError, QmpTimeout, open_qmp
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class GuestState:
     stats: dict[str, int]  # guest statistics by QEMU's names (stat-disk-caches, stat-free-memory, ...), bytes; fault counts are counts
     source: str = ""
     memory: int | None = None  # RAM the host gave the guest, bytes (a bound on anything it reports); None: not known
+    ram: GuestRam | Unscannable | None = None  # where its RAM is in its QEMU process, or why it cannot be read; None: not looked for
 
 
 @dataclass
@@ -305,8 +307,12 @@ class BalloonMonitor:
     """Follows every source's guests; calls on_shrink when one gives memory to its balloon.
 
     on_guests is called with the whole `guests` dict whenever a guest appears,
-    disappears or its images change (not on every statistics poll). Both
-    callbacks run on the trio loop and must not block; an exception from one
+    disappears or its images change (not on every statistics poll).
+    on_balloon(name) is called at every poll that sees a guest's balloon move
+    (before any Shrink: a scan of its memory need not wait for statistics).
+    With `locate_ram`, each guest's `ram` says where its RAM is (QMP: the
+    socket's peer; libvirt: the domain's pidfile) or why it cannot be read.
+    Callbacks run on the trio loop and must not block; an exception from one
     is logged and the monitor carries on.
     """
 
@@ -315,10 +321,14 @@ class BalloonMonitor:
         sources: list[str],
         on_shrink: Callable[[Shrink], None],
         on_guests: Callable[[dict[str, GuestState]], None],
+        on_balloon: Callable[[str], None] | None = None,
+        locate_ram: bool = False,
     ) -> None:
         self.sources = [parse_source(s) for s in sources]
         self.on_shrink = on_shrink
         self.on_guests = on_guests
+        self.on_balloon = on_balloon
+        self.locate_ram = locate_ram
         self.guests: dict[str, GuestState] = {}
         self._totals: dict[str, _Totals] = {}
         self._trackers: dict[str, _ShrinkTracker] = {}
@@ -380,7 +390,13 @@ class BalloonMonitor:
     ) -> None:
         """One poll's worth of a guest's state: update the live view, report a finished shrink."""
         g = self.guests[name]
+        moved = actual != g.actual
         g.actual, g.target, g.stats = actual, target, stats
+        if moved and self.on_balloon is not None:
+            try:
+                self.on_balloon(name)
+            except Exception:
+                log.exception("balloon: on_balloon failed for %s", name)
         if images is not None and images != g.images:
             g.images = images
             self._notify_guests()
@@ -437,7 +453,10 @@ class BalloonMonitor:
         images = _block_images(await qmp.execute("query-block"))
         name = self._claim_name(qname, src)
         memory = await _qmp_ram_size(qmp)
-        self._guest_up(GuestState(name=name, images=images, actual=actual, target=None, stats=stats, source=str(src), memory=memory))
+        ram = await locate_qmp_guest(qmp) if self.locate_ram else None
+        self._guest_up(
+            GuestState(name=name, images=images, actual=actual, target=None, stats=stats, source=str(src), memory=memory, ram=ram)
+        )
         registered.append(name)
         backoff.ok()
         wake = trio.Event()
@@ -499,8 +518,17 @@ class BalloonMonitor:
                         if uuid not in mine:
                             name = self._claim_name(d["name"], src)
                             mine[uuid] = name
+                            ram = None
+                            if self.locate_ram:
+                                ram = (
+                                    await trio.to_thread.run_sync(locate_libvirt_guest, d["name"], d["xml"])
+                                    if d["xml"]
+                                    else Unscannable(Reason.NO_SIZE, "no domain XML")
+                                )
                             self._guest_up(
-                                GuestState(name, d["images"] or [], d["actual"], d["target"], d["stats"], str(src), memory=d["memory"])
+                                GuestState(
+                                    name, d["images"] or [], d["actual"], d["target"], d["stats"], str(src), memory=d["memory"], ram=ram
+                                )
                             )
                         else:
                             self._observe(mine[uuid], d["actual"], d["target"], d["stats"], d["stamp"], d["images"])
@@ -625,7 +653,8 @@ def _libvirt_poll(conn: Any, known: set[str], want_images: set[str]) -> dict[str
                     log.debug("balloon: %s: no statistics period: %s", dom.name(), e)
             raw = dom.memoryStats()
             info = dom.info()
-            images = _xml_images(dom.XMLDesc(0)) if uuid not in known or uuid in want_images else None
+            xml = dom.XMLDesc(0) if uuid not in known or uuid in want_images else None
+            images = _xml_images(xml) if xml is not None else None
             name = dom.name()
         except libvirt.libvirtError as e:
             if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
@@ -644,5 +673,6 @@ def _libvirt_poll(conn: Any, known: set[str], want_images: set[str]) -> dict[str
             "memory": int(info[1]) * 1024,  # maximum memory: the host's setting
             "stats": stats,
             "stamp": raw.get("last_update") or None,
+            "xml": xml if uuid not in known else None,
         }
     return out

@@ -166,6 +166,7 @@ class Cache:
             if span is not None:
                 counters.hit_bytes += len(span)
                 counters.hit_chunks += last - first + 1
+                self.admission.served(f, st.gen, offset, span)
                 return span
 
         def bounds(c: int) -> tuple[int, int]:
@@ -214,7 +215,9 @@ class Cache:
             lo_c, hi_c = bounds(c)
             if len(piece) < hi_c - lo_c:
                 break  # end of file
-        return out[0] if len(out) == 1 else b"".join(out)
+        reply = out[0] if len(out) == 1 else b"".join(out)
+        self.admission.served(f, st.gen, offset, reply)
+        return reply
 
     async def _fetch(self, f: OpenFile, st: FileState, need: list[int]) -> tuple[dict[int, bytes], set[int]]:
         """Missing chunks: from peers that may hold them, else from the backing, one read per contiguous run.

@@ -50,13 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--admit",
         choices=list(options.ADMIT_CHOICES),
         default=options.ADMIT,
-        help="second-chance: chunks a guest evicts when its balloon inflates (default); inclusive: every chunk read",
+        help="second-chance: chunks guests evict, found by scanning their memory or estimated from their balloons (default); "
+             "inclusive: every chunk read",
     )
     c.add_argument("--balloon", action="append", default=[], metavar="SOURCE",
                    help="watch guests' balloons: qmp:/path/to/qmp.sock (repeatable) or libvirt[:URI]")
     c.add_argument("--staging-size", type=size, metavar="SIZE",
                    help="recently read chunks kept so admission need not read them again (default: a quarter of --cache-size, "
                         f"at most {options.MAX_STAGING_SIZE >> 20}M)")
+    c.add_argument("--no-guest-scan", action="store_true",
+                   help="never read guests' memory: know what they evicted from balloon statistics only (less exact; "
+                        "scanning reads guest RAM only to fingerprint it and keeps or logs none of it)")
+    c.add_argument("--guest-scan-cpu", type=core_share, default=options.GUEST_SCAN_CPU, metavar="FRACTION",
+                   help=f"share of one core background scans of guest memory may use (default {options.GUEST_SCAN_CPU:g})")
     pr = m.add_argument_group("peers")
     pr.add_argument("--listen", metavar="ADDRESS:PORT", help="serve this host's cache to peers here (e.g. 0.0.0.0:7070)")
     pr.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a host that mounts the same export (repeatable)")
@@ -186,6 +192,16 @@ def seconds(text: str) -> float:
     return value
 
 
+def core_share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share of one core: give a number above 0, at most 1 (e.g. 0.05)")
+    return value
+
+
 def address(text: str) -> tuple[str, int]:
     """'127.0.0.1:9477', '[::1]:9477', ':9477' -> (host, port)."""
     host, sep, port = text.rpartition(":")
@@ -224,6 +240,8 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         admit=args.admit,
         balloon=args.balloon,
         staging_size=args.staging_size,
+        guest_scan=not args.no_guest_scan,
+        guest_scan_cpu=args.guest_scan_cpu,
         revalidate=args.revalidate,
         metrics=args.metrics,
         listen=args.listen,

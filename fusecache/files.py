@@ -264,6 +264,16 @@ class Files:
         st = self.get(key[0])
         return st.gen == key[1] and not self.queue.is_dropped(key) and not st.writing
 
+    def holds(self, key: Key) -> bool:
+        """Whether the store holds this chunk now, or is about to (queued, not dropped)."""
+        if self.queue.is_dropped(key):
+            return False
+        return self.queue.pending(key) is not None or self.store.location(*key) is not None
+
+    def evict_first(self, keys: list[Key]) -> None:
+        """A hint for the store's eviction: a guest holds these chunks itself, so the store's copies go first."""
+        self.store.evict_first(keys)
+
     def admit(self, key: Key, data: bytes, name: str | None = None, owner: str | None = None) -> bool:
         """Queue a chunk for the store (False when the writer is too far behind, or the cache is degraded), counted.
 

@@ -17,6 +17,7 @@ ADMIT_CHOICES = ("second-chance", "inclusive")
 REVALIDATE = 2.0  # seconds between checks of an open file's version against the backing
 PEER_TIMEOUT = 0.005  # seconds a miss waits for peers before it reads the backing
 MAX_STAGING_SIZE = 256 << 20  # staging is a quarter of the cache, at most this
+GUEST_SCAN_CPU = 0.05  # of one core, for the background scans of every guest's memory together (balloon-driven ones are extra)
 PIN_BUDGET = 0.5  # the fraction of --cache-size pinned images may occupy
 # `fusecache warm` fetches at most this many bytes/s by default (bench/warm.py measures what it costs guest reads).
 WARM_RATE = 64 << 20
@@ -54,6 +55,8 @@ class MountOptions:
     admit: str = ADMIT
     balloon: list[str] = dataclasses.field(default_factory=list)
     staging_size: int | None = None  # None: derived from cache_size (`staging_bytes`)
+    guest_scan: bool = True  # read guests' memory to know what they evicted (exact second chance); False: estimates only
+    guest_scan_cpu: float = GUEST_SCAN_CPU
     revalidate: float = REVALIDATE
     metrics: tuple[str, int] | None = None
     listen: str | None = None

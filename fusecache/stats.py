@@ -70,6 +70,7 @@ class StoreStats:
     dropped_chunks: int = 0
     verify_failures: int = 0
     healed_pages: int = 0
+    evicted_resident: int = 0  # of evicted_chunks, chunks a scan found a guest still holding (evicted first)
     shares: dict[str, ShareStats] = dataclasses.field(default_factory=dict)  # per owner: a guest, "(host)", "(earlier run)"
 
 
@@ -77,7 +78,10 @@ class StoreStats:
 class GuestAdmission:
     """What second-chance admission knows of one guest: its recent reads and what its shrinks admitted."""
 
-    mode: str = ""  # how its evictions are known: "estimate" (balloon statistics, bounded by what the host checks)
+    # How its evictions are known: "scan" (its memory is read: exact), "estimate" (balloon statistics, bounded by
+    # what the host checks); "" for the host's own reads.
+    mode: str = ""
+    scan_off: str = ""  # why its memory is not scanned (no permission, its QEMU exited, --no-guest-scan), when it is not
     recent_bytes: int = 0
     recent_chunks: int = 0
     recent_limit: int = 0
@@ -89,6 +93,12 @@ class GuestAdmission:
     from_backing: int = 0
     by_reference: int = 0  # evicted chunks a peer already held: left there, not stored twice
     aged_out: int = 0  # bytes of reads the guest had dropped on its own before a shrink
+    scans: int = 0
+    scan_cpu_s: float = 0.0
+    scanned_bytes: int = 0  # guest RAM read by scans, in total
+    served_pages: int = 0  # pages in the index of what it was served (not yet judged evicted)
+    evicted_pages: int = 0  # served pages scans found evicted (each once)
+    resident_pages: int = 0  # served pages the last scan found still held by the guest
 
 
 @dataclasses.dataclass
@@ -115,6 +125,7 @@ class BalloonGuest:
     evicted_estimate: int = 0
     memory: int | None = None  # the guest's RAM size as the host knows it (QMP memory summary, libvirt maxMemory)
     mode: str = ""
+    scan_off: str = ""
     recent_bytes: int = 0
     recent_chunks: int = 0
     recent_limit: int = 0
@@ -124,6 +135,12 @@ class BalloonGuest:
     from_backing: int = 0
     by_reference: int = 0
     aged_out: int = 0
+    scans: int = 0
+    scan_cpu_s: float = 0.0
+    scanned_bytes: int = 0  # guest RAM read by scans, in total
+    served_pages: int = 0  # pages in the index of what it was served (not yet judged evicted)
+    evicted_pages: int = 0  # served pages scans found evicted (each once)
+    resident_pages: int = 0  # served pages the last scan found still held by the guest
 
 
 @dataclasses.dataclass

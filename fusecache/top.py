@@ -77,6 +77,10 @@ def summary_lines(stats: MountStats) -> list[str]:
     )
     if stats.admission is not None:
         lines.append(f"admission: {stats.admission.mode}")
+        for name, ga in stats.admission.guests.items():
+            if ga.mode:
+                how = "memory scan" if ga.mode == "scan" else ga.mode + (f" ({ga.scan_off})" if ga.scan_off else "")
+                lines.append(f"  guest {name}: evictions known by {how}")
     if store.shares:
         lines.append(f"shares (held / share): {share_text(store)}")
     images = stats.images
@@ -298,7 +302,7 @@ def _images_table(view: MountView, g: Glyphs) -> Table:
 def _balloon_table(guests: dict[str, BalloonGuest], g: Glyphs, store: StoreStats | None) -> Table:
     table = Table(title="balloon", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
     table.add_column("guest", overflow="ellipsis", no_wrap=True, max_width=30)
-    for name in ("state", "mode", "target", "actual", "est. evicted", "admitted", "cache held/share"):
+    for name in ("state", "mode", "target", "actual", "evicted", "admitted", "cache held/share"):
         table.add_column(name, justify="right", no_wrap=True)
 
     def size(v: Any) -> str:
@@ -307,6 +311,10 @@ def _balloon_table(guests: dict[str, BalloonGuest], g: Glyphs, store: StoreStats
     shares = store.shares if store is not None else {}
     for name, s in guests.items():
         state = Text("running", style="green") if s.running else Text("stopped", style="dim")
+        # A scanned guest's evictions are found in its memory; the others' are estimated from its balloon statistics.
+        scanned = s.mode == "scan"
+        evicted = s.evicted_pages * 4096 if scanned else s.evicted_estimate
+        mode = Text("memory scan", style="green") if scanned else Text(s.mode or g.dash, style="yellow" if s.mode else "dim")
         sh = shares.get(name)
         if sh is None or store is None:
             share = Text(g.dash)
@@ -315,7 +323,7 @@ def _balloon_table(guests: dict[str, BalloonGuest], g: Glyphs, store: StoreStats
             over = sh.held_chunks > sh.share_chunks  # it evicts its own chunks first
             share = Text(f"{human(held)}/{human(sh.share_chunks * store.chunk_size)}", style="yellow" if over else "")
         table.add_row(
-            name, state, s.mode or g.dash, size(s.target), size(s.actual), size(s.evicted_estimate), size(s.admitted_bytes), share
+            name, state, mode, size(s.target), size(s.actual), size(evicted), size(s.admitted_bytes), share
         )
     return table
 

@@ -59,7 +59,7 @@ def domain_xml(name: str, build: GuestBuild, disk_path: Path | str, workdir: Pat
     </disk>
     <serial type='file'><source path='{workdir}/console.log'/><target port='0'/></serial>
     <serial type='unix'><source mode='bind' path='{workdir}/cmd.sock'/><target port='1'/></serial>
-    <memballoon model='virtio'/>
+    <memballoon model='virtio' freePageReporting='on'/>
   </devices>
   <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
 </domain>

@@ -5,6 +5,8 @@ balloon monitor sees the shrink and admits what the guest most likely
 evicted; the host deflates; the guest reads the file again. The re-read must
 come from the cache (hit counters), not the backing, and the guest's checksum
 must be right. Once over QMP, once through libvirtd and `virsh setmem`.
+These test the estimate (`--no-guest-scan`), the fallback for guests whose
+memory cannot be read; tests/test_exact_second_chance.py tests the scans.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def _shrink_and_reread(mp: str, name: str, read, balloon, deflate, meminfo, cont
     cached_before = meminfo()["Cached"]
     balloon()
     wait_for(lambda: guest_view(mp, name).admitted_chunks > 0, "second-chance admission")
+    assert guest_view(mp, name).mode == "estimate"
     dropped = cached_before - meminfo()["Cached"]  # what the guest itself says it evicted (the balloon has stopped)
     wait_for(lambda: stats(mp).queue == 0, "the writer to commit the admissions")
     deflate()
@@ -73,7 +76,8 @@ def _shrink_and_reread(mp: str, name: str, read, balloon, deflate, meminfo, cont
 
 def test_real_guest_reread_after_balloon_is_served_from_the_cache(mounter, guest_build, backing, content, tmp_path):
     qmp = tmp_path / "guest-qmp.sock"
-    m = mounter.mount(str(backing), "--cache-dir", str(tmp_path / "cache"), "--cache-size", "1G", "--balloon", f"qmp:{qmp}")
+    m = mounter.mount(str(backing), "--cache-dir", str(tmp_path / "cache"), "--cache-size", "1G", "--balloon", f"qmp:{qmp}",
+                        "--no-guest-scan")
     with Guest(tmp_path / "guest", guest_build) as g:
         g.start(os.path.join(m.mountpoint, "guest.img"), memory_mib=GUEST_MIB, qmp_sock=qmp)
         wait_for(lambda: "fc-guest" in stats(m.mountpoint).balloon.guests, "the monitor to find the guest")
@@ -91,7 +95,7 @@ def test_real_guest_reread_after_balloon_is_served_from_the_cache(mounter, guest
 @pytest.mark.libvirt
 def test_libvirt_guest_setmem_admits_into_the_cache(mounter, guest_build, backing, content, tmp_path, request):
     # libvirtd sees only FUSE mounts made before it starts: mount first, then start it.
-    m = mounter.mount(str(backing), "--cache-dir", str(tmp_path / "cache"), "--cache-size", "1G",
+    m = mounter.mount(str(backing), "--cache-dir", str(tmp_path / "cache"), "--cache-size", "1G", "--no-guest-scan",
                       "--balloon", "libvirt:qemu:///system?socket=" + str(tmp_path / "libvirt" / "sock" / "libvirt-sock"))
     daemon = request.getfixturevalue("libvirtd")
     name = f"fc-sc-{os.getpid()}"

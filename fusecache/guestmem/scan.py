@@ -219,9 +219,14 @@ class GuestMemoryScanner:
         self.budget = ScanBudget(cpu_fraction)
         self.limiter = limiter or trio.CapacityLimiter(1)
 
-    async def scan(self, ram: GuestRam, served: ServedPages) -> ScanResult | Unscannable:
-        """One pass, when the budget allows; a cancelled caller stops the pass at its next block, changing nothing."""
-        await self.budget.wait_turn()
+    async def scan(self, ram: GuestRam, served: ServedPages, urgent: bool = False) -> ScanResult | Unscannable:
+        """One pass, when the budget allows; a cancelled caller stops the pass at its next block, changing nothing.
+
+        An urgent pass (a balloon just moved) starts without waiting its turn; its CPU is still charged, so
+        the background passes after it wait the longer.
+        """
+        if not urgent:
+            await self.budget.wait_turn()
         stop = threading.Event()
         started = trio.current_time()
         try:

@@ -10,14 +10,14 @@ and `replace_files` rebuild it empty in place, for a degraded cache.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from fusecache.errors import QuietError
 from fusecache.geometry import CHUNK_SIZE
 from fusecache.stats import ShareStats, StoreStats
 from fusecache.store.check import problems
 from fusecache.store.eviction import EVICTIONS, Shares
-from fusecache.store.layout import PAGE_SIZE, Location
+from fusecache.store.layout import PAGE_SIZE, Location, pack_key
 from fusecache.store.opening import CacheFiles
 from fusecache.store.reader import Holdings, Reader
 from fusecache.store.writer import WriteBatch, Writer, unpinned
@@ -27,7 +27,10 @@ from fusecache.version import Version
 # hold more chunks than its slots alone would bound, but metadata must stay
 # bounded too.
 CHUNKS_PER_CAPACITY_CHUNK = 8
-COUNTERS = ("hits", "misses", "admitted_chunks", "skipped_chunks", "evicted_chunks", "dropped_chunks", "verify_failures", "healed_pages")
+COUNTERS = (
+    "hits", "misses", "admitted_chunks", "skipped_chunks", "evicted_chunks", "dropped_chunks", "verify_failures", "healed_pages",
+    "evicted_resident",
+)  # fmt: skip
 
 
 class Store:
@@ -215,6 +218,10 @@ class Store:
     def apply(self, batch: WriteBatch) -> None:
         """Apply one batch: releases and evictions commit first, then admissions (see the package docstring)."""
         self._writer.apply(batch)
+
+    def evict_first(self, keys: Iterable[tuple[int, int, int]]) -> None:
+        """Hint (any thread): these (ino, gen, chunk) are held by a guest itself; when room is needed they go first."""
+        self._writer.evict_first.add(pack_key(*k) for k in keys)
 
     def close(self) -> None:
         """Make everything durable and mark a clean shutdown (a tainted store: close so that the next open starts empty)."""

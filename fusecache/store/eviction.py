@@ -208,6 +208,32 @@ class S3FifoEviction:
             return [*self._small, *self._main]
 
 
+class EvictFirst:
+    """Chunks some guest still holds in its own page cache (a scan of its memory found them): a hint.
+
+    The host copy of such a chunk is the one least needed (true exclusivity:
+    host memory holds what guests do not), so when the store needs room these
+    go before the eviction order's victims. Bounded; the loop adds, the writer
+    takes (deque appends and pops are atomic). A stale hint (the guest dropped
+    the chunk since) costs that chunk's second chance, never a wrong byte.
+    """
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self._keys: collections.deque[Key] = collections.deque(maxlen=limit)
+
+    def add(self, keys: Iterable[Key]) -> None:
+        self._keys.extend(keys)
+
+    def take(self) -> Key | None:
+        try:
+            return self._keys.popleft()
+        except IndexError:
+            return None
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 EVICTIONS: dict[str, type[LruEviction] | type[S3FifoEviction]] = {"s3fifo": S3FifoEviction, "lru": LruEviction}
 
 HOST = "(host)"  # the owner of chunks admitted for no guest (reads of images no guest has open, `fusecache admit`)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Set
 import lmdb
 
 from fusecache.identity import ContentKeys
-from fusecache.store.eviction import HOST, Eviction, Shares
+from fusecache.store.eviction import HOST, EvictFirst, Eviction, Shares
 from fusecache.store.layout import (
     INO,
     SHIFT,
@@ -133,6 +133,7 @@ class Writer:
         self.keys = keys
         self.chunk_size = chunk_size
         self.max_chunks = max_chunks
+        self.evict_first = EvictFirst()
         self.pinned: set[int] = pinned if pinned is not None else set()
 
     def apply(self, batch: WriteBatch) -> None:
@@ -183,6 +184,7 @@ class Writer:
         return WriteTxn(
             txn, self.tables, self.slab, self.eviction, self.counters,
             max_chunks=self.max_chunks, peer_holds=peer_holds, pinned=self.pinned, keys=self.keys,
+            evict_first=self.evict_first,
         )  # fmt: skip
 
 
@@ -208,12 +210,14 @@ class WriteTxn:
         peer_holds: Callable[[bytes], bool] = _no_peer_holds,
         keys: ContentKeys | None = None,
         pinned: Set[int] = frozenset(),
+        evict_first: EvictFirst | None = None,
     ) -> None:
         self.txn, self.tables, self.slab, self.eviction, self.counters = txn, tables, slab, eviction, counters
         self.keys = keys  # needed only to admit (a resize only releases)
         self.max_chunks = max_chunks
         self.peer_holds = peer_holds
         self.pinned = pinned
+        self.evict_first = evict_first
         (self.free_count,) = U32.unpack(txn.get(b"free_slots", db=tables.meta))
         (self.logical,) = U64.unpack(txn.get(b"logical_bytes", db=tables.meta))
         # Freed here, reusable only after this transaction commits.
@@ -409,7 +413,7 @@ class WriteTxn:
             shares.expect(incoming)
         # The loc entries, not the eviction order's length: pinned chunks count against max_chunks too.
         while free < needed or self.txn.stat(self.tables.loc)["entries"] + new_chunks > self.max_chunks:
-            key = self.eviction.evict_one(self.weigh)
+            key = self._hinted_victim() or self.eviction.evict_one(self.weigh)
             if key is None:
                 break
             gone = self.remove_chunk(key) or []
@@ -419,6 +423,16 @@ class WriteTxn:
             evicted += 1
         self.counters["evicted_chunks"] += evicted
         return fitting
+
+    def _hinted_victim(self) -> Key | None:
+        """A held chunk some guest still holds itself (`EvictFirst`), taken out of the eviction order; None if none."""
+        hints = self.evict_first
+        while hints is not None and (key := hints.take()) is not None:
+            if key in self.eviction and INO.unpack_from(key)[0] not in self.pinned:
+                self.eviction.remove(key)
+                self.counters["evicted_resident"] += 1
+                return key
+        return None
 
     def admit(self, admissions: list[Admission]) -> None:
         """Admit in slices of ADMIT_SLICE chunks; old versions of re-admitted chunks are released last."""
