@@ -6,6 +6,11 @@ memory statistics), and turning balloon inflation into `Shrink` reports for
 admission. It knows nothing of the cache or the store: the caller decides
 what a shrink means (second-chance admission of that guest's oldest reads).
 
+Why one module of ~680 lines: both sources (QMP, libvirt) share one life
+cycle per guest (register, observe, locate its RAM, back off, deregister)
+and one shrink tracker; split by source, that life cycle would be written
+twice.
+
 Sources (`--balloon SPEC`, repeatable):
 
 - `qmp:/path/to/sock`: one QEMU's QMP socket. The monitor turns on the
