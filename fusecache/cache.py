@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from fusecache.backing import Attr, OffLoop
+from fusecache.fetch import Fetcher, Reader
 from fusecache.inodes import OpenFile
 from fusecache.policy import Admission
 from fusecache.store import Store, WriteBatch
@@ -67,7 +68,7 @@ class Passthrough:
         pass
 
     def closed(self, f: OpenFile) -> None:
-        pass
+        self.fetcher.closed(f.fh, f.ino)
 
     def resized(self, ino: int, size: int) -> None:
         pass
@@ -110,15 +111,6 @@ class ImageCounters:
     invalidations: int = 0
 
 
-@dataclasses.dataclass(slots=True)
-class _Fetch:
-    """One chunk being read from the backing; concurrent readers of it wait here instead of reading again."""
-
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
-    data: bytes = b""
-    error: OSError | None = None
-
-
 class Cache:
     """The read path over a `Store`, with invalidation on writes and on version changes."""
 
@@ -133,7 +125,7 @@ class Cache:
         self.revalidate = revalidate
         self.chunk_size = store.chunk_size
         self._files: dict[int, FileState] = {}
-        self._inflight: dict[tuple[int, int, int], _Fetch] = {}
+        self.fetcher = Fetcher(backing, chunk_size=self.chunk_size)
         self.images: dict[str, ImageCounters] = defaultdict(ImageCounters)
         self._names: dict[int, str] = {}  # ino -> the name it was last opened by
         # the writer's queue: (seq, kind, item); seq orders drops against admissions
@@ -178,7 +170,7 @@ class Cache:
         self._check_version(self._file(f.ino), f.attr)  # close-to-open: f.attr was read at this open
 
     def closed(self, f: OpenFile) -> None:
-        pass
+        self.fetcher.closed(f.fh, f.ino)
 
     def resized(self, ino: int, size: int) -> None:
         self._bump(self._file(ino))
@@ -235,7 +227,7 @@ class Cache:
                 break  # end of file inside this chunk: nothing after it
         from_peers: set[int] = set()
         if need:
-            got, from_peers = await self._fetch(f, st, need)
+            got, from_peers = await self._fetch(f, st, need, bounds)
             for c, data in got.items():
                 lo_c, hi_c = bounds(c)
                 pieces[c] = data[lo_c:hi_c]
@@ -260,23 +252,15 @@ class Cache:
                 break  # end of file
         return out[0] if len(out) == 1 else b"".join(out)
 
-    async def _fetch(self, f: OpenFile, st: FileState, need: list[int]) -> tuple[dict[int, bytes], set[int]]:
-        """Missing chunks: from peers that may hold them, else from the backing, one read per contiguous run.
+    async def _fetch(
+        self, f: OpenFile, st: FileState, need: list[int], bounds: Callable[[int], tuple[int, int]]
+    ) -> tuple[dict[int, bytes | memoryview], set[int]]:
+        """Missing chunks: from peers that may hold them, else through the fetcher (fusecache/fetch.py).
 
-        A chunk some other request is already fetching is waited for, not read again.
+        Each value v has the chunk's requested bytes at v[lo:hi] (`bounds`).
         """
-        got: dict[int, bytes] = {}
+        got: dict[int, bytes | memoryview] = {}
         from_peers: set[int] = set()
-        mine: list[tuple[int, _Fetch]] = []
-        theirs: list[tuple[int, _Fetch]] = []
-        for c in need:
-            key = (st.ino, st.gen, c)
-            fetch = self._inflight.get(key)
-            if fetch is None:
-                fetch = self._inflight[key] = _Fetch()
-                mine.append((c, fetch))
-            else:
-                theirs.append((c, fetch))
         gen, epoch, quiet = st.gen, st.epoch, st.writing == 0
 
         def offer(c: int, piece: bytes) -> None:
@@ -284,39 +268,16 @@ class Cache:
             if quiet and st.writing == 0 and st.epoch == epoch and st.gen == gen and piece and self.admission.on_miss(f, gen, c, piece):
                 self.admit(st.ino, gen, c, piece, f.path)
 
-        try:
-            remaining = mine
-            if self.peers is not None and mine and st.version is not None and st.version != UNKNOWN_VERSION:
-                offered = await self._ask_peers(st.ino, st.version, [c for c, _ in mine])
-                remaining = []
-                for c, fetch in mine:
-                    piece = offered.get(c)
-                    if piece is None:
-                        remaining.append((c, fetch))
-                        continue
-                    fetch.data = got[c] = piece
-                    from_peers.add(c)
-                    offer(c, piece)
-            for run in _runs(remaining):
-                start = run[0][0] * self.chunk_size
-                data = await self.backing.pread(f.handle, start, len(run) * self.chunk_size)
-                for i, (c, fetch) in enumerate(run):
-                    piece = data[i * self.chunk_size : (i + 1) * self.chunk_size]
-                    fetch.data = got[c] = piece
-                    offer(c, piece)
-        except OSError as exc:
-            for _, fetch in mine:
-                fetch.error = exc
-            raise
-        finally:
-            for c, fetch in mine:
-                self._inflight.pop((st.ino, gen, c), None)
-                fetch.done.set()
-        for c, fetch in theirs:
-            await fetch.done.wait()
-            if fetch.error is not None:
-                raise fetch.error
-            got[c] = fetch.data
+        if self.peers is not None and st.version is not None and st.version != UNKNOWN_VERSION:
+            for c, piece in (await self._ask_peers(st.ino, st.version, need)).items():
+                got[c] = piece
+                from_peers.add(c)
+                offer(c, piece)
+        rest = [(c, *bounds(c)) for c in need if c not in got]
+        if rest:
+            size = st.version[0] if st.version is not None and st.version[0] >= 0 else None
+            reader = Reader(st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer)
+            got.update(await self.fetcher.read(reader, rest))
         return got, from_peers
 
     async def _ask_peers(self, ino: int, version: tuple[int, int, int, int], chunks: list[int]) -> dict[int, bytes]:
@@ -494,6 +455,7 @@ class Cache:
         """The writer task, and the admission policy's background work."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.admission.run)
+            nursery.start_soon(self.fetcher.run)
             await self._write_loop()
 
     async def _write_loop(self) -> None:
@@ -610,14 +572,4 @@ def _new_generation(st: FileState) -> None:
 def _pwrite_and_stat(backing: Any, handle: Any, data: bytes, offset: int) -> tuple[int, Attr]:
     n = backing.pwrite(handle, data, offset)
     return n, backing.fstat(handle)
-
-
-def _runs(chunks: list[tuple[int, _Fetch]]) -> list[list[tuple[int, _Fetch]]]:
-    runs: list[list[tuple[int, _Fetch]]] = []
-    for item in chunks:
-        if runs and runs[-1][-1][0] + 1 == item[0]:
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs
 
