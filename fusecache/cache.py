@@ -226,6 +226,13 @@ class Cache:
             if len(piece) < hi_c - lo_c:
                 break  # end of file inside this chunk: nothing after it
         from_peers: set[int] = set()
+        if len(need) == last - first + 1 and self.peers is None:
+            # all of it missed: one backing read whose bytes are the answer, no copy
+            span = await self.fetcher.read_span(self._reader(f, st), offset, size)
+            if span is not None:
+                counters.backing_bytes += len(span)
+                counters.miss_chunks += len(need)
+                return span
         if need:
             got, from_peers = await self._fetch(f, st, need, bounds)
             for c, data in got.items():
@@ -261,24 +268,28 @@ class Cache:
         """
         got: dict[int, bytes | memoryview] = {}
         from_peers: set[int] = set()
-        gen, epoch, quiet = st.gen, st.epoch, st.writing == 0
-
-        def offer(c: int, piece: bytes) -> None:
-            """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch."""
-            if quiet and st.writing == 0 and st.epoch == epoch and st.gen == gen and piece and self.admission.on_miss(f, gen, c, piece):
-                self.admit(st.ino, gen, c, piece, f.path)
-
+        reader = self._reader(f, st)
         if self.peers is not None and st.version is not None and st.version != UNKNOWN_VERSION:
             for c, piece in (await self._ask_peers(st.ino, st.version, need)).items():
                 got[c] = piece
                 from_peers.add(c)
-                offer(c, piece)
+                reader.offer(c, piece)
         rest = [(c, *bounds(c)) for c in need if c not in got]
         if rest:
-            size = st.version[0] if st.version is not None and st.version[0] >= 0 else None
-            reader = Reader(st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer)
             got.update(await self.fetcher.read(reader, rest))
         return got, from_peers
+
+    def _reader(self, f: OpenFile, st: FileState) -> Reader:
+        """The fetcher's view of one read of `f`: its stamp, and the admission offer for chunks it completes."""
+        gen, epoch, quiet = st.gen, st.epoch, st.writing == 0
+
+        def offer(c: int, piece: bytes | memoryview) -> None:
+            """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch."""
+            if quiet and st.writing == 0 and st.epoch == epoch and st.gen == gen and piece and self.admission.on_miss(f, gen, c, piece):
+                self.admit(st.ino, gen, c, piece, f.path)
+
+        size = st.version[0] if st.version is not None and st.version[0] >= 0 else None
+        return Reader(st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer)
 
     async def _ask_peers(self, ino: int, version: tuple[int, int, int, int], chunks: list[int]) -> dict[int, bytes]:
         """Chunks that peers send within one bounded wait (each checked against its page digests by PeerSet)."""

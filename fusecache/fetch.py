@@ -58,13 +58,15 @@ class Reader:
     stream: Hashable  # the open file, for sequential detection
     size: int | None  # the file's size as last seen (readahead stops there), None if not known
     stamp: Callable[[], Hashable | None]  # the file's content stamp now; None while a write is in flight
-    offer: Callable[[int, bytes], None]  # a complete chunk a request touched, for admission
+    offer: Callable[[int, bytes | memoryview], None]  # a complete chunk a request touched, for admission (read-only)
 
 
 class _Chunk:
     """A buffered chunk: its bytes, which pages are read (`valid`) or being read (`loading`)."""
 
-    __slots__ = ("chunk", "data", "done", "ino", "length", "loading", "offer", "offered", "path", "stamp", "stamp_now", "touched", "valid")
+    __slots__ = (
+        "base", "chunk", "data", "done", "ino", "length", "loading", "offer", "offered", "path", "stamp", "stamp_now", "touched", "valid",
+    )
 
     def __init__(self, r: Reader, chunk: int, stamp: Hashable, chunk_size: int) -> None:
         self.ino = r.ino
@@ -73,7 +75,10 @@ class _Chunk:
         self.stamp = stamp  # the file's stamp when this chunk was created
         self.stamp_now = r.stamp
         self.offer = r.offer
-        self.data = bytearray(chunk_size)
+        # the bytes: a bytearray filled page by page, or, when one read brought the whole chunk, a view of
+        # that read's (immutable) bytes, `base` = (those bytes, the chunk's offset in them): no copy made
+        self.data: bytearray | memoryview | None = None
+        self.base: tuple[bytes, int] | None = None
         self.valid = 0  # bit p: page p is read (or known to lie beyond end of file)
         self.loading = 0  # bit p: a read of page p is in flight
         self.length: int | None = None  # bytes before end of file, once a read came back short
@@ -178,9 +183,62 @@ class Fetcher:
         for c, _, hi in needs:
             e = entries[c]
             end = hi if e.length is None else min(hi, e.length)
-            out[c] = memoryview(e.data)[: max(end, 0)]
+            out[c] = memoryview(e.data if e.data is not None else b"")[: max(end, 0)]
             self._maybe_offer(c, e)
         return out
+
+    async def read_span(self, r: Reader, offset: int, size: int) -> memoryview | None:
+        """A request none of whose bytes are buffered or being read: one read, its bytes returned without a copy.
+
+        Also a request wholly inside one earlier read's bytes (readahead): a view of them. Anything else
+        (some pages buffered, some not; a write in flight) is None: use `read`.
+        """
+        stamp = r.stamp()
+        if stamp is None or size <= 0:
+            return None
+        cs, ps = self.cs, self.ps
+        first, last = offset // cs, (offset + size - 1) // cs
+        needs = [(c, offset - c * cs if c == first else 0, offset + size - c * cs if c == last else cs) for c in range(first, last + 1)]
+        found = [self._chunks.get((r.ino, c)) for c in range(first, last + 1)]
+        found = [e if e is not None and e.stamp == stamp else None for e in found]
+        e0 = found[0]
+        base = e0.base if e0 is not None else None
+        if base is not None and all(
+            e is not None and e.base is not None and e.base[0] is base[0] and e.base[1] == base[1] + i * cs for i, e in enumerate(found)
+        ):
+            self._note_stream(r, needs)
+            self.counters.buffer_hits += 1
+            for (c, _, _), e in zip(needs, found, strict=True):
+                assert e is not None
+                self._entry(r, c, stamp).touched = True  # (also moves it to the LRU's young end)
+                self._maybe_offer(c, e)
+            at = base[1] + needs[0][1]
+            return memoryview(base[0])[at : at + size]
+        if any(e is not None and (e.valid | e.loading) & self._pages(lo, hi) for e, (_, lo, hi) in zip(found, needs, strict=True)):
+            return None
+        self._note_stream(r, needs)
+        entries = [self._entry(r, c, stamp) for c, _, _ in needs]
+        claims = []
+        for e, (c, lo, hi) in zip(entries, needs, strict=True):
+            e.touched = True
+            pages = self._pages(lo, hi)
+            claims.append((e, c, pages, self._claim(e, pages)))
+        self._queue_rest(entries)
+        start = offset // ps * ps
+        end = -(-(offset + size) // ps) * ps
+        try:
+            data = await self.backing.run(self.backing.sync.pread, r.handle, start, end - start)
+            for e, c, pages, _ in claims:
+                self._fill(e, c, pages, start, data, end - start)
+        finally:
+            for e, _, pages, ev in claims:
+                self._release(e, pages, ev)
+        self.counters.critical_reads += 1
+        self.counters.critical_bytes += end - start
+        self._queue_rest(entries)
+        for e, c, _, _ in claims:
+            self._maybe_offer(c, e)
+        return memoryview(data)[offset - start : offset - start + size]
 
     def _pages(self, lo: int, hi: int) -> int:
         """The page bits covering bytes [lo, hi) of a chunk."""
@@ -222,13 +280,21 @@ class Fetcher:
             eof = start + len(data)
             length = min(max(eof - base, 0), self.cs)
             e.length = length if e.length is None else min(e.length, length)
-        p = 0
-        while pages >> p:
-            if pages >> p & 1:
-                lo = base + p * self.ps
-                piece = data[lo - start : lo - start + self.ps]
-                e.data[p * self.ps : p * self.ps + len(piece)] = piece
-            p += 1
+        at = base - start
+        if pages == self.full and not e.valid and e.data is None and len(data) >= at + self.cs and isinstance(data, bytes):
+            e.data = memoryview(data)[at : at + self.cs]  # the whole chunk from one read: keep a view, copy nothing
+            e.base = (data, at)
+            e.valid = self.full
+            return
+        if e.data is None:
+            e.data = bytearray(self.cs)
+        buf = e.data
+        assert isinstance(buf, bytearray)
+        view = memoryview(data)
+        for first, count in _bit_runs(pages):
+            lo, hi = first * self.ps, (first + count) * self.ps
+            piece = view[at + lo : at + hi]
+            buf[lo : lo + len(piece)] = piece
         e.valid |= pages
 
     async def _read_now(self, r: Reader, mine: list[tuple[_Chunk, int, int]], events: list[trio.Event]) -> None:
@@ -314,8 +380,9 @@ class Fetcher:
             return  # replaced, evicted, or the file changed since
         e.offered = True
         length = self.cs if e.length is None else e.length
-        if length:
-            e.offer(c, bytes(e.data[:length]))
+        if length and e.data is not None:
+            # a view of a read's immutable bytes is offered as it is; a filled bytearray is copied (it is ours)
+            e.offer(c, e.data if e.base is not None else bytes(e.data[:length]))
 
 
     # ---- sequential streams and background work -----------------------------
