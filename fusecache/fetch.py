@@ -45,6 +45,7 @@ PARALLEL_PART = 256 << 10  # a critical-path read larger than this is split into
 PARALLEL_MAX = 4
 BATCH_BYTES = 4 << 20  # background bytes handed to one worker thread at a time
 RUNNERS = 2  # background runner tasks (each one worker thread at a time)
+GATHER = 0.005  # seconds background work that no stream waits for gathers before its hand-off (a batch, not a hop per chunk)
 HANDLES_MAX = 64  # the fetcher's own backing handles, least recently used closed first
 
 
@@ -141,6 +142,7 @@ class Fetcher:
         self._open: collections.Counter[int] = collections.Counter()  # ino -> open streams seen
         self._queue: collections.OrderedDict[tuple[int, int], _Chunk] = collections.OrderedDict()
         self._queued = trio.Event()
+        self._hurry = trio.Event()  # set while queued work is readahead or the rest of a sequential stream's chunk
         self._handles: collections.OrderedDict[int, Any] = collections.OrderedDict()  # ino -> our own handle
         self._to_close: list[Any] = []
 
@@ -150,7 +152,7 @@ class Fetcher:
         stamp = r.stamp()
         if stamp is None:
             return await self._direct(r, needs)
-        self._note_stream(r, needs)
+        urgent = self._note_stream(r, needs)
         entries = {c: self._entry(r, c, stamp) for c, _, _ in needs}
         for e in entries.values():
             e.touched = True
@@ -173,12 +175,12 @@ class Fetcher:
             if len(mine) < len(needs) or waits:
                 self.counters.buffer_hits += 1
             events = [self._claim(e, pages) for e, _, pages in mine]
-            self._queue_rest(entries.values())
+            self._queue_rest(entries.values(), urgent)
             if mine:
                 await self._read_now(r, mine, events)
             for ev in waits:
                 await ev.wait()
-        self._queue_rest(entries.values())
+        self._queue_rest(entries.values(), urgent)
         out: dict[int, memoryview] = {}
         for c, _, hi in needs:
             e = entries[c]
@@ -216,14 +218,14 @@ class Fetcher:
             return memoryview(base[0])[at : at + size]
         if any(e is not None and (e.valid | e.loading) & self._pages(lo, hi) for e, (_, lo, hi) in zip(found, needs, strict=True)):
             return None
-        self._note_stream(r, needs)
+        urgent = self._note_stream(r, needs)
         entries = [self._entry(r, c, stamp) for c, _, _ in needs]
         claims = []
         for e, (c, lo, hi) in zip(entries, needs, strict=True):
             e.touched = True
             pages = self._pages(lo, hi)
             claims.append((e, c, pages, self._claim(e, pages)))
-        self._queue_rest(entries)
+        self._queue_rest(entries, urgent)
         start = offset // ps * ps
         end = -(-(offset + size) // ps) * ps
         try:
@@ -235,7 +237,7 @@ class Fetcher:
                 self._release(e, pages, ev)
         self.counters.critical_reads += 1
         self.counters.critical_bytes += end - start
-        self._queue_rest(entries)
+        self._queue_rest(entries, urgent)
         for e, c, _, _ in claims:
             self._maybe_offer(c, e)
         return memoryview(data)[offset - start : offset - start + size]
@@ -386,8 +388,11 @@ class Fetcher:
 
 
     # ---- sequential streams and background work -----------------------------
-    def _note_stream(self, r: Reader, needs: list[tuple[int, int, int]]) -> None:
-        """Sequential detection per open file; a sequential stream gets readahead queued past its request."""
+    def _note_stream(self, r: Reader, needs: list[tuple[int, int, int]]) -> bool:
+        """Sequential detection per open file; a sequential stream gets readahead queued past its request.
+
+        True when the stream is sequential (its background work is waited for soon).
+        """
         offset = needs[0][0] * self.cs + needs[0][1]
         end = needs[-1][0] * self.cs + needs[-1][2]
         size = end - offset
@@ -402,19 +407,21 @@ class Fetcher:
             s.run = 0
             s.ahead = 0
         s.next = max(s.next, end) if s.run else end
-        if s.run == 0 or self.readahead_max <= 0:
-            return
+        if s.run == 0:
+            return False
+        if self.readahead_max <= 0:
+            return True
         window = min(self.readahead_max, max(size, 128 << 10) << min(s.run, 4))
         limit = end + window
         if r.size is not None:
             limit = min(limit, r.size)  # readahead stops at end of file
         start = max(s.ahead, end)
         if start >= limit:
-            return
+            return True
         s.ahead = limit
         stamp = r.stamp()
         if stamp is None:
-            return
+            return True
         queued = False
         for c in range(start // self.cs, (limit - 1) // self.cs + 1):
             e = self._entry(r, c, stamp)
@@ -424,9 +431,11 @@ class Fetcher:
                 queued = True
         if queued:
             self._queued.set()
+            self._hurry.set()
+        return True
 
-    def _queue_rest(self, entries: Any) -> None:
-        """Queue the unread pages of the chunks a request touched."""
+    def _queue_rest(self, entries: Any, urgent: bool) -> None:
+        """Queue the unread pages of the chunks a request touched (urgent: a sequential stream needs them next)."""
         queued = False
         for e in entries:
             if e.valid | e.loading != self.full and e.length is None and e.current():
@@ -434,6 +443,8 @@ class Fetcher:
                 queued = True
         if queued:
             self._queued.set()
+            if urgent:
+                self._hurry.set()
 
     def closed(self, stream: Hashable, ino: int) -> None:
         """An open file closed: forget its stream; the file's last one lets our own handle go."""
@@ -463,9 +474,13 @@ class Fetcher:
     async def _runner(self) -> None:
         while True:
             await self._queued.wait()
+            if not self._hurry.is_set():
+                with trio.move_on_after(GATHER):
+                    await self._hurry.wait()
             work = self._take()
             if work is None:
                 self._queued = trio.Event()
+                self._hurry = trio.Event()
                 continue
             await self._background(*work)
 
@@ -493,6 +508,8 @@ class Fetcher:
                 else:
                     reads.append(_Read(ino, start, count * self.ps, [member]))
                 total += count * self.ps
+        if not self._queue:
+            self._hurry = trio.Event()
         closing, self._to_close = self._to_close, []
         if not reads and not closing:
             return None
