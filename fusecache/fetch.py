@@ -44,6 +44,7 @@ READAHEAD_MAX = 2 << 20  # bytes read ahead of a sequential stream, at most
 PARALLEL_PART = 256 << 10  # a critical-path read larger than this is split into parts read in parallel
 PARALLEL_MAX = 4
 BATCH_BYTES = 4 << 20  # background bytes handed to one worker thread at a time
+READ_MAX = 1 << 20  # one background pread at most (whole chunks keep a view of their read: this bounds what one pins)
 RUNNERS = 2  # background runner tasks (each one worker thread at a time)
 GATHER = 0.005  # seconds background work that no stream waits for gathers before its hand-off (a batch, not a hop per chunk)
 HANDLES_MAX = 64  # the fetcher's own backing handles, least recently used closed first
@@ -502,7 +503,7 @@ class Fetcher:
                 start = c * self.cs + first * self.ps
                 member = (e, c, ((1 << count) - 1) << first, ev)
                 last = reads[-1] if reads else None
-                if last is not None and last.ino == ino and last.start + last.size == start:
+                if last is not None and last.ino == ino and last.start + last.size == start and last.size + count * self.ps <= READ_MAX:
                     last.size += count * self.ps
                     last.members.append(member)
                 else:
