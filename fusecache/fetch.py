@@ -183,10 +183,18 @@ class Fetcher:
                 await ev.wait()
         self._queue_rest(entries.values(), urgent)
         out: dict[int, memoryview] = {}
-        for c, _, hi in needs:
+        for c, lo, hi in needs:
             e = entries[c]
-            end = hi if e.length is None else min(hi, e.length)
-            out[c] = memoryview(e.data if e.data is not None else b"")[: max(end, 0)]
+            end = max(0, hi if e.length is None else min(hi, e.length))
+            if e.data is None:
+                out[c] = memoryview(b"")
+            elif e.base is not None:
+                out[c] = e.data[:end]  # a view of a read's immutable bytes
+            elif len(needs) == 1:
+                # the caller may hand this one piece on as the answer: give it bytes of its own, not our buffer
+                out[c] = memoryview(bytes(lo) + e.data[lo:end])
+            else:
+                out[c] = memoryview(e.data).toreadonly()[:end]  # the caller joins the pieces at once
             self._maybe_offer(c, e)
         return out
 
