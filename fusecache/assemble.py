@@ -180,6 +180,7 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
         stack.callback(nursery.cancel_scope.cancel)  # unwinds first: the tasks end before the queue drains
         nursery.start_soon(queue.run)
         nursery.start_soon(admission.run)
+        nursery.start_soon(cache.fetcher.run)  # background reads of the miss path (closes its own handles when cancelled)
         if monitor is not None:
             nursery.start_soon(monitor.run)
         if peer_server is not None:
