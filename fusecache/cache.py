@@ -192,8 +192,14 @@ class Cache:
             if piece and snap.still_current(st) and self.admission.on_miss(f, snap.gen, c, piece):
                 self.files.admit((st.ino, snap.gen, c), piece, f.path)
 
+        def held(c: int) -> bool:
+            key = (st.ino, st.gen, c)
+            if self.queue.is_dropped(key):
+                return False
+            return self.queue.pending(key) is not None or self.store.location(*key) is not None
+
         size = st.version.size if st.version is not None and st.version.size >= 0 else None
-        return Reader(st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer)
+        return Reader(st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer, held)
 
     # ---- writes -----------------------------------------------------------
     async def write(self, f: OpenFile, offset: int, data: bytes) -> int:

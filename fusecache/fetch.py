@@ -63,6 +63,7 @@ class Reader:
     size: int | None  # the file's size as last seen (readahead stops there), None if not known
     stamp: Callable[[], Hashable | None]  # the file's content stamp now; None while a write is in flight
     offer: Callable[[int, bytes | memoryview], None]  # a complete chunk a request touched, for admission (read-only)
+    held: Callable[[int], bool] = lambda chunk: False  # the cache holds this chunk already: readahead skips it
 
 
 class _Chunk:
@@ -435,6 +436,8 @@ class Fetcher:
             return True
         queued = False
         for c in range(start // self.cs, (limit - 1) // self.cs + 1):
+            if (r.ino, c) not in self._chunks and r.held(c):
+                continue  # a hit when the stream gets there: reading it again would be bytes nobody needs
             e = self._entry(r, c, stamp)
             if e.valid | e.loading != self.full and e.length is None:
                 self._queue[(r.ino, c)] = e

@@ -98,6 +98,7 @@ class File:
         self.epoch = 0
         self.writing = 0
         self.offers: list[tuple[int, bytes]] = []
+        self.held: set[int] = set()  # chunks the cache holds (readahead skips them)
 
     @property
     def ino(self) -> int:
@@ -105,7 +106,7 @@ class File:
 
     def reader(self, size_known: bool = True) -> Reader:
         size = len(self.backing.files[self.path]) if size_known else None
-        return Reader(self.ino, self.path, self.handle, self.fh, size, self.stamp, self.offer)
+        return Reader(self.ino, self.path, self.handle, self.fh, size, self.stamp, self.offer, self.held.__contains__)
 
     def stamp(self) -> Any:
         return None if self.writing else (self.gen, self.epoch)
@@ -309,6 +310,26 @@ def test_readahead_follows_a_sequential_stream_and_stops_at_end_of_file():
     assert max(backing.read_counts(f.ino, size)) == 1
     assert sorted(c for c, _ in f.offers) == list(range(6))
     assert dict(f.offers)[5] == data[5 * CS :]
+
+
+def test_readahead_skips_chunks_the_cache_holds():
+    """A stream re-reading a file the cache holds parts of: readahead reads none of the held chunks."""
+    size = 16 * CS
+    data = os.urandom(size)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+    f.held = set(range(3, 16, 2))  # every other chunk from 3 on is a hit: the cache would serve it
+
+    async def body(fetcher: Fetcher) -> None:
+        for pos in range(0, 3 * CS, 16384):
+            assert await read(fetcher, f, pos, 16384) == data[pos : pos + 16384]
+        await settle(fetcher)
+        assert fetcher.counters.readahead_chunks > 0
+
+    run_with_fetcher(backing, body)
+    counts = backing.read_counts(f.ino, size)
+    assert not any(counts[c * 16 + p] for c in f.held for p in range(16)), "a chunk the cache holds was read ahead"
+    assert max(counts) == 1
 
 
 def test_random_reads_get_no_readahead():
