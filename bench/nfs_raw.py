@@ -34,6 +34,7 @@ from pathlib import Path
 
 import nfs_rs
 
+from fusecache.backing import libnfs
 from fusecache.backing import nfs as fnfs
 from tests.harness.delay_proxy import DelayProxy, join_netns
 from tests.harness.nfs_server import MOUNT_PORT, NFS_PORT, NfsServer
@@ -48,7 +49,7 @@ class LibnfsFile:
     """One libnfs context, one open file: the raw library, no pool."""
 
     def __init__(self, port: int, mount_port: int, version: int, name: str) -> None:
-        self.lib = lib = fnfs._nfs()
+        self.lib = lib = libnfs._nfs()
         self.ctx = lib.nfs_init_context()
         lib.nfs_set_timeout(self.ctx, 10_000)
         url = lib.nfs_parse_url_dir(self.ctx, f"nfs://127.0.0.1/export?version={version}&nfsport={port}&mountport={mount_port}".encode())
