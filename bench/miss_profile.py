@@ -38,7 +38,7 @@ PLACES = (
     ("cache.py", ("/cache.py",)),
     ("fetch.py", ("/fetch.py",)),
     ("admission (policy.py)", ("/policy.py", "/admission.py")),
-    ("store lookups", ("/store.py",)),
+    ("store lookups", ("/store/", "/store_queue.py", "/files.py")),
 )
 PATTERNS = {"1M seq": ("read", "1M", 4096 * MIB), "4k random": ("randread", "4k", 64 * MIB)}
 

@@ -187,10 +187,14 @@ class Cache:
         """The fetcher's view of one read of `f`: its stamp, and the admission offer for chunks it completes."""
         snap = Snapshot(st.gen, st.epoch, st.writing == 0)
 
-        def offer(c: int, piece: bytes | memoryview) -> None:
-            """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch."""
+        def offer(c: int, piece: bytes | memoryview) -> bool:
+            """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch.
+
+            False only when the writer is too far behind to take it: the fetcher offers it again later.
+            """
             if piece and snap.still_current(st) and self.admission.on_miss(f, snap.gen, c, piece):
-                self.files.admit((st.ino, snap.gen, c), piece, f.path)
+                return self.files.admit((st.ino, snap.gen, c), piece, f.path)
+            return True
 
         def held(c: int) -> bool:
             key = (st.ino, st.gen, c)

@@ -11,7 +11,8 @@ buffer of recently fetched chunks, which is also the single-flight table: a
 request that needs a page already buffered takes it from there, one that
 needs a page being read waits for that read, so a byte is read from the
 backing at most once for neighbouring requests. A chunk that is complete and
-that a request touched is offered once for admission (`Reader.offer`).
+that a request touched is offered for admission (`Reader.offer`) until it is
+taken (a writer too far behind refuses it: the next request offers it again).
 
 Never stale: every buffered chunk carries the file's stamp (the cache's
 generation and write epoch) from when it was created; a chunk whose stamp is
@@ -62,7 +63,8 @@ class Reader:
     stream: Hashable  # the open file, for sequential detection
     size: int | None  # the file's size as last seen (readahead stops there), None if not known
     stamp: Callable[[], Hashable | None]  # the file's content stamp now; None while a write is in flight
-    offer: Callable[[int, bytes | memoryview], None]  # a complete chunk a request touched, for admission (read-only)
+    # a complete chunk a request touched, for admission (read-only); False: not taken, offer it again at the next touch
+    offer: Callable[[int, bytes | memoryview], bool]
     held: Callable[[int], bool] = lambda chunk: False  # the cache holds this chunk already: readahead skips it
 
 
@@ -387,7 +389,7 @@ class Fetcher:
         return out
 
     def _maybe_offer(self, c: int, e: _Chunk) -> None:
-        """Offer a chunk once: complete, touched by a request, and still of the file's current content."""
+        """Offer a chunk until taken: complete, touched by a request, and still of the file's current content."""
         if e.offered or not e.touched or e.valid != self.full:
             return
         if self._chunks.get((e.ino, c)) is not e or not e.current():
@@ -396,7 +398,7 @@ class Fetcher:
         length = self.cs if e.length is None else e.length
         if length and e.data is not None:
             # a view of a read's immutable bytes is offered as it is; a filled bytearray is copied (it is ours)
-            e.offer(c, e.data if e.base is not None else bytes(e.data[:length]))
+            e.offered = e.offer(c, e.data if e.base is not None else bytes(e.data[:length]))
 
 
     # ---- sequential streams and background work -----------------------------

@@ -111,8 +111,9 @@ class File:
     def stamp(self) -> Any:
         return None if self.writing else (self.gen, self.epoch)
 
-    def offer(self, c: int, data: bytes) -> None:
+    def offer(self, c: int, data: bytes) -> bool:
         self.offers.append((c, data))
+        return True
 
 
 async def read(fetcher: Fetcher, f: File, offset: int, size: int, span: bool = True, **kw: Any) -> bytes:
@@ -406,3 +407,26 @@ def test_background_reads_use_the_fetchers_own_handle_and_close_it():
     assert f.offers == [(0, data[:CS])]
     ours = [h for h in backing.handles if h is not f.handle]
     assert ours and all(h.closed for h in ours)
+
+
+def test_a_chunk_the_writer_refused_is_offered_again_at_the_next_read():
+    """A writer too far behind refuses an offer: the chunk, still buffered, is offered again when read again."""
+    data = os.urandom(2 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+    answers = [False, True]
+
+    def offer(c: int, d: bytes) -> bool:
+        f.offers.append((c, d))
+        return answers.pop(0) if answers else True
+
+    f.offer = offer  # type: ignore[method-assign]
+
+    async def body(fetcher: Fetcher) -> None:
+        assert await read(fetcher, f, 0, CS) == data[:CS]  # read whole, offered, refused
+        assert await read(fetcher, f, 0, CS) == data[:CS]  # from the buffer: offered again, taken
+        assert await read(fetcher, f, 0, CS) == data[:CS]  # taken already: not offered again
+
+    run_with_fetcher(backing, body)
+    assert f.offers == [(0, data[:CS]), (0, data[:CS])]
+    assert max(backing.read_counts(f.ino, CS)) == 1  # chunk 0 read once (a re-read counts as a stream: chunk 1 may be read ahead)
