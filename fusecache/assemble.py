@@ -208,8 +208,7 @@ async def _touch_reserve(nbytes: int) -> None:
     """The memory the cache's buffers keep alive at most, touched now rather than on the first cold pass."""
     t0 = time.monotonic()
     touched = await trio.to_thread.run_sync(memory.touch, nbytes)
-    if touched:
-        log.info("memory reserve: %d MiB touched in %.1f s", touched >> 20, time.monotonic() - t0)
+    log.info("memory reserve: %d MiB touched in %.1f s", touched >> 20, time.monotonic() - t0)
 
 
 async def _close_store(store: Store) -> None:
