@@ -288,7 +288,7 @@ def test_idle_connections_from_anywhere_do_not_keep_a_keyed_peer_out(make_net, i
     assert read_all(os.path.join(ma, "p.img")) == data
     floods = [IdleFlood(c.ns, a.peer_address, 64), IdleFlood(b.ns, a.peer_address, 64, hello=talking)]
     try:
-        wait_for(lambda: (h := stats(ma)["peers"]["handshakes"])["not_allowed"] >= 64 and h["dropped"] >= 64, "the floods at a")
+        wait_for(lambda: (h := stats(ma).peers.handshakes).not_allowed >= 64 and h.dropped >= 64, "the floods at a")
         # The handshake itself, timed from b's namespace while both floods run: every one succeeds.
         probe = subprocess.run(
             ["nsenter", f"--net=/run/netns/{b.ns}", sys.executable, "-m", "tests.test_peers_netns", "handshakes",
@@ -307,14 +307,14 @@ def test_idle_connections_from_anywhere_do_not_keep_a_keyed_peer_out(make_net, i
         wait_for(lambda: knows(mb, a.peer_address, size // (64 * 1024)), "b to connect to a and get its summary", 20)
         print(f"\nb connected to a and had its summary {time.monotonic() - started:.2f} s after its mount returned")
         assert read_all(os.path.join(mb, "p.img")) == data
-        img = stats(mb)["images"]["p.img"]
-        assert img["peer_bytes"] == size and img["backing_bytes"] == 0, img
-        hs = stats(ma)["peers"]["handshakes"]
-        assert hs["authenticated"] >= 1 and hs["peak_pending"] <= 32, hs  # one source: its share of the table
-        assert set(stats(ma)["peers"]["served"]) == {b.addr}, stats(ma)["peers"]["served"]  # no record of c at all
+        img = stats(mb).images["p.img"]
+        assert img.peer_bytes == size and img.backing_bytes == 0, img
+        hs = stats(ma).peers.handshakes
+        assert hs.authenticated >= 1 and hs.peak_pending <= 32, hs  # one source: its share of the table
+        assert set(stats(ma).peers.served) == {b.addr}, stats(ma).peers.served  # no record of c at all
     finally:
         made = [f.stop() for f in floods]
-    print(f"idle connections made: from c {made[0]}, from b's address {made[1]}; a's handshakes: {stats(ma)['peers']['handshakes']}")
+    print(f"idle connections made: from c {made[0]}, from b's address {made[1]}; a's handshakes: {stats(ma).peers.handshakes}")
 
 
 async def _idle(target: str, count: int, hello: bool) -> None:
