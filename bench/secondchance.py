@@ -19,7 +19,15 @@ Per mode, on a fresh mount and cache directory:
 
 Modes: `--no-cache` (passthrough), `--admit inclusive`, and second-chance (the
 default, one `--balloon qmp:SOCK` per guest), the two cached modes at the same
-`--cache-size`. Two variants: a cache big enough for everything the guests
+`--cache-size`. A fourth row, on the small cache: second-chance with a lying
+guest beside the others. It reads its whole image (as large as the others')
+in phase 1; after the honest guests' admissions have settled it reports that
+its balloon took all its memory and its page cache is gone (its balloon never
+moved). Measured: how many of the honest guests' cached chunks that cost them
+(per-guest shares: none while they are within their share), how much the
+liar made the host read again against what it read itself (each read is
+taken once: at most 1x), and the honest guests' evicted-and-re-read bytes
+served from the cache, against the plain second-chance row of the same run. Two variants: a cache big enough for everything the guests
 read, and a small one (a quarter of the guests' phase-1 disk reads), where
 inclusive fills the cache with blocks the guests still hold.
 
@@ -71,6 +79,8 @@ from bench.common import (
 from tests.harness.simguest import BLOCK, RESERVED, EmulatedGuest
 
 MODES = ("no-cache", "inclusive", "second-chance")
+LYING = "second-chance + liar"
+LIAR = "liar"
 SETTLE_BEFORE_INFLATION = 2.5  # the monitor's polls must see the full page caches before the balloon moves
 ADMISSION_TIMEOUT = 30.0
 DEFAULT_WAIT = 6.0  # the non-second-chance modes' wait, when second-chance did not run to measure it
@@ -223,19 +233,60 @@ async def _wait_admission(mp: str, names: list[str]) -> tuple[float, bool]:
     return time.monotonic() - start, False
 
 
+def _held(cached: set[tuple[int, int]], inos: list[int]) -> int:
+    return sum(1 for ino, _ in cached if ino in inos)
+
+
+async def _lie(mp: str, liar: EmulatedGuest, cache_dir: str, inos: list[int], names: list[str]) -> dict[str, Any]:
+    """The liar claims its balloon took everything and its page cache is gone; what that cost the others and the host.
+
+    An honest guest holding more than its share (the cache had room) may lose the excess; what it held within
+    its share it must keep: `honest_lost_within_share_bytes` is the figure the shares promise to keep at 0.
+    """
+    before = await trio.to_thread.run_sync(cached_chunks, cache_dir)
+    liar.lie(0, 0)
+    seconds, settled = await _wait_admission(mp, [LIAR])
+    after = await trio.to_thread.run_sync(cached_chunks, cache_dir)
+    s = (await _stats(mp)) or {}
+    g = s.get("balloon", {}).get("guests", {}).get(LIAR, {})
+    shares = (s.get("store") or {}).get("shares") or {}
+    share = shares.get(LIAR, {})
+    within = 0
+    for ino, name in zip(inos, names, strict=True):
+        owed = shares.get(name, {}).get("share_chunks", share.get("share_chunks", 0))
+        within += max(0, min(_held(before, [ino]), owed) - _held(after, [ino]))
+    return {
+        "admission_seconds": seconds,
+        "admission_settled": settled,
+        "liar_read_bytes": liar.disk_reads,
+        "liar_claimed_balloon_bytes": g.get("balloon_bytes", 0),
+        "liar_admitted_bytes": g.get("admitted_bytes", 0),
+        "liar_reread_bytes": g.get("from_backing", 0) * BLOCK,  # what it made the host read again
+        "liar_held_bytes": share.get("held_chunks", 0) * BLOCK,
+        "liar_share_bytes": share.get("share_chunks", 0) * BLOCK,
+        "honest_held_before_bytes": _held(before, inos) * BLOCK,
+        "honest_held_after_bytes": _held(after, inos) * BLOCK,
+        "honest_lost_bytes": len({c for c in before if c[0] in inos} - after) * BLOCK,
+        "honest_lost_within_share_bytes": within * BLOCK,
+    }
+
+
 async def run_mode(mode: str, cfg: dict[str, Any], work: str, wait: float | None) -> dict[str, Any]:
     """One mode on a fresh mount and cache: the two phases around a balloon inflation; its figures."""
-    tag = f"{mode}-{cfg['variant']}"
+    tag = f"{mode}-{cfg['variant']}".replace(" + ", "-")
     mp, cache_dir = os.path.join(work, "mnt-" + tag), os.path.join(work, "cache-" + tag)
     names = [f"vm{i + 1}" for i in range(cfg["guests"])]
     guests = [EmulatedGuest(n, os.path.join(mp, f"{n}.img"), cfg["memory"], os.path.join(work, f"{n}-{tag}.qmp")) for n in names]
     runs = [GuestRun(g, blocks) for g, blocks in zip(guests, cfg["sequences"], strict=True)]
+    liar = EmulatedGuest(LIAR, os.path.join(mp, f"{LIAR}.img"), cfg["memory"], os.path.join(work, f"{LIAR}-{tag}.qmp"))
     options = ["--cache-dir", cache_dir, "--cache-size", str(cfg["cache_size"]), "--reset-cache"]
     if mode == "no-cache":
         options = ["--no-cache"]
     elif mode == "inclusive":
         options += ["--admit", "inclusive"]
     else:
+        if mode == LYING:
+            guests.append(liar)
         options += [a for g in guests for a in ("--balloon", f"qmp:{g.qmp_path}")]
         if cfg["staging_mib"] is not None:
             options += ["--staging-size", f"{cfg['staging_mib']}M"]
@@ -248,18 +299,22 @@ async def run_mode(mode: str, cfg: dict[str, Any], work: str, wait: float | None
                 for g in guests:
                     g.open()
                 try:
-                    if mode == "second-chance":
-                        await _wait_monitor(mp, names)
+                    if mode in ("second-chance", LYING):
+                        await _wait_monitor(mp, [g.name for g in guests])
                     s0 = await _stats(mp)
                     out["phase1_seconds"] = await _phase(runs)
+                    if mode == LYING:  # it reads its whole image, then holds it (its page cache is as large as the others')
+                        await trio.to_thread.run_sync(lambda: [liar.read_block(b) for b in range(liar.size // BLOCK)])
                     s1 = await _stats(mp)
                     mem1 = _memory(s1)  # the staging buffer at its fullest: every phase-1 read, up to its capacity
                     await trio.sleep(SETTLE_BEFORE_INFLATION)
                     for r in runs:
                         r.evicted = r.guest.set_balloon(cfg["memory"] // 3)
                         r.held = set(r.guest.cache)
-                    if mode == "second-chance":
+                    if mode in ("second-chance", LYING):
                         out["admission_seconds"], out["admission_settled"] = await _wait_admission(mp, names)
+                        if mode == LYING:
+                            out["lying"] = await _lie(mp, liar, cache_dir, cfg["inos"], names)
                     else:
                         await trio.sleep(wait if wait is not None else DEFAULT_WAIT)
                     s2 = await _stats(mp)
@@ -357,7 +412,7 @@ def _config(args: argparse.Namespace, images: str, variant: str, cache_size: int
 def run_variant(cfg: dict[str, Any], work: str, modes: tuple[str, ...] = MODES, wait: float | None = None) -> dict[str, Any]:
     """The modes at one cache size; second-chance first, so the others wait as long as its admission took."""
     results: dict[str, Any] = {}
-    for mode in sorted(modes, key=lambda m: m != "second-chance"):
+    for mode in sorted(modes, key=lambda m: m not in ("second-chance", LYING)):
         print(f"-- {cfg['variant']} cache ({cfg['cache_size'] / MIB:.0f} MiB): {mode}", flush=True)
         try:
             results[mode] = trio.run(run_mode, mode, cfg, work, wait)
@@ -366,7 +421,7 @@ def run_variant(cfg: dict[str, Any], work: str, modes: tuple[str, ...] = MODES, 
             continue
         if mode == "second-chance":
             wait = results[mode].get("admission_seconds")
-    return {"cache_size": cfg["cache_size"], "modes": {m: results[m] for m in MODES if m in results}}
+    return {"cache_size": cfg["cache_size"], "modes": {m: results[m] for m in (*MODES, LYING) if m in results}}
 
 
 def inclusive_for_hit_ratio(points: list[tuple[int, float]], ratio: float) -> int | None:
@@ -467,6 +522,42 @@ def print_variant(name: str, v: dict[str, Any]) -> None:
     )
 
 
+def print_lying(v: dict[str, Any]) -> None:
+    plain, lying = v["modes"].get("second-chance", {}), v["modes"].get(LYING, {})
+    if "lying" not in lying or "evicted_reread_cut" not in plain:
+        return
+    x = lying["lying"]
+    print_table(
+        f"a lying guest beside the others, {v['cache_size'] / MIB:.0f} MiB cache (MiB)",
+        [
+            "mode",
+            "honest: evicted, re-read, cached",
+            "same, no liar",
+            "honest held before / after the lie",
+            "honest lost (within share)",
+            "liar read",
+            "liar claimed",
+            "liar made host re-read",
+            "re-read / read",
+            "liar held / share",
+        ],
+        [
+            [
+                LYING,
+                f"{100 * lying['evicted_reread_cut']:.1f}%",
+                f"{100 * plain['evicted_reread_cut']:.1f}%",
+                f"{_mib(x['honest_held_before_bytes'])} / {_mib(x['honest_held_after_bytes'])}",
+                f"{_mib(x['honest_lost_bytes'])} ({_mib(x['honest_lost_within_share_bytes'])})",
+                _mib(x["liar_read_bytes"]),
+                _mib(x["liar_claimed_balloon_bytes"]),
+                _mib(x["liar_reread_bytes"]),
+                f"{x['liar_reread_bytes'] / max(x['liar_read_bytes'], 1):.2f}",
+                f"{_mib(x['liar_held_bytes'])} / {_mib(x['liar_share_bytes'])}",
+            ]
+        ],
+    )
+
+
 def headline(variants: dict[str, Any]) -> str:
     parts = []
     for name, v in variants.items():
@@ -480,6 +571,14 @@ def headline(variants: dict[str, Any]) -> str:
             f"{100 * sc['phase2_hit_ratio']:.0f}% with {_mib(msc['cache_memory'])} MiB host memory "
             f"({_mib(msc['bytes_stored'])} stored + {_mib(msc['staging_bytes'])} staging) vs inclusive "
             f"{100 * inc['phase2_hit_ratio']:.0f}% with {_mib(minc['cache_memory'])} MiB"
+        )
+    lying = variants.get("small", {}).get("modes", {}).get(LYING, {})
+    if "lying" in lying:
+        x = lying["lying"]
+        parts.append(
+            f"a lying guest cost the others {_mib(x['honest_lost_within_share_bytes'])} MiB of cached chunks within their shares "
+            f"({_mib(x['honest_lost_bytes'])} beyond) and made the host re-read "
+            f"{x['liar_reread_bytes'] / max(x['liar_read_bytes'], 1):.2f}x what it read"
         )
     return "secondchance: " + "; ".join(parts)
 
@@ -510,6 +609,9 @@ def main() -> int:
         print(f"-- {args.guests} images of {args.image} MiB of random data in {images}", flush=True)
         for i in range(args.guests):
             warm_page_cache(make_random_file(os.path.join(images, f"vm{i + 1}.img"), args.image))
+        # the liar's image: as large as its page cache, so it holds all of it
+        liar_mib = max((args.memory * MIB - RESERVED) // MIB, 1)
+        warm_page_cache(make_random_file(os.path.join(images, f"{LIAR}.img"), liar_mib))
         probe = [EmulatedGuest(f"vm{i + 1}", os.path.join(images, f"vm{i + 1}.img"), args.memory * MIB, "") for i in range(args.guests)]
         for g in probe:
             g.size = args.image * MIB
@@ -527,7 +629,7 @@ def main() -> int:
         )
         variants = {}
         for name, size in (("large", big), ("small", small)):
-            variants[name] = run_variant(_config(args, images, name, size, sequences), work)
+            variants[name] = run_variant(_config(args, images, name, size, sequences), work, (*MODES, LYING) if name == "small" else MODES)
         wait = variants["small"]["modes"]["second-chance"].get("admission_seconds")
         sweep = {}
         # More inclusive sizes, to see what it needs for second-chance's hit ratio: its curve is a cliff near `distinct`.
@@ -541,6 +643,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     for name, v in variants.items():
         print_variant(name, v)
+    print_lying(variants["small"])
     inclusive = [(v["cache_size"], v["modes"]["inclusive"]) for v in variants.values()]
     points = [(size, r["phase2_hit_ratio"]) for size, r in inclusive if "phase2_hit_ratio" in r]
     points += [(size, r["phase2_hit_ratio"]) for size, r in sweep.items() if "phase2_hit_ratio" in r]

@@ -26,6 +26,19 @@ the lists of all its guests, and admitted when any of them shrinks).
 Reads of images no guest has open are in the list of `HOST`: no balloon
 empties it; `fusecache admit` admits a range explicitly.
 
+The estimate is robust against a guest that lies: a guest controls both its
+balloon's `actual` and its `stat-disk-caches`. What the page cache held
+before the balloon moved is the guest's last report *plus what it read
+through the mount since* (its statistics lag its reads); how much it gave up
+is capped by the monitor (`balloon.Shrink`) by what the host can check (its
+RAM size), never taken from `actual` alone. Each chunk read is
+taken at most once, so a guest can make the host re-read at most what it
+read itself, and its admissions are charged to its own share of the cache
+(`fusecache.store.eviction.Shares`): they evict its own chunks first once it
+is over its share, never another guest's below theirs. Each guest has at
+most one admission job queued: a flood of shrinks from one guest cannot
+crowd out another's.
+
 Bookkeeping: one entry per 64 KiB chunk read, 179 bytes measured
 (tests/unit/test_admission.py::test_bookkeeping_bytes_per_gib_of_reads), so 2.8 MiB
 per GiB of guest reads; a guest's list is bounded by its memory (it cannot
@@ -39,6 +52,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -55,14 +69,21 @@ log = logging.getLogger(__name__)
 
 HOST = "(host)"
 DEFAULT_RECENT_LIMIT = 4 << 30  # bytes of reads remembered for a guest whose memory size is not known yet
+CHECKPOINT_EVERY = 0.25  # seconds between marks of a guest's read total (for "read since its last report")
+# Marks kept: 8.5 minutes of continuous reading, ~220 KB at most per guest. A shrink's baseline report is
+# seconds old (polled every second, a shrink reported within PENDING_MAX); an older one counts every read.
+CHECKPOINTS = 2048
 Key = tuple[int, int, int]  # (ino, gen, chunk)
 
 
 class AdmissionTarget(Protocol):
     """Where admitted chunks go (`fusecache.files.Files`): the never-stale checks happen there."""
 
-    async def admit_current(self, key: Key, data: bytes, wait: bool = False) -> bool:
-        """Admit a chunk read earlier unless its file changed since; with `wait`, wait out a busy writer."""
+    async def admit_current(self, key: Key, data: bytes, wait: bool = False, owner: str | None = None) -> bool:
+        """Admit a chunk read earlier unless its file changed since; with `wait`, wait out a busy writer.
+
+        owner: the guest it is admitted for (its share of the cache pays for it); None for the host.
+        """
         ...
 
     async def read_for_admission(self, path: str, keys: list[Key]) -> list[tuple[Key, bytes]]:
@@ -119,8 +140,15 @@ class GuestReads:
     from_backing: int = 0
     by_reference: int = 0  # evicted chunks a peer already held: left there, one hop away, not stored twice
     aged_out: int = 0  # bytes of reads the guest had dropped on its own before a shrink: not admitted
+    read_total: int = 0  # bytes the guest read through the mount (misses: it did not hold them)
+    # (time.monotonic(), read_total) every CHECKPOINT_EVERY while it reads: what it read since a given time
+    marks: collections.deque[tuple[float, int]] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=CHECKPOINTS))
 
-    def add(self, key: Key, nbytes: int) -> None:
+    def add(self, key: Key, nbytes: int, now: float | None = None) -> None:
+        self.read_total += nbytes
+        now = time.monotonic() if now is None else now
+        if not self.marks or now - self.marks[-1][0] >= CHECKPOINT_EVERY:
+            self.marks.append((now, self.read_total - nbytes))
         if key in self.recent:
             self.recent.move_to_end(key)  # read again: now the newest
             return
@@ -129,6 +157,13 @@ class GuestReads:
         while self.recent_bytes > self.limit:
             _, n = self.recent.popitem(last=False)
             self.recent_bytes -= n
+
+    def read_since(self, when: float) -> int:
+        """Bytes read since `when` (time.monotonic()), rounded up to the mark before it: never an undercount."""
+        for t, total in reversed(self.marks):
+            if t <= when:
+                return self.read_total - total
+        return self.read_total  # older than every mark kept (or no reads): all of them
 
     def forget_older_than_newest(self, nbytes: int) -> int:
         """Drop entries beyond the newest `nbytes`: the guest's page cache cannot hold them any more."""
@@ -212,7 +247,9 @@ class SecondChance:
         self.guests: dict[str, GuestReads] = collections.defaultdict(GuestReads)
         self._guests_of: dict[int, set[str]] = {}  # backing ino -> guests with it open
         self._paths: dict[int, str] = {}  # backing ino -> a path to reopen it by
-        self._send, self._receive = trio.open_memory_channel[tuple[str, list[Key]]](256)
+        # One message per guest with work queued (`_queued`): one guest's shrinks cannot crowd out another's.
+        self._send, self._receive = trio.open_memory_channel[str](256)
+        self._queued: dict[str, list[Key]] = {}
         self._images_changed = trio.Event()
         self._guest_images: dict[str, list[str]] = {}
         # (ino, gen, chunk) -> True when a peer already holds that chunk: admitted "by reference", not stored
@@ -245,24 +282,35 @@ class SecondChance:
         if shrink.cache_before is not None:
             # What the guest evicted comes from what it still held: at most its page cache just before
             # the balloon moved, i.e. the newest reads. Older ones it had already dropped on its own.
-            reads.aged_out += reads.forget_older_than_newest(shrink.cache_before)
+            # "Just before" is its last report plus what it read since: the report predates its latest reads.
+            before = shrink.cache_before
+            if shrink.cache_before_at is not None:
+                before += reads.read_since(shrink.cache_before_at)
+            reads.aged_out += reads.forget_older_than_newest(before)
         keys = reads.take_oldest(shrink.evicted_estimate)
         log.info(
             "guest %s gave %d MiB to its balloon, ~%d MiB of page cache: admitting its %d oldest reads",
             shrink.guest, shrink.balloon_bytes >> 20, shrink.evicted_estimate >> 20, len(keys),
         )
-        if keys:
-            try:
-                self._send.send_nowait((shrink.guest, keys))
-            except trio.WouldBlock:
-                log.warning("admission queue full: guest %s's evicted chunks are not admitted", shrink.guest)
+        if not keys:
+            return
+        queued = self._queued.get(shrink.guest)
+        if queued is not None:
+            queued += keys  # its job is still waiting: it takes these too
+            return
+        try:
+            self._send.send_nowait(shrink.guest)
+        except trio.WouldBlock:
+            log.warning("admission queue full: guest %s's evicted chunks are not admitted", shrink.guest)
+            return
+        self._queued[shrink.guest] = keys
 
     # ---- background work --------------------------------------------------------
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._resolve_images)
-            async for guest, keys in self._receive:
-                await self._admit(guest, keys)
+            async for guest in self._receive:
+                await self._admit(guest, self._queued.pop(guest, []))
 
     async def _admit(self, guest: str, keys: list[Key]) -> None:
         try:
@@ -283,7 +331,7 @@ class SecondChance:
             if data is None:
                 refetch[key[0]].append(key)
                 continue
-            if await target.admit_current(key, data, wait=True):
+            if await target.admit_current(key, data, wait=True, owner=guest):
                 reads.from_staging += 1
                 self._count(reads, len(data))
         for ino, ks in refetch.items():
@@ -291,7 +339,7 @@ class SecondChance:
             if path is None:
                 continue
             for key, data in await target.read_for_admission(path, ks):
-                if await target.admit_current(key, data, wait=True):
+                if await target.admit_current(key, data, wait=True, owner=guest):
                     reads.from_backing += 1
                     self._count(reads, len(data))
 
@@ -336,6 +384,7 @@ class SecondChance:
             staged_chunks=len(self.staging),
             guests={
                 name: GuestAdmission(
+                    mode="estimate",
                     recent_bytes=r.recent_bytes,
                     recent_chunks=len(r.recent),
                     recent_limit=r.limit,

@@ -1,11 +1,12 @@
 """Building one mount's parts, in dependency order, and taking them down in reverse.
 
 options -> backing -> store -> peer server and peer set -> store queue ->
-files -> peer reads -> admission -> cache -> balloon monitor -> control
-verbs. Every part gets what it depends on in its constructor; each part's
-teardown is registered on an AsyncExitStack right after it is built, so a
-failure at any step (a foreign cache, a port in use) undoes exactly what was
-built. Background tasks (the writer, admission, peers, the balloon monitor)
+files -> peer reads -> admission -> cache -> pins -> balloon monitor ->
+control verbs (admit/drop, warm jobs, pin/unpin, ls). Every part gets what
+it depends on in its constructor; each part's teardown is registered on an
+AsyncExitStack right after it is built, so a failure at any step (a foreign
+cache, a port in use) undoes exactly what was built. Background tasks (the
+writer, admission, peers, the balloon monitor, warm jobs, the --pin task)
 run in a nursery on the same stack, cancelled first on the way out. The
 daemon (`daemon.py`) owns the process around it: checks, FUSE, readiness,
 signals. A new part is built here, and nowhere else.
@@ -33,12 +34,15 @@ from fusecache.control import Handler
 from fusecache.errors import QuietError, find_in
 from fusecache.fetch import BUFFER_BYTES
 from fusecache.files import Files
+from fusecache.listing import Listing
 from fusecache.options import MountOptions, default_cache_dir
 from fusecache.peer_reads import PeerReads
 from fusecache.peers import HandshakeStats
+from fusecache.pins import Pins
 from fusecache.stats import BalloonGuest, BalloonStats, ClusterStats, MountStats, PeeringStats
 from fusecache.store import Store
 from fusecache.store_queue import MAX_PENDING_ADMIT_BYTES, StoreQueue
+from fusecache.warming import Warmer
 
 if TYPE_CHECKING:
     from fusecache.balloon import BalloonMonitor
@@ -65,12 +69,19 @@ class Mount:
     peer_set: PeerSet | None = None
     peer_reads: PeerReads | None = None
     commands: Commands | None = None
+    warmer: Warmer | None = None
+    pins: Pins | None = None
+    listing: Listing | None = None
     started: float = dataclasses.field(default_factory=time.time)
     cluster: ClusterStats = dataclasses.field(default_factory=ClusterStats)
 
     def handlers(self) -> dict[str, Handler]:
         """The control verbs this mount answers besides stats."""
-        return self.commands.handlers() if self.commands is not None else {}
+        out: dict[str, Handler] = {}
+        for part in (self.commands, self.warmer, self.pins, self.listing):
+            if part is not None:
+                out.update(part.handlers())
+        return out
 
     async def count_holdings(self) -> None:
         """Every few seconds: how much of this cache a peer also holds (the dedup across hosts)."""
@@ -98,6 +109,10 @@ class Mount:
             out.store = cache.store.stats()
             out.queue = cache.queue.queued
             out.skipped_admissions = cache.queue.skipped_admissions
+        if self.pins is not None:
+            out.pins = self.pins.stats()
+        if self.warmer is not None:
+            out.warms = self.warmer.progress()
         monitor = self.monitor
         guests = {name: BalloonGuest(**g) for name, g in monitor.snapshot()["guests"].items()} if monitor is not None else {}
         if out.admission is not None:
@@ -167,6 +182,9 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
             if not opts.balloon:
                 log.info("second-chance admission with no --balloon source: chunks enter the cache only by `fusecache admit`")
         cache = Cache(offloop, files, queue, admission, peer_reads=peer_reads)
+        pins = Pins(opts.mountpoint, offloop, store, queue, budget=opts.pin_budget_bytes, globs=opts.pin)
+        pin_matches = pins.check_globs(backing)  # inline: nothing is served yet; refuses a --pin over the budget
+        warmer = Warmer(offloop, files, queue, peer_reads)
 
         monitor = None
         if opts.balloon and second_chance is not None:
@@ -178,6 +196,7 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
             opts, offloop, root.ino, cache,
             cache=cache, admission=admission, second_chance=second_chance, monitor=monitor,
             peer_server=peer_server, peer_set=peer_set, peer_reads=peer_reads, commands=Commands(offloop, files),
+            warmer=warmer, pins=pins, listing=Listing(offloop, files, pins, peer_reads),
         )  # fmt: skip
 
         nursery = await stack.enter_async_context(trio.open_nursery())
@@ -187,6 +206,8 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
         nursery.start_soon(cache.fetcher.run)  # background reads of the miss path (closes its own handles when cancelled)
         kept = BUFFER_BYTES + (opts.staging_bytes if second_chance is not None else MAX_PENDING_ADMIT_BYTES)
         nursery.start_soon(_touch_reserve, kept)
+        await nursery.start(warmer.run)
+        nursery.start_soon(pins.apply_globs, pin_matches)
         if monitor is not None:
             nursery.start_soon(monitor.run)
         if peer_server is not None:

@@ -31,6 +31,19 @@ passed; then it reports the whole drop since the baseline as one Shrink and
 takes the current state as the new baseline. An inflation still moving after
 PENDING_MAX is reported in parts. With 1 s statistics this puts a Shrink
 about 2-3 s after the balloon stops.
+
+What a guest reports is not trusted beyond what the host can check: the
+balloon's `actual` and `stat-disk-caches` both come from the guest. A
+shrink is capped by the guest's RAM size (QMP `query-memory-size-summary`,
+libvirt's maximum memory: set by the host) and, where the source reports
+a target (libvirt's current memory, `dom.info()`), by the drop from the
+baseline down to it. That cap is weak: libvirt updates a running domain's
+current memory from the balloon's BALLOON_CHANGE events, i.e. from the
+guest. QEMU does not tell one QMP client the balloon target another client
+set. So the bound relied on is the RAM size; the further bounds are
+admission's (each read taken once, per-guest shares of the cache). `Shrink.cache_before_at` says
+when the baseline's page-cache figure was reported, so admission can add
+what the guest read since.
 """
 
 from __future__ import annotations
@@ -138,6 +151,7 @@ class GuestState:
     target: int | None  # what the host asked the balloon for, bytes; None when the source cannot tell (QMP)
     stats: dict[str, int]  # guest statistics by QEMU's names (stat-disk-caches, stat-free-memory, ...), bytes; fault counts are counts
     source: str = ""
+    memory: int | None = None  # RAM the host gave the guest, bytes (a bound on anything it reports); None: not known
 
 
 @dataclass
@@ -152,7 +166,8 @@ class Shrink:
     deleted files, not eviction). When the guest reports no statistics, or
     none fresh within STATS_WAIT: balloon_bytes itself (the balloon takes
     free memory first, so this overestimates for a guest with much free
-    memory).
+    memory). balloon_bytes is what the guest reports, capped by what the
+    host can check (the module docstring).
     """
 
     guest: str
@@ -160,6 +175,7 @@ class Shrink:
     balloon_bytes: int  # how much the balloon took since the last report
     evicted_estimate: int
     cache_before: int | None = None  # the guest's page cache (stat-disk-caches) just before the balloon moved
+    cache_before_at: float | None = None  # time.monotonic() when cache_before was reported (None: not known)
 
 
 @dataclass
@@ -172,25 +188,38 @@ class _Totals:
 class _ShrinkTracker:
     """Per-guest shrink accounting over successive polls (see the module docstring)."""
 
-    def __init__(self, actual: int, cache: int | None) -> None:
+    def __init__(self, actual: int, cache: int | None, memory: int | None = None, now: float | None = None) -> None:
+        self.memory = memory
+        actual = self._clamp(actual)
         self.base_actual = actual
-        self.base_cache = cache
+        self.base_cache = self._clamp(cache) if cache is not None else None
+        self.base_at: float | None = now  # when base_cache was reported
         self.pending_since: float | None = None
         self.last_actual = actual
         self.changed_at = 0.0
         self.changed_stamp: int | None = None
         self.sample: tuple[int, int] | None = None  # (stamp, cache) of the last sample taken after the balloon stopped
 
-    def update(self, actual: int, cache: int | None, stamp: int | None, now: float) -> tuple[int, int, int | None] | None:
-        """Feed one poll: (balloon_bytes, evicted_estimate, cache_before) when a shrink is complete, else None.
+    def _clamp(self, n: int) -> int:
+        """A figure the guest reports, within what it can have: [0, its RAM]."""
+        return max(0, min(n, self.memory)) if self.memory is not None else max(0, n)
+
+    def update(
+        self, actual: int, cache: int | None, stamp: int | None, now: float, target: int | None = None
+    ) -> tuple[int, int, int | None, float | None] | None:
+        """Feed one poll: (balloon_bytes, evicted_estimate, cache_before, cache_before_at) when a shrink is complete, else None.
 
         cache is stat-disk-caches in bytes (None if the guest does not report
         it); stamp is the guest's last statistics update (any increasing
-        counter: QEMU's last-update seconds; None if the source has none).
+        counter: QEMU's last-update seconds; None if the source has none);
+        target is what the host asked the balloon for (None: not known).
         """
+        actual = self._clamp(actual)
+        cache = self._clamp(cache) if cache is not None else None
         if self.pending_since is None:
             if actual > self.base_actual - SHRINK_MIN:
                 self.base_actual, self.base_cache, self.last_actual = actual, cache, actual
+                self.base_at = _reported_at(stamp, now)
                 return None
             self.pending_since = now
         if actual != self.last_actual:
@@ -215,17 +244,30 @@ class _ShrinkTracker:
         if not stable and not waited:
             return None
         balloon = self.base_actual - actual
-        cache_before = self.base_cache
+        if target is not None:
+            # the host asked the balloon to go from the baseline down to target: a larger drop is the guest's claim
+            balloon = min(balloon, max(self.base_actual - self._clamp(target), 0))
+        cache_before, cache_before_at = self.base_cache, self.base_at
         if fresh and self.base_cache is not None and cache is not None:
             evicted = min(max(self.base_cache - cache, 0), max(balloon, 0))
         else:
             evicted = max(balloon, 0)
-        self.base_actual, self.base_cache = actual, cache
+        self.base_actual, self.base_cache, self.base_at = actual, cache, _reported_at(stamp, now)
         self.pending_since = None
         self.last_actual, self.changed_stamp, self.sample = actual, None, None
         if balloon < SHRINK_MIN:
             return None
-        return balloon, evicted, cache_before
+        return balloon, evicted, cache_before, cache_before_at
+
+
+def _reported_at(stamp: int | None, now: float) -> float:
+    """time.monotonic() of a statistics report stamped `stamp` (wall-clock seconds, QEMU's and libvirt's), else now.
+
+    The stamp is the host's (QEMU notes when the report arrived), rounded down: never later than the report.
+    """
+    if stamp is None:
+        return now
+    return now - max(0.0, time.time() - stamp)
 
 
 class _Backoff:
@@ -307,6 +349,7 @@ class BalloonMonitor:
                 "shrinks": t.shrinks,
                 "balloon_bytes": t.balloon_bytes,
                 "evicted_estimate": t.evicted_estimate,
+                "memory": g.memory if g else None,
             }
         return {"guests": out}
 
@@ -322,7 +365,7 @@ class BalloonMonitor:
     def _guest_up(self, state: GuestState) -> None:
         self.guests[state.name] = state
         self._totals.setdefault(state.name, _Totals())
-        self._trackers[state.name] = _ShrinkTracker(state.actual, state.stats.get("stat-disk-caches"))
+        self._trackers[state.name] = _ShrinkTracker(state.actual, state.stats.get("stat-disk-caches"), state.memory, time.monotonic())
         log.info("balloon: guest %s up (%s), images %s", state.name, state.source, state.images)
         self._notify_guests()
 
@@ -341,15 +384,18 @@ class BalloonMonitor:
         if images is not None and images != g.images:
             g.images = images
             self._notify_guests()
-        result = self._trackers[name].update(actual, stats.get("stat-disk-caches"), stamp, time.monotonic())
+        result = self._trackers[name].update(actual, stats.get("stat-disk-caches"), stamp, time.monotonic(), target)
         if result is None:
             return
-        balloon_bytes, evicted, cache_before = result
+        balloon_bytes, evicted, cache_before, cache_before_at = result
         t = self._totals[name]
         t.shrinks += 1
         t.balloon_bytes += balloon_bytes
         t.evicted_estimate += evicted
-        shrink = Shrink(guest=name, images=list(g.images), balloon_bytes=balloon_bytes, evicted_estimate=evicted, cache_before=cache_before)
+        shrink = Shrink(
+            guest=name, images=list(g.images), balloon_bytes=balloon_bytes, evicted_estimate=evicted,
+            cache_before=cache_before, cache_before_at=cache_before_at,
+        )  # fmt: skip
         log.info("balloon: %s shrank by %d MiB, evicted ~%d MiB", name, balloon_bytes >> 20, evicted >> 20)
         try:
             self.on_shrink(shrink)
@@ -390,7 +436,8 @@ class BalloonMonitor:
         actual, stats, stamp = await _qmp_memory(qmp, device)
         images = _block_images(await qmp.execute("query-block"))
         name = self._claim_name(qname, src)
-        self._guest_up(GuestState(name=name, images=images, actual=actual, target=None, stats=stats, source=str(src)))
+        memory = await _qmp_ram_size(qmp)
+        self._guest_up(GuestState(name=name, images=images, actual=actual, target=None, stats=stats, source=str(src), memory=memory))
         registered.append(name)
         backoff.ok()
         wake = trio.Event()
@@ -452,7 +499,9 @@ class BalloonMonitor:
                         if uuid not in mine:
                             name = self._claim_name(d["name"], src)
                             mine[uuid] = name
-                            self._guest_up(GuestState(name, d["images"] or [], d["actual"], d["target"], d["stats"], str(src)))
+                            self._guest_up(
+                                GuestState(name, d["images"] or [], d["actual"], d["target"], d["stats"], str(src), memory=d["memory"])
+                            )
                         else:
                             self._observe(mine[uuid], d["actual"], d["target"], d["stats"], d["stamp"], d["images"])
                     await trio.sleep(POLL_INTERVAL)
@@ -487,6 +536,15 @@ async def _find_balloon(qmp: QmpClient) -> str | None:
             if ctype.startswith("child<virtio-balloon"):
                 return f"{parent}/{child['name']}"
     return None
+
+
+async def _qmp_ram_size(qmp: QmpClient) -> int | None:
+    """The guest's base RAM, bytes, as QEMU was started with it (not the guest's claim); None if QEMU cannot say."""
+    try:
+        size = (await qmp.execute("query-memory-size-summary")).get("base-memory")
+    except QmpError:
+        return None
+    return int(size) if isinstance(size, int) and size > 0 else None
 
 
 def _clean_stats(raw: dict[str, Any]) -> dict[str, int]:
@@ -583,6 +641,7 @@ def _libvirt_poll(conn: Any, known: set[str], want_images: set[str]) -> dict[str
             "images": images,
             "actual": int(raw.get("actual", info[2])) * 1024,
             "target": int(info[2]) * 1024,
+            "memory": int(info[1]) * 1024,  # maximum memory: the host's setting
             "stats": stats,
             "stamp": raw.get("last_update") or None,
         }

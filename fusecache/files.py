@@ -82,6 +82,10 @@ class Files:
     def known(self) -> set[int]:
         return set(self._files)
 
+    def names(self) -> dict[int, str]:
+        """ino -> the path each known file was last opened by."""
+        return dict(self._names)
+
     def name(self, ino: int) -> str:
         return self._names.get(ino, str(ino))
 
@@ -168,20 +172,23 @@ class Files:
         st = self.get(key[0])
         return st.gen == key[1] and not self.queue.is_dropped(key) and not st.writing
 
-    def admit(self, key: Key, data: bytes, name: str | None = None) -> bool:
-        """Queue a chunk for the store (False when the writer is too far behind), counted for its image."""
-        if not self.queue.admit(key, data):
+    def admit(self, key: Key, data: bytes, name: str | None = None, owner: str | None = None) -> bool:
+        """Queue a chunk for the store (False when the writer is too far behind), counted for its image.
+
+        owner: the guest it is admitted for, whose share of the cache it counts in (None: the host).
+        """
+        if not self.queue.admit(key, data, owner):
             return False
         self.images[name or self.name(key[0])].admitted_chunks += 1
         return True
 
-    async def admit_current(self, key: Key, data: bytes, wait: bool = False) -> bool:
+    async def admit_current(self, key: Key, data: bytes, wait: bool = False, owner: str | None = None) -> bool:
         """Admit a chunk read earlier, unless its file has changed since or is being written.
 
-        With `wait`, a writer too far behind is waited for rather than the chunk skipped.
+        With `wait`, a writer too far behind is waited for rather than the chunk skipped; owner as in `admit`.
         """
         while self.is_current(key):
-            if self.admit(key, data):
+            if self.admit(key, data, owner=owner):
                 return True
             if not wait:
                 return False

@@ -108,6 +108,17 @@ def _store_families(store: StoreStats) -> list[Metric]:
         c = CounterMetricFamily(name, text)
         c.add_metric([], getattr(store, key))
         out.append(c)
+    if store.shares:
+        held = GaugeMetricFamily(
+            "fusecache_cache_share_held_bytes", "Bytes of chunks admitted for each owner (a guest, the host).", labels=["owner"]
+        )
+        share = GaugeMetricFamily(
+            "fusecache_cache_share_bytes", "Each owner's share: what it keeps whatever others admit.", labels=["owner"]
+        )
+        for owner, sh in store.shares.items():
+            held.add_metric([owner], sh.held_chunks * store.chunk_size)
+            share.add_metric([owner], sh.share_chunks * store.chunk_size)
+        out += [held, share]
     return out
 
 

@@ -17,6 +17,14 @@ ADMIT_CHOICES = ("second-chance", "inclusive")
 REVALIDATE = 2.0  # seconds between checks of an open file's version against the backing
 PEER_TIMEOUT = 0.005  # seconds a miss waits for peers before it reads the backing
 MAX_STAGING_SIZE = 256 << 20  # staging is a quarter of the cache, at most this
+PIN_BUDGET = 0.5  # the fraction of --cache-size pinned images may occupy
+# `fusecache warm` fetches at most this many bytes/s by default (bench/warm.py measures what it costs guest reads).
+WARM_RATE = 64 << 20
+
+
+def pin_budget(cache_size: int, fraction: float) -> int:
+    """Bytes pinned images may occupy: their allocated size on the backing, summed."""
+    return int(cache_size * fraction)
 
 
 def staging_size(cache_size: int) -> int:
@@ -54,6 +62,8 @@ class MountOptions:
     cluster_key_file: str | None = None
     peer_insecure: bool = False
     peer_timeout: float = PEER_TIMEOUT
+    pin: list[str] = dataclasses.field(default_factory=list)  # globs of images pinned at mount
+    pin_budget: float = PIN_BUDGET  # a fraction of cache_size
 
     @property
     def staging_bytes(self) -> int:
@@ -62,6 +72,10 @@ class MountOptions:
     @property
     def summary_pages(self) -> int:
         return summary_pages(self.cache_size)
+
+    @property
+    def pin_budget_bytes(self) -> int:
+        return pin_budget(self.cache_size, self.pin_budget)
 
     @property
     def peering(self) -> bool:

@@ -23,10 +23,13 @@ class PeerReads:
         self.peers = peers
         self.files = files
 
-    async def fetch(self, ino: int, version: Version, chunks: list[int]) -> dict[int, bytes]:
-        """Chunks that peers send within one bounded wait (each checked against its page digests by PeerSet)."""
+    async def fetch(self, ino: int, version: Version, chunks: list[int], timeout: float | None = None) -> dict[int, bytes]:
+        """Chunks that peers send within one bounded wait (each checked against its page digests by PeerSet).
+
+        The wait is --peer-timeout unless `timeout` is given (a warm, which no guest waits for, can wait longer).
+        """
         peers = self.peers
-        deadline = trio.current_time() + peers.fetch_timeout
+        deadline = trio.current_time() + (peers.fetch_timeout if timeout is None else timeout)
         offered: dict[int, bytes] = {}
 
         async def one(c: int) -> None:

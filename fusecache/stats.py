@@ -42,6 +42,14 @@ class ImageCounters:
 
 
 @dataclasses.dataclass
+class ShareStats:
+    """One owner's part of the cache: chunks held, and its share (chunks it keeps whoever else admits)."""
+
+    held_chunks: int = 0
+    share_chunks: int = 0
+
+
+@dataclasses.dataclass
 class StoreStats:
     """The store: how full, how deduplicated, and what its readers and writer did."""
 
@@ -62,12 +70,14 @@ class StoreStats:
     dropped_chunks: int = 0
     verify_failures: int = 0
     healed_pages: int = 0
+    shares: dict[str, ShareStats] = dataclasses.field(default_factory=dict)  # per owner: a guest, "(host)", "(earlier run)"
 
 
 @dataclasses.dataclass
 class GuestAdmission:
     """What second-chance admission knows of one guest: its recent reads and what its shrinks admitted."""
 
+    mode: str = ""  # how its evictions are known: "estimate" (balloon statistics, bounded by what the host checks)
     recent_bytes: int = 0
     recent_chunks: int = 0
     recent_limit: int = 0
@@ -103,6 +113,8 @@ class BalloonGuest:
     shrinks: int = 0
     balloon_bytes: int = 0
     evicted_estimate: int = 0
+    memory: int | None = None  # the guest's RAM size as the host knows it (QMP memory summary, libvirt maxMemory)
+    mode: str = ""
     recent_bytes: int = 0
     recent_chunks: int = 0
     recent_limit: int = 0
@@ -141,6 +153,57 @@ class PeeringStats:
 
 
 @dataclasses.dataclass
+class WarmProgress:
+    """One `fusecache warm` job in the daemon: what it set out to read and how far it got."""
+
+    id: int = 0
+    images: list[str] = dataclasses.field(default_factory=list)
+    state: str = "running"  # running, done, cancelled, failed
+    total_bytes: int = 0  # the bytes of the ranges to warm
+    done_bytes: int = 0  # of which looked at: already cached, or fetched
+    cached_bytes: int = 0  # already cached: skipped
+    peer_bytes: int = 0  # fetched from peers
+    backing_bytes: int = 0  # fetched from the backing
+    rate_limit: int = 0  # bytes/s fetched at most (0: no limit)
+    started: float = 0.0  # time.time()
+    elapsed: float = 0.0  # seconds running (up to now, or to the end)
+    current: str = ""  # the image being warmed
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class PinInfo:
+    """One pinned image: pinned by name (`fusecache pin` or --pin) or as part of a pinned overlay's backing chain."""
+
+    image: str = ""
+    chain: list[str] = dataclasses.field(default_factory=list)  # the image and its backing files in the mount, overlay first
+    by: str = "pin"  # "pin", or "--pin GLOB"
+    allocated_bytes: int = 0  # what the chain occupies on the backing: what the budget counts
+
+
+@dataclasses.dataclass
+class PinStats:
+    budget: int = 0  # bytes
+    allocated_bytes: int = 0  # of every pinned chain, counted once per file
+    pins: list[PinInfo] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ImageHoldings:
+    """`fusecache ls`: what one image has in this cache."""
+
+    image: str = ""
+    ino: int = 0
+    size: int | None = None  # on the backing; None when no name in the mount is known for it
+    cached_bytes: int = 0
+    chunks: int = 0
+    pinned: bool = False
+    pinned_by: str | None = None  # the image whose pin covers it (itself, or an overlay over it)
+    shared_bytes: int = 0  # cached bytes whose pages another image holds too (dedup)
+    peer_bytes: int = 0  # cached bytes of chunks a peer's summary says it holds too
+
+
+@dataclasses.dataclass
 class MountStats:
     """Everything `fusecache stats --json` shows. With --no-cache, `store` and `admission` are None."""
 
@@ -156,6 +219,8 @@ class MountStats:
     skipped_admissions: int = 0  # misses not admitted because the writer was too far behind
     balloon: BalloonStats = dataclasses.field(default_factory=BalloonStats)
     peers: PeeringStats = dataclasses.field(default_factory=PeeringStats)
+    pins: PinStats = dataclasses.field(default_factory=PinStats)
+    warms: list[WarmProgress] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,7 +1,7 @@
 """The queue of changes to the store, and the one writer task that applies them.
 
 Everything that changes the store goes through here, in order: file records
-(generation, version), forgotten files, dropped chunks and admitted chunks.
+(generation, version), forgotten files, pins, dropped chunks and admitted chunks.
 Until the writer has committed them, what is queued is visible to readers
 from here: an admitted chunk is served from `pending`, a dropped chunk is a
 miss (`is_dropped`). The writer applies the queue in batches, one worker
@@ -76,6 +76,11 @@ class StoreQueue:
         return self._seq - self._committed
 
     @property
+    def pending_admit_bytes(self) -> int:
+        """Bytes admitted and not yet committed (admissions are refused past MAX_PENDING_ADMIT_BYTES)."""
+        return self._pending_admit_bytes
+
+    @property
     def empty(self) -> bool:
         return not self._queue
 
@@ -86,17 +91,21 @@ class StoreQueue:
     def forget_file(self, ino: int) -> None:
         self._enqueue("forget", ino)
 
+    def set_pins(self, pins: dict[int, str]) -> None:
+        """Replace the pinned inodes (ino -> image path): applied in queue order, persisted by the store."""
+        self._enqueue("pins", dict(pins))
+
     def drop(self, key: Key) -> None:
         self._dropped[key] = self._enqueue("drop", key)
 
-    def admit(self, key: Key, data: bytes) -> bool:
-        """Queue one chunk for the store; False (not admitted) when the writer is too far behind."""
+    def admit(self, key: Key, data: bytes, owner: str | None = None) -> bool:
+        """Queue one chunk for the store, charged to `owner`'s share (None: the host); False when the writer is too far behind."""
         if self._pending_admit_bytes + len(data) > MAX_PENDING_ADMIT_BYTES:
             self.skipped_admissions += 1
             return False
         self._pending_admit_bytes += len(data)
         self._pending[key] = data
-        self._enqueue("admit", (*key, data))
+        self._enqueue("admit", ((*key, data), owner))
         return True
 
     def _enqueue(self, kind: str, item: object) -> int:
@@ -121,13 +130,18 @@ class StoreQueue:
                 if admits >= MAX_BATCH_ADMITS:
                     break
                 admits += 1
-                batch.admit.append(item)  # type: ignore[arg-type]
+                chunk, owner = item  # type: ignore[misc]
+                batch.admit.append(chunk)
+                if owner is not None:
+                    batch.owners[chunk[:3]] = owner
             elif admits:
                 break
             elif kind == "drop":
                 batch.drop.append(item)  # type: ignore[arg-type]
             elif kind == "file":
                 batch.files.append(item)  # type: ignore[arg-type]
+            elif kind == "pins":
+                batch.pins = item  # type: ignore[assignment]
             else:
                 batch.forget_files.append(item)  # type: ignore[arg-type]
             taken += 1

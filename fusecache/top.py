@@ -35,12 +35,13 @@ from rich.text import Text
 from fusecache import control, mounts
 from fusecache.errors import QuietError
 from fusecache.peers import PeerStats
-from fusecache.stats import BalloonGuest, ImageCounters, MountStats
+from fusecache.stats import BalloonGuest, ImageCounters, MountStats, PinStats, StoreStats, WarmProgress
 
 HISTORY = 60.0  # seconds of throughput the sparkline covers
 SPARK_WIDTH = 30  # characters: one per HISTORY / SPARK_WIDTH seconds
 STATS_TIMEOUT = 2.0  # a hung daemon delays a refresh by at most this
 ONCE_WIDTH = 100
+WARM_SHOWN = 60.0  # seconds a finished warm job stays on screen
 
 
 def human(n: float) -> str:
@@ -70,6 +71,8 @@ def summary_lines(stats: MountStats) -> list[str]:
     )
     if stats.admission is not None:
         lines.append(f"admission: {stats.admission.mode}")
+    if store.shares:
+        lines.append(f"shares (held / share): {share_text(store)}")
     images = stats.images
     if images:
         width = max(12, *(len(n) for n in images))
@@ -81,6 +84,16 @@ def summary_lines(stats: MountStats) -> list[str]:
                 f"{human(c.peer_bytes):>10}  {human(c.backing_bytes):>10}  {c.admitted_chunks:>8}"
             )
     return lines
+
+
+def share_text(store: StoreStats) -> str:
+    """Each owner's part of the cache, "name held/share", "over" when it holds more than its share (it evicts its own first)."""
+    cs = store.chunk_size
+    parts = []
+    for owner, sh in store.shares.items():
+        over = " over" if sh.held_chunks > sh.share_chunks and not owner.startswith("(earlier") else ""
+        parts.append(f"{owner} {human(sh.held_chunks * cs)}/{human(sh.share_chunks * cs)}{over}")
+    return ", ".join(parts)
 
 
 # ---- what is watched: samples and the rates between them ---------------------------
@@ -276,18 +289,28 @@ def _images_table(view: MountView, g: Glyphs) -> Table:
     return table
 
 
-def _balloon_table(guests: dict[str, BalloonGuest], g: Glyphs) -> Table:
+def _balloon_table(guests: dict[str, BalloonGuest], g: Glyphs, store: StoreStats | None) -> Table:
     table = Table(title="balloon", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
     table.add_column("guest", overflow="ellipsis", no_wrap=True, max_width=30)
-    for name in ("state", "target", "actual", "est. evicted", "admitted"):
+    for name in ("state", "mode", "target", "actual", "est. evicted", "admitted", "cache held/share"):
         table.add_column(name, justify="right", no_wrap=True)
 
     def size(v: Any) -> str:
         return g.dash if v is None else human(v)
 
+    shares = store.shares if store is not None else {}
     for name, s in guests.items():
         state = Text("running", style="green") if s.running else Text("stopped", style="dim")
-        table.add_row(name, state, size(s.target), size(s.actual), size(s.evicted_estimate), size(s.admitted_bytes))
+        sh = shares.get(name)
+        if sh is None or store is None:
+            share = Text(g.dash)
+        else:
+            held = sh.held_chunks * store.chunk_size
+            over = sh.held_chunks > sh.share_chunks  # it evicts its own chunks first
+            share = Text(f"{human(held)}/{human(sh.share_chunks * store.chunk_size)}", style="yellow" if over else "")
+        table.add_row(
+            name, state, s.mode or g.dash, size(s.target), size(s.actual), size(s.evicted_estimate), size(s.admitted_bytes), share
+        )
     return table
 
 
@@ -307,6 +330,29 @@ def _peers_table(peers: dict[str, PeerStats], g: Glyphs) -> Table:
             str(p.errors),
         )
     return table
+
+
+def _warm_line(p: WarmProgress, g: Glyphs) -> Text:
+    """One warm job: its bar, bytes, rate and time left (or how it ended)."""
+    fetched = p.peer_bytes + p.backing_bytes
+    rate = fetched / p.elapsed if p.elapsed > 0 else 0.0
+    fill = p.done_bytes / p.total_bytes if p.total_bytes else 1.0
+    t = Text(f"warm #{p.id} ")
+    t.append(_bar(fill, 10, g), style="green" if p.state == "running" else "dim")
+    t.append(f" {human(p.done_bytes)} / {human(p.total_bytes)} ({100 * fill:.0f}%)  {_mbs(rate)} MB/s")
+    if p.state == "running":
+        left = (p.total_bytes - p.done_bytes) / rate if rate > 0 else None
+        t.append(f"  ETA {g.dash if left is None else _duration(left)}")
+    else:
+        t.append(f"  {p.state}", style="bold red" if p.state == "failed" else "dim")
+    t.append(f"  {', '.join(p.images)}", style="dim")
+    return t
+
+
+def _pins_line(pins: PinStats) -> Text:
+    t = Text(f"pinned {human(pins.allocated_bytes)} of {human(pins.budget)}: ")
+    t.append(", ".join(p.image + (f" (+{len(p.chain) - 1} backing)" if len(p.chain) > 1 else "") for p in pins.pins), style="magenta")
+    return t
 
 
 def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
@@ -338,6 +384,8 @@ def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
         failures = store.verify_failures
         t.append(str(failures), style="bold red" if failures else "")
         lines.append(t)
+        if len(store.shares) > 1:  # one owner alone has the whole cache: nothing to show
+            lines.append(Text(f"shares {share_text(store)}"))
     else:
         lines.append(Text("no cache (--no-cache): every read goes to the backing", style="dim"))
     rate = Text("reads  ")
@@ -353,10 +401,15 @@ def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
     lines.append(Text("hits   ").append_text(_split(*_totals(images))))
     if images:
         lines.append(_images_table(view, g))
+    if s.pins.pins:
+        lines.append(_pins_line(s.pins))
+    for job in s.warms:
+        if job.state == "running" or time.time() - (job.started + job.elapsed) < WARM_SHOWN:
+            lines.append(_warm_line(job, g))
     guests = s.balloon.guests
     peers = s.peers.peers
     if guests:
-        lines.append(_balloon_table(guests, g))
+        lines.append(_balloon_table(guests, g, store))
     if peers:
         lines.append(_peers_table(peers, g))
     # what is on but has nothing to show yet, or "—" for what this mount does not do

@@ -111,8 +111,31 @@ def test_tracker_reports_cache_drop_once_stats_are_fresh() -> None:
     assert t.update(170 * MiB, 120 * MiB, stamp=13, now=4) is None  # a sample, but the guest may still be reclaiming
     assert t.update(170 * MiB, 100 * MiB, stamp=14, now=5) is None  # it was
     assert t.update(170 * MiB, 100 * MiB, stamp=14, now=5.5) is None  # no new sample
-    assert t.update(170 * MiB, 100 * MiB, stamp=15, now=6) == (342 * MiB, 210 * MiB, 310 * MiB)  # two samples agree
+    assert t.update(170 * MiB, 100 * MiB, stamp=15, now=6)[:3] == (342 * MiB, 210 * MiB, 310 * MiB)  # two samples agree
     assert t.update(170 * MiB, 100 * MiB, stamp=16, now=7) is None  # reported once
+
+
+def test_tracker_bounds_a_lying_guest_by_what_the_host_checks() -> None:
+    """actual and stat-disk-caches come from the guest: a shrink is capped by its RAM and by the host's target."""
+    # Over QMP (no target): a guest claiming 8 GiB of actual and then none gave up at most its 512 MiB of RAM.
+    t = _ShrinkTracker(8 << 30, 8 << 30, memory=512 * MiB, now=0)
+    t.update(0, 0, stamp=None, now=1)
+    assert t.update(0, 0, stamp=None, now=1 + STATS_WAIT)[:3] == (512 * MiB, 512 * MiB, 512 * MiB)
+    # With libvirt's target: the host asked for 384 MiB; a guest claiming to have given everything gave 128 MiB.
+    t = _ShrinkTracker(512 * MiB, 400 * MiB, memory=512 * MiB, now=0)
+    t.update(0, 0, stamp=None, now=1, target=384 * MiB)
+    assert t.update(0, 0, stamp=None, now=1 + STATS_WAIT, target=384 * MiB)[:3] == (128 * MiB, 128 * MiB, 400 * MiB)
+    # A balloon the host never asked to move (target unchanged) is no shrink at all.
+    t = _ShrinkTracker(512 * MiB, 400 * MiB, memory=512 * MiB, now=0)
+    t.update(0, 0, stamp=None, now=1, target=512 * MiB)
+    assert t.update(0, 0, stamp=None, now=1 + STATS_WAIT, target=512 * MiB) is None
+
+
+def test_tracker_says_when_the_cache_figure_was_reported() -> None:
+    t = _ShrinkTracker(512 * MiB, 300 * MiB, now=0)
+    t.update(512 * MiB, 310 * MiB, stamp=None, now=7)  # the last report before the balloon moved, seen at 7
+    t.update(256 * MiB, 310 * MiB, stamp=None, now=8)
+    assert t.update(256 * MiB, 200 * MiB, stamp=None, now=8 + STATS_WAIT) == (256 * MiB, 110 * MiB, 310 * MiB, 7)
 
 
 def test_tracker_clamps_and_falls_back() -> None:
@@ -120,17 +143,17 @@ def test_tracker_clamps_and_falls_back() -> None:
     t.update(412 * MiB, 400 * MiB, stamp=1, now=0)
     t.update(412 * MiB, 50 * MiB, stamp=2, now=1)
     # The cache fell by more than the balloon took: only the balloon's part counts.
-    assert t.update(412 * MiB, 50 * MiB, stamp=3, now=2) == (100 * MiB, 100 * MiB, 400 * MiB)
+    assert t.update(412 * MiB, 50 * MiB, stamp=3, now=2)[:3] == (100 * MiB, 100 * MiB, 400 * MiB)
     # Statistics that stop coming: after STATS_WAIT the last fresh sample is used.
     t = _ShrinkTracker(512 * MiB, 300 * MiB)
     t.update(256 * MiB, 300 * MiB, stamp=1, now=0)
     assert t.update(256 * MiB, 200 * MiB, stamp=2, now=1) is None
-    assert t.update(256 * MiB, 200 * MiB, stamp=2, now=STATS_WAIT) == (256 * MiB, 100 * MiB, 300 * MiB)
+    assert t.update(256 * MiB, 200 * MiB, stamp=2, now=STATS_WAIT)[:3] == (256 * MiB, 100 * MiB, 300 * MiB)
     # A guest without statistics: after STATS_WAIT the balloon delta is the estimate.
     t = _ShrinkTracker(512 * MiB, None)
     t.update(256 * MiB, None, stamp=None, now=0)
     assert t.update(256 * MiB, None, stamp=None, now=1) is None
-    assert t.update(256 * MiB, None, stamp=None, now=STATS_WAIT) == (256 * MiB, 256 * MiB, None)
+    assert t.update(256 * MiB, None, stamp=None, now=STATS_WAIT)[:3] == (256 * MiB, 256 * MiB, None)
     # Deflating, or inflating and deflating back, is no shrink.
     t = _ShrinkTracker(256 * MiB, 10 * MiB)
     assert t.update(512 * MiB, 10 * MiB, stamp=1, now=0) is None

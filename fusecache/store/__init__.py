@@ -54,6 +54,10 @@ Transactions and locking
   are free, or more loc entries than `max_chunks`; a chunk whose pages are
   mostly shared is spared once, one whose pages a peer holds
   (`WriteBatch.peer_holds`) loses its second chance.
+- Pins: the inodes in meta `pins` (set by a batch's `pins`, in the first
+  transaction) are kept out of the eviction order, so their chunks are never
+  victims; they still count against `max_chunks` and the slots. Keeping
+  pinned content within the cache is the caller's budget (`pins.py`).
 """
 
 from fusecache.store.directory import CHUNKS_PER_CAPACITY_CHUNK, Store

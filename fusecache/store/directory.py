@@ -12,13 +12,13 @@ from collections.abc import Iterator
 
 from fusecache.errors import QuietError
 from fusecache.geometry import CHUNK_SIZE
-from fusecache.stats import StoreStats
+from fusecache.stats import ShareStats, StoreStats
 from fusecache.store.check import problems
-from fusecache.store.eviction import EVICTIONS
+from fusecache.store.eviction import EVICTIONS, Shares
 from fusecache.store.layout import PAGE_SIZE, Location
 from fusecache.store.opening import CacheFiles
-from fusecache.store.reader import Reader
-from fusecache.store.writer import WriteBatch, Writer
+from fusecache.store.reader import Holdings, Reader
+from fusecache.store.writer import WriteBatch, Writer, unpinned
 from fusecache.version import Version
 
 # Loc entries (chunks) per chunk of capacity: holes and dedup let a cache
@@ -53,7 +53,8 @@ class Store:
         self.max_chunks = CHUNKS_PER_CAPACITY_CHUNK * (capacity // chunk_size)
         if eviction not in EVICTIONS:
             raise QuietError(f"unknown eviction policy {eviction!r}; choose one of {', '.join(EVICTIONS)}")
-        self._eviction = EVICTIONS[eviction]()
+        # Per-owner shares over the chosen order: no guest's admissions flush another's chunks (eviction.Shares).
+        self._eviction = Shares(EVICTIONS[eviction], capacity // chunk_size)
         # Bumped from the loop and the writer thread without a lock: a lost count is harmless.
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._files = CacheFiles(
@@ -67,10 +68,15 @@ class Store:
         )
         env, tables, slab = self._files.env, self._files.tables, self._files.slab
         assert env is not None and tables is not None and slab is not None
-        self._eviction.load(self._files.order)
         self._nslots = nslots
         self._reader = Reader(env, tables, slab, self._eviction, self._counters, chunk_size=chunk_size)
-        self._writer = Writer(env, tables, slab, self._eviction, self._counters, chunk_size=chunk_size, max_chunks=self.max_chunks)
+        # Pinned inodes' chunks stay out of the eviction order; only the writer changes this set.
+        self._pinned = set(self._reader.pins())
+        self._eviction.load(unpinned(self._files.order, self._pinned))
+        self._writer = Writer(
+            env, tables, slab, self._eviction, self._counters,
+            chunk_size=chunk_size, max_chunks=self.max_chunks, pinned=self._pinned,
+        )  # fmt: skip
 
     # --- reads (any thread, lock-free) -----------------------------------
 
@@ -140,6 +146,18 @@ class Store:
         """(ino, version, chunk) of every held chunk of a file's current generation: the peers' location summary."""
         return self._reader.iter_locations()
 
+    def held_chunks(self, ino: int, gen: int, first: int, last: int) -> set[int]:
+        """Which of chunks first..last of (ino, gen) the store holds (one read transaction, keys only)."""
+        return self._reader.held_chunks(ino, gen, first, last)
+
+    def pins(self) -> dict[int, str]:
+        """The pinned inodes, as committed (ino -> the image path it was pinned by)."""
+        return self._reader.pins()
+
+    def holdings(self, ino: int, gen: int) -> Holdings:
+        """What is held of one generation of a file: chunks, bytes, bytes shared with other files (a scan: off the loop)."""
+        return self._reader.holdings(ino, gen)
+
     def iter_files(self) -> list[int]:
         """The inode of every file with a record (for dropping the whole cache)."""
         return self._reader.iter_files()
@@ -157,8 +175,14 @@ class Store:
             dedup_ratio=logical / (used * PAGE_SIZE) if used else 1.0,
             chunks=chunks,
             max_chunks=self.max_chunks,
+            shares=self.shares(),
             **self._counters,
         )
+
+    def shares(self) -> dict[str, ShareStats]:
+        """Per owner (guest, the host, chunks of an earlier run): chunks held and the share it is owed."""
+        share = self._eviction.share()
+        return {owner: ShareStats(held_chunks=n, share_chunks=share) for owner, n in self._eviction.held().items()}
 
     def check(self) -> list[str]:
         """Problems the integrity checker finds (empty: consistent). Only while no batch is being applied."""
@@ -174,7 +198,8 @@ class Store:
 
     def close(self) -> None:
         """Make everything durable and mark a clean shutdown."""
-        self._files.close_clean(self._eviction.order())
+        # Pinned chunks last: the saved order must hold every loc key to be used at the next open.
+        self._files.close_clean(self._eviction.order() + self._reader.keys_of(self._pinned))
 
     def abandon(self) -> None:
         """Close without the clean-shutdown mark: what a killed process leaves (tests of recovery use it)."""

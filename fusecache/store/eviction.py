@@ -6,6 +6,12 @@ held only for a few dict operations. `evict_one(weigh)` removes and returns a
 victim; weigh(key) is -1 when a peer holds the chunk's pages (cheap to lose),
 +1 when its pages are mostly shared with other chunks (valuable: spared
 once), else 0. bench/eviction.py compares the two on a skewed trace.
+
+`Shares` puts per-owner shares over either order: every chunk is tagged
+with the owner it was admitted for (a guest's name, or the host), each owner
+has an order of its own, and a victim is taken from the owner furthest over
+its share, so an owner over its share evicts its own chunks first and no
+owner can flush another's chunks below that one's share.
 """
 
 from __future__ import annotations
@@ -203,3 +209,138 @@ class S3FifoEviction:
 
 
 EVICTIONS: dict[str, type[LruEviction] | type[S3FifoEviction]] = {"s3fifo": S3FifoEviction, "lru": LruEviction}
+
+HOST = "(host)"  # the owner of chunks admitted for no guest (reads of images no guest has open, `fusecache admit`)
+UNOWNED = "(earlier run)"  # chunks reloaded at open: who admitted them is not persisted; they have no share
+
+
+class Shares:
+    """Per-owner shares of the cache over one eviction order per owner (S3-FIFO or LRU).
+
+    Share sizing: `capacity_chunks` (the cache's size in chunks) split equally
+    among the owners seen: the host, every owner holding chunks, and every
+    owner of the batch being made room for. Equal, not weighted by guest RAM:
+    a share is what protects a tenant from the others, and a guest's RAM is
+    not the cache it is owed. A share counts chunks (64 KiB each, whatever
+    their holes or dedup). Shares only matter when the cache is full: an owner
+    may hold more than its share while there is room.
+
+    Charging: a chunk is charged to the owner it was first admitted for; a
+    later admission of the same chunk for another guest (a shared base image,
+    dedup) leaves the charge where it is. Owners live in memory only: chunks
+    reloaded at open belong to `UNOWNED`, which has no share and so goes first.
+
+    Victims (`evict_one`): `expect(incoming)` says how many chunks each owner
+    is about to admit; the victim's owner is the one with the highest
+    (held + incoming) / share among those holding chunks (`UNOWNED` first),
+    and that owner's own order picks the chunk. So an owner over its share
+    evicts its own chunks first; another owner loses chunks only while it is
+    itself the furthest over its share.
+    """
+
+    def __init__(self, make: Callable[[], Eviction], capacity_chunks: int) -> None:
+        self.name = make().name
+        self._make = make
+        self.capacity_chunks = max(1, capacity_chunks)
+        self._lock = threading.Lock()
+        self._orders: dict[str, Eviction] = {}
+        self._owner: dict[Key, str] = {}
+        self._incoming: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._owner
+
+    def touch(self, key: Key) -> None:
+        order = self._orders.get(self._owner.get(key, ""))
+        if order is not None:
+            order.touch(key)
+
+    def insert(self, key: Key, owner: str | None = None) -> None:
+        owner = owner or HOST
+        with self._lock:
+            held_by = self._owner.get(key)
+            if held_by is not None and held_by != UNOWNED:
+                owner = held_by  # charged to whoever admitted it first
+            elif held_by == UNOWNED:
+                self._orders[UNOWNED].remove(key)
+            self._owner[key] = owner
+            order = self._orders.get(owner)
+            if order is None:
+                order = self._orders[owner] = self._make()
+        order.insert(key)
+
+    def remove(self, key: Key) -> None:
+        with self._lock:
+            owner = self._owner.pop(key, None)
+            order = self._orders.get(owner) if owner is not None else None
+        if order is not None:
+            order.remove(key)
+
+    def expect(self, incoming: dict[str, int]) -> None:
+        """The chunks each owner is about to admit (writer thread, before `evict_one`)."""
+        self._incoming = dict(incoming)
+
+    def share(self) -> int:
+        """Chunks each owner is owed now."""
+        with self._lock:
+            return self._share()
+
+    def _share(self) -> int:
+        return max(1, self.capacity_chunks // len(self._owners_seen()))
+
+    def _owners_seen(self) -> set[str]:
+        seen = {HOST, *self._incoming}
+        seen.update(o for o, order in self._orders.items() if len(order))
+        seen.discard(UNOWNED)
+        return seen
+
+    def held(self) -> dict[str, int]:
+        """Chunks held per owner (owners holding none left out)."""
+        with self._lock:
+            return {o: len(order) for o, order in sorted(self._orders.items()) if len(order)}
+
+    def _victim_owner(self) -> str | None:
+        share = self._share()
+        best, best_over = None, -1.0
+        for owner, order in self._orders.items():
+            n = len(order)
+            if not n:
+                continue
+            if owner == UNOWNED:
+                return owner
+            over = (n + self._incoming.get(owner, 0)) / share
+            if over > best_over:
+                best, best_over = owner, over
+        return best
+
+    def evict_one(self, weigh: Callable[[Key], int]) -> Key | None:
+        while True:
+            with self._lock:
+                owner = self._victim_owner()
+                if owner is None:
+                    return None
+                order = self._orders[owner]
+            key = order.evict_one(weigh)
+            if key is None:
+                continue  # emptied meanwhile (a drop): pick again
+            with self._lock:
+                self._owner.pop(key, None)
+            return key
+
+    def load(self, keys: Iterable[Key]) -> None:
+        """Reloaded chunks: owner unknown (`UNOWNED`)."""
+        order = self._make()
+        order.load(keys)
+        with self._lock:
+            self._orders = {UNOWNED: order}
+            self._owner = dict.fromkeys(order.order(), UNOWNED)
+            self._incoming = {}
+
+    def order(self) -> list[Key]:
+        """Every key, the owners' orders one after another (all reload as `UNOWNED`)."""
+        with self._lock:
+            orders = list(self._orders.values())
+        return [k for order in orders for k in order.order()]

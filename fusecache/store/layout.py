@@ -21,7 +21,10 @@ Format version FORMAT_VERSION; all integers big-endian.
   while open; b"slots" -> u32 slot count of pages.slab; b"free_slots" -> u32
   total of the free extents; b"logical_bytes" -> u64 non-hole bytes held by
   loc entries; b"order" (only after a clean close) -> the loc keys in
-  eviction order, victim first.
+  eviction order, victim first; b"pins" (only once something was pinned) -> JSON
+  {"INO": LABEL, ...}: the inodes whose chunks eviction never takes, each with
+  a string the store does not read (`pins.py` keeps its record there: the
+  file's path and the pins that cover it).
 - `pages.slab`: slot s holds a page at byte offset s * 4096.
 
 A loc value is decoded two ways, both here: `decode_loc` into a `Location`
@@ -115,6 +118,24 @@ def decode_file(value: bytes | memoryview) -> tuple[int, Version]:
 
 def file_gen(value: bytes | memoryview) -> int:
     return U64.unpack_from(value)[0]
+
+
+# --- pins ----------------------------------------------------------------------
+
+
+def encode_pins(pins: dict[int, str]) -> bytes:
+    return json.dumps({str(ino): path for ino, path in sorted(pins.items())}).encode()
+
+
+def decode_pins(raw: bytes | memoryview | None) -> dict[int, str]:
+    """The pinned inodes (a malformed value pins nothing: pins are a preference, the cache stays usable)."""
+    if raw is None:
+        return {}
+    try:
+        obj = json.loads(bytes(raw))
+        return {int(ino): str(path) for ino, path in obj.items()}
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 # --- pages ---------------------------------------------------------------------

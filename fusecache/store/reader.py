@@ -12,8 +12,10 @@ never wrong data.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lmdb
@@ -36,6 +38,7 @@ from fusecache.store.layout import (
     decode_file,
     decode_loc,
     decode_page,
+    decode_pins,
     loc_head,
     loc_refs,
     pack_key,
@@ -47,6 +50,16 @@ from fusecache.version import UNKNOWN, Version
 
 # Keys per read transaction when listing a table: a long transaction would pin LMDB pages.
 _LIST_BATCH = 4096
+
+
+@dataclasses.dataclass
+class Holdings:
+    """What the store holds of one generation of one file."""
+
+    chunks: list[int] = dataclasses.field(default_factory=list)  # chunk numbers held
+    chunk_bytes: list[int] = dataclasses.field(default_factory=list)  # non-hole bytes of each
+    cached_bytes: int = 0  # non-hole bytes of those chunks
+    shared_bytes: int = 0  # of which pages some other file (or another of its generations) holds too
 
 
 class Reader:
@@ -342,6 +355,64 @@ class Reader:
             rec = files.get(ino)
             if rec is not None and rec[0] == gen and rec[1] != UNKNOWN:  # a version not known is not offered
                 yield ino, rec[1], chunk
+
+    def pins(self) -> dict[int, str]:
+        with self.env.begin(db=self.tables.meta, buffers=True) as txn:
+            return decode_pins(txn.get(b"pins"))
+
+    def held_chunks(self, ino: int, gen: int, first: int, last: int) -> set[int]:
+        """Which of chunks first..last of (ino, gen) are held (keys only: nothing is read or verified)."""
+        out = set()
+        end = pack_key(ino, gen, last)
+        with self.env.begin(db=self.tables.loc) as txn:
+            cur = txn.cursor()
+            if cur.set_range(pack_key(ino, gen, first)):
+                for key in cur.iternext(values=False):
+                    if key > end:
+                        break
+                    out.add(unpack_key(key)[2])
+        return out
+
+    def keys_of(self, inos: Iterable[int]) -> list[Key]:
+        """Every loc key of these inodes, any generation."""
+        out: list[Key] = []
+        with self.env.begin(db=self.tables.loc) as txn:
+            cur = txn.cursor()
+            for ino in sorted(inos):
+                prefix = INO.pack(ino)
+                if cur.set_range(prefix):
+                    for key in cur.iternext(values=False):
+                        if key[:8] != prefix:
+                            break
+                        out.append(bytes(key))
+        return out
+
+    def holdings(self, ino: int, gen: int) -> Holdings:
+        """The chunks held of (ino, gen), their bytes, and how many of those bytes are pages shared with other chunks' files.
+
+        One read transaction over the file's loc entries and their pages: run it off the loop for a large file.
+        """
+        out = Holdings()
+        prefix = pack_key(ino, gen, 0)[:16]
+        own: collections.Counter[bytes] = collections.Counter()
+        with self.env.begin(buffers=True) as txn:
+            cur = txn.cursor(db=self.tables.loc)
+            if cur.set_range(prefix):
+                for key, value in cur.iternext():
+                    if bytes(key[:16]) != prefix:
+                        break
+                    loc = decode_loc(value)
+                    out.chunks.append(unpack_key(key)[2])
+                    out.chunk_bytes.append(loc.held_bytes())
+                    out.cached_bytes += out.chunk_bytes[-1]
+                    own.update(loc.digests)
+            pages = txn.cursor(db=self.tables.pages)
+            for digest, value in pages.getmulti(sorted(own)):
+                n = own[bytes(digest)]
+                if decode_page(value)[1] > n:
+                    out.shared_bytes += n * PAGE_SIZE
+        out.shared_bytes = min(out.shared_bytes, out.cached_bytes)
+        return out
 
     def iter_files(self) -> list[int]:
         with self.env.begin(db=self.tables.files) as txn:

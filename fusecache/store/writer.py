@@ -18,7 +18,7 @@ from collections.abc import Callable, Set
 import lmdb
 import xxhash
 
-from fusecache.store.eviction import Eviction
+from fusecache.store.eviction import HOST, Eviction, Shares
 from fusecache.store.layout import (
     INO,
     SHIFT,
@@ -33,6 +33,7 @@ from fusecache.store.layout import (
     encode_file,
     encode_loc,
     encode_page,
+    encode_pins,
     file_gen,
     held_bytes,
     pack_key,
@@ -54,10 +55,14 @@ def _no_peer_holds(digest: bytes) -> bool:
 class WriteBatch:
     """One `Store.apply` call's worth of changes, applied in one go by the writer thread.
 
-    Order: forget_files, files, drop, then admit. An admission for a generation
+    Order: pins, forget_files, files, drop, then admit. An admission for a generation
     other than the file's recorded one is a read of a superseded version: skipped.
     peer_holds(digest) tells eviction which pages a peer also holds: those are
-    cheaper to lose (None: no peer holds anything).
+    cheaper to lose (None: no peer holds anything). pins, when given, replaces
+    the pinned inodes (ino -> a label the store keeps for its caller): their chunks
+    leave the eviction order, and those of inodes no longer pinned return to it.
+    owners names, per admitted (ino, gen, chunk), the guest it is admitted for
+    (absent: the host); it is charged to that owner's share (`eviction.Shares`).
     """
 
     admit: list[tuple[int, int, int, bytes]] = dataclasses.field(default_factory=list)
@@ -65,15 +70,18 @@ class WriteBatch:
     files: list[tuple[int, int, tuple[int, int, int, int]]] = dataclasses.field(default_factory=list)
     forget_files: list[int] = dataclasses.field(default_factory=list)
     peer_holds: Callable[[bytes], bool] | None = None
+    pins: dict[int, str] | None = None
+    owners: dict[tuple[int, int, int], str] = dataclasses.field(default_factory=dict)
 
 
 class Admission:
     """One chunk to admit, hashed before the write transaction starts."""
 
-    __slots__ = ("chunk_digest", "data", "key", "length", "pages", "present")
+    __slots__ = ("chunk_digest", "data", "key", "length", "owner", "pages", "present")
 
-    def __init__(self, key: Key, data: bytes) -> None:
+    def __init__(self, key: Key, data: bytes, owner: str = HOST) -> None:
         self.key = key
+        self.owner = owner
         self.length = len(data)
         self.chunk_digest = xxhash.xxh3_128_digest(data)
         npages = pages_of(self.length)
@@ -93,7 +101,12 @@ class Admission:
 
 
 class Writer:
-    """Applies batches (one thread at a time: the cache's writer)."""
+    """Applies batches (one thread at a time: the cache's writer).
+
+    `pinned` is the store's set of pinned inodes: their chunks are never in the
+    eviction order (so never victims); the writer alone changes it, after the
+    commit that records the change.
+    """
 
     def __init__(
         self,
@@ -105,20 +118,30 @@ class Writer:
         *,
         chunk_size: int,
         max_chunks: int,
+        pinned: set[int] | None = None,
     ) -> None:
         self.env, self.tables, self.slab, self.eviction, self.counters = env, tables, slab, eviction, counters
         self.chunk_size = chunk_size
         self.max_chunks = max_chunks
+        self.pinned: set[int] = pinned if pinned is not None else set()
 
     def apply(self, batch: WriteBatch) -> None:
         """Releases and evictions commit first, then admissions in a second transaction (package docstring)."""
         if any(len(data) > self.chunk_size for *_, data in batch.admit):
             raise ValueError(f"an admitted chunk is longer than the chunk size {self.chunk_size}")
-        admissions = [Admission(pack_key(ino, gen, chunk), data) for ino, gen, chunk, data in batch.admit]
+        owners = batch.owners
+        admissions = [
+            Admission(pack_key(ino, gen, chunk), data, owners.get((ino, gen, chunk), HOST)) for ino, gen, chunk, data in batch.admit
+        ]
         peer_holds = batch.peer_holds or _no_peer_holds
+        new_pins: set[int] | None = None
         try:
             with self.env.begin(write=True) as txn:
                 w = self.txn(txn, peer_holds)
+                if batch.pins is not None:
+                    new_pins = set(batch.pins)
+                    txn.put(b"pins", encode_pins(batch.pins), db=self.tables.meta)
+                    w.repin(self.pinned, new_pins)
                 for ino in batch.forget_files:
                     w.forget_file(ino)
                 for ino, gen, version in batch.files:
@@ -130,6 +153,9 @@ class Writer:
                         self.counters["dropped_chunks"] += 1
                 admissions = w.make_room(admissions)
                 w.finish()
+            if new_pins is not None:
+                self.pinned.clear()
+                self.pinned.update(new_pins)
             if admissions:
                 with self.env.begin(write=True) as txn:
                     w = self.txn(txn, peer_holds)
@@ -138,11 +164,22 @@ class Writer:
         except BaseException:
             # The eviction order was changed in step with a transaction that did not commit.
             with self.env.begin(db=self.tables.loc) as txn:
-                self.eviction.load([bytes(k) for k in txn.cursor().iternext(values=False)])
+                keys = [bytes(k) for k in txn.cursor().iternext(values=False)]
+            self.eviction.load(unpinned(keys, self.pinned))
             raise
 
     def txn(self, txn: lmdb.Transaction, peer_holds: Callable[[bytes], bool] = _no_peer_holds) -> WriteTxn:
-        return WriteTxn(txn, self.tables, self.slab, self.eviction, self.counters, max_chunks=self.max_chunks, peer_holds=peer_holds)
+        return WriteTxn(
+            txn, self.tables, self.slab, self.eviction, self.counters,
+            max_chunks=self.max_chunks, peer_holds=peer_holds, pinned=self.pinned,
+        )  # fmt: skip
+
+
+def unpinned(keys: list[Key], pinned: Set[int]) -> list[Key]:
+    """The loc keys eviction may take: those of inodes not pinned."""
+    if not pinned:
+        return keys
+    return [k for k in keys if INO.unpack_from(k)[0] not in pinned]
 
 
 class WriteTxn:
@@ -158,10 +195,12 @@ class WriteTxn:
         *,
         max_chunks: int,
         peer_holds: Callable[[bytes], bool] = _no_peer_holds,
+        pinned: Set[int] = frozenset(),
     ) -> None:
         self.txn, self.tables, self.slab, self.eviction, self.counters = txn, tables, slab, eviction, counters
         self.max_chunks = max_chunks
         self.peer_holds = peer_holds
+        self.pinned = pinned
         (self.free_count,) = U32.unpack(txn.get(b"free_slots", db=tables.meta))
         (self.logical,) = U64.unpack(txn.get(b"logical_bytes", db=tables.meta))
         # Freed here, reusable only after this transaction commits.
@@ -273,6 +312,26 @@ class WriteTxn:
             self.eviction.remove(key)
         self.counters["dropped_chunks"] += len(doomed)
 
+    def _keys_of(self, ino: int) -> list[bytes]:
+        prefix = INO.pack(ino)
+        cur = self.txn.cursor(db=self.tables.loc)
+        keys = []
+        if cur.set_range(prefix):
+            for key in cur.iternext(values=False):
+                if key[:8] != prefix:
+                    break
+                keys.append(bytes(key))
+        return keys
+
+    def repin(self, old: Set[int], new: Set[int]) -> None:
+        """Newly pinned inodes' chunks leave the eviction order; unpinned ones' return to it."""
+        for ino in new - old:
+            for key in self._keys_of(ino):
+                self.eviction.remove(key)
+        for ino in old - new:
+            for key in self._keys_of(ino):
+                self.eviction.insert(key)
+
     def forget_file(self, ino: int) -> None:
         self.txn.delete(INO.pack(ino), db=self.tables.files)
         self._remove_ino(ino, None)
@@ -305,6 +364,10 @@ class WriteTxn:
         files, nslots = self.tables.files, self.slab.nslots
         fitting: list[Admission] = []
         digests: set[bytes] = set()
+        shares = self.eviction if isinstance(self.eviction, Shares) else None
+        share = shares.share() if shares is not None else 0
+        incoming: dict[str, int] = collections.Counter()
+        room = self.free_slots()  # slots free now: beyond its share, an owner admits only into these
         for a in admissions:
             ino, gen, _ = unpack_key(a.key)
             record = self.txn.get(INO.pack(ino), db=files)
@@ -315,6 +378,13 @@ class WriteTxn:
             if len(digests) + len(new_digests) > nslots or len(fitting) >= self.max_chunks:
                 self.counters["skipped_chunks"] += 1
                 continue
+            if shares is not None and incoming[a.owner] >= share and len(new_digests) > room:
+                # Past a whole share in one batch, room would come from other owners' chunks while this one
+                # may hold none of its own yet: not admitted (it would only evict this batch's own admissions).
+                self.counters["skipped_chunks"] += 1
+                continue
+            room -= len(new_digests)
+            incoming[a.owner] += 1
             digests |= new_digests
             fitting.append(a)
         needed = len(digests) - len(self.txn.cursor(db=self.tables.pages).getmulti(sorted(digests)))
@@ -322,7 +392,10 @@ class WriteTxn:
         new_chunks = len(keys) - len(self.txn.cursor(db=self.tables.loc).getmulti(sorted(keys)))
         free = self.free_slots()
         evicted = 0
-        while free < needed or len(self.eviction) + new_chunks > self.max_chunks:
+        if shares is not None:
+            shares.expect(incoming)
+        # The loc entries, not the eviction order's length: pinned chunks count against max_chunks too.
+        while free < needed or self.txn.stat(self.tables.loc)["entries"] + new_chunks > self.max_chunks:
             key = self.eviction.evict_one(self.weigh)
             if key is None:
                 break
@@ -394,7 +467,12 @@ class WriteTxn:
             digests = [d for _, d in a.pages]
             entries[a.key] = encode_loc(a.length, a.chunk_digest, a.present, [slot_of[d] for d in digests], digests)
             self.logical += held_bytes(a.length, a.present)
-            self.eviction.insert(a.key)
+            if self.pinned and INO.unpack_from(a.key)[0] in self.pinned:
+                pass  # a pinned chunk is never a victim: it stays out of the eviction order
+            elif isinstance(self.eviction, Shares):
+                self.eviction.insert(a.key, a.owner)
+            else:
+                self.eviction.insert(a.key)
         loc = txn.cursor(db=loc_db)
         replaced = [bytes(v) for _, v in loc.getmulti(list(entries))]
         loc.putmulti(sorted(entries.items()))

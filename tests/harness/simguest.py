@@ -6,7 +6,10 @@ fusecache mount with O_DIRECT like QEMU with cache=none; a balloon that, when
 inflated, takes memory away and so makes the page cache evict its oldest
 blocks; and a QMP socket that answers the balloon monitor the way QEMU does
 (`query-balloon`, `guest-stats` with `stat-disk-caches`, `query-block`,
-BALLOON_CHANGE events), so the real monitor and second-chance path run.
+`query-memory-size-summary`, BALLOON_CHANGE events), so the real monitor and
+second-chance path run. A guest can lie, as a hostile tenant's could: set
+`claim_actual` and `claim_disk_caches` and it reports those instead of the
+truth (both numbers come from the guest's balloon driver in a real VM).
 Real guests under QEMU are in tests/harness/tinyguest.py; this one boots in no time.
 """
 
@@ -42,6 +45,8 @@ class EmulatedGuest:
         self._fd = -1
         self._buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT needs
         self.size = 0
+        self.claim_actual: int | None = None  # a lying guest's balloon 'actual', reported instead of the truth
+        self.claim_disk_caches: int | None = None  # and its stat-disk-caches
 
     @property
     def cache_capacity(self) -> int:
@@ -90,13 +95,27 @@ class EmulatedGuest:
         """
         self.actual = actual
         evicted = self._shrink_cache()
+        self._balloon_event()
+        return evicted
+
+    def lie(self, actual: int | None, disk_caches: int | None) -> None:
+        """From now on report these (None: the truth) to the host, as a guest's driver can; nothing else changes."""
+        self.claim_actual, self.claim_disk_caches = actual, disk_caches
+        self._balloon_event()
+
+    @property
+    def reported_actual(self) -> int:
+        return self.actual if self.claim_actual is None else self.claim_actual
+
+    def _balloon_event(self) -> None:
         for ch in list(self._events):
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                ch.send_nowait({"event": "BALLOON_CHANGE", "data": {"actual": actual}, "timestamp": _stamp()})
-        return evicted
+                ch.send_nowait({"event": "BALLOON_CHANGE", "data": {"actual": self.reported_actual}, "timestamp": _stamp()})
 
     def guest_stats(self) -> dict[str, int]:
         cached = len(self.cache) * BLOCK
+        if self.claim_disk_caches is not None:
+            cached = self.claim_disk_caches
         return {
             "stat-disk-caches": cached,
             "stat-total-memory": self.actual,
@@ -159,7 +178,9 @@ class EmulatedGuest:
         elif cmd == "qom-get":
             result = 1
         elif cmd == "query-balloon":
-            result = {"actual": self.actual}
+            result = {"actual": self.reported_actual}
+        elif cmd == "query-memory-size-summary":
+            result = {"base-memory": self.memory}
         elif cmd == "query-name":
             result = {"name": self.name}
         elif cmd == "query-block":

@@ -233,5 +233,46 @@ def test_a_shrink_admits_from_what_the_guest_could_still_hold():
     policy._send = type("S", (), {"send_nowait": lambda self, item: sent.append(item)})()
     policy.on_shrink(Shrink("vm", [], 20 * CS, 10 * CS, cache_before=40 * CS))
     # the guest held at most the newest 40 reads (60..99); it evicted the oldest 10 of those
-    assert sent == [("vm", [(1, 1, c) for c in range(60, 70)])]
+    assert sent == ["vm"] and policy._queued["vm"] == [(1, 1, c) for c in range(60, 70)]
     assert policy.stats().guests["vm"].aged_out == 60 * CS
+
+
+def test_before_is_the_last_report_plus_what_the_guest_read_since():
+    """A report predates the guest's latest reads: those are in its page cache too, and not aged out."""
+    policy = SecondChance("/mnt", None, None, staging_bytes=0)  # type: ignore[arg-type]  # on_shrink uses neither
+    reads = policy.guests["vm"]
+    reads.limit = 100 * CS
+    for c in range(60):
+        reads.add((1, 1, c), CS, now=100.0 + c * 0.2)  # reads 0..59, 0.2 s apart
+    policy._send = type("S", (), {"send_nowait": lambda self, item: None})()
+    # it reported 20 chunks of page cache at t=108 (after read 40), then read 41..59 (19 more, 20 with the mark's rounding)
+    policy.on_shrink(Shrink("vm", [], 30 * CS, 30 * CS, cache_before=20 * CS, cache_before_at=108.0))
+    held = policy._queued["vm"]
+    assert held[0] == (1, 1, 20) and len(held) == 30  # the newest 20 + 20: 20..59; the oldest 30 of those evicted
+    assert policy.stats().guests["vm"].aged_out == 20 * CS
+
+
+def test_one_guest_has_at_most_one_admission_job_queued():
+    """A guest that reports shrink after shrink cannot fill the admission queue another guest needs."""
+    policy = SecondChance("/mnt", None, None, staging_bytes=0)  # type: ignore[arg-type]
+    sent: list[str] = []
+    policy._send = type("S", (), {"send_nowait": lambda self, item: sent.append(item)})()
+    for c in range(1000):
+        policy.guests["liar"].add((1, 1, c), CS)
+        policy.on_shrink(Shrink("liar", [], CS, CS))
+    policy.guests["honest"].add((2, 1, 0), CS)
+    policy.on_shrink(Shrink("honest", [], CS, CS))
+    assert sent == ["liar", "honest"]
+    assert len(policy._queued["liar"]) == 1000 and policy._queued["honest"] == [(2, 1, 0)]
+
+
+def test_each_read_is_taken_once_whatever_the_guest_claims():
+    """The re-read bound: a guest claiming shrink after shrink gets each chunk it read admitted at most once."""
+    policy = SecondChance("/mnt", None, None, staging_bytes=0)  # type: ignore[arg-type]
+    policy._send = type("S", (), {"send_nowait": lambda self, item: None})()
+    for c in range(50):
+        policy.guests["liar"].add((1, 1, c), CS)
+    for _ in range(20):
+        policy.on_shrink(Shrink("liar", [], 1 << 30, 1 << 30, cache_before=1 << 30))
+    assert len(policy._queued["liar"]) == 50
+    assert policy.stats().guests["liar"].mode == "estimate"

@@ -54,3 +54,20 @@ def test_the_peer_summary_is_sized_for_every_page_of_the_cache():
 def test_a_cache_below_the_minimum_is_refused_in_one_line():
     with pytest.raises(QuietError, match="too small"):
         cli._mount(parse_mount("--cache-size", "512K"), [])
+
+
+def test_pin_options_and_the_budget():
+    args = parse_mount("--cache-size", "8G", "--pin", "golden/*", "--pin", "*.qcow2")
+    assert args.pin == ["golden/*", "*.qcow2"] and args.pin_budget == options.PIN_BUDGET
+    opts = MountOptions("/images", "/mnt", cache_size=8 * GiB, pin_budget=0.25)
+    assert opts.pin_budget_bytes == 2 * GiB
+    for bad in ("2", "-0.1", "half"):
+        with pytest.raises(QuietError, match="--pin-budget"):
+            parse_mount("--pin-budget", bad)
+
+
+def test_warm_takes_ranges_and_rates():
+    args = cli.build_parser().parse_args(["warm", "/mnt", "a.img", "b.img", "--range", "1G:512M", "--rate", "16M"])
+    assert args.images == ["a.img", "b.img"] and args.range == (GiB, 512 * MiB) and args.rate == 16 * MiB
+    with pytest.raises(QuietError, match="OFFSET:LENGTH"):
+        cli.build_parser().parse_args(["warm", "/mnt", "a.img", "--range", "1G"])

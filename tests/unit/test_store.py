@@ -16,6 +16,7 @@ import lmdb
 import pytest
 
 from fusecache.errors import QuietError
+from fusecache.stats import ShareStats
 from fusecache.store import PAGE_SIZE, Store, WriteBatch
 from fusecache.store.layout import pack_key
 
@@ -179,6 +180,55 @@ def test_eviction_keeps_the_bound_and_the_hot_chunks(tmp_path: Path, eviction: s
     kept = [k for k, v in admitted.items() if store.read_chunk(*k) == v]
     assert (2, 1, 59) in kept and len(kept) <= 13
     check_integrity(store)
+
+
+def admit_for(store: Store, owner: str, items: list[tuple[int, int, int, bytes]]) -> None:
+    store.apply(WriteBatch(admit=items, owners={item[:3]: owner for item in items}))
+
+
+@pytest.mark.parametrize("eviction", ["s3fifo", "lru"])
+def test_an_owner_over_its_share_evicts_its_own_chunks_first(tmp_path: Path, eviction: str) -> None:
+    """A guest admitting far more than its share (a lying guest) cannot flush another guest's chunks within theirs."""
+    store = Store(str(tmp_path), 12 * CHUNK, eviction=eviction)  # owners: the host, honest, liar: 4 chunks each
+    honest = {(1, 1, c): unique() for c in range(4)}
+    admit_for(store, "honest", [(*k, v) for k, v in honest.items()])
+    liar = {}
+    for n in range(10):  # 40 chunks, in batches of 4 and one of 20
+        batch = [(2, 1, 4 * n + c, unique()) for c in range(4)]
+        liar.update({item[:3]: item[3] for item in batch})
+        admit_for(store, "liar", batch)
+    big = [(2, 1, 100 + c, unique()) for c in range(20)]
+    admit_for(store, "liar", big)
+    assert all(store.read_chunk(*k) == v for k, v in honest.items())  # every byte of the honest guest's share, intact
+    shares = store.stats().shares
+    assert shares["honest"].held_chunks == 4 and shares["honest"].share_chunks == 4
+    assert shares["liar"].held_chunks <= 8  # its share and the host's unused one
+    assert store.stats().chunks <= 12
+    check_integrity(store)
+
+
+def test_shares_leave_room_to_one_owner_while_the_cache_has_it(tmp_path: Path) -> None:
+    """Shares bind only when the cache is full: one guest alone may fill it, in one batch."""
+    store = Store(str(tmp_path), 12 * CHUNK)
+    items = [(1, 1, c, unique()) for c in range(12)]
+    admit_for(store, "vm", items)
+    assert all(store.read_chunk(*item[:3]) == item[3] for item in items)
+    assert store.stats().shares["vm"].held_chunks == 12
+    # then another guest's admissions take from the one over its share, down to its share (12 / 3 owners)
+    admit_for(store, "vm2", [(2, 1, c, unique()) for c in range(4)])
+    shares = store.stats().shares
+    assert shares["vm"].held_chunks == 8 and shares["vm2"].held_chunks == 4
+
+
+def test_chunks_of_an_earlier_run_have_no_share(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 8 * CHUNK)
+    admit_for(store, "vm", [(1, 1, c, unique()) for c in range(8)])
+    store.close()
+    store = Store(str(tmp_path), 8 * CHUNK)
+    assert store.stats().shares == {"(earlier run)": ShareStats(8, 8)}
+    admit_for(store, "vm", [(2, 1, c, unique()) for c in range(2)])
+    assert store.stats().shares["(earlier run)"].held_chunks == 6  # they go first, whatever the order
+    store.close()
 
 
 def test_a_scan_does_not_flush_the_hot_set(tmp_path: Path) -> None:
@@ -766,3 +816,49 @@ def test_check_refuses_what_it_cannot_check(tmp_path: Path) -> None:
         store.close()
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "in use by a fusecache process" in done.stderr
     assert run_check(tmp_path / "busy").returncode == 0
+
+
+@pytest.mark.parametrize("eviction", ["s3fifo", "lru"])
+def test_a_pinned_file_survives_a_scan_and_a_restart(tmp_path: Path, eviction: str) -> None:
+    store = Store(str(tmp_path), 16 * CHUNK, eviction=eviction)
+    golden = {c: unique() for c in range(6)}
+    admit(store, *((1, 1, c, v) for c, v in golden.items()))
+    store.apply(WriteBatch(pins={1: "golden.img"}))
+    assert store.pins() == {1: "golden.img"}
+    for c in range(60):  # a backup scan of an image nearly four times the cache
+        admit(store, (2, 1, c, unique()))
+    assert all(store.read_chunk(1, 1, c) == v for c, v in golden.items())
+    assert store.stats().chunks <= 16
+    check_integrity(store)
+    store.close()
+    store = Store(str(tmp_path), 16 * CHUNK, eviction=eviction)  # pins survive a restart
+    assert store.pins() == {1: "golden.img"}
+    for c in range(60, 120):
+        admit(store, (2, 1, c, unique()))
+    assert all(store.read_chunk(1, 1, c) == v for c, v in golden.items())
+    store.apply(WriteBatch(pins={}))  # unpinned: evictable again
+    for c in range(120, 180):
+        admit(store, (2, 1, c, unique()))
+    assert [store.read_chunk(1, 1, c) for c in golden].count(None) == len(golden)
+    check_integrity(store)
+    store.close()
+
+
+def test_a_cache_full_of_pinned_chunks_skips_admissions(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 4 * CHUNK)
+    golden = [(1, 1, c, unique()) for c in range(4)]
+    admit(store, *golden)
+    store.apply(WriteBatch(pins={1: "golden.img"}))
+    admit(store, (2, 1, 0, unique()))
+    assert all(store.read_chunk(*k) == d for *k, d in golden)
+    assert store.read_chunk(2, 1, 0) is None and store.stats().skipped_chunks == 1
+    check_integrity(store)
+
+
+def test_holdings_count_bytes_shared_with_other_files(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 1 << 20)
+    shared, own = unique(), unique()
+    admit(store, (1, 1, 0, shared), (1, 1, 1, own), (1, 1, 2, bytes(CHUNK)), (2, 1, 5, shared))
+    h = store.holdings(1, 1)
+    assert h.chunks == [0, 1, 2] and h.cached_bytes == 2 * CHUNK and h.shared_bytes == CHUNK
+    assert store.holdings(2, 1).shared_bytes == CHUNK and store.holdings(3, 1).chunks == []
