@@ -187,20 +187,21 @@ class Cache:
         """The fetcher's view of one read of `f`: its stamp, and the admission offer for chunks it completes."""
         snap = Snapshot(st.gen, st.epoch, st.writing == 0)
 
-        def offer(c: int, piece: bytes | memoryview) -> bool:
-            """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch.
-
-            False only when the writer is too far behind to take it: the fetcher offers it again later.
-            """
-            if piece and snap.still_current(st) and self.admission.on_miss(f, snap.gen, c, piece):
-                return self.files.admit((st.ino, snap.gen, c), piece, f.path)
-            return True
-
         def held(c: int) -> bool:
             key = (st.ino, st.gen, c)
             if self.queue.is_dropped(key):
                 return False
             return self.queue.pending(key) is not None or self.store.location(*key) is not None
+
+        def offer(c: int, piece: bytes | memoryview) -> bool:
+            """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch.
+
+            Admission sees every read (the recently-read lists); a chunk already held or queued is not admitted
+            twice. False only when the writer is too far behind to take it: the fetcher offers it again later.
+            """
+            if piece and snap.still_current(st) and self.admission.on_miss(f, snap.gen, c, piece) and not held(c):
+                return self.files.admit((st.ino, snap.gen, c), piece, f.path)
+            return True
 
         size = st.version.size if st.version is not None and st.version.size >= 0 else None
         return Reader(st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer, held)

@@ -207,7 +207,7 @@ class Fetcher:
                 out[c] = memoryview(bytes(lo) + e.data[lo:end])
             else:
                 out[c] = memoryview(e.data).toreadonly()[:end]  # the caller joins the pieces at once
-            self._maybe_offer(c, e)
+            self._maybe_offer(c, e, r.offer)
         return out
 
     async def read_span(self, r: Reader, offset: int, size: int) -> memoryview | None:
@@ -234,7 +234,7 @@ class Fetcher:
             for (c, _, _), e in zip(needs, found, strict=True):
                 assert e is not None
                 self._entry(r, c, stamp).touched = True  # (also moves it to the LRU's young end)
-                self._maybe_offer(c, e)
+                self._maybe_offer(c, e, r.offer)
             at = base[1] + needs[0][1]
             return memoryview(base[0])[at : at + size]
         if any(e is not None and (e.valid | e.loading) & self._pages(lo, hi) for e, (_, lo, hi) in zip(found, needs, strict=True)):
@@ -260,7 +260,7 @@ class Fetcher:
         self.counters.critical_bytes += end - start
         self._queue_rest(entries, urgent)
         for e, c, _, _ in claims:
-            self._maybe_offer(c, e)
+            self._maybe_offer(c, e, r.offer)
         return memoryview(data)[offset - start : offset - start + size]
 
     def _pages(self, lo: int, hi: int) -> int:
@@ -408,19 +408,27 @@ class Fetcher:
             out[c] = memoryview(buf)[: lo + len(piece)]
         return out
 
-    def _maybe_offer(self, c: int, e: _Chunk) -> None:
-        """Offer a chunk until taken: complete, touched by a request, and still of the file's current content."""
-        if e.offered or not e.touched or e.valid != self.full:
+    def _maybe_offer(self, c: int, e: _Chunk, offer: Callable[[int, bytes | memoryview], bool] | None = None) -> None:
+        """Offer a complete chunk a request touched, still of the file's current content.
+
+        A request offers it at each touch, with its own `offer` (admission sees every read a guest makes, as
+        when every re-read was a miss; the cache's offer skips chunks it already holds); background work
+        offers it once, with the creating request's offer, until taken.
+        """
+        if not e.touched or e.valid != self.full:
             return
+        if offer is None:
+            if e.offered:
+                return
+            offer = e.offer
         if self._chunks.get((e.ino, c)) is not e or not e.current():
             return  # replaced, evicted, or the file changed since
-        e.offered = True
         if e.parts:
             self._materialize(e)
         length = self.cs if e.length is None else e.length
         if length and e.data is not None:
             # a view of a read's immutable bytes is offered as it is; a filled bytearray is copied (it is ours)
-            e.offered = e.offer(c, e.data if e.base is not None else bytes(e.data[:length]))
+            e.offered = offer(c, e.data if e.base is not None else bytes(e.data[:length])) or e.offered
 
 
     # ---- sequential streams and background work -----------------------------
