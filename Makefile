@@ -61,7 +61,7 @@ lint: venv
 	$(VENV)/bin/ruff check fusecache tests bench examples
 
 bench: setup
-	for b in passthrough hitpath store_profile eviction blocksize nfs_raw nfs secondchance peer_latency cluster guestmem warm; do \
+	for b in passthrough hitpath qemu_bench amplification handoff store_profile eviction blocksize nfs_raw nfs secondchance peer_latency cluster guestmem warm; do \
 		test -f bench/$$b.py && $(PY) -m bench.$$b || exit 1; \
 	done
 

@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from fusecache import memory
 from fusecache.admission import Admission, Inclusive, SecondChance
 from fusecache.backing import OffLoop, open_backing
 from fusecache.cache import Cache, Passthrough
 from fusecache.commands import Commands
 from fusecache.control import Handler
 from fusecache.errors import QuietError, find_in
+from fusecache.fetch import BUFFER_BYTES
 from fusecache.files import Files
 from fusecache.guestmem import GuestMemoryScanner
 from fusecache.health import Health
@@ -41,7 +43,7 @@ from fusecache.peers import HandshakeStats
 from fusecache.pins import Pins
 from fusecache.stats import BalloonGuest, BalloonStats, ClusterStats, MountStats, PeeringStats, StoreStats
 from fusecache.store import Store
-from fusecache.store_queue import StoreQueue
+from fusecache.store_queue import MAX_PENDING_ADMIT_BYTES, StoreQueue
 from fusecache.warming import Warmer
 
 if TYPE_CHECKING:
@@ -143,6 +145,8 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
     Raises QuietError (after tearing down what was built) when a part cannot be built.
     """
     async with contextlib.AsyncExitStack() as stack:
+        if opts.cache:
+            memory.keep_freed_memory()  # before any worker thread has a malloc arena of its own
         backing = open_backing(opts.backing)
         stack.callback(backing.shutdown)
         try:
@@ -215,6 +219,9 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
         nursery.start_soon(queue.run)
         nursery.start_soon(queue.watch)
         nursery.start_soon(admission.run)
+        nursery.start_soon(cache.fetcher.run)  # background reads of the miss path (closes its own handles when cancelled)
+        kept = BUFFER_BYTES + (opts.staging_bytes if second_chance is not None else MAX_PENDING_ADMIT_BYTES)
+        nursery.start_soon(_touch_reserve, kept)
         await nursery.start(warmer.run)
         nursery.start_soon(pins.apply_globs, pin_matches)
         if monitor is not None:
@@ -232,6 +239,13 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
             await nursery.start(peer_set.run)
             nursery.start_soon(mount.count_holdings)
         yield mount
+
+
+async def _touch_reserve(nbytes: int) -> None:
+    """The memory the cache's buffers keep alive at most, touched now rather than on the first cold pass."""
+    t0 = time.monotonic()
+    touched = await trio.to_thread.run_sync(memory.touch, nbytes)
+    log.info("memory reserve: %d MiB touched in %.1f s", touched >> 20, time.monotonic() - t0)
 
 
 async def _close_store(store: Store) -> None:

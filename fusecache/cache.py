@@ -20,14 +20,13 @@ failed fails closed: its file gets a new generation before it returns.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-
-import trio
+from collections.abc import Callable
 
 from fusecache import health
 from fusecache.admission import Admission
 from fusecache.backing import Attr, Backing, OffLoop
+from fusecache.fetch import Fetcher, Reader
 from fusecache.files import Files, FileState, Snapshot
 from fusecache.inodes import OpenFile
 from fusecache.peer_reads import PeerReads
@@ -74,15 +73,6 @@ class BackingError(Exception):
         self.error = error
 
 
-@dataclasses.dataclass(slots=True)
-class _Fetch:
-    """One chunk being read from the backing; concurrent readers of it wait here instead of reading again."""
-
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
-    data: bytes = b""
-    error: Exception | None = None
-
-
 class Cache:
     """The read path over a store (through `files` and `queue`), with peers when `peer_reads` is given."""
 
@@ -102,7 +92,7 @@ class Cache:
         self.admission = admission
         self.peer_reads = peer_reads
         self.chunk_size = files.chunk_size
-        self._inflight: dict[tuple[int, int, int], _Fetch] = {}
+        self.fetcher = Fetcher(backing, chunk_size=self.chunk_size)
         self.images: dict[str, ImageCounters] = files.images  # the same counters, one hop shorter on the hit path
         self.health = queue.health
 
@@ -115,7 +105,7 @@ class Cache:
             self.files.fail_closed(f.ino, health.layer_of(exc, "store.read"), exc)
 
     def closed(self, f: OpenFile) -> None:
-        pass
+        self.fetcher.closed(f.fh, f.ino)
 
     def resized(self, ino: int, size: int) -> None:
         try:
@@ -191,8 +181,19 @@ class Cache:
             if len(piece) < hi_c - lo_c:
                 break  # end of file inside this chunk: nothing after it
         from_peers: set[int] = set()
+        if len(need) == last - first + 1 and self.peer_reads is None:
+            # all of it missed: one backing read whose bytes are the answer, no copy
+            try:
+                span = await self.fetcher.read_span(self._reader(f, st), offset, size)
+            except OSError as exc:
+                raise BackingError(exc) from exc
+            if span is not None:
+                counters.backing_bytes += len(span)
+                counters.miss_chunks += len(need)
+                self.admission.served(f, st.gen, offset, span)
+                return span
         if need:
-            got, from_peers = await self._fetch(f, st, need)
+            got, from_peers = await self._fetch(f, st, need, bounds)
             for c, data in got.items():
                 lo_c, hi_c = bounds(c)
                 pieces[c] = data[lo_c:hi_c]
@@ -219,80 +220,66 @@ class Cache:
         self.admission.served(f, st.gen, offset, reply)
         return reply
 
-    async def _fetch(self, f: OpenFile, st: FileState, need: list[int]) -> tuple[dict[int, bytes], set[int]]:
-        """Missing chunks: from peers that may hold them, else from the backing, one read per contiguous run.
+    async def _fetch(
+        self, f: OpenFile, st: FileState, need: list[int], bounds: Callable[[int], tuple[int, int]]
+    ) -> tuple[dict[int, bytes | memoryview], set[int]]:
+        """Missing chunks: from peers that may hold them, else through the fetcher (fusecache/fetch.py).
 
-        A chunk some other request is already fetching is waited for, not read again.
+        Each value v has the chunk's requested bytes at v[lo:hi] (`bounds`).
         """
-        got: dict[int, bytes] = {}
+        got: dict[int, bytes | memoryview] = {}
         from_peers: set[int] = set()
-        mine: list[tuple[int, _Fetch]] = []
-        theirs: list[tuple[int, _Fetch]] = []
-        for c in need:
-            key = (st.ino, st.gen, c)
-            fetch = self._inflight.get(key)
-            if fetch is None:
-                fetch = self._inflight[key] = _Fetch()
-                mine.append((c, fetch))
-            else:
-                theirs.append((c, fetch))
+        reader = self._reader(f, st)
+        if self.peer_reads is not None and st.version is not None and st.version != UNKNOWN:
+            try:
+                if health.faults:
+                    health.inject("peers.fetch")
+                offered = await self.peer_reads.fetch(st.ino, st.version, need)
+            except Exception as exc:  # the peers are a cache too: their fault is a miss
+                self.health.fault(health.layer_of(exc, "peers.fetch"), exc, "read from the backing instead")
+                offered = {}
+            for c, piece in offered.items():
+                got[c] = piece
+                from_peers.add(c)
+                reader.offer(c, piece)
+        rest = [(c, *bounds(c)) for c in need if c not in got]
+        if rest:
+            try:
+                got.update(await self.fetcher.read(reader, rest))
+            except OSError as exc:
+                raise BackingError(exc) from exc
+        return got, from_peers
+
+    def _reader(self, f: OpenFile, st: FileState) -> Reader:
+        """The fetcher's view of one read of `f`: its stamp, and the admission offer for chunks it completes."""
         snap = Snapshot(st.gen, st.epoch, st.writing == 0)
 
-        def offer(c: int, piece: bytes) -> None:
-            """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch."""
+        def held(c: int) -> bool:
+            key = (st.ino, st.gen, c)
+            if self.queue.is_dropped(key):
+                return False
+            return self.queue.pending(key) is not None or self.store.location(*key) is not None
+
+        def offer(c: int, piece: bytes | memoryview) -> bool:
+            """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch.
+
+            Admission sees every read (the recently-read lists); a chunk already held or queued is not admitted
+            twice. False only when the writer is too far behind to take it: the fetcher offers it again later.
+            A fault of admission or of the store here is counted; the chunk is served all the same.
+            """
             if not piece or not snap.still_current(st):
-                return
+                return True
             try:
                 if health.faults:
                     health.inject("admission")
-                if self.admission.on_miss(f, snap.gen, c, piece):
-                    self.files.admit((st.ino, snap.gen, c), piece, f.path)
+                if self.admission.on_miss(f, snap.gen, c, piece) and not held(c):
+                    return self.files.admit((st.ino, snap.gen, c), piece, f.path)
             except Exception as exc:  # the chunk is served all the same; it is only not admitted
                 self.health.fault(health.layer_of(exc, "admission"), exc, "the chunk is served, not admitted")
+            return True
 
-        try:
-            remaining = mine
-            if self.peer_reads is not None and mine and st.version is not None and st.version != UNKNOWN:
-                try:
-                    if health.faults:
-                        health.inject("peers.fetch")
-                    offered = await self.peer_reads.fetch(st.ino, st.version, [c for c, _ in mine])
-                except Exception as exc:  # the peers are a cache too: their fault is a miss
-                    self.health.fault(health.layer_of(exc, "peers.fetch"), exc, "read from the backing instead")
-                    offered = {}
-                remaining = []
-                for c, fetch in mine:
-                    piece = offered.get(c)
-                    if piece is None:
-                        remaining.append((c, fetch))
-                        continue
-                    fetch.data = got[c] = piece
-                    from_peers.add(c)
-                    offer(c, piece)
-            for run in _runs(remaining):
-                start = run[0][0] * self.chunk_size
-                try:
-                    data = await self.backing.pread(f.handle, start, len(run) * self.chunk_size)
-                except OSError as exc:
-                    raise BackingError(exc) from exc
-                for i, (c, fetch) in enumerate(run):
-                    piece = data[i * self.chunk_size : (i + 1) * self.chunk_size]
-                    fetch.data = got[c] = piece
-                    offer(c, piece)
-        except Exception as exc:  # whoever waits on these chunks fails the same way (never an empty chunk)
-            for _, fetch in mine:
-                fetch.error = exc
-            raise
-        finally:
-            for c, fetch in mine:
-                self._inflight.pop((st.ino, snap.gen, c), None)
-                fetch.done.set()
-        for c, fetch in theirs:
-            await fetch.done.wait()
-            if fetch.error is not None:
-                raise fetch.error
-            got[c] = fetch.data
-        return got, from_peers
+        size = st.version.size if st.version is not None and st.version.size >= 0 else None
+        return Reader(st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer, held)
 
     # ---- writes -----------------------------------------------------------
     async def write(self, f: OpenFile, offset: int, data: bytes) -> int:
@@ -333,12 +320,3 @@ def _pwrite_and_stat(backing: Backing, handle: object, data: bytes, offset: int)
     n = backing.pwrite(handle, data, offset)
     return n, pre, backing.fstat(handle)
 
-
-def _runs(chunks: list[tuple[int, _Fetch]]) -> list[list[tuple[int, _Fetch]]]:
-    runs: list[list[tuple[int, _Fetch]]] = []
-    for item in chunks:
-        if runs and runs[-1][-1][0] + 1 == item[0]:
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs

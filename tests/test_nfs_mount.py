@@ -39,7 +39,7 @@ def url_of(nfs_server, version: int, name: str) -> str:
 def test_dead_server_is_eio_not_a_hang_and_reads_resume(mounter, nfs_server, export, tmp_path, expect_log, version):
     expect_log("nfs", "Input/output error", "EIO", "timed out", "unreachable", "server")
     d, name = export
-    data = os.urandom(4 * MiB)
+    data = os.urandom(16 * MiB)  # room past the mount's readahead (a few MiB): the read at 12 MiB must reach the server
     with open(os.path.join(d, "vm.img"), "wb") as f:
         f.write(data)
     m = mounter.mount(with_timeout(url_of(nfs_server, version, name), 2), "--admit", "inclusive",
@@ -53,7 +53,7 @@ def test_dead_server_is_eio_not_a_hang_and_reads_resume(mounter, nfs_server, exp
         try:
             assert os.pread(fd, MiB, 0) == data[:MiB], "a cached block is served while the server is down"
             result: list[object] = []
-            reader = threading.Thread(target=lambda: result.append(_pread(fd, MiB, 2 * MiB)), daemon=True)
+            reader = threading.Thread(target=lambda: result.append(_pread(fd, MiB, 12 * MiB)), daemon=True)
             reader.start()
             reader.join(timeout=60)
             assert not reader.is_alive(), "a read with the server down must fail, not hang"
@@ -64,8 +64,8 @@ def test_dead_server_is_eio_not_a_hang_and_reads_resume(mounter, nfs_server, exp
             nfs_server.start()
         deadline = time.monotonic() + 60
         while True:  # the server is back: reads resume without a remount
-            got = _pread(fd, MiB, 2 * MiB)
-            if got == data[2 * MiB : 3 * MiB]:
+            got = _pread(fd, MiB, 12 * MiB)
+            if got == data[12 * MiB : 13 * MiB]:
                 break
             assert time.monotonic() < deadline, f"reads did not resume: {got!r}"[:200]
             time.sleep(0.5)

@@ -11,7 +11,12 @@ Failures raise OSError with the right errno; callers turn that into FUSEError.
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from typing import Any, Protocol
+
+import outcome
+import trio
 
 from fusecache.version import Version
 
@@ -124,28 +129,63 @@ class OffLoop:
 
     The backing is NFS in production, where any call, even a stat, can block
     for a server timeout; a blocking call on the trio thread would stall every
-    request of every guest. A worker-thread round trip costs ~0.1 ms here,
-    small next to a network round trip, so the rule is simple: every backing
-    call goes through this wrapper, none is made on the loop.
+    request of every guest. So every backing call goes through this wrapper,
+    none is made on the loop.
+
+    The threads are our own, persistent (up to `threads`, started as calls
+    need them), fed by a queue; a result wakes its task with
+    `TrioToken.run_sync_soon`. bench/handoff.py measured this at 0.67-0.78x the
+    time of `trio.to_thread.run_sync` for one call at a time and 0.2-0.24x with
+    8 calls in flight (to_thread: ~100-125 µs a call here). A call cannot be
+    cancelled once handed over (as with to_thread's default): the backing call
+    runs to its end and its result is delivered.
     """
 
     def __init__(self, backing: Backing, threads: int = 32) -> None:
-        import trio
-
         self.sync = backing
         self.description = backing.description
-        self._limiter = trio.CapacityLimiter(threads)
-        self._to_thread = trio.to_thread.run_sync
+        self._max = threads
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0  # threads waiting for a job, less jobs queued that no thread has taken yet
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run `fn(*args)` (a few backing calls made together) in a worker thread."""
-        return await self._to_thread(fn, *args, limiter=self._limiter)
+        task = trio.lowlevel.current_task()
+        token = trio.lowlevel.current_trio_token()
+        with self._lock:
+            start = self._idle <= 0 and self._threads < self._max
+            if start:
+                self._threads += 1
+            else:
+                self._idle -= 1  # a waiting thread takes this job (or, at the limit, it waits its turn)
+        self._jobs.put((token, task, fn, args))
+        if start:
+            threading.Thread(target=self._work, name="fusecache-backing", daemon=True).start()
+        return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
+
+    def _work(self) -> None:
+        while True:
+            token, task, fn, args = self._jobs.get()
+            result = outcome.capture(fn, *args)
+            try:
+                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            except trio.RunFinishedError:
+                pass  # the loop that asked is gone
+            del token, task, fn, args, result
+            with self._lock:
+                self._idle += 1
 
     def __getattr__(self, name: str) -> Any:
         fn = getattr(self.sync, name)
 
         async def call(*args: Any) -> Any:
-            return await self._to_thread(fn, *args, limiter=self._limiter)
+            return await self.run(fn, *args)
 
         call.__name__ = name
         return call
+
+
+def _cannot_abort(_: Any) -> Any:
+    return trio.lowlevel.Abort.FAILED

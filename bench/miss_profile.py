@@ -1,0 +1,107 @@
+"""Where a cold miss spends its time: py-spy samples of the daemon while fio reads through a default mount.
+
+A fresh default (second-chance) mount with an empty cache dir over a file
+warm in the host page cache; fio reads it with psync and O_DIRECT (1 MiB
+sequential, or 4 KiB random) while `py-spy record` samples every thread of
+the daemon; each sample's innermost frame is sorted into a few places (the
+loop waiting in epoll, the loop/thread hand-off, the backing pread, the FUSE
+reply, cache.py, fetch.py, admission, store lookups). Worker threads waiting
+for a job are sampled too (py-spy cannot tell that wait from work): read the
+hand-off row as an upper bound. Run it with another tree's code on
+PYTHONPATH to profile that tree (as bench/amplification.py).
+
+    .venv/bin/python -m bench.miss_profile [--seconds 6] [--size-mib 512]
+
+Prints a table (share of samples per place and pattern); writes bench/results/miss_profile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.amplification import daemon_pid
+from bench.common import MIB, assert_nothing_mounted_under, fusecache_mount, make_random_file, print_table, warm_page_cache, write_results
+
+PLACES = (
+    ("loop idle (epoll wait)", ("get_events", "_epoll_wait")),
+    ("hand-off (threads, wake-ups)", ("_thread_cache.py", "_wakeup_socketpair.py", "OffLoop._work", "OffLoop.run", "_threads.py",
+                                      "_update_registrations", "wait_task_rescheduled")),
+    ("backing pread", ("LocalBacking.pread",)),
+    ("FUSE reply (pyfuse3)", ("async_wrapper",)),
+    ("cache.py", ("/cache.py",)),
+    ("fetch.py", ("/fetch.py",)),
+    ("admission (policy.py)", ("/policy.py", "/admission.py")),
+    ("store lookups", ("/store/", "/store_queue.py", "/files.py")),
+)
+PATTERNS = {"1M seq": ("read", "1M", 4096 * MIB), "4k random": ("randread", "4k", 64 * MIB)}
+
+
+def place(frame: str) -> str:
+    for name, marks in PLACES:
+        if any(m in frame for m in marks):
+            return name
+    return "other"
+
+
+def profile(image: str, work: str, n: int, pattern: str, seconds: float) -> dict[str, float]:
+    rw, bs, io_size = PATTERNS[pattern]
+    warm_page_cache(image)
+    out = os.path.join(work, f"profile{n}.txt")
+    options = ["--cache-dir", os.path.join(work, f"cache{n}")]
+    with fusecache_mount(os.path.dirname(image), os.path.join(work, f"mnt{n}"), options, os.path.join(work, f"daemon{n}.log")) as mp:
+        pid = daemon_pid(mp)
+        fio = subprocess.Popen(
+            ["fio", "--name=p", f"--filename={os.path.join(mp, os.path.basename(image))}", f"--rw={rw}", f"--bs={bs}",
+             f"--io_size={io_size}", "--direct=1", "--ioengine=psync", "--readonly", "--invalidate=0", "--output-format=terse"],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(1)
+            spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy") or "py-spy"
+            subprocess.run([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "1000", "-f", "raw", "-o", out, "--nonblocking"],
+                           capture_output=True, check=True, timeout=seconds + 60)
+        finally:
+            fio.terminate()
+            fio.wait()
+    counts: collections.Counter[str] = collections.Counter()
+    with open(out) as f:
+        for line in f:
+            stack, n_samples = line.rstrip().rsplit(" ", 1)
+            counts[place(stack.split(";")[-1])] += int(n_samples)
+    total = sum(counts.values()) or 1
+    return {name: counts[name] / total for name in [p for p, _ in PLACES] + ["other"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--seconds", type=float, default=6)
+    p.add_argument("--size-mib", type=int, default=512)
+    p.add_argument("--name", default="miss_profile")
+    p.add_argument("--dir", default="/var/tmp")
+    args = p.parse_args()
+    work = tempfile.mkdtemp(prefix="fusecache-prof-", dir=args.dir)
+    shares: dict[str, dict[str, float]] = {}
+    try:
+        os.makedirs(os.path.join(work, "backing"))
+        image = make_random_file(os.path.join(work, "backing", "disk.img"), args.size_mib)
+        for n, pattern in enumerate(PATTERNS):
+            shares[pattern] = profile(image, work, n, pattern, args.seconds)
+    finally:
+        assert_nothing_mounted_under(work)
+        shutil.rmtree(work, ignore_errors=True)
+    names = [pl for pl, _ in PLACES] + ["other"]
+    print_table("cold misses, default mount: share of the daemon's py-spy samples (innermost frame)", ["place", *PATTERNS],
+                [[name, *(f"{100 * shares[pt][name]:.1f}%" for pt in PATTERNS)] for name in names])
+    print(f"wrote {write_results(args.name, {'settings': vars(args), 'shares': shares})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,667 @@
+"""The miss path: reading chunks from the backing once, with only the requested bytes on the critical path.
+
+`Fetcher` owns every backing read a cache miss makes. A request that misses
+reads only the pages it needs (a large request in parallel parts). For a
+sequential stream (detected per open file) the rest of each chunk it touched
+and readahead are read in the background by a few runner tasks that batch
+many reads into one worker-thread hand-off; a request that is not sequential
+reads nothing more than its own pages (the backing never reads more than the
+guests asked for, but at the end of a stream's readahead). Fetched pages land in a bounded
+buffer of recently fetched chunks, which is also the single-flight table: a
+request that needs a page already buffered takes it from there, one that
+needs a page being read waits for that read, so a byte is read from the
+backing at most once for neighbouring requests. A chunk that is complete and
+that a request touched is offered for admission (`Reader.offer`) until it is
+taken (a writer too far behind refuses it: the next request offers it again).
+
+Never stale: every buffered chunk carries the file's stamp (the cache's
+generation and write epoch) from when it was created; a chunk whose stamp is
+no longer the file's is dropped when next looked up, bytes that come back
+after the stamp moved only serve the request that asked for them, and while
+a write is in flight (stamp None) reads bypass the buffer entirely.
+
+Background reads never use the handle of a guest's open file (it may be
+closed, and its descriptor reused, while a read is queued): the fetcher opens
+its own handle per file, checks it is the same file (inode), and closes it
+when the file's last open file closes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import trio
+
+from fusecache.backing import OffLoop
+from fusecache.geometry import CHUNK_SIZE, PAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+BUFFER_BYTES = 64 << 20  # recently fetched chunks kept for the next requests
+READAHEAD_MAX = 2 << 20  # bytes read ahead of a sequential stream, at most
+PARALLEL_PART = 256 << 10  # a critical-path read larger than this is split into parts read in parallel
+PARALLEL_MAX = 4
+BATCH_BYTES = 4 << 20  # background bytes handed to one worker thread at a time
+READ_MAX = 1 << 20  # one background pread at most (whole chunks keep a view of their read: this bounds what one pins)
+RUNNERS = 2  # background runner tasks (each one worker thread at a time)
+GATHER = 0.005  # seconds background work that no stream waits for gathers before its hand-off (a batch, not a hop per chunk)
+HANDLES_MAX = 64  # the fetcher's own backing handles, least recently used closed first
+
+
+@dataclasses.dataclass(slots=True)
+class Reader:
+    """One read of one open file, as the fetcher sees it (built by the cache per request)."""
+
+    ino: int  # the file's identity in the cache
+    path: str  # a backing path to open it by, for background reads (checked against `ino`)
+    handle: Any  # the open file's backing handle: used only during the request
+    stream: Hashable  # the open file, for sequential detection
+    size: int | None  # the file's size as last seen (readahead stops there), None if not known
+    stamp: Callable[[], Hashable | None]  # the file's content stamp now; None while a write is in flight
+    # a complete chunk a request touched, for admission (read-only); False: not taken, offer it again at the next touch
+    offer: Callable[[int, bytes | memoryview], bool]
+    held: Callable[[int], bool] = lambda chunk: False  # the cache holds this chunk already: readahead skips it
+
+
+class _Chunk:
+    """A buffered chunk: its bytes, which pages are read (`valid`) or being read (`loading`)."""
+
+    __slots__ = (
+        "base", "chunk", "data", "done", "ino", "length", "loading", "offer", "offered", "parts", "path", "stamp", "stamp_now", "touched",
+        "valid",
+    )
+
+    def __init__(self, r: Reader, chunk: int, stamp: Hashable, chunk_size: int) -> None:
+        self.ino = r.ino
+        self.chunk = chunk
+        self.path = r.path
+        self.stamp = stamp  # the file's stamp when this chunk was created
+        self.stamp_now = r.stamp
+        self.offer = r.offer
+        # the bytes: a bytearray filled page by page, or, when one read brought the whole chunk, a view of
+        # that read's (immutable) bytes, `base` = (those bytes, the chunk's offset in them): no copy made
+        self.data: bytearray | memoryview | None = None
+        self.base: tuple[bytes, int] | None = None
+        # pages read before `data` exists: (pages, a read's bytes, the chunk's offset in them). A 4 KiB miss keeps
+        # its read's bytes here rather than touching a fresh 64 KiB buffer (first touch of memory is slow here:
+        # ~0.43 GiB/s); they are copied into `data` only if the chunk is read out again or completed
+        self.parts: list[tuple[int, bytes, int]] = []
+        self.valid = 0  # bit p: page p is read (or known to lie beyond end of file)
+        self.loading = 0  # bit p: a read of page p is in flight
+        self.length: int | None = None  # bytes before end of file, once a read came back short
+        self.done: list[tuple[int, trio.Event]] = []  # (pages, set when their read ends)
+        self.touched = False  # a request read from it: offer it when complete
+        self.offered = False
+
+    def current(self) -> bool:
+        """Whether the file's content is still the one this chunk's bytes were read from."""
+        return self.stamp_now() == self.stamp
+
+
+@dataclasses.dataclass(slots=True)
+class _Stream:
+    """Sequential detection for one open file."""
+
+    next: int = -1  # where the next sequential request would start
+    run: int = 0  # sequential requests in a row
+    ahead: int = 0  # readahead has been queued up to here
+
+
+@dataclasses.dataclass(slots=True)
+class FetchCounters:
+    critical_reads: int = 0
+    critical_bytes: int = 0
+    background_reads: int = 0
+    background_bytes: int = 0
+    background_batches: int = 0
+    buffer_hits: int = 0  # needed pages found buffered or in flight
+    readahead_chunks: int = 0
+    stale_dropped: int = 0
+
+
+class Fetcher:
+    """Chunks from the backing for cache misses (see the module docstring)."""
+
+    def __init__(
+        self,
+        backing: OffLoop,
+        *,
+        chunk_size: int = CHUNK_SIZE,
+        page_size: int = PAGE_SIZE,
+        buffer_bytes: int = BUFFER_BYTES,
+        readahead_max: int = READAHEAD_MAX,
+        parallel_part: int = PARALLEL_PART,
+        runners: int = RUNNERS,
+    ) -> None:
+        self.backing = backing
+        self.cs = chunk_size
+        self.ps = page_size
+        self.ppc = chunk_size // page_size
+        self.full = (1 << self.ppc) - 1
+        self.capacity = max(1, buffer_bytes // chunk_size)
+        self.readahead_max = readahead_max
+        self.parallel_part = parallel_part
+        self.runners = runners
+        self.counters = FetchCounters()
+        self._chunks: collections.OrderedDict[tuple[int, int], _Chunk] = collections.OrderedDict()
+        self._streams: dict[Hashable, _Stream] = {}
+        self._open: collections.Counter[int] = collections.Counter()  # ino -> open streams seen
+        self._queue: collections.OrderedDict[tuple[int, int], _Chunk] = collections.OrderedDict()
+        self._queued = trio.Event()
+        self._hurry = trio.Event()  # set while queued work is readahead or the rest of a sequential stream's chunk
+        self._handles: collections.OrderedDict[int, Any] = collections.OrderedDict()  # ino -> our own handle
+        self._to_close: list[Any] = []
+
+    # ---- the critical path --------------------------------------------------
+    async def read(self, r: Reader, needs: list[tuple[int, int, int]]) -> dict[int, memoryview]:
+        """For each (chunk, lo, hi): a view `v` of the chunk with `v[lo:hi]` its bytes (shorter at end of file)."""
+        stamp = r.stamp()
+        if stamp is None:
+            return await self._direct(r, needs)
+        urgent = self._note_stream(r, needs)
+        entries = {c: self._entry(r, c, stamp) for c, _, _ in needs}
+        for e in entries.values():
+            e.touched = True
+        while True:
+            mine: list[tuple[_Chunk, int, int]] = []  # (entry, chunk, pages this request reads)
+            waits: list[trio.Event] = []
+            for c, lo, hi in needs:
+                e = entries[c]
+                missing = self._pages(lo, hi) & ~e.valid
+                if not missing:
+                    continue
+                busy = missing & e.loading
+                if busy:
+                    waits += [ev for pages, ev in e.done if pages & busy]
+                own = missing & ~e.loading
+                if own:
+                    mine.append((e, c, own))
+            if not mine and not waits:
+                break
+            if len(mine) < len(needs) or waits:
+                self.counters.buffer_hits += 1
+            events = [self._claim(e, pages) for e, _, pages in mine]
+            self._queue_rest(entries.values(), urgent)
+            if mine:
+                await self._read_now(r, mine, events)
+            for ev in waits:
+                await ev.wait()
+        self._queue_rest(entries.values(), urgent)
+        out: dict[int, memoryview] = {}
+        for c, lo, hi in needs:
+            e = entries[c]
+            end = max(0, hi if e.length is None else min(hi, e.length))
+            if e.parts:
+                self._materialize(e)
+            if e.data is None:
+                out[c] = memoryview(b"")
+            elif e.base is not None:
+                out[c] = e.data[:end]  # a view of a read's immutable bytes
+            elif len(needs) == 1:
+                # the caller may hand this one piece on as the answer: give it bytes of its own, not our buffer
+                out[c] = memoryview(bytes(lo) + e.data[lo:end])
+            else:
+                out[c] = memoryview(e.data).toreadonly()[:end]  # the caller joins the pieces at once
+            self._maybe_offer(c, e, r.offer)
+        return out
+
+    async def read_span(self, r: Reader, offset: int, size: int) -> memoryview | None:
+        """A request none of whose bytes are buffered or being read: one read, its bytes returned without a copy.
+
+        Also a request wholly inside one earlier read's bytes (readahead): a view of them. Anything else
+        (some pages buffered, some not; a write in flight) is None: use `read`.
+        """
+        stamp = r.stamp()
+        if stamp is None or size <= 0:
+            return None
+        cs, ps = self.cs, self.ps
+        first, last = offset // cs, (offset + size - 1) // cs
+        needs = [(c, offset - c * cs if c == first else 0, offset + size - c * cs if c == last else cs) for c in range(first, last + 1)]
+        found = [self._chunks.get((r.ino, c)) for c in range(first, last + 1)]
+        found = [e if e is not None and e.stamp == stamp else None for e in found]
+        e0 = found[0]
+        base = e0.base if e0 is not None else None
+        if base is not None and all(
+            e is not None and e.base is not None and e.base[0] is base[0] and e.base[1] == base[1] + i * cs for i, e in enumerate(found)
+        ):
+            self._note_stream(r, needs)
+            self.counters.buffer_hits += 1
+            for (c, _, _), e in zip(needs, found, strict=True):
+                assert e is not None
+                self._entry(r, c, stamp).touched = True  # (also moves it to the LRU's young end)
+                self._maybe_offer(c, e, r.offer)
+            at = base[1] + needs[0][1]
+            return memoryview(base[0])[at : at + size]
+        if any(e is not None and (e.valid | e.loading) & self._pages(lo, hi) for e, (_, lo, hi) in zip(found, needs, strict=True)):
+            return None
+        urgent = self._note_stream(r, needs)
+        entries = [self._entry(r, c, stamp) for c, _, _ in needs]
+        claims = []
+        for e, (c, lo, hi) in zip(entries, needs, strict=True):
+            e.touched = True
+            pages = self._pages(lo, hi)
+            claims.append((e, c, pages, self._claim(e, pages)))
+        self._queue_rest(entries, urgent)
+        start = offset // ps * ps
+        end = -(-(offset + size) // ps) * ps
+        try:
+            data = await self.backing.run(self.backing.sync.pread, r.handle, start, end - start)
+            for e, c, pages, _ in claims:
+                self._fill(e, c, pages, start, data, end - start)
+        finally:
+            for e, _, pages, ev in claims:
+                self._release(e, pages, ev)
+        self.counters.critical_reads += 1
+        self.counters.critical_bytes += end - start
+        self._queue_rest(entries, urgent)
+        for e, c, _, _ in claims:
+            self._maybe_offer(c, e, r.offer)
+        return memoryview(data)[offset - start : offset - start + size]
+
+    def _pages(self, lo: int, hi: int) -> int:
+        """The page bits covering bytes [lo, hi) of a chunk."""
+        first, last = lo // self.ps, (hi - 1) // self.ps
+        return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+
+    def _entry(self, r: Reader, c: int, stamp: Hashable) -> _Chunk:
+        key = (r.ino, c)
+        e = self._chunks.get(key)
+        if e is not None and e.stamp != stamp:
+            self.counters.stale_dropped += 1
+            del self._chunks[key]
+            e = None
+        if e is None:
+            e = self._chunks[key] = _Chunk(r, c, stamp, self.cs)
+            while len(self._chunks) > self.capacity:
+                old_key, _ = self._chunks.popitem(last=False)
+                self._queue.pop(old_key, None)
+        else:
+            self._chunks.move_to_end(key)
+        return e
+
+    def _claim(self, e: _Chunk, pages: int) -> trio.Event:
+        e.loading |= pages
+        ev = trio.Event()
+        e.done.append((pages, ev))
+        return ev
+
+    def _release(self, e: _Chunk, pages: int, ev: trio.Event) -> None:
+        """A read of `pages` ended (filled or failed): waiters look again."""
+        e.loading &= ~pages
+        e.done = [(p, x) for p, x in e.done if x is not ev]
+        ev.set()
+
+    def _fill(self, e: _Chunk, c: int, pages: int, start: int, data: bytes, asked: int) -> None:
+        """Copy the bytes of a read that started at file offset `start` into e's `pages`."""
+        base = c * self.cs
+        if len(data) < asked:  # end of file inside this read
+            eof = start + len(data)
+            length = min(max(eof - base, 0), self.cs)
+            e.length = length if e.length is None else min(e.length, length)
+        at = base - start
+        if pages == self.full and not e.valid and e.data is None and len(data) >= at + self.cs and isinstance(data, bytes):
+            e.data = memoryview(data)[at : at + self.cs]  # the whole chunk from one read: keep a view, copy nothing
+            e.base = (data, at)
+            e.valid = self.full
+            return
+        if e.data is None and isinstance(data, bytes):
+            e.parts.append((pages, data, at))
+        else:
+            self._materialize(e)
+            assert isinstance(e.data, bytearray)
+            self._copy(e.data, pages, data, at)
+        e.valid |= pages
+
+    def _materialize(self, e: _Chunk) -> None:
+        """Give e a buffer of its own holding every page read so far."""
+        if e.data is None:
+            e.data = bytearray(self.cs)
+        assert isinstance(e.data, bytearray) or not e.parts
+        for pages, data, at in e.parts:
+            self._copy(e.data, pages, data, at)  # type: ignore[arg-type]
+        e.parts = []
+
+    def _copy(self, buf: bytearray, pages: int, data: bytes, at: int) -> None:
+        view = memoryview(data)
+        for first, count in _bit_runs(pages):
+            lo, hi = first * self.ps, (first + count) * self.ps
+            piece = view[at + lo : at + hi]
+            buf[lo : lo + len(piece)] = piece
+
+    async def _read_now(self, r: Reader, mine: list[tuple[_Chunk, int, int]], events: list[trio.Event]) -> None:
+        """Read this request's own pages with its own handle: contiguous runs, large ones in parallel parts."""
+        pieces = [(e, c, pages, ev) for (e, c, pages), ev in zip(mine, events, strict=True)]
+        parts = self._split(self._runs(pieces))
+        sync = self.backing.sync
+        try:
+            if len(parts) == 1:
+                start, size, _ = parts[0]
+                self._filled(parts[0], await self.backing.run(sync.pread, r.handle, start, size))
+            else:
+                async with trio.open_nursery() as nursery:
+                    for part in parts:
+                        nursery.start_soon(self._read_part, r.handle, part)
+        finally:
+            for e, _, pages, ev in pieces:
+                self._release(e, pages, ev)
+        self.counters.critical_reads += len(parts)
+        self.counters.critical_bytes += sum(size for _, size, _ in parts)
+
+    async def _read_part(self, handle: Any, part: tuple[int, int, list[tuple[_Chunk, int, int]]]) -> None:
+        self._filled(part, await self.backing.run(self.backing.sync.pread, handle, part[0], part[1]))
+
+    def _filled(self, part: tuple[int, int, list[tuple[_Chunk, int, int]]], data: bytes) -> None:
+        start, size, members = part
+        for e, c, pages in members:
+            self._fill(e, c, pages, start, data, size)
+
+    def _runs(self, pieces: list[tuple[_Chunk, int, int, Any]]) -> list[tuple[int, int, list[tuple[_Chunk, int, int]]]]:
+        """Contiguous byte runs over (entry, chunk, pages): [(start, size, [(entry, chunk, contiguous pages)])]."""
+        runs: list[tuple[int, int, list[tuple[_Chunk, int, int]]]] = []
+        for e, c, pages, _ in sorted(pieces, key=lambda x: x[1]):
+            for first, count in _bit_runs(pages):
+                start = c * self.cs + first * self.ps
+                bits = ((1 << count) - 1) << first
+                if runs and runs[-1][0] + runs[-1][1] == start:
+                    s, n, members = runs[-1]
+                    runs[-1] = (s, n + count * self.ps, [*members, (e, c, bits)])
+                else:
+                    runs.append((start, count * self.ps, [(e, c, bits)]))
+        return runs
+
+    def _split(self, runs: list[tuple[int, int, list[tuple[_Chunk, int, int]]]]) -> list[tuple[int, int, list[tuple[_Chunk, int, int]]]]:
+        """Runs larger than `parallel_part` cut on chunk boundaries into up to PARALLEL_MAX parts read in parallel."""
+        if self.parallel_part <= 0:
+            return runs
+        out = []
+        for start, size, members in runs:
+            n = min(PARALLEL_MAX, -(-size // self.parallel_part), len(members))
+            if n <= 1:
+                out.append((start, size, members))
+                continue
+            per = -(-len(members) // n)
+            for i in range(0, len(members), per):
+                group = members[i : i + per]
+                first = group[0][1] * self.cs + _bit_runs(group[0][2])[0][0] * self.ps
+                nbytes = sum(bin(bits).count("1") for _, _, bits in group) * self.ps
+                out.append((first, nbytes, group))
+        return out
+
+    async def _direct(self, r: Reader, needs: list[tuple[int, int, int]]) -> dict[int, memoryview]:
+        """A write is in flight: read exactly the request, keep nothing."""
+        first, last = needs[0][0], needs[-1][0]
+        start = first * self.cs + needs[0][1]
+        end = last * self.cs + needs[-1][2]
+        data = await self.backing.pread(r.handle, start, end - start)
+        self.counters.critical_reads += 1
+        self.counters.critical_bytes += end - start
+        out = {}
+        for c, lo, hi in needs:
+            buf = bytearray(hi)
+            piece = data[c * self.cs + lo - start : c * self.cs + hi - start]
+            buf[lo : lo + len(piece)] = piece
+            out[c] = memoryview(buf)[: lo + len(piece)]
+        return out
+
+    def _maybe_offer(self, c: int, e: _Chunk, offer: Callable[[int, bytes | memoryview], bool] | None = None) -> None:
+        """Offer a complete chunk a request touched, still of the file's current content.
+
+        A request offers it at each touch, with its own `offer` (admission sees every read a guest makes, as
+        when every re-read was a miss; the cache's offer skips chunks it already holds); background work
+        offers it once, with the creating request's offer, until taken.
+        """
+        if not e.touched or e.valid != self.full:
+            return
+        if offer is None:
+            if e.offered:
+                return
+            offer = e.offer
+        if self._chunks.get((e.ino, c)) is not e or not e.current():
+            return  # replaced, evicted, or the file changed since
+        if e.parts:
+            self._materialize(e)
+        length = self.cs if e.length is None else e.length
+        if length and e.data is not None:
+            # a view of a read's immutable bytes is offered as it is; a filled bytearray is copied (it is ours)
+            e.offered = offer(c, e.data if e.base is not None else bytes(e.data[:length])) or e.offered
+
+
+    # ---- sequential streams and background work -----------------------------
+    def _note_stream(self, r: Reader, needs: list[tuple[int, int, int]]) -> bool:
+        """Sequential detection per open file; a sequential stream gets readahead queued past its request.
+
+        True when the stream is sequential (its background work is waited for soon).
+        """
+        offset = needs[0][0] * self.cs + needs[0][1]
+        end = needs[-1][0] * self.cs + needs[-1][2]
+        size = end - offset
+        s = self._streams.get(r.stream)
+        if s is None:
+            s = self._streams[r.stream] = _Stream()
+            self._open[r.ino] += 1
+        # a little slack: a guest's queue depth can reorder neighbouring requests
+        if s.next >= 0 and s.next - size <= offset <= s.next + size:
+            s.run += 1
+        else:
+            s.run = 0
+            s.ahead = 0
+        s.next = max(s.next, end) if s.run else end
+        if s.run == 0:
+            return False
+        if self.readahead_max <= 0:
+            return True
+        window = min(self.readahead_max, max(size, 128 << 10) << min(s.run, 4))
+        limit = end + window
+        if r.size is not None:
+            limit = min(limit, r.size)  # readahead stops at end of file
+        start = max(s.ahead, end)
+        if start >= limit:
+            return True
+        s.ahead = limit
+        stamp = r.stamp()
+        if stamp is None:
+            return True
+        queued = False
+        for c in range(start // self.cs, (limit - 1) // self.cs + 1):
+            if (r.ino, c) not in self._chunks and r.held(c):
+                continue  # a hit when the stream gets there: reading it again would be bytes nobody needs
+            e = self._entry(r, c, stamp)
+            if e.valid | e.loading != self.full and e.length is None:
+                self._queue[(r.ino, c)] = e
+                self.counters.readahead_chunks += 1
+                queued = True
+        if queued:
+            self._queued.set()
+            self._hurry.set()
+        return True
+
+    def _queue_rest(self, entries: Any, sequential: bool) -> None:
+        """Queue the unread pages of the chunks a sequential stream's request touched: it reads them next.
+
+        A request that is not part of a sequential stream gets nothing read
+        beyond its own pages: the backing never reads more than the guests
+        asked for (a chunk whose pages all come to be read is admitted then).
+        """
+        if not sequential:
+            return
+        queued = False
+        for e in entries:
+            if e.valid | e.loading != self.full and e.length is None and e.current():
+                self._queue[(e.ino, e.chunk)] = e
+                queued = True
+        if queued:
+            self._queued.set()
+            self._hurry.set()
+
+    def closed(self, stream: Hashable, ino: int) -> None:
+        """An open file closed: forget its stream; the file's last one lets our own handle go."""
+        if self._streams.pop(stream, None) is None:
+            return
+        self._open[ino] -= 1
+        if self._open[ino] <= 0:
+            del self._open[ino]
+            handle = self._handles.pop(ino, None)
+            if handle is not None:
+                self._to_close.append(handle)
+                self._queued.set()
+
+    async def run(self) -> None:
+        """The background runners; cancel to stop (our own handles are closed then)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.runners):
+                    nursery.start_soon(self._runner)
+        finally:
+            handles = [*self._handles.values(), *self._to_close]
+            self._handles.clear()
+            self._to_close = []
+            with trio.CancelScope(shield=True):
+                await self.backing.run(_close_all, self.backing.sync, handles)
+
+    async def _runner(self) -> None:
+        while True:
+            await self._queued.wait()
+            if not self._hurry.is_set():
+                with trio.move_on_after(GATHER):
+                    await self._hurry.wait()
+            work = self._take()
+            if work is None:
+                self._queued = trio.Event()
+                self._hurry = trio.Event()
+                continue
+            await self._background(*work)
+
+    def _take(self) -> tuple[dict[int, tuple[str, Any]], list[Any], list[_Read]] | None:
+        """Claim up to BATCH_BYTES of queued pages: ({ino: (path, our handle or None)}, handles to close, reads)."""
+        reads: list[_Read] = []
+        files: dict[int, tuple[str, Any]] = {}
+        total = 0
+        while self._queue and total < BATCH_BYTES:
+            (ino, c), e = self._queue.popitem(last=False)
+            if self._chunks.get((ino, c)) is not e or not e.current() or e.length is not None:
+                continue  # evicted, or stale since it was queued, or ends the file (already read to its end)
+            pages = self.full & ~(e.valid | e.loading)
+            if not pages:
+                continue
+            ev = self._claim(e, pages)
+            files[ino] = (e.path, self._handles.get(ino))
+            for first, count in _bit_runs(pages):
+                start = c * self.cs + first * self.ps
+                member = (e, c, ((1 << count) - 1) << first, ev)
+                last = reads[-1] if reads else None
+                if last is not None and last.ino == ino and last.start + last.size == start and last.size + count * self.ps <= READ_MAX:
+                    last.size += count * self.ps
+                    last.members.append(member)
+                else:
+                    reads.append(_Read(ino, start, count * self.ps, [member]))
+                total += count * self.ps
+        if not self._queue:
+            self._hurry = trio.Event()
+        closing, self._to_close = self._to_close, []
+        if not reads and not closing:
+            return None
+        return files, closing, reads
+
+    async def _background(self, files: dict[int, tuple[str, Any]], closing: list[Any], reads: list[_Read]) -> None:
+        """One hand-off: open what needs opening, read everything, close what is done; then fill on the loop."""
+        plan = [(rd.ino, rd.start, rd.size) for rd in reads]
+        try:
+            opened, results = await self.backing.run(_batch, self.backing.sync, files, closing, plan)
+        except BaseException:
+            for rd in reads:
+                for e, _, pages, ev in rd.members:
+                    self._release(e, pages, ev)
+            raise
+        self.counters.background_batches += 1
+        for ino, handle in opened.items():
+            if ino in self._open:
+                self._handles[ino] = handle
+                while len(self._handles) > HANDLES_MAX:
+                    self._to_close.append(self._handles.popitem(last=False)[1])
+            else:
+                self._to_close.append(handle)  # its last open file closed meanwhile
+        for rd, got in zip(reads, results, strict=True):
+            if isinstance(got, bytes):
+                self.counters.background_reads += 1
+                self.counters.background_bytes += rd.size
+            for e, c, pages, ev in rd.members:
+                # bytes read while the file's content moved are not kept: nobody asked for them
+                if isinstance(got, bytes) and e.current():
+                    self._fill(e, c, pages, rd.start, got, rd.size)
+                self._release(e, pages, ev)
+                self._maybe_offer(c, e)
+
+
+@dataclasses.dataclass(slots=True)
+class _Read:
+    """One background pread: contiguous bytes of one file, over the pages of one or more chunks."""
+
+    ino: int
+    start: int
+    size: int
+    members: list[tuple[_Chunk, int, int, trio.Event]]  # (entry, chunk, pages, the claim's event)
+
+
+def _batch(
+    sync: Any, files: dict[int, tuple[str, Any]], closing: list[Any], plan: list[tuple[int, int, int]]
+) -> tuple[dict[int, Any], list[Any]]:
+    """In a worker thread: open the files that have no handle of ours yet, read, close what is done."""
+    handles: dict[int, Any] = {}
+    opened: dict[int, Any] = {}
+    for ino, (path, handle) in files.items():
+        if handle is not None:
+            handles[ino] = handle
+            continue
+        try:
+            h = sync.open(path, os.O_RDONLY)
+        except OSError as exc:
+            log.debug("%s: no background reads: %s", path, exc.strerror)
+            continue
+        try:
+            same = sync.fstat(h).ino == ino
+        except OSError:
+            same = False
+        if not same:
+            sync.close(h)  # the name now holds another file
+            continue
+        handles[ino] = opened[ino] = h
+    results: list[Any] = []
+    for ino, start, size in plan:
+        h = handles.get(ino)
+        if h is None:
+            results.append(None)
+            continue
+        try:
+            results.append(sync.pread(h, start, size))
+        except OSError as exc:
+            results.append(exc)
+    _close_all(sync, closing)
+    return opened, results
+
+
+def _close_all(sync: Any, handles: list[Any]) -> None:
+    for h in handles:
+        try:
+            sync.close(h)
+        except OSError:
+            pass
+
+
+def _bit_runs(bits: int) -> list[tuple[int, int]]:
+    """Runs of set bits, lowest first: [(first bit, count)]."""
+    runs = []
+    p = 0
+    while bits >> p:
+        if bits >> p & 1:
+            start = p
+            while bits >> p & 1:
+                p += 1
+            runs.append((start, p - start))
+        else:
+            p += 1
+    return runs

@@ -1,0 +1,433 @@
+"""The miss path (fusecache/fetch.py) over a fake backing in memory: no FUSE, no root needed for these.
+
+The fake records every pread (handle, offset, size) and can hold reads at a
+gate, which makes the races of the read path happen on purpose.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from fusecache.backing import OffLoop
+from fusecache.fetch import Fetcher, Reader
+from fusecache.geometry import CHUNK_SIZE as CS
+from fusecache.geometry import PAGE_SIZE as PS
+
+
+class _Handle:
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.closed = False
+
+
+class _Stat:
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+
+
+class FakeBacking:
+    """Files in memory; every pread is logged; `hold` makes matching reads wait for `release`."""
+
+    description = "fake"
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = {path: bytearray(data) for path, data in files.items()}
+        self.inos = {path: n for n, path in enumerate(sorted(files), start=100)}
+        self.reads: list[tuple[int, int, int]] = []  # (ino, offset, size)
+        self.lock = threading.Lock()
+        self.hold: Callable[[int, int], bool] = lambda offset, size: False
+        self.gate = threading.Event()
+        self.held = threading.Event()  # set once a held read has its bytes and waits
+        self.handles: list[_Handle] = []
+
+    def _path(self, ino: int) -> str:
+        return next(p for p, i in self.inos.items() if i == ino)
+
+    def open(self, path: str, flags: int) -> _Handle:
+        h = _Handle(self.inos[path])
+        with self.lock:
+            self.handles.append(h)
+        return h
+
+    def fstat(self, h: _Handle) -> _Stat:
+        return _Stat(h.ino)
+
+    def close(self, h: _Handle) -> None:
+        h.closed = True
+
+    def pread(self, h: _Handle, offset: int, size: int) -> bytes:
+        if h.closed:
+            raise OSError(errno.EBADF, "closed")
+        data = bytes(self.files[self._path(h.ino)][offset : offset + size])  # the bytes as they are now
+        with self.lock:
+            self.reads.append((h.ino, offset, size))
+        if self.hold(offset, size):
+            self.held.set()
+            self.gate.wait(10)
+        return data
+
+    def write(self, path: str, offset: int, data: bytes) -> None:
+        self.files[path][offset : offset + len(data)] = data
+
+    def read_counts(self, ino: int, size: int) -> list[int]:
+        """How many times each page of the file was read from the backing."""
+        counts = [0] * (-(-size // PS))
+        for i, offset, n in self.reads:
+            if i != ino:
+                continue
+            for p in range(offset // PS, min(len(counts), -(-(offset + n) // PS))):
+                counts[p] += 1
+        return counts
+
+
+class File:
+    """One open file of the fake, with the cache's file state the fetcher's Reader sees."""
+
+    def __init__(self, backing: FakeBacking, path: str, fh: int = 1) -> None:
+        self.backing = backing
+        self.path = path
+        self.handle = backing.open(path, os.O_RDONLY)
+        self.fh = fh
+        self.gen = 1
+        self.epoch = 0
+        self.writing = 0
+        self.offers: list[tuple[int, bytes]] = []
+        self.held: set[int] = set()  # chunks the cache holds (readahead skips them)
+
+    @property
+    def ino(self) -> int:
+        return self.handle.ino
+
+    def reader(self, size_known: bool = True) -> Reader:
+        size = len(self.backing.files[self.path]) if size_known else None
+        return Reader(self.ino, self.path, self.handle, self.fh, size, self.stamp, self.offer, self.held.__contains__)
+
+    def stamp(self) -> Any:
+        return None if self.writing else (self.gen, self.epoch)
+
+    def offer(self, c: int, data: bytes) -> bool:
+        self.offers.append((c, data))
+        return True
+
+
+async def read(fetcher: Fetcher, f: File, offset: int, size: int, span: bool = True, **kw: Any) -> bytes:
+    """What the cache's read does on a miss: `read_span` when it takes the request, else `read` per chunk."""
+    if span:
+        got_span = await fetcher.read_span(f.reader(**kw), offset, size)
+        if got_span is not None:
+            return bytes(got_span)
+    first, last = offset // CS, (offset + size - 1) // CS
+    needs = [(c, offset - c * CS if c == first else 0, offset + size - c * CS if c == last else CS) for c in range(first, last + 1)]
+    got = await fetcher.read(f.reader(**kw), needs)
+    out = []
+    for c, lo, hi in needs:
+        piece = bytes(got[c][lo:hi])
+        out.append(piece)
+        if len(piece) < hi - lo:
+            break
+    return b"".join(out)
+
+
+async def settle(fetcher: Fetcher) -> None:
+    """Wait until the background runners have nothing queued or in flight."""
+    for _ in range(1000):
+        await trio.sleep(0.005)
+        if not fetcher._queue and not any(e.loading for e in fetcher._chunks.values()):
+            return
+    raise AssertionError("background work did not finish")
+
+
+def run_with_fetcher(backing: FakeBacking, body: Callable[[Fetcher], Any], **kw: Any) -> None:
+    async def main() -> None:
+        fetcher = Fetcher(OffLoop(backing), **kw)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher.run)
+            await body(fetcher)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_edge_chunks_are_read_from_the_backing_once():
+    """128 KiB sequential reads starting at 4 KiB: each byte of the file is read from the backing once, no more."""
+    size = 2 << 20
+    data = os.urandom(size)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+
+    async def body(fetcher: Fetcher) -> None:
+        pos = 4096
+        while pos < size:
+            got = await read(fetcher, f, pos, 128 << 10)
+            assert got == data[pos : pos + (128 << 10)]
+            pos += len(got)
+        await settle(fetcher)
+
+    run_with_fetcher(backing, body)
+    counts = backing.read_counts(f.ino, size)
+    assert max(counts) == 1, f"pages read more than once: {[p for p, n in enumerate(counts) if n > 1][:10]}"
+    assert counts[0] == 0, "the page before the stream's first request was read: nobody asked for it"
+    # every chunk read whole was complete once and offered once, with its own bytes (not chunk 0: its first page was never asked for)
+    assert sorted({c for c, _ in f.offers}) == list(range(1, size // CS))  # (offered at each request's touch)
+    assert all(d == data[c * CS : (c + 1) * CS] for c, d in f.offers)
+
+
+def test_a_random_miss_reads_only_its_pages_and_a_chunk_read_whole_is_offered():
+    """A 4 KiB miss that is not part of a sequential stream reads its 4 KiB and nothing more; a chunk whose pages
+    all come to be read by requests is offered whole, once."""
+    data = os.urandom(4 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+
+    async def body(fetcher: Fetcher) -> None:
+        got = await read(fetcher, f, CS + 8192, 4096)
+        assert got == data[CS + 8192 : CS + 12288]
+        await settle(fetcher)
+        assert backing.reads == [(f.ino, CS + 8192, 4096)], "bytes nobody asked for were read"
+        assert not f.offers  # not complete
+        # the guest reads the rest of the chunk, backwards (never sequential): each page once, then it is whole
+        for at in range(CS - 4096, -1, -4096):
+            if at != 8192:
+                assert await read(fetcher, f, CS + at, 4096) == data[CS + at : CS + at + 4096]
+        await settle(fetcher)
+
+    run_with_fetcher(backing, body)
+    assert f.offers == [(1, data[CS : 2 * CS])]
+    assert backing.read_counts(f.ino, len(data)) == [0] * 16 + [1] * 16 + [0] * 32
+
+
+def test_a_sequential_streams_chunk_is_completed_in_the_background_off_the_critical_path():
+    """In a sequential stream a miss waits for its own pages only; the rest of its chunk comes in the background."""
+    data = os.urandom(4 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+
+    async def body(fetcher: Fetcher) -> None:
+        assert await read(fetcher, f, 0, 4096) == data[:4096]  # starts the stream
+        backing.hold = lambda offset, size: offset != 4096  # every read but the next request's own waits
+        with trio.fail_after(5):
+            got = await read(fetcher, f, 4096, 4096)  # returns while the background reads are held
+        assert got == data[4096:8192]
+        assert (f.ino, 4096, 4096) in backing.reads
+        assert not f.offers  # not complete yet
+        backing.gate.set()
+        await settle(fetcher)
+
+    run_with_fetcher(backing, body)
+    assert (0, data[:CS]) in f.offers
+    assert max(backing.read_counts(f.ino, len(data))) == 1
+
+
+def test_concurrent_requests_for_one_chunk_read_it_once():
+    data = os.urandom(4 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+    backing.hold = lambda offset, size: True
+    results: list[bytes] = []
+
+    async def reader(offset: int, size: int) -> None:
+        results.append(await read(fetcher_ref[0], f, offset, size))
+
+    fetcher_ref: list[Fetcher] = []
+
+    async def body(fetcher: Fetcher) -> None:
+        fetcher_ref.append(fetcher)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader, 0, CS)
+            await trio.to_thread.run_sync(backing.held.wait, 5)  # the first read is in the backing now
+            for _ in range(3):
+                nursery.start_soon(reader, 0, CS)
+            nursery.start_soon(reader, 4096, 8192)
+            await trio.sleep(0.05)
+            backing.gate.set()
+        await settle(fetcher)
+
+    run_with_fetcher(backing, body)
+    assert sorted(results, key=len) == [data[4096 : 4096 + 8192]] + [data[:CS]] * 4
+    assert backing.read_counts(f.ino, len(data))[: CS // PS] == [1] * (CS // PS)
+    assert {c for c, _ in f.offers} == {0}
+
+
+def test_a_write_racing_a_background_completion_never_caches_old_bytes():
+    """The background read of the rest of a chunk returns the bytes from before a write: they are neither served nor offered."""
+    old = os.urandom(2 * CS)
+    backing = FakeBacking({"disk.img": old})
+    f = File(backing, "disk.img")
+    backing.hold = lambda offset, size: offset == 4096  # the completion of chunk 0 (pages 1..15)
+    new = os.urandom(CS - 4096)
+
+    async def body(fetcher: Fetcher) -> None:
+        assert await read(fetcher, f, 0, 4096) == old[:4096]
+        await trio.to_thread.run_sync(backing.held.wait, 5)  # the completion has old bytes in hand, and waits
+        # a write, as the cache does it: epoch bumped at start and end, the backing written in between
+        f.writing += 1
+        f.epoch += 1
+        backing.write("disk.img", 4096, new)
+        # a read while the write is in flight reads the backing directly
+        assert await read(fetcher, f, 4096, 4096) == new[:4096]
+        f.writing -= 1
+        f.epoch += 1
+        backing.gate.set()  # the completion returns its old bytes now
+        await settle(fetcher)
+        assert await read(fetcher, f, 4096, CS - 4096) == new
+        assert await read(fetcher, f, 0, CS) == old[:4096] + new
+        await settle(fetcher)
+
+    run_with_fetcher(backing, body)
+    assert f.offers, "the chunk read after the write is offered"
+    for c, d in f.offers:
+        assert c == 0 and d == old[:4096] + new, "an offered chunk held bytes from before the write"
+
+
+def test_readahead_follows_a_sequential_stream_and_stops_at_end_of_file():
+    size = 5 * CS + 12345  # not on a page or chunk boundary
+    data = os.urandom(size)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+
+    async def body(fetcher: Fetcher) -> None:
+        for pos in range(0, 2 * CS, 16384):
+            assert await read(fetcher, f, pos, 16384) == data[pos : pos + 16384]
+        await settle(fetcher)
+        assert fetcher.counters.readahead_chunks > 0
+        before = len(backing.reads)
+        # the rest of the file is read ahead already: the next requests wait for no backing read
+        pos = 2 * CS
+        while pos < size:
+            got = await read(fetcher, f, pos, 16384)
+            assert got == data[pos : pos + 16384]
+            pos += 16384
+        await settle(fetcher)
+        assert len(backing.reads) == before, backing.reads[before:]
+
+    run_with_fetcher(backing, body)
+    assert all(offset < size for _, offset, _ in backing.reads), "a read started past end of file"
+    assert max(backing.read_counts(f.ino, size)) == 1
+    assert sorted({c for c, _ in f.offers}) == list(range(6))
+    assert dict(f.offers)[5] == data[5 * CS :]
+
+
+def test_readahead_skips_chunks_the_cache_holds():
+    """A stream re-reading a file the cache holds parts of: readahead reads none of the held chunks."""
+    size = 16 * CS
+    data = os.urandom(size)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+    f.held = set(range(3, 16, 2))  # every other chunk from 3 on is a hit: the cache would serve it
+
+    async def body(fetcher: Fetcher) -> None:
+        for pos in range(0, 3 * CS, 16384):
+            assert await read(fetcher, f, pos, 16384) == data[pos : pos + 16384]
+        await settle(fetcher)
+        assert fetcher.counters.readahead_chunks > 0
+
+    run_with_fetcher(backing, body)
+    counts = backing.read_counts(f.ino, size)
+    assert not any(counts[c * 16 + p] for c in f.held for p in range(16)), "a chunk the cache holds was read ahead"
+    assert max(counts) == 1
+
+
+def test_random_reads_get_no_readahead():
+    data = os.urandom(64 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+
+    async def body(fetcher: Fetcher) -> None:
+        for c in (40, 3, 17, 60, 9):
+            assert await read(fetcher, f, c * CS + 4096, 4096) == data[c * CS + 4096 : c * CS + 8192]
+        await settle(fetcher)
+        assert fetcher.counters.readahead_chunks == 0
+
+    run_with_fetcher(backing, body)
+    assert {off // CS for _, off, _ in backing.reads} == {40, 3, 17, 60, 9}
+
+
+def test_a_large_request_is_read_in_parallel_parts():
+    data = os.urandom(32 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+
+    async def body(fetcher: Fetcher) -> None:
+        assert await read(fetcher, f, 0, 1 << 20, span=False) == data[: 1 << 20]
+        assert fetcher.counters.critical_reads == 4
+
+    run_with_fetcher(backing, body, parallel_part=256 << 10, readahead_max=0)
+    assert sorted(off for _, off, _ in backing.reads) == [0, 256 << 10, 512 << 10, 768 << 10]
+
+
+def test_a_failed_read_is_the_requests_error_and_is_not_remembered():
+    data = os.urandom(2 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+    failing = [True]
+    real = backing.pread
+
+    def pread(h: _Handle, offset: int, size: int) -> bytes:
+        if failing[0]:
+            raise OSError(errno.EIO, "i/o error")
+        return real(h, offset, size)
+
+    backing.pread = pread  # type: ignore[method-assign]
+
+    async def body(fetcher: Fetcher) -> None:
+        try:
+            await read(fetcher, f, 0, 4096)
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+        else:
+            raise AssertionError("the backing's error was not raised")
+        await settle(fetcher)
+        failing[0] = False
+        assert await read(fetcher, f, 0, CS) == data[:CS]
+
+    run_with_fetcher(backing, body)
+
+
+def test_background_reads_use_the_fetchers_own_handle_and_close_it():
+    data = os.urandom(4 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+
+    async def body(fetcher: Fetcher) -> None:
+        assert await read(fetcher, f, 0, 4096) == data[:4096]
+        assert await read(fetcher, f, 4096, 4096) == data[4096:8192]  # sequential: the rest of the chunk is read ahead
+        f.handle.closed = True  # the guest's file closes while the rest of the chunk is read
+        await settle(fetcher)
+        fetcher.closed(f.fh, f.ino)
+        await settle(fetcher)
+        await trio.sleep(0.05)
+
+    run_with_fetcher(backing, body)
+    assert set(f.offers) == {(0, data[:CS])}
+    ours = [h for h in backing.handles if h is not f.handle]
+    assert ours and all(h.closed for h in ours)
+
+
+def test_a_chunk_the_writer_refused_is_offered_again_at_the_next_read():
+    """A writer too far behind refuses an offer: the chunk, still buffered, is offered again when read again
+    (a request offers a complete chunk at each touch: admission sees every read)."""
+    data = os.urandom(2 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+    answers = [False, True]
+
+    def offer(c: int, d: bytes) -> bool:
+        f.offers.append((c, d))
+        return answers.pop(0) if answers else True
+
+    f.offer = offer  # type: ignore[method-assign]
+
+    async def body(fetcher: Fetcher) -> None:
+        assert await read(fetcher, f, 0, CS) == data[:CS]  # read whole, offered, refused
+        assert await read(fetcher, f, 0, CS) == data[:CS]  # from the buffer: offered again, taken
+        assert await read(fetcher, f, 0, CS) == data[:CS]  # a third read is offered too (the cache's offer skips what it holds)
+
+    run_with_fetcher(backing, body)
+    assert f.offers[:2] == [(0, data[:CS]), (0, data[:CS])]
+    assert max(backing.read_counts(f.ino, CS)) == 1  # chunk 0 read once (a re-read counts as a stream: chunk 1 may be read ahead)
