@@ -138,10 +138,12 @@ class Cache:
     async def _read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
         if size <= 0:
             return b""
-        try:
-            st = await self.files.revalidated(f.ino, f.handle)
-        except OSError as exc:
-            raise BackingError(exc) from exc
+        st = self.files.fresh(f.ino)
+        if st is None:
+            try:
+                st = await self.files.revalidated(f.ino, f.handle)
+            except OSError as exc:
+                raise BackingError(exc) from exc
         if health.faults:
             health.inject("store.read")
         cs = self.chunk_size
