@@ -84,6 +84,7 @@ class Reader:
         self._whole_run_head = whole_run_head(chunk_size).unpack_from
         full = chunk_size >> SHIFT
         self._run_checks_at = LOC_HEAD.size + ((full + 7) >> 3) + 4 * full  # page checks of a whole RUN chunk's value
+        self._run_value_len = self._run_checks_at + 16 * full  # what a read of it needs: through its page checks
         # The hit index: loc values of chunks found by one-chunk reads, so a warm hit skips LMDB (a read
         # transaction costs a 4 KiB hit a third of its time). Valid only between batches: `batch_started`
         # and `batch_ended` (the writer thread, around every batch) empty it and move `_epoch` on (odd while
@@ -93,7 +94,7 @@ class Reader:
         self._hit_index: dict[Key, bytes] = {}
         self._epoch = 0
 
-    HIT_INDEX_LIMIT = 1 << 15  # loc values (~0.4 KiB each): 2 GiB of chunks
+    HIT_INDEX_LIMIT = 1 << 15  # loc values (~0.4 KiB each, kept through their checks): 2 GiB of chunks
 
     def batch_started(self) -> None:
         """The writer is about to change the tables (writer thread): forget every remembered location."""
@@ -114,6 +115,8 @@ class Reader:
         index = self._hit_index
         if epoch & 1 or len(index) >= self.HIT_INDEX_LIMIT:
             return
+        if len(value) > self._run_value_len and value[4] & RUN and U32.unpack_from(value)[0] == self.chunk_size:
+            value = value[: self._run_value_len]  # a whole run is read with its checks alone: not its pages' names
         index[key] = value
         if self._epoch != epoch:
             index.pop(key, None)
