@@ -128,6 +128,9 @@ class Cache:
         if self.health.state is not health.CACHING:
             return await self.backing.pread(f.handle, offset, size)
         try:
+            span = self._hit(f, offset, size)  # the warm case, inline: no coroutine below this one
+            if span is not None:
+                return span
             return await self._read(f, offset, size)
         except BackingError as exc:
             raise exc.error from None
@@ -135,13 +138,43 @@ class Cache:
             self.health.fault(health.layer_of(exc, "store.read"), exc)
             return await self.backing.pread(f.handle, offset, size)
 
+    def _hit(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview | None:
+        """The common warm case: the whole request from the store, copied once and verified; None otherwise.
+
+        None also when the file's version is due for a check or changes are queued for the store:
+        `_read` then does everything (it does not look the request up in the store a second time
+        unless the queue holds changes).
+        """
+        if size <= 0 or not self.queue.settled:
+            return None
+        st = self.files.fresh(f.ino)
+        if st is None:
+            return None
+        if health.faults:
+            health.inject("store.read")
+        cs = self.chunk_size
+        first, last = offset // cs, (offset + size - 1) // cs
+        span = self.store.read_span(st.ino, st.gen, first, last, offset - first * cs, offset + size - last * cs)
+        if span is None:
+            return None
+        counters = self.images[f.path]
+        counters.reads += 1
+        counters.hit_bytes += len(span)
+        counters.hit_chunks += last - first + 1
+        self.admission.served(f, st.gen, offset, span)
+        return span
+
     async def _read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
+        """Everything `_hit` does not take: misses, partial hits, what is queued for the store, a version check."""
         if size <= 0:
             return b""
-        try:
-            st = await self.files.revalidated(f.ino, f.handle)
-        except OSError as exc:
-            raise BackingError(exc) from exc
+        st = self.files.fresh(f.ino)
+        fresh = st is not None
+        if st is None:
+            try:
+                st = await self.files.revalidated(f.ino, f.handle)
+            except OSError as exc:
+                raise BackingError(exc) from exc
         if health.faults:
             health.inject("store.read")
         cs = self.chunk_size
@@ -150,8 +183,8 @@ class Cache:
         counters = self.images[f.path]
         counters.reads += 1
         queue = self.queue
-        if queue.settled:
-            # the common warm case: the whole request copied once into one buffer and verified there
+        if queue.settled and not fresh:
+            # `_hit` did not look (the version was due for a check): the whole request copied once and verified
             span = self.store.read_span(st.ino, st.gen, first, last, lo, hi)
             if span is not None:
                 counters.hit_bytes += len(span)

@@ -158,6 +158,16 @@ class Files:
             return
         self.check(st, attr)
 
+    def fresh(self, ino: int) -> FileState | None:
+        """The file's state when it is known and its version was checked within `revalidate` seconds, else None.
+
+        The hit path's shortcut: no coroutine when nothing needs the backing (`revalidated` otherwise).
+        """
+        st = self._files.get(ino)
+        if st is not None and time.monotonic() - st.checked < self.revalidate:
+            return st
+        return None
+
     async def revalidated(self, ino: int, handle: object) -> FileState:
         """The file's state, its version checked against the backing if `revalidate` seconds have passed."""
         st = self._files.get(ino) or self.get(ino)  # the hit path: one dict lookup when the file is known

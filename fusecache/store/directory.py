@@ -121,14 +121,14 @@ class Store:
         """
         return self._reader.read_chunks(ino, gen, first, last, lo, hi)
 
-    def read_span(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> memoryview | None:
+    def read_span(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> bytes | memoryview | None:
         """A whole request in one buffer, copied once: chunks first..last as `read_chunks` reads them, joined.
 
         Every chunk is copied straight into one buffer and verified there (the
         chunk digest for a whole chunk, page digests for the pages of a
         partial first or last one), so no second copy joins them. Returns a
-        read-only memoryview (pyfuse3 replies from any buffer), shorter at end
-        of file; None unless every chunk is a verified hit, and then counts
+        read-only memoryview, or bytes for a request inside one chunk (pyfuse3
+        replies from any buffer), shorter at end of file; None unless every chunk is a verified hit, and then counts
         no hits or misses: ask `read_chunks` for the per-chunk answer.
         """
         return self._reader.read_span(ino, gen, first, last, lo, hi)
@@ -217,7 +217,12 @@ class Store:
 
     def apply(self, batch: WriteBatch) -> None:
         """Apply one batch: releases and evictions commit first, then admissions (see the package docstring)."""
-        self._writer.apply(batch)
+        reader = self._reader
+        reader.batch_started()  # the hit index forgets every location before any changes
+        try:
+            self._writer.apply(batch)
+        finally:
+            reader.batch_ended()
 
     def evict_first(self, keys: Iterable[tuple[int, int, int]]) -> None:
         """Hint (any thread): these (ino, gen, chunk) are held by a guest itself; when room is needed they go first."""

@@ -2,7 +2,9 @@
 
 An eviction order holds loc keys. `touch` runs on the loop thread on every
 hit, everything else on the writer thread; one lock makes them safe and is
-held only for a few dict operations. `evict_one(weigh)` removes and returns a
+held only for a few dict operations. `Shares` (what the store holds) takes no
+lock on a hit at all: a touch is one append to a bounded deque, applied to the
+orders by the writer thread before it picks a victim or persists the order. `evict_one(weigh)` removes and returns a
 victim; weigh(key) is -1 when a peer holds the chunk's pages (cheap to lose),
 +1 when its pages are mostly shared with other chunks (valuable: spared
 once), else 0. bench/eviction.py compares the two on a skewed trace.
@@ -264,6 +266,13 @@ class Shares:
     itself the furthest over its share.
     """
 
+    # Hits not yet applied to the orders. A hit only appends here (atomic, no lock: the hit path is the
+    # loop's hottest code); the writer applies them before any change to the orders (so a hit counts
+    # against the orders as they were when it happened: a pinned chunk's hits do not follow it out of its
+    # pin), before it picks a victim and before it lists the order. Bounded: past it the oldest touches
+    # are lost, which costs recency, never a byte.
+    TOUCHES_PENDING = 1 << 16
+
     def __init__(self, make: Callable[[], Eviction], capacity_chunks: int) -> None:
         self.name = make().name
         self._make = make
@@ -272,6 +281,7 @@ class Shares:
         self._orders: dict[str, Eviction] = {}
         self._owner: dict[Key, str] = {}
         self._incoming: dict[str, int] = {}
+        self._touched: collections.deque[Key] = collections.deque(maxlen=self.TOUCHES_PENDING)
 
     def __len__(self) -> int:
         return len(self._owner)
@@ -280,11 +290,23 @@ class Shares:
         return key in self._owner
 
     def touch(self, key: Key) -> None:
-        order = self._orders.get(self._owner.get(key, ""))
-        if order is not None:
-            order.touch(key)
+        """A hit (loop thread): recorded, applied by the writer (`apply_touches`)."""
+        self._touched.append(key)
+
+    def apply_touches(self) -> None:
+        """Apply the hits recorded since the last call to the owners' orders (writer thread)."""
+        touched = self._touched
+        while touched:
+            try:
+                key = touched.popleft()
+            except IndexError:
+                return
+            order = self._orders.get(self._owner.get(key, ""))
+            if order is not None:
+                order.touch(key)
 
     def insert(self, key: Key, owner: str | None = None) -> None:
+        self.apply_touches()  # hits made before this change apply to the orders as they were then
         owner = owner or HOST
         with self._lock:
             held_by = self._owner.get(key)
@@ -299,6 +321,7 @@ class Shares:
         order.insert(key)
 
     def remove(self, key: Key) -> None:
+        self.apply_touches()
         with self._lock:
             owner = self._owner.pop(key, None)
             order = self._orders.get(owner) if owner is not None else None
@@ -343,6 +366,7 @@ class Shares:
         return best
 
     def evict_one(self, weigh: Callable[[Key], int]) -> Key | None:
+        self.apply_touches()
         while True:
             with self._lock:
                 owner = self._victim_owner()
@@ -360,6 +384,7 @@ class Shares:
         """Reloaded chunks: owner unknown (`UNOWNED`)."""
         order = self._make()
         order.load(keys)
+        self._touched.clear()
         with self._lock:
             self._orders = {UNOWNED: order}
             self._owner = dict.fromkeys(order.order(), UNOWNED)
@@ -367,6 +392,7 @@ class Shares:
 
     def order(self) -> list[Key]:
         """Every key, the owners' orders one after another (all reload as `UNOWNED`)."""
+        self.apply_touches()
         with self._lock:
             orders = list(self._orders.values())
         return [k for order in orders for k in order.order()]

@@ -25,6 +25,7 @@ from fusecache.identity import ContentKeys
 from fusecache.store.eviction import Eviction
 from fusecache.store.layout import (
     INO,
+    LOC_HEAD,
     PAGE_SIZE,
     RUN,
     SHIFT,
@@ -81,6 +82,44 @@ class Reader:
         self._seed = keys.seed  # the checks below call xxhash with it directly: the hit path's hash
         self.chunk_size = chunk_size
         self._whole_run_head = whole_run_head(chunk_size).unpack_from
+        full = chunk_size >> SHIFT
+        self._run_checks_at = LOC_HEAD.size + ((full + 7) >> 3) + 4 * full  # page checks of a whole RUN chunk's value
+        self._run_value_len = self._run_checks_at + 16 * full  # what a read of it needs: through its page checks
+        # The hit index: loc values of chunks found by one-chunk reads, so a warm hit skips LMDB (a read
+        # transaction costs a 4 KiB hit a third of its time). Valid only between batches: `batch_started`
+        # and `batch_ended` (the writer thread, around every batch) empty it and move `_epoch` on (odd while
+        # a batch runs), and a value read from LMDB is kept only if no batch started or ended meanwhile (see
+        # `_remember`). A kept value can still point at slots an admission reuses: every byte is verified
+        # after the copy, as for any read. Bounded: past HIT_INDEX_LIMIT chunks, no more are added.
+        self._hit_index: dict[Key, bytes] = {}
+        self._epoch = 0
+
+    HIT_INDEX_LIMIT = 1 << 15  # loc values (~0.4 KiB each, kept through their checks): 2 GiB of chunks
+
+    def batch_started(self) -> None:
+        """The writer is about to change the tables (writer thread): forget every remembered location."""
+        self._epoch += 1
+        self._hit_index.clear()
+
+    def batch_ended(self) -> None:
+        """The batch committed or failed (writer thread): forget again what was remembered meanwhile."""
+        self._hit_index.clear()
+        self._epoch += 1
+
+    def _remember(self, key: Key, value: bytes, epoch: int) -> None:
+        """Keep `value`, read from LMDB while `_epoch` was `epoch`, unless a batch ran since (then it may be stale).
+
+        Stored first, checked after: a batch that starts before the store clears it; one that starts and
+        ends between the read and the store moves the epoch on, and the value is taken back out.
+        """
+        index = self._hit_index
+        if epoch & 1 or len(index) >= self.HIT_INDEX_LIMIT:
+            return
+        if len(value) > self._run_value_len and value[4] & RUN and U32.unpack_from(value)[0] == self.chunk_size:
+            value = value[: self._run_value_len]  # a whole run is read with its checks alone: not its pages' names
+        index[key] = value
+        if self._epoch != epoch:
+            index.pop(key, None)
 
     def read_chunk(self, ino: int, gen: int, chunk: int, lo: int = 0, hi: int | None = None) -> bytes | None:
         key = pack_key(ino, gen, chunk)
@@ -114,11 +153,52 @@ class Reader:
             self.eviction.touch(key)
         return out
 
+    def _run_pages(self, value: bytes, lo: int, hi: int | None) -> bytes | memoryview | None:
+        """The common 4 KiB hit in as few steps as Python allows: pages [lo, hi) of a whole chunk in one run of slots.
+
+        None when the value is anything else, or when a check fails (`chunk_of` then decides, and counts it).
+        """
+        try:
+            length, flags, chunk_digest, slot = self._whole_run_head(value)
+        except struct.error:  # too short to be a whole run: a chunk of holes
+            return None
+        cs = self.chunk_size
+        if not flags & RUN or length != cs or slot + (cs >> SHIFT) > self.slab.nslots or lo < 0:
+            return None
+        if hi is None or hi > cs:
+            hi = cs
+        if lo >= hi:
+            return None
+        p0, p1 = lo >> SHIFT, (hi - 1) >> SHIFT
+        a = (slot + p0) << SHIFT
+        data = self.slab.map[a : a + ((p1 + 1 - p0) << SHIFT)]  # copy first, verify the copy: a slot may be reused now
+        digest, seed = xxhash.xxh3_128_digest, self._seed
+        if p1 == p0:
+            at = self._run_checks_at + 16 * p0
+            if digest(data, seed) != value[at : at + 16]:
+                return None
+        elif p0 == 0 and p1 == (cs >> SHIFT) - 1:
+            if digest(data, seed) != chunk_digest:
+                return None
+        else:
+            view = memoryview(data)
+            at = self._run_checks_at + 16 * p0
+            for j in range(p1 + 1 - p0):
+                if digest(view[j << SHIFT : (j + 1) << SHIFT], seed) != value[at + 16 * j : at + 16 * j + 16]:
+                    return None
+        lo -= p0 << SHIFT
+        hi -= p0 << SHIFT
+        return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
+
     def chunk_in(self, txn: lmdb.Transaction, key: Key, lo: int = 0, hi: int | None = None) -> bytes | None:
         """Bytes [lo, hi) of one chunk as `txn` sees it, verified; None if absent or a page read fails its check."""
         value = txn.get(key, db=self.tables.loc)
         if value is None:
             return None
+        return self.chunk_of(value, lo, hi)
+
+    def chunk_of(self, value: bytes | memoryview, lo: int = 0, hi: int | None = None) -> bytes | None:
+        """Bytes [lo, hi) of the chunk whose loc value is `value`, verified; None if a page read fails its check."""
         cs, seed = self.chunk_size, self._seed
         if lo <= 0 and (hi is None or hi >= cs):
             try:
@@ -211,7 +291,28 @@ class Reader:
         hi -= p0 << SHIFT
         return data if lo == 0 and hi == len(data) else data[lo:hi]
 
-    def read_span(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> memoryview | None:
+    def read_span(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> bytes | memoryview | None:
+        if first == last:
+            # One chunk (every request of 64 KiB or less that does not straddle two): its location from the
+            # hit index, else LMDB; copied straight out of the map into a bytes of the request's pages.
+            key = pack_key(ino, gen, first)
+            value = self._hit_index.get(key)
+            if value is None:
+                epoch = self._epoch
+                with self.env.begin(db=self.tables.loc) as txn:
+                    value = txn.get(key)
+                if value is None:
+                    return None
+                self._remember(key, value, epoch)
+            data = self._run_pages(value, lo, hi)
+            if data is None:
+                data = self.chunk_of(value, lo, hi)
+                if data is None:
+                    return None
+            if data:
+                self.counters["hits"] += 1
+                self.eviction.touch(key)
+            return data
         cs = self.chunk_size
         buf = bytearray((last - first + 1) * cs)  # zeros: holes are not copied
         view = memoryview(buf)

@@ -866,3 +866,78 @@ def test_holdings_count_bytes_shared_with_other_files(tmp_path: Path) -> None:
     h = store.holdings(1, 1)
     assert h.chunks == [0, 1, 2] and h.cached_bytes == 2 * CHUNK and h.shared_bytes == CHUNK
     assert store.holdings(2, 1).shared_bytes == CHUNK and store.holdings(3, 1).chunks == []
+
+
+def test_the_hit_index_never_outlives_a_change(tmp_path: Path) -> None:
+    """One-chunk reads remember locations (the hit index); a drop, a new admission or an eviction is seen at once."""
+    store = Store(str(tmp_path), 8 * CHUNK, eviction="lru")
+    old, new = unique(), unique()
+    admit(store, (1, 1, 0, old))
+    for _ in range(2):  # the second read comes from the index
+        span = store.read_span(1, 1, 0, 0, PAGE_SIZE, 2 * PAGE_SIZE)
+        assert span is not None and bytes(span) == old[PAGE_SIZE : 2 * PAGE_SIZE]
+    store.apply(WriteBatch(drop=[(1, 1, 0)]))  # the guest wrote over it
+    assert store.read_span(1, 1, 0, 0, PAGE_SIZE, 2 * PAGE_SIZE) is None
+    admit(store, (1, 1, 0, new))
+    span = store.read_span(1, 1, 0, 0, PAGE_SIZE, 2 * PAGE_SIZE)
+    assert span is not None and bytes(span) == new[PAGE_SIZE : 2 * PAGE_SIZE]
+    for c in range(1, 12):  # a scan larger than the cache evicts chunk 0 and reuses its slots
+        admit(store, (2, 1, c, unique()))
+    assert store.read_span(1, 1, 0, 0, PAGE_SIZE, 2 * PAGE_SIZE) is None
+    assert store.stats().verify_failures == 0
+    check_integrity(store)
+
+
+def test_a_location_read_while_a_batch_ran_is_not_remembered(tmp_path: Path) -> None:
+    store = Store(str(tmp_path), 8 * CHUNK)
+    reader = store._reader
+    key = pack_key(1, 1, 0)
+    epoch = reader._epoch
+    reader.batch_started()  # a batch started and ended between the read and the remembering
+    reader.batch_ended()
+    reader._remember(key, b"stale", epoch)
+    assert key not in reader._hit_index
+    reader.batch_started()  # read while a batch runs
+    reader._remember(key, b"stale", reader._epoch)
+    assert key not in reader._hit_index
+    reader.batch_ended()
+
+
+def test_reads_beside_the_writer_never_return_a_dropped_chunk(tmp_path: Path) -> None:
+    """Batches on another thread while the loop thread keeps reading: after each batch returns, reads see it."""
+    store = Store(str(tmp_path), 16 * CHUNK)
+    stop = threading.Event()
+    wrong: list[tuple[int, int]] = []
+    current: dict[int, bytes | None] = {}
+
+    def keep_reading() -> None:
+        while not stop.is_set():
+            for c in range(4):
+                span = store.read_span(1, 1, c, c, 0, PAGE_SIZE)
+                if span is not None and bytes(span) not in contents[c]:
+                    wrong.append((c, len(span)))
+
+    contents: dict[int, set[bytes]] = {c: set() for c in range(4)}
+    for c in range(4):
+        data = unique()
+        contents[c].add(data[:PAGE_SIZE])
+        admit(store, (1, 1, c, data))
+        current[c] = data
+    reader = threading.Thread(target=keep_reading)
+    reader.start()
+    try:
+        for i in range(60):
+            c = i % 4
+            store.apply(WriteBatch(drop=[(1, 1, c)]))
+            after_drop = store.read_span(1, 1, c, c, 0, PAGE_SIZE)
+            assert after_drop is None, i
+            data = unique()
+            contents[c].add(data[:PAGE_SIZE])
+            admit(store, (1, 1, c, data))
+            span = store.read_span(1, 1, c, c, 0, PAGE_SIZE)
+            assert span is not None and bytes(span) == data[:PAGE_SIZE], i
+    finally:
+        stop.set()
+        reader.join()
+    assert not wrong
+    check_integrity(store)
