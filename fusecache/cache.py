@@ -254,11 +254,25 @@ class Cache:
         """The fetcher's view of one read of `f`: its stamp, and the admission offer for chunks it completes."""
         snap = Snapshot(st.gen, st.epoch, st.writing == 0)
 
+        queue, store = self.queue, self.store
+
         def held(c: int) -> bool:
             key = (st.ino, st.gen, c)
-            if self.queue.is_dropped(key):
+            if queue.is_dropped(key):
                 return False
-            return self.queue.pending(key) is not None or self.store.location(*key) is not None
+            return queue.pending(key) is not None or bool(store.held_chunks(st.ino, st.gen, c, c))
+
+        def held_range(first: int, last: int) -> set[int]:
+            """`held` for chunks first..last: one scan of the index's keys, then the queue's changes on top."""
+            out = store.held_chunks(st.ino, st.gen, first, last)
+            if not queue.settled:
+                for c in range(first, last + 1):
+                    key = (st.ino, st.gen, c)
+                    if queue.is_dropped(key):
+                        out.discard(c)
+                    elif queue.pending(key) is not None:
+                        out.add(c)
+            return out
 
         def offer(c: int, piece: bytes | memoryview) -> bool:
             """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch.
@@ -279,7 +293,9 @@ class Cache:
             return True
 
         size = st.version.size if st.version is not None and st.version.size >= 0 else None
-        return Reader(st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer, held)
+        return Reader(
+            st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer, held, held_range
+        )
 
     # ---- writes -----------------------------------------------------------
     async def write(self, f: OpenFile, offset: int, data: bytes) -> int:

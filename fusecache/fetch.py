@@ -32,7 +32,7 @@ import collections
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
 import trio
@@ -66,6 +66,8 @@ class Reader:
     # a complete chunk a request touched, for admission (read-only); False: not taken, offer it again at the next touch
     offer: Callable[[int, bytes | memoryview], bool]
     held: Callable[[int], bool] = lambda chunk: False  # the cache holds this chunk already: readahead skips it
+    # which of chunks first..last the cache holds, in one look (one index scan, not a lookup per chunk); None: ask `held`
+    held_range: Callable[[int, int], set[int]] | None = None
 
 
 class _Chunk:
@@ -229,12 +231,16 @@ class Fetcher:
         if base is not None and all(
             e is not None and e.base is not None and e.base[0] is base[0] and e.base[1] == base[1] + i * cs for i, e in enumerate(found)
         ):
-            self._note_stream(r, needs)
             self.counters.buffer_hits += 1
-            for (c, _, _), e in zip(needs, found, strict=True):
+            chunks, full = self._chunks, self.full
+            for c, e in zip(range(first, last + 1), found, strict=True):
                 assert e is not None
-                self._entry(r, c, stamp).touched = True  # (also moves it to the LRU's young end)
-                self._maybe_offer(c, e, r.offer)
+                chunks.move_to_end((r.ino, c))  # the LRU's young end (found there just now, its stamp current)
+                e.touched = True
+            self._note_stream(r, needs)  # (its readahead may evict the oldest entries: not these, just moved)
+            for c, e in zip(range(first, last + 1), found, strict=True):
+                if e.valid == full:  # type: ignore[union-attr]
+                    self._maybe_offer(c, e, r.offer)  # type: ignore[arg-type]
             at = base[1] + needs[0][1]
             return memoryview(base[0])[at : at + size]
         if any(e is not None and (e.valid | e.loading) & self._pages(lo, hi) for e, (_, lo, hi) in zip(found, needs, strict=True)):
@@ -284,9 +290,9 @@ class Fetcher:
             self._chunks.move_to_end(key)
         return e
 
-    def _claim(self, e: _Chunk, pages: int) -> trio.Event:
+    def _claim(self, e: _Chunk, pages: int, ev: trio.Event | None = None) -> trio.Event:
         e.loading |= pages
-        ev = trio.Event()
+        ev = trio.Event() if ev is None else ev
         e.done.append((pages, ev))
         return ev
 
@@ -364,7 +370,7 @@ class Fetcher:
         """Contiguous byte runs over (entry, chunk, pages): [(start, size, [(entry, chunk, contiguous pages)])]."""
         runs: list[tuple[int, int, list[tuple[_Chunk, int, int]]]] = []
         for e, c, pages, _ in sorted(pieces, key=lambda x: x[1]):
-            for first, count in _bit_runs(pages):
+            for first, count in ((0, self.ppc),) if pages == self.full else _bit_runs(pages):
                 start = c * self.cs + first * self.ps
                 bits = ((1 << count) - 1) << first
                 if runs and runs[-1][0] + runs[-1][1] == start:
@@ -467,8 +473,13 @@ class Fetcher:
         if stamp is None:
             return True
         queued = False
-        for c in range(start // self.cs, (limit - 1) // self.cs + 1):
-            if (r.ino, c) not in self._chunks and r.held(c):
+        chunks = range(start // self.cs, (limit - 1) // self.cs + 1)
+        new = [c for c in chunks if (r.ino, c) not in self._chunks]
+        held: Collection[int] = ()
+        if new:  # one look at the index for them all
+            held = r.held_range(new[0], new[-1]) if r.held_range is not None else [c for c in new if r.held(c)]
+        for c in chunks:
+            if held and c in held and (r.ino, c) not in self._chunks:
                 continue  # a hit when the stream gets there: reading it again would be bytes nobody needs
             e = self._entry(r, c, stamp)
             if e.valid | e.loading != self.full and e.length is None:
@@ -541,6 +552,7 @@ class Fetcher:
         reads: list[_Read] = []
         files: dict[int, tuple[str, Any]] = {}
         total = 0
+        ev = trio.Event()  # one for the whole batch: its reads come back together, in one hand-off
         while self._queue and total < BATCH_BYTES:
             (ino, c), e = self._queue.popitem(last=False)
             if self._chunks.get((ino, c)) is not e or not e.current() or e.length is not None:
@@ -548,9 +560,9 @@ class Fetcher:
             pages = self.full & ~(e.valid | e.loading)
             if not pages:
                 continue
-            ev = self._claim(e, pages)
+            self._claim(e, pages, ev)
             files[ino] = (e.path, self._handles.get(ino))
-            for first, count in _bit_runs(pages):
+            for first, count in ((0, self.ppc),) if pages == self.full else _bit_runs(pages):
                 start = c * self.cs + first * self.ps
                 member = (e, c, ((1 << count) - 1) << first, ev)
                 last = reads[-1] if reads else None
@@ -589,12 +601,14 @@ class Fetcher:
             if isinstance(got, bytes):
                 self.counters.background_reads += 1
                 self.counters.background_bytes += rd.size
+            ok = isinstance(got, bytes)
             for e, c, pages, ev in rd.members:
                 # bytes read while the file's content moved are not kept: nobody asked for them
-                if isinstance(got, bytes) and e.current():
+                if ok and e.current():
                     self._fill(e, c, pages, rd.start, got, rd.size)
                 self._release(e, pages, ev)
-                self._maybe_offer(c, e)
+                if e.touched:  # (readahead nobody has asked for yet is offered when a request touches it)
+                    self._maybe_offer(c, e)
 
 
 @dataclasses.dataclass(slots=True)

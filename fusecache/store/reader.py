@@ -213,8 +213,6 @@ class Reader:
 
     def read_span(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> memoryview | None:
         cs = self.chunk_size
-        buf = bytearray((last - first + 1) * cs)  # zeros: holes are not copied
-        view = memoryview(buf)
         slab, nslots = self.slab.view, self.slab.nslots
         full_pages = cs >> SHIFT
         whole_from = first if lo <= 0 else first + 1  # chunks from here to whole_to are read whole
@@ -224,6 +222,10 @@ class Reader:
         pos = begin = 0
         keys = []
         with self.env.begin(db=self.tables.loc, buffers=True) as txn:
+            if txn.get(pack_key(ino, gen, first)) is None:
+                return None  # a miss (the cold path): no buffer zeroed for nothing (1 MiB: ~0.1 ms, more if never touched)
+            buf = bytearray((last - first + 1) * cs)  # zeros: holes are not copied
+            view = memoryview(buf)
             for c in range(first, last + 1):
                 key = pack_key(ino, gen, c)
                 value = txn.get(key)
