@@ -95,6 +95,7 @@ class Cache:
         self.fetcher = Fetcher(backing, chunk_size=self.chunk_size)
         self.images: dict[str, ImageCounters] = files.images  # the same counters, one hop shorter on the hit path
         self.health = queue.health
+        queue.pacer.reads = self._read_count  # the writer yields the GIL while reads are active
 
     # ---- the file's life (from fs.py) ------------------------------------------
     # Each reads the file's record from the store the first time: a fault there fails closed, never the request.
@@ -121,6 +122,10 @@ class Cache:
 
     def attributes_seen(self, attr: Attr) -> None:
         self.files.attributes_seen(attr)
+
+    def _read_count(self) -> int:
+        """Reads so far, every image (in the writer thread: a snapshot of the values, taken under the GIL in one call)."""
+        return sum(c.reads for c in list(self.images.values()))
 
     # ---- reads ------------------------------------------------------------
     async def read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
