@@ -212,11 +212,13 @@ class Fetcher:
             self._maybe_offer(c, e, r.offer)
         return out
 
-    async def read_span(self, r: Reader, offset: int, size: int) -> memoryview | None:
+    async def read_span(self, r: Reader, offset: int, size: int, *, noted: bool = False) -> memoryview | None:
         """A request none of whose bytes are buffered or being read: one read, its bytes returned without a copy.
 
-        Also a request wholly inside one earlier read's bytes (readahead): a view of them. Anything else
-        (some pages buffered, some not; a write in flight) is None: use `read`.
+        Also a request wholly inside one earlier read's bytes (readahead): a view of them, once the reads in
+        flight for it have come back (a sequential stream usually finds its readahead still loading). Anything
+        else (some pages buffered, some not; a write in flight) is None: use `read`.
+        `noted`: this request was counted for sequential detection already (it waited for readahead).
         """
         stamp = r.stamp()
         if stamp is None or size <= 0:
@@ -237,13 +239,24 @@ class Fetcher:
                 assert e is not None
                 chunks.move_to_end((r.ino, c))  # the LRU's young end (found there just now, its stamp current)
                 e.touched = True
-            self._note_stream(r, needs)  # (its readahead may evict the oldest entries: not these, just moved)
+            if not noted:
+                self._note_stream(r, needs)  # (its readahead may evict the oldest entries: not these, just moved)
             for c, e in zip(range(first, last + 1), found, strict=True):
                 if e.valid == full:  # type: ignore[union-attr]
                     self._maybe_offer(c, e, r.offer)  # type: ignore[arg-type]
             at = base[1] + needs[0][1]
             return memoryview(base[0])[at : at + size]
         if any(e is not None and (e.valid | e.loading) & self._pages(lo, hi) for e, (_, lo, hi) in zip(found, needs, strict=True)):
+            waits = None if noted else self._in_flight(found, needs)
+            if not waits:
+                return None
+            # every page it needs is buffered or being read: wait for those reads (as `read` would), then look
+            # again: readahead read in requests' sizes serves the request as one view, no copy, no join
+            self._note_stream(r, needs)  # before waiting: the stream's next readahead goes out meanwhile
+            for ev in waits:
+                await ev.wait()
+            return await self.read_span(r, offset, size, noted=True)
+        if noted:
             return None
         urgent = self._note_stream(r, needs)
         entries = [self._entry(r, c, stamp) for c, _, _ in needs]
@@ -268,6 +281,19 @@ class Fetcher:
         for e, c, _, _ in claims:
             self._maybe_offer(c, e, r.offer)
         return memoryview(data)[offset - start : offset - start + size]
+
+    def _in_flight(self, found: list[_Chunk | None], needs: list[tuple[int, int, int]]) -> list[trio.Event] | None:
+        """The reads to wait for when every page of `needs` is buffered or being read and some are being read; else None."""
+        waits: list[trio.Event] = []
+        for e, (_, lo, hi) in zip(found, needs, strict=True):
+            if e is None:
+                return None
+            need = self._pages(lo, hi) & ~e.valid
+            if need & ~e.loading:
+                return None  # some page is neither: `read` reads it
+            if need:
+                waits += [ev for pages, ev in e.done if pages & need and ev not in waits]
+        return waits or None
 
     def _pages(self, lo: int, hi: int) -> int:
         """The page bits covering bytes [lo, hi) of a chunk."""
@@ -597,18 +623,26 @@ class Fetcher:
                     self._to_close.append(self._handles.popitem(last=False)[1])
             else:
                 self._to_close.append(handle)  # its last open file closed meanwhile
+        stamps: dict[int, Hashable] = {}  # ino -> its stamp now (the same for every entry of one file)
+        events = set()
         for rd, got in zip(reads, results, strict=True):
-            if isinstance(got, bytes):
+            ok = isinstance(got, bytes)
+            if ok:
                 self.counters.background_reads += 1
                 self.counters.background_bytes += rd.size
-            ok = isinstance(got, bytes)
             for e, c, pages, ev in rd.members:
                 # bytes read while the file's content moved are not kept: nobody asked for them
-                if ok and e.current():
-                    self._fill(e, c, pages, rd.start, got, rd.size)
-                self._release(e, pages, ev)
+                if ok:
+                    now = stamps[e.ino] if e.ino in stamps else stamps.setdefault(e.ino, e.stamp_now())
+                    if now == e.stamp:
+                        self._fill(e, c, pages, rd.start, got, rd.size)
+                e.loading &= ~pages
+                e.done = [(p, x) for p, x in e.done if x is not ev]
+                events.add(ev)
                 if e.touched:  # (readahead nobody has asked for yet is offered when a request touches it)
                     self._maybe_offer(c, e)
+        for ev in events:
+            ev.set()  # (as `_release`: the waiters look again, now that every page of the batch is filled)
 
 
 @dataclasses.dataclass(slots=True)
