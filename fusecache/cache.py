@@ -164,11 +164,25 @@ class Cache:
                 self.admission.served(f, st.gen, offset, span)
                 return span
 
+        cold = queue.settled and self.peer_reads is None and self.store.all_missing(st.ino, st.gen, first, last)
+        if cold:
+            # the cold path: nothing of it held or queued; one backing read (or a view of readahead) is the answer
+            try:
+                span = await self.fetcher.read_span(self._reader(f, st), offset, size)
+            except OSError as exc:
+                raise BackingError(exc) from exc
+            if span is not None:
+                counters.backing_bytes += len(span)
+                counters.miss_chunks += last - first + 1
+                self.admission.served(f, st.gen, offset, span)
+                return span
+
         def bounds(c: int) -> tuple[int, int]:
             """The part of chunk c the request covers."""
             return (lo if c == first else 0), (hi if c == last else cs)
 
-        stored = self.store.read_chunks(st.ino, st.gen, first, last, lo, hi)
+        # (a cold request the fetcher did not take whole: counted as misses already; the backing is the truth)
+        stored = [None] * (last - first + 1) if cold else self.store.read_chunks(st.ino, st.gen, first, last, lo, hi)
         pieces: dict[int, bytes] = {}
         need: list[int] = []
         for i, c in enumerate(range(first, last + 1)):
