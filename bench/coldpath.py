@@ -16,6 +16,14 @@ daemon's `/proc/PID/io` rchar once it has stopped moving (background reads
 included), an oracle independent of fusecache's own counters.
 
     .venv/bin/python -m bench.coldpath [--tree before=/work/main] [--tree after=.] [--repeats 5] [--size-mib 512]
+    .venv/bin/python -m bench.coldpath --nfs-rtt 0.2 ...   # the backing is NFS (root)
+
+With `--nfs-rtt MS` the backing is `nfs://` to tests/harness/nfs_server.py's
+nfs-ganesha behind a tests/harness/delay_proxy.py adding MS of round trip
+(the server reads from its host page cache): `--no-cache` over that URL is
+then the floor of the FUSE hop over NFS, and each ratio is against it. The
+rchar oracle counts the daemon's socket reads then (NFS replies: bytes plus
+RPC headers).
 
 A tree is a directory holding a `fusecache` package (its daemon runs with that
 directory as its working directory). Prints a table; writes
@@ -52,12 +60,14 @@ PATTERNS = ("1M seq", "4k random")
 
 
 class Bench:
-    def __init__(self, work: str, size_mib: int, rand_mib: int) -> None:
+    def __init__(self, work: str, size_mib: int, rand_mib: int, backing_dir: str | None = None, url: str | None = None) -> None:
         self.work = work
         self.size = size_mib * MIB
         self.rand_bytes = rand_mib * MIB
-        os.makedirs(os.path.join(work, "backing"))
-        self.image = make_random_file(os.path.join(work, "backing", "disk.img"), size_mib)
+        backing_dir = backing_dir or os.path.join(work, "backing")
+        os.makedirs(backing_dir, exist_ok=True)
+        self.image = make_random_file(os.path.join(backing_dir, "disk.img"), size_mib)
+        self.backing = url or backing_dir  # what the mounts mount
         self._n = 0
 
     @contextlib.contextmanager
@@ -69,7 +79,7 @@ class Bench:
         mnt = os.path.join(self.work, f"mnt{self._n}")
         log = os.path.join(self.work, f"daemon{self._n}.log")
         try:
-            with fusecache_mount(os.path.dirname(self.image), mnt, options, log, code=code) as mp:
+            with fusecache_mount(self.backing, mnt, options, log, code=code) as mp:
                 yield mp
         finally:
             shutil.rmtree(os.path.join(self.work, f"cache{self._n}"), ignore_errors=True)
@@ -98,6 +108,7 @@ def main() -> int:
     p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of: " + ", ".join(SETUPS))
     p.add_argument("--name", default="coldpath", help="results file name (default coldpath)")
     p.add_argument("--dir", default="/var/tmp", help="where the file, caches and mountpoints go: not tmpfs (default /var/tmp)")
+    p.add_argument("--nfs-rtt", type=float, default=None, help="back the mounts by NFS (ganesha) this many ms away (root)")
     args = p.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree) or {"this": REPO}
     trees = {name: os.path.abspath(d) for name, d in trees.items()}
@@ -106,16 +117,26 @@ def main() -> int:
     if "no-cache" not in setups:
         setups.insert(0, "no-cache")
     work = tempfile.mkdtemp(prefix="fusecache-cold-", dir=args.dir)
-    runs: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {
-        t: {s: {pt: [] for pt in patterns} for s in setups} for t in trees
-    }
+    runs: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {t: {s: {pt: [] for pt in patterns} for s in setups} for t in trees}
     try:
-        bench = Bench(work, args.size_mib, args.rand_mib)
-        for _ in range(args.repeats):
-            for pattern in patterns:
-                for setup in setups:
-                    for tree, code in trees.items():  # trees and setups alternate within a repeat
-                        runs[tree][setup][pattern].append(bench.run(code, setup, pattern))
+        with contextlib.ExitStack() as stack:
+            if args.nfs_rtt is None:
+                bench = Bench(work, args.size_mib, args.rand_mib)
+            else:
+                from pathlib import Path
+
+                from tests.harness.delay_proxy import DelayProxy
+                from tests.harness.nfs_server import EXPORT, MOUNT_PORT, NFS_PORT, NfsServer
+
+                server = stack.enter_context(NfsServer(Path(work) / "server"))
+                proxy = stack.enter_context(DelayProxy([NFS_PORT, MOUNT_PORT], delay_ms=args.nfs_rtt / 2, netns=server.netns))
+                url = f"nfs://127.0.0.1:{proxy.ports[NFS_PORT]}{EXPORT}?version=3&mountport={proxy.ports[MOUNT_PORT]}"
+                bench = Bench(work, args.size_mib, args.rand_mib, backing_dir=str(server.export_dir), url=url)
+            for _ in range(args.repeats):
+                for pattern in patterns:
+                    for setup in setups:
+                        for tree, code in trees.items():  # trees and setups alternate within a repeat
+                            runs[tree][setup][pattern].append(bench.run(code, setup, pattern))
     finally:
         assert_nothing_mounted_under(work)
         shutil.rmtree(work, ignore_errors=True)
@@ -141,7 +162,9 @@ def main() -> int:
                     f"{row['backing_over_requested']:.3f}",
                 ])  # fmt: skip
     print_table(
-        f"cold reads, {args.size_mib} MiB file warm in the host page cache, median of {args.repeats} (paired ratio: median (min-max))",
+        f"cold reads, {args.size_mib} MiB file warm in the host page cache"
+        + (f", over NFS +{args.nfs_rtt:g} ms" if args.nfs_rtt is not None else "")
+        + f", median of {args.repeats} (paired ratio: median (min-max))",
         ["pattern", "tree", "setup", "seconds", "p50 µs", "time / no-cache", "backing / requested"],
         table,
     )
