@@ -164,7 +164,12 @@ class Cache:
                 self.admission.served(f, st.gen, offset, span)
                 return span
 
-        cold = queue.settled and self.peer_reads is None and self.store.all_missing(st.ino, st.gen, first, last)
+        # (a chunk dropped and not yet committed is a miss whatever the store holds: all_missing is stricter)
+        cold = (
+            self.peer_reads is None
+            and not queue.any_pending(st.ino, st.gen, first, last)
+            and self.store.all_missing(st.ino, st.gen, first, last)
+        )
         if cold:
             # the cold path: nothing of it held or queued; one backing read (or a view of readahead) is the answer
             try:

@@ -123,6 +123,11 @@ class StoreQueue:
     def is_dropped(self, key: Key) -> bool:
         return key in self._dropped
 
+    def any_pending(self, ino: int, gen: int, first: int, last: int) -> bool:
+        """Whether any of chunks first..last of (ino, gen) is admitted and not yet committed (served from `pending`)."""
+        pending = self._pending
+        return bool(pending) and any((ino, gen, c) in pending for c in range(first, last + 1))
+
     @property
     def queued(self) -> int:
         """Changes queued or being applied: not yet committed."""
