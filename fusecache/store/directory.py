@@ -172,7 +172,7 @@ class Store:
     def all_missing(self, ino: int, gen: int, first: int, last: int) -> bool:
         """Whether the store holds none of chunks first..last (one scan of the index's keys); if so they count as
         misses, as `read_chunks` would count them. The cold path's look-up: nothing is decoded or copied."""
-        if self._reader.held_chunks(ino, gen, first, last):
+        if self._reader.holds_any(ino, gen, first, last):
             return False
         self._counters["misses"] += last - first + 1
         return True

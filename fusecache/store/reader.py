@@ -385,6 +385,12 @@ class Reader:
                     out.add(unpack_key(key)[2])
         return out
 
+    def holds_any(self, ino: int, gen: int, first: int, last: int) -> bool:
+        """Whether any of chunks first..last of (ino, gen) is held: one cursor seek, keys only."""
+        with self.env.begin(db=self.tables.loc) as txn:
+            cur = txn.cursor()
+            return cur.set_range(pack_key(ino, gen, first)) and cur.key() <= pack_key(ino, gen, last)
+
     def keys_of(self, inos: Iterable[int]) -> list[Key]:
         """Every loc key of these inodes, any generation."""
         out: list[Key] = []
