@@ -24,9 +24,9 @@ included), an oracle independent of fusecache's own counters.
 With `--nfs-rtt MS` the backing is `nfs://` to tests/harness/nfs_server.py's
 nfs-ganesha behind a tests/harness/delay_proxy.py adding MS of round trip
 (the server reads from its host page cache): `--no-cache` over that URL is
-then the floor of the FUSE hop over NFS, and each ratio is against it. The
-rchar oracle counts the daemon's socket reads then (NFS replies: bytes plus
-RPC headers).
+then the floor of the FUSE hop over NFS, and each ratio is against it.
+rchar does not see libnfs's socket reads (the column reads ~0.02 then):
+bytes from an NFS backing are bench/amplification.py's business.
 
 A tree is a directory holding a `fusecache` package (its daemon runs with that
 directory as its working directory). Prints a table; writes
