@@ -222,13 +222,14 @@ class Reader:
         pos = begin = 0
         keys = []
         with self.env.begin(db=self.tables.loc, buffers=True) as txn:
-            if txn.get(pack_key(ino, gen, first)) is None:
+            head = txn.get(pack_key(ino, gen, first))
+            if head is None:
                 return None  # a miss (the cold path): no buffer zeroed for nothing (1 MiB: ~0.1 ms, more if never touched)
             buf = bytearray((last - first + 1) * cs)  # zeros: holes are not copied
             view = memoryview(buf)
             for c in range(first, last + 1):
                 key = pack_key(ino, gen, c)
-                value = txn.get(key)
+                value = head if c == first else txn.get(key)
                 if value is None:
                     return None
                 if whole_from <= c <= whole_to:

@@ -444,10 +444,9 @@ def test_a_stream_catching_up_with_its_readahead_gets_a_view_of_it_once_it_lands
 
     async def body(fetcher: Fetcher) -> None:
         assert await read(fetcher, f, 0, mib) == data[:mib]
-        assert await read(fetcher, f, mib, mib) == data[mib : 2 * mib]  # sequential now: readahead goes out
         backing.hold = lambda offset, size: offset == 2 * mib  # the next request's readahead is held in the backing
-        with trio.fail_after(5):
-            await trio.to_thread.run_sync(backing.held.wait, 5)
+        assert await read(fetcher, f, mib, mib) == data[mib : 2 * mib]  # sequential now: readahead goes out
+        assert await trio.to_thread.run_sync(backing.held.wait, 5)
         hits = fetcher.counters.buffer_hits
         async with trio.open_nursery() as nursery:
             got: list[memoryview | None] = []
@@ -478,22 +477,34 @@ def test_a_request_waiting_for_a_failed_readahead_reads_its_bytes_itself():
     backing = FakeBacking({"disk.img": data})
     f = File(backing, "disk.img")
     mib = 1 << 20
-    failing = threading.Event()
+    reached, gate = threading.Event(), threading.Event()
     real_pread = backing.pread
 
     def pread(h: _Handle, offset: int, n: int) -> bytes:
-        if offset == 2 * mib and not failing.is_set():
-            failing.set()
+        if h is not f.handle and offset == 2 * mib and not reached.is_set():  # the readahead (the fetcher's own handle)
+            reached.set()
+            gate.wait(10)
             raise OSError(errno.EIO, "readahead lost")
         return real_pread(h, offset, n)
 
     backing.pread = pread  # type: ignore[method-assign]
 
     async def body(fetcher: Fetcher) -> None:
-        for at in range(0, size, mib):
-            with trio.fail_after(5):
-                assert await read(fetcher, f, at, mib) == data[at : at + mib]
+        assert await read(fetcher, f, 0, mib) == data[:mib]
+        assert await read(fetcher, f, mib, mib) == data[mib : 2 * mib]  # sequential: readahead of 2 MiB on goes out
+        assert await trio.to_thread.run_sync(reached.wait, 5)
+        got: list[bytes] = []
+
+        async def ask() -> None:
+            got.append(await read(fetcher, f, 2 * mib, mib))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await trio.sleep(0.05)
+            assert not got  # waiting for the readahead in flight
+            gate.set()  # which fails
+        assert got == [data[2 * mib : 3 * mib]]
+        assert await read(fetcher, f, 3 * mib, mib) == data[3 * mib :]
         await settle(fetcher)
 
     run_with_fetcher(backing, body)
-    assert failing.is_set()
