@@ -125,8 +125,11 @@ class Bench:
         if setup != "no-cache":
             options += ["--cache-dir", os.path.join(self.work, f"cache{self._n}"), "--cache-size", "2G"]
         mnt = os.path.join(self.work, f"mnt{self._n}")
-        with fusecache_mount(os.path.dirname(self.image), mnt, options, os.path.join(self.work, f"daemon{self._n}.log")) as mp:
-            yield mp
+        try:
+            with fusecache_mount(os.path.dirname(self.image), mnt, options, os.path.join(self.work, f"daemon{self._n}.log")) as mp:
+                yield mp
+        finally:  # each cache dir reserves its whole --cache-size (fallocate): 27 runs would hold 54 GiB
+            shutil.rmtree(os.path.join(self.work, f"cache{self._n}"), ignore_errors=True)
 
     def run(self, setup: str, pattern: str) -> dict[str, Any]:
         """One cold run on a fresh mount: requested bytes, backing bytes (rchar), seconds."""

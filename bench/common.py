@@ -90,11 +90,12 @@ def _force_unmount(mountpoint: str, pid: int | None) -> None:
 
 
 @contextlib.contextmanager
-def fusecache_mount(backing: str, mountpoint: str, options: Sequence[str], log_file: str) -> Iterator[str]:
-    """`fusecache mount BACKING MOUNTPOINT OPTIONS...`; yields the mountpoint; always unmounts."""
+def fusecache_mount(backing: str, mountpoint: str, options: Sequence[str], log_file: str, code: str = REPO) -> Iterator[str]:
+    """`fusecache mount BACKING MOUNTPOINT OPTIONS...` with the `fusecache` package of tree `code` (default this
+    one); yields the mountpoint; always unmounts."""
     os.makedirs(mountpoint, exist_ok=True)
     cmd = [*FUSECACHE, "mount", backing, mountpoint, "--log-file", log_file, *options]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=code)
     found = re.search(r"daemon pid (\d+)", proc.stderr)
     pid = int(found.group(1)) if found else None
     try:

@@ -332,10 +332,12 @@ class SecondChance:
 
     # ---- the read path (inline, on the loop) ---------------------------------
     def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
-        key = (f.ino, gen, chunk)
-        self._paths[f.ino] = f.path
-        for guest in self._guests_of.get(f.ino) or (HOST,):
-            self.guests[guest].add(key, len(data))
+        ino = f.ino
+        key = (ino, gen, chunk)
+        self._paths[ino] = f.path
+        n = len(data)
+        for guest in self._guests_of.get(ino) or (HOST,):
+            self.guests[guest].add(key, n)
         self.staging.put(key, data)
         return False
 

@@ -95,6 +95,7 @@ class Cache:
         self.fetcher = Fetcher(backing, chunk_size=self.chunk_size)
         self.images: dict[str, ImageCounters] = files.images  # the same counters, one hop shorter on the hit path
         self.health = queue.health
+        queue.pacer.reads = self._read_count  # the writer yields the GIL while reads are active
 
     # ---- the file's life (from fs.py) ------------------------------------------
     # Each reads the file's record from the store the first time: a fault there fails closed, never the request.
@@ -121,6 +122,10 @@ class Cache:
 
     def attributes_seen(self, attr: Attr) -> None:
         self.files.attributes_seen(attr)
+
+    def _read_count(self) -> int:
+        """Reads so far, every image (in the writer thread: a snapshot of the values, taken under the GIL in one call)."""
+        return sum(c.reads for c in list(self.images.values()))
 
     # ---- reads ------------------------------------------------------------
     async def read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
@@ -192,11 +197,30 @@ class Cache:
                 self.admission.served(f, st.gen, offset, span)
                 return span
 
+        # (a chunk dropped and not yet committed is a miss whatever the store holds: all_missing is stricter)
+        cold = (
+            self.peer_reads is None
+            and not queue.any_pending(st.ino, st.gen, first, last)
+            and self.store.all_missing(st.ino, st.gen, first, last)
+        )
+        if cold:
+            # the cold path: nothing of it held or queued; one backing read (or a view of readahead) is the answer
+            try:
+                span = await self.fetcher.read_span(self._reader(f, st), offset, size)
+            except OSError as exc:
+                raise BackingError(exc) from exc
+            if span is not None:
+                counters.backing_bytes += len(span)
+                counters.miss_chunks += last - first + 1
+                self.admission.served(f, st.gen, offset, span)
+                return span
+
         def bounds(c: int) -> tuple[int, int]:
             """The part of chunk c the request covers."""
             return (lo if c == first else 0), (hi if c == last else cs)
 
-        stored = self.store.read_chunks(st.ino, st.gen, first, last, lo, hi)
+        # (a cold request the fetcher did not take whole: counted as misses already; the backing is the truth)
+        stored = [None] * (last - first + 1) if cold else self.store.read_chunks(st.ino, st.gen, first, last, lo, hi)
         pieces: dict[int, bytes] = {}
         need: list[int] = []
         for i, c in enumerate(range(first, last + 1)):
@@ -287,11 +311,25 @@ class Cache:
         """The fetcher's view of one read of `f`: its stamp, and the admission offer for chunks it completes."""
         snap = Snapshot(st.gen, st.epoch, st.writing == 0)
 
+        queue, store = self.queue, self.store
+
         def held(c: int) -> bool:
             key = (st.ino, st.gen, c)
-            if self.queue.is_dropped(key):
+            if queue.is_dropped(key):
                 return False
-            return self.queue.pending(key) is not None or self.store.location(*key) is not None
+            return queue.pending(key) is not None or bool(store.held_chunks(st.ino, st.gen, c, c))
+
+        def held_range(first: int, last: int) -> set[int]:
+            """`held` for chunks first..last: one scan of the index's keys, then the queue's changes on top."""
+            out = store.held_chunks(st.ino, st.gen, first, last)
+            if not queue.settled:
+                for c in range(first, last + 1):
+                    key = (st.ino, st.gen, c)
+                    if queue.is_dropped(key):
+                        out.discard(c)
+                    elif queue.pending(key) is not None:
+                        out.add(c)
+            return out
 
         def offer(c: int, piece: bytes | memoryview) -> bool:
             """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch.
@@ -312,7 +350,9 @@ class Cache:
             return True
 
         size = st.version.size if st.version is not None and st.version.size >= 0 else None
-        return Reader(st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer, held)
+        return Reader(
+            st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer, held, held_range
+        )
 
     # ---- writes -----------------------------------------------------------
     async def write(self, f: OpenFile, offset: int, data: bytes) -> int:

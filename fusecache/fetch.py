@@ -32,7 +32,7 @@ import collections
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
 import trio
@@ -66,6 +66,8 @@ class Reader:
     # a complete chunk a request touched, for admission (read-only); False: not taken, offer it again at the next touch
     offer: Callable[[int, bytes | memoryview], bool]
     held: Callable[[int], bool] = lambda chunk: False  # the cache holds this chunk already: readahead skips it
+    # which of chunks first..last the cache holds, in one look (one index scan, not a lookup per chunk); None: ask `held`
+    held_range: Callable[[int, int], set[int]] | None = None
 
 
 class _Chunk:
@@ -210,11 +212,13 @@ class Fetcher:
             self._maybe_offer(c, e, r.offer)
         return out
 
-    async def read_span(self, r: Reader, offset: int, size: int) -> memoryview | None:
+    async def read_span(self, r: Reader, offset: int, size: int, *, noted: bool = False) -> memoryview | None:
         """A request none of whose bytes are buffered or being read: one read, its bytes returned without a copy.
 
-        Also a request wholly inside one earlier read's bytes (readahead): a view of them. Anything else
-        (some pages buffered, some not; a write in flight) is None: use `read`.
+        Also a request wholly inside one earlier read's bytes (readahead): a view of them, once the reads in
+        flight for it have come back (a sequential stream usually finds its readahead still loading). Anything
+        else (some pages buffered, some not; a write in flight) is None: use `read`.
+        `noted`: this request was counted for sequential detection already (it waited for readahead).
         """
         stamp = r.stamp()
         if stamp is None or size <= 0:
@@ -229,15 +233,30 @@ class Fetcher:
         if base is not None and all(
             e is not None and e.base is not None and e.base[0] is base[0] and e.base[1] == base[1] + i * cs for i, e in enumerate(found)
         ):
-            self._note_stream(r, needs)
             self.counters.buffer_hits += 1
-            for (c, _, _), e in zip(needs, found, strict=True):
+            chunks, full = self._chunks, self.full
+            for c, e in zip(range(first, last + 1), found, strict=True):
                 assert e is not None
-                self._entry(r, c, stamp).touched = True  # (also moves it to the LRU's young end)
-                self._maybe_offer(c, e, r.offer)
+                chunks.move_to_end((r.ino, c))  # the LRU's young end (found there just now, its stamp current)
+                e.touched = True
+            if not noted:
+                self._note_stream(r, needs)  # (its readahead may evict the oldest entries: not these, just moved)
+            for c, e in zip(range(first, last + 1), found, strict=True):
+                if e.valid == full:  # type: ignore[union-attr]
+                    self._maybe_offer(c, e, r.offer)  # type: ignore[arg-type]
             at = base[1] + needs[0][1]
             return memoryview(base[0])[at : at + size]
         if any(e is not None and (e.valid | e.loading) & self._pages(lo, hi) for e, (_, lo, hi) in zip(found, needs, strict=True)):
+            waits = None if noted else self._in_flight(found, needs)
+            if not waits:
+                return None
+            # every page it needs is buffered or being read: wait for those reads (as `read` would), then look
+            # again: readahead read in requests' sizes serves the request as one view, no copy, no join
+            self._note_stream(r, needs)  # before waiting: the stream's next readahead goes out meanwhile
+            for ev in waits:
+                await ev.wait()
+            return await self.read_span(r, offset, size, noted=True)
+        if noted:
             return None
         urgent = self._note_stream(r, needs)
         entries = [self._entry(r, c, stamp) for c, _, _ in needs]
@@ -263,6 +282,19 @@ class Fetcher:
             self._maybe_offer(c, e, r.offer)
         return memoryview(data)[offset - start : offset - start + size]
 
+    def _in_flight(self, found: list[_Chunk | None], needs: list[tuple[int, int, int]]) -> list[trio.Event] | None:
+        """The reads to wait for when every page of `needs` is buffered or being read and some are being read; else None."""
+        waits: list[trio.Event] = []
+        for e, (_, lo, hi) in zip(found, needs, strict=True):
+            if e is None:
+                return None
+            need = self._pages(lo, hi) & ~e.valid
+            if need & ~e.loading:
+                return None  # some page is neither: `read` reads it
+            if need:
+                waits += [ev for pages, ev in e.done if pages & need and ev not in waits]
+        return waits or None
+
     def _pages(self, lo: int, hi: int) -> int:
         """The page bits covering bytes [lo, hi) of a chunk."""
         first, last = lo // self.ps, (hi - 1) // self.ps
@@ -284,9 +316,9 @@ class Fetcher:
             self._chunks.move_to_end(key)
         return e
 
-    def _claim(self, e: _Chunk, pages: int) -> trio.Event:
+    def _claim(self, e: _Chunk, pages: int, ev: trio.Event | None = None) -> trio.Event:
         e.loading |= pages
-        ev = trio.Event()
+        ev = trio.Event() if ev is None else ev
         e.done.append((pages, ev))
         return ev
 
@@ -364,7 +396,7 @@ class Fetcher:
         """Contiguous byte runs over (entry, chunk, pages): [(start, size, [(entry, chunk, contiguous pages)])]."""
         runs: list[tuple[int, int, list[tuple[_Chunk, int, int]]]] = []
         for e, c, pages, _ in sorted(pieces, key=lambda x: x[1]):
-            for first, count in _bit_runs(pages):
+            for first, count in ((0, self.ppc),) if pages == self.full else _bit_runs(pages):
                 start = c * self.cs + first * self.ps
                 bits = ((1 << count) - 1) << first
                 if runs and runs[-1][0] + runs[-1][1] == start:
@@ -467,8 +499,13 @@ class Fetcher:
         if stamp is None:
             return True
         queued = False
-        for c in range(start // self.cs, (limit - 1) // self.cs + 1):
-            if (r.ino, c) not in self._chunks and r.held(c):
+        chunks = range(start // self.cs, (limit - 1) // self.cs + 1)
+        new = [c for c in chunks if (r.ino, c) not in self._chunks]
+        held: Collection[int] = ()
+        if new:  # one look at the index for them all
+            held = r.held_range(new[0], new[-1]) if r.held_range is not None else [c for c in new if r.held(c)]
+        for c in chunks:
+            if held and c in held and (r.ino, c) not in self._chunks:
                 continue  # a hit when the stream gets there: reading it again would be bytes nobody needs
             e = self._entry(r, c, stamp)
             if e.valid | e.loading != self.full and e.length is None:
@@ -541,6 +578,7 @@ class Fetcher:
         reads: list[_Read] = []
         files: dict[int, tuple[str, Any]] = {}
         total = 0
+        ev = trio.Event()  # one for the whole batch: its reads come back together, in one hand-off
         while self._queue and total < BATCH_BYTES:
             (ino, c), e = self._queue.popitem(last=False)
             if self._chunks.get((ino, c)) is not e or not e.current() or e.length is not None:
@@ -548,9 +586,9 @@ class Fetcher:
             pages = self.full & ~(e.valid | e.loading)
             if not pages:
                 continue
-            ev = self._claim(e, pages)
+            self._claim(e, pages, ev)
             files[ino] = (e.path, self._handles.get(ino))
-            for first, count in _bit_runs(pages):
+            for first, count in ((0, self.ppc),) if pages == self.full else _bit_runs(pages):
                 start = c * self.cs + first * self.ps
                 member = (e, c, ((1 << count) - 1) << first, ev)
                 last = reads[-1] if reads else None
@@ -585,16 +623,26 @@ class Fetcher:
                     self._to_close.append(self._handles.popitem(last=False)[1])
             else:
                 self._to_close.append(handle)  # its last open file closed meanwhile
+        stamps: dict[int, Hashable] = {}  # ino -> its stamp now (the same for every entry of one file)
+        events = set()
         for rd, got in zip(reads, results, strict=True):
-            if isinstance(got, bytes):
+            ok = isinstance(got, bytes)
+            if ok:
                 self.counters.background_reads += 1
                 self.counters.background_bytes += rd.size
             for e, c, pages, ev in rd.members:
                 # bytes read while the file's content moved are not kept: nobody asked for them
-                if isinstance(got, bytes) and e.current():
-                    self._fill(e, c, pages, rd.start, got, rd.size)
-                self._release(e, pages, ev)
-                self._maybe_offer(c, e)
+                if ok:
+                    now = stamps[e.ino] if e.ino in stamps else stamps.setdefault(e.ino, e.stamp_now())
+                    if now == e.stamp:
+                        self._fill(e, c, pages, rd.start, got, rd.size)
+                e.loading &= ~pages
+                e.done = [(p, x) for p, x in e.done if x is not ev]
+                events.add(ev)
+                if e.touched:  # (readahead nobody has asked for yet is offered when a request touches it)
+                    self._maybe_offer(c, e)
+        for ev in events:
+            ev.set()  # (as `_release`: the waiters look again, now that every page of the batch is filled)
 
 
 @dataclasses.dataclass(slots=True)

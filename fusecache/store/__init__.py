@@ -41,7 +41,9 @@ Transactions and locking
   (lowest free extent first), so a chunk's pages usually sit in one run and
   are written, and later read, with one call; admissions are applied
   ADMIT_SLICE chunks at a time so the writer's Python stretches stay short
-  and the LMDB and pwritev calls between them release the GIL to the loop.
+  and the LMDB and pwritev calls between them release the GIL to the loop;
+  a batch's `pace` is called between stretches (the queue's `Pacer` sleeps
+  there while reads are active, so the loop gets the GIL at once).
 - Readers (`read_chunk`, `read_chunks`, `read_span`, `read_page`, ... on the
   trio loop) take their own LMDB read transaction (MVCC: they never wait
   for the writer) and copy bytes out of a read-only map of the slab. The

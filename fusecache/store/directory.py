@@ -169,6 +169,14 @@ class Store:
         """(ino, version, chunk) of every held chunk of a file's current generation: the peers' location summary."""
         return self._reader.iter_locations()
 
+    def all_missing(self, ino: int, gen: int, first: int, last: int) -> bool:
+        """Whether the store holds none of chunks first..last (one scan of the index's keys); if so they count as
+        misses, as `read_chunks` would count them. The cold path's look-up: nothing is decoded or copied."""
+        if self._reader.holds_any(ino, gen, first, last):
+            return False
+        self._counters["misses"] += last - first + 1
+        return True
+
     def held_chunks(self, ino: int, gen: int, first: int, last: int) -> set[int]:
         """Which of chunks first..last of (ino, gen) the store holds (one read transaction, keys only)."""
         return self._reader.held_chunks(ino, gen, first, last)

@@ -314,8 +314,6 @@ class Reader:
                 self.eviction.touch(key)
             return data
         cs = self.chunk_size
-        buf = bytearray((last - first + 1) * cs)  # zeros: holes are not copied
-        view = memoryview(buf)
         slab, nslots = self.slab.view, self.slab.nslots
         full_pages = cs >> SHIFT
         whole_from = first if lo <= 0 else first + 1  # chunks from here to whole_to are read whole
@@ -325,9 +323,14 @@ class Reader:
         pos = begin = 0
         keys = []
         with self.env.begin(db=self.tables.loc, buffers=True) as txn:
+            head = txn.get(pack_key(ino, gen, first))
+            if head is None:
+                return None  # a miss (the cold path): no buffer zeroed for nothing (1 MiB: ~0.1 ms, more if never touched)
+            buf = bytearray((last - first + 1) * cs)  # zeros: holes are not copied
+            view = memoryview(buf)
             for c in range(first, last + 1):
                 key = pack_key(ino, gen, c)
-                value = txn.get(key)
+                value = head if c == first else txn.get(key)
                 if value is None:
                     return None
                 if whole_from <= c <= whole_to:
@@ -483,6 +486,12 @@ class Reader:
                         break
                     out.add(unpack_key(key)[2])
         return out
+
+    def holds_any(self, ino: int, gen: int, first: int, last: int) -> bool:
+        """Whether any of chunks first..last of (ino, gen) is held: one cursor seek, keys only."""
+        with self.env.begin(db=self.tables.loc) as txn:
+            cur = txn.cursor()
+            return cur.set_range(pack_key(ino, gen, first)) and cur.key() <= pack_key(ino, gen, last)
 
     def keys_of(self, inos: Iterable[int]) -> list[Key]:
         """Every loc key of these inodes, any generation."""

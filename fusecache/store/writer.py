@@ -43,13 +43,19 @@ from fusecache.store.layout import (
     unpack_key,
 )
 
-# Admissions per stretch of Python work in `apply`; the LMDB and pwritev calls between stretches release the GIL.
-ADMIT_SLICE = 64
+# Admissions per stretch of Python work in `apply`; the LMDB and pwritev calls between stretches release the GIL,
+# and the batch's `pace` is called between them.
+ADMIT_SLICE = 4
+MAKE_ROOM_SLICE = 32  # admissions weighed by `make_room` between two calls of `pace`
 _IOV_MAX = 1024
 
 
 def _no_peer_holds(digest: bytes) -> bool:
     return False
+
+
+def _no_pace() -> None:
+    pass
 
 
 @dataclasses.dataclass
@@ -64,6 +70,9 @@ class WriteBatch:
     leave the eviction order, and those of inodes no longer pinned return to it.
     owners names, per admitted (ino, gen, chunk), the guest it is admitted for
     (absent: the host); it is charged to that owner's share (`eviction.Shares`).
+    pace() is called between short stretches of the writer's Python work (naming
+    one chunk's pages, admitting one slice): it may sleep to leave the GIL to
+    reads (`store_queue.Pacer`).
     """
 
     admit: list[tuple[int, int, int, bytes]] = dataclasses.field(default_factory=list)
@@ -73,6 +82,7 @@ class WriteBatch:
     peer_holds: Callable[[bytes], bool] | None = None
     pins: dict[int, str] | None = None
     owners: dict[tuple[int, int, int], str] = dataclasses.field(default_factory=dict)
+    pace: Callable[[], None] | None = None
 
 
 class Admission:
@@ -141,10 +151,11 @@ class Writer:
         if any(len(data) > self.chunk_size for *_, data in batch.admit):
             raise ValueError(f"an admitted chunk is longer than the chunk size {self.chunk_size}")
         owners = batch.owners
-        admissions = [
-            Admission(pack_key(ino, gen, chunk), data, self.keys, owners.get((ino, gen, chunk), HOST))
-            for ino, gen, chunk, data in batch.admit
-        ]
+        pace = batch.pace or _no_pace
+        admissions = []
+        for ino, gen, chunk, data in batch.admit:
+            pace()
+            admissions.append(Admission(pack_key(ino, gen, chunk), data, self.keys, owners.get((ino, gen, chunk), HOST)))
         peer_holds = batch.peer_holds or _no_peer_holds
         new_pins: set[int] | None = None
         try:
@@ -163,7 +174,7 @@ class Writer:
                     if w.remove_chunk(key):
                         self.eviction.remove(key)
                         self.counters["dropped_chunks"] += 1
-                admissions = w.make_room(admissions)
+                admissions = w.make_room(admissions, pace)
                 w.finish()
             if new_pins is not None:
                 self.pinned.clear()
@@ -171,7 +182,7 @@ class Writer:
             if admissions:
                 with self.env.begin(write=True) as txn:
                     w = self.txn(txn, peer_holds)
-                    w.admit(admissions)
+                    w.admit(admissions, pace)
                     w.finish()
         except BaseException:
             # The eviction order was changed in step with a transaction that did not commit.
@@ -376,7 +387,7 @@ class WriteTxn:
             return -1
         return 1 if shared > freeable else 0
 
-    def make_room(self, admissions: list[Admission]) -> list[Admission]:
+    def make_room(self, admissions: list[Admission], pace: Callable[[], None] = _no_pace) -> list[Admission]:
         """Evict until the admissions fit; return those that will be admitted (all, unless the batch exceeds the cache)."""
         files, nslots = self.tables.files, self.slab.nslots
         fitting: list[Admission] = []
@@ -385,7 +396,9 @@ class WriteTxn:
         share = shares.share() if shares is not None else 0
         incoming: dict[str, int] = collections.Counter()
         room = self.free_slots()  # slots free now: beyond its share, an owner admits only into these
-        for a in admissions:
+        for n, a in enumerate(admissions):
+            if n % MAKE_ROOM_SLICE == MAKE_ROOM_SLICE - 1:
+                pace()
             ino, gen, _ = unpack_key(a.key)
             record = self.txn.get(INO.pack(ino), db=files)
             if record is not None and file_gen(record) != gen:
@@ -434,13 +447,15 @@ class WriteTxn:
                 return key
         return None
 
-    def admit(self, admissions: list[Admission]) -> None:
-        """Admit in slices of ADMIT_SLICE chunks; old versions of re-admitted chunks are released last."""
+    def admit(self, admissions: list[Admission], pace: Callable[[], None] = _no_pace) -> None:
+        """Admit in slices of ADMIT_SLICE chunks (`pace` between them); old versions of re-admitted chunks are released last."""
         # A key admitted twice in one batch: the last one wins.
         admissions = list({a.key: a for a in admissions}.values())
         replaced: list[bytes] = []
         written: set[bytes] = set()  # pages written by this transaction: not compared again
         for k in range(0, len(admissions), ADMIT_SLICE):
+            if k:
+                pace()
             replaced += self._admit_slice(admissions[k : k + ADMIT_SLICE], written)
         # Last: their pages may be the new ones too.
         for value in replaced:

@@ -431,3 +431,80 @@ def test_a_chunk_the_writer_refused_is_offered_again_at_the_next_read():
     run_with_fetcher(backing, body)
     assert f.offers[:2] == [(0, data[:CS]), (0, data[:CS])]
     assert max(backing.read_counts(f.ino, CS)) == 1  # chunk 0 read once (a re-read counts as a stream: chunk 1 may be read ahead)
+
+
+def test_a_stream_catching_up_with_its_readahead_gets_a_view_of_it_once_it_lands():
+    """1 MiB sequential reads: a request whose pages are all being read ahead waits for that read and is served as a
+    view of its bytes (no copy), each byte read from the backing once; a failed readahead is read by the request."""
+    size = 8 << 20
+    data = os.urandom(size)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+    mib = 1 << 20
+
+    async def body(fetcher: Fetcher) -> None:
+        assert await read(fetcher, f, 0, mib) == data[:mib]
+        backing.hold = lambda offset, size: offset == 2 * mib  # the next request's readahead is held in the backing
+        assert await read(fetcher, f, mib, mib) == data[mib : 2 * mib]  # sequential now: readahead goes out
+        assert await trio.to_thread.run_sync(backing.held.wait, 5)
+        hits = fetcher.counters.buffer_hits
+        async with trio.open_nursery() as nursery:
+            got: list[memoryview | None] = []
+
+            async def ask() -> None:
+                got.append(await fetcher.read_span(f.reader(), 2 * mib, mib))
+
+            nursery.start_soon(ask)
+            await trio.sleep(0.05)
+            assert not got  # it waits for the read in flight rather than reading the bytes again
+            backing.gate.set()
+        view = got[0]
+        assert view is not None and bytes(view) == data[2 * mib : 3 * mib]
+        assert isinstance(view.obj, bytes) and len(view.obj) >= mib  # a view of the readahead's own bytes
+        assert fetcher.counters.buffer_hits > hits
+        backing.hold = lambda offset, size: False
+        for at in range(3 * mib, size, mib):
+            assert await read(fetcher, f, at, mib) == data[at : at + mib]
+        await settle(fetcher)
+
+    run_with_fetcher(backing, body)
+    assert max(backing.read_counts(f.ino, size)) == 1
+
+
+def test_a_request_waiting_for_a_failed_readahead_reads_its_bytes_itself():
+    size = 4 << 20
+    data = os.urandom(size)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+    mib = 1 << 20
+    reached, gate = threading.Event(), threading.Event()
+    real_pread = backing.pread
+
+    def pread(h: _Handle, offset: int, n: int) -> bytes:
+        if h is not f.handle and offset == 2 * mib and not reached.is_set():  # the readahead (the fetcher's own handle)
+            reached.set()
+            gate.wait(10)
+            raise OSError(errno.EIO, "readahead lost")
+        return real_pread(h, offset, n)
+
+    backing.pread = pread  # type: ignore[method-assign]
+
+    async def body(fetcher: Fetcher) -> None:
+        assert await read(fetcher, f, 0, mib) == data[:mib]
+        assert await read(fetcher, f, mib, mib) == data[mib : 2 * mib]  # sequential: readahead of 2 MiB on goes out
+        assert await trio.to_thread.run_sync(reached.wait, 5)
+        got: list[bytes] = []
+
+        async def ask() -> None:
+            got.append(await read(fetcher, f, 2 * mib, mib))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await trio.sleep(0.05)
+            assert not got  # waiting for the readahead in flight
+            gate.set()  # which fails
+        assert got == [data[2 * mib : 3 * mib]]
+        assert await read(fetcher, f, 3 * mib, mib) == data[3 * mib :]
+        await settle(fetcher)
+
+    run_with_fetcher(backing, body)

@@ -941,3 +941,19 @@ def test_reads_beside_the_writer_never_return_a_dropped_chunk(tmp_path: Path) ->
         reader.join()
     assert not wrong
     check_integrity(store)
+
+
+def test_all_missing_is_one_look_and_counts_misses(tmp_path: Path) -> None:
+    """The cold path's look-up: none of a range held (other files, generations and chunks around it do not count)."""
+    store = Store(str(tmp_path / "cache"), 16 << 20)
+    try:
+        store.apply(WriteBatch(files=[(7, 1, (1, 2, 3, 4)), (8, 1, (1, 2, 3, 4))]))
+        store.apply(WriteBatch(admit=[(7, 1, 5, os.urandom(CHUNK)), (8, 1, 0, os.urandom(CHUNK))]))
+        misses = store.stats().misses
+        assert not store.all_missing(7, 1, 5, 5) and not store.all_missing(7, 1, 0, 5) and not store.all_missing(7, 1, 5, 9)
+        assert store.stats().misses == misses  # a range with a held chunk counts nothing: read_chunks will
+        assert store.all_missing(7, 1, 0, 4) and store.all_missing(7, 1, 6, 100) and store.all_missing(7, 2, 0, 100)
+        assert store.all_missing(6, 1, 0, 100) and store.all_missing(9, 1, 0, 10)
+        assert store.stats().misses == misses + 5 + 95 + 101 + 101 + 11
+    finally:
+        store.close()

@@ -1,0 +1,88 @@
+"""The writer thread yields the GIL to reads (`store_queue.Pacer`): it sleeps between stretches of its work only while
+reads are active, the store it writes is the same either way, and the read path gives the pacer its count of reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+from fusecache import store_queue
+from fusecache.admission import Inclusive
+from fusecache.backing import OffLoop
+from fusecache.cache import Cache
+from fusecache.files import Files
+from fusecache.store import Store, WriteBatch
+from fusecache.store_queue import Pacer, StoreQueue
+from tests.unit.test_cache_unit import CS, MemBacking, open_file
+
+MiB = 1 << 20
+
+
+def test_the_pacer_yields_only_while_reads_move(monkeypatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(store_queue.time, "sleep", slept.append)
+    reads = [0]
+    now = [100.0]
+    monkeypatch.setattr(store_queue.time, "monotonic", lambda: now[0])
+    pacer = Pacer(lambda: reads[0])
+    pacer()  # no read ever made: (the count starts where it is) nothing to yield to
+    reads[0] = 5
+    pacer()  # reads moved: they are active
+    now[0] += store_queue.READS_ACTIVE / 2
+    pacer()  # still within READS_ACTIVE of the last move
+    now[0] += store_queue.READS_ACTIVE
+    pacer()  # the reads paused: the writer runs at full speed
+    Pacer()()  # a pacer with no reads to watch never sleeps
+    assert slept == [store_queue.YIELD, store_queue.YIELD]
+    assert pacer.yields == 2
+
+
+def test_a_paced_batch_writes_the_same_store(tmp_path: Path) -> None:
+    calls = [0]
+
+    def pace() -> None:
+        calls[0] += 1
+
+    chunks = [os.urandom(CS) for _ in range(40)]
+    stores = []
+    for name, p in (("plain", None), ("paced", pace)):
+        store = Store(str(tmp_path / name), 16 * MiB)
+        store.apply(WriteBatch(files=[(7, 1, (1, 2, 3, 4))]))
+        store.apply(WriteBatch(admit=[(7, 1, c, data) for c, data in enumerate(chunks)], pace=p))
+        stores.append(store)
+    try:
+        assert calls[0] >= len(chunks)  # at least once per chunk named, and between slices
+        for c, data in enumerate(chunks):
+            assert stores[0].read_chunk(7, 1, c) == stores[1].read_chunk(7, 1, c) == data
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_the_cache_gives_the_writer_its_reads(tmp_path: Path) -> None:
+    backing = MemBacking()
+    store = Store(str(tmp_path / "cache"), 64 * MiB)
+    queue = StoreQueue(store)
+    offloop = OffLoop(backing)  # type: ignore[arg-type]
+    files = Files(offloop, store, queue, revalidate=3600.0)
+    cache = Cache(offloop, files, queue, Inclusive())
+    backing.put("a.img", os.urandom(4 * CS))
+    backing.put("b.img", os.urandom(4 * CS))
+
+    async def go() -> tuple[int, int]:
+        before = queue.pacer.reads()  # type: ignore[misc]
+        a = await open_file(cache, backing, "a.img")
+        b = await open_file(cache, backing, "b.img")
+        await cache.read(a, 0, CS)
+        await cache.read(b, CS, 100)
+        await cache.read(a, 0, CS)
+        await queue.drain()
+        return before, queue.pacer.reads()  # type: ignore[misc]
+
+    try:
+        before, after = trio.run(go)
+    finally:
+        store.close()
+    assert after - before == 3
