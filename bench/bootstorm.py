@@ -586,8 +586,10 @@ def main(argv: list[str] | None = None) -> int:
             with environment(work, read_mib, image_mib) as (srv, build, userland):
                 from tests.harness.delay_proxy import DelayProxy
 
-                result["userland"] = {"read_bytes": userland.read_bytes, "files": len(userland.files),
-                                      "image_content_bytes": userland.image_bytes, "base_image_bytes": userland.base.stat().st_size}  # fmt: skip
+                result["userland"] = {
+                    "read_bytes": userland.read_bytes, "files": len(userland.files),
+                    "image_content_bytes": userland.image_bytes, "base_image_bytes": userland.base.stat().st_size,
+                }  # fmt: skip
                 _say(f"userland: a boot reads {len(userland.files)} files, {userland.read_bytes / MIB:.0f} MiB, of "
                      f"{userland.image_bytes / MIB:.0f} MiB in the image")  # fmt: skip
                 result["measured_rtt_ms"] = {f"{rtt:g}": measure_rtt(rtt / 2) for rtt in [0.0, *rtts]}
