@@ -33,15 +33,15 @@ Decisions, and why:
 - Plain NFS: this kernel has no NFS client, so "plain NFS" is `fusecache
   mount --no-cache` over the same nfs:// backing (FUSE + libnfs, nothing
   cached), as bench/cluster.py does. The table says so.
-- Admission. The default mount (second chance) admits what a guest evicts
-  (known from its balloon or a scan of its RAM). Guests that boot, read and
-  are restarted evict nothing: with no balloon it admits nothing, and the
-  warm boot reads from NFS what the cold one did. The bench runs the default
-  mount and `--admit inclusive` side by side (`--modes`) to show it: a boot
-  storm, where the next guest wants what this one just read, needs inclusive
-  (or `fusecache warm`/pin of the base image, README "Before the boot
-  storm"). The peer rows use inclusive: a host that admitted nothing has
-  nothing to share.
+- Admission. One-host rows use the default mount (second chance): it
+  admits what a guest evicts (known from its balloon or a scan of its RAM),
+  and guests that boot, read and restart evict nothing, so its store stays
+  empty; its warm hits come from the fetcher's buffer of recently fetched
+  chunks (64 MiB, fusecache/fetch.py), which holds a boot smaller than that.
+  `--heavy-mib 100` (a boot of ~150 MiB) with `--modes second-chance
+  inclusive` shows the difference: there the default warm storm reads its
+  bytes from NFS again and only inclusive keeps them. The peer rows use
+  inclusive: a host that stored nothing has nothing to share.
 - Setups per round trip and N: plain NFS; fusecache cold (fresh cache dir,
   first boot); fusecache warm (the same guests and overlays booted again,
   cache kept, guests restarted so their own page cache is cold); two hosts
@@ -64,7 +64,7 @@ Decisions, and why:
 
     .venv/bin/python -m bench.bootstorm [--quick] [--rtt-ms 0.2 2] [--guests 1 4 8] [--modes second-chance inclusive]
 
-Runs as root (network namespaces, FUSE). Default ~25 min, --quick ~6 min.
+Runs as root (network namespaces, FUSE). Default ~16 min, --quick ~4 min.
 Prints a table; writes bench/results/bootstorm.json (bootstorm-quick.json
 with --quick). Every guest, mount, proxy, ganesha and namespace started is
 stopped by PID in finally blocks. A missing part: one line, exit 2.
