@@ -64,7 +64,7 @@ Decisions, and why:
 
     .venv/bin/python -m bench.bootstorm [--quick] [--rtt-ms 0.2 2] [--guests 1 4 8] [--modes second-chance inclusive]
 
-Runs as root (network namespaces, FUSE). Default ~16 min, --quick ~4 min.
+Runs as root (network namespaces, FUSE). Default ~16 min, --quick ~3 min.
 Prints a table; writes bench/results/bootstorm.json (bootstorm-quick.json
 with --quick). Every guest, mount, proxy, ganesha and namespace started is
 stopped by PID in finally blocks. A missing part: one line, exit 2.
