@@ -16,7 +16,14 @@ it by PID):
     python -m tests.harness.delay_proxy --delay-ms 1 [--netns NAME] 2049 [20048 ...]
 
 It prints one line, `READY <port> [<port> ...]`, the local port for each
-upstream port in order, then serves until SIGTERM.
+upstream port in order, then serves until SIGTERM. The delay is a float:
+sub-millisecond delays (0.1 ms one way = 0.2 ms round trip) are kept, not
+rounded to the event loop's millisecond (see `main`).
+
+It counts the bytes it forwards: on SIGUSR1 it prints `BYTES <down> <up>`
+(server to client, client to server, since it started), which
+`DelayProxy.counts()` reads. Benchmarks use it as an independent count of
+what a client read from the server, bytes on the wire.
 """
 
 from __future__ import annotations
@@ -58,8 +65,10 @@ class _Half(asyncio.Protocol):
     data: when the far end cannot write, this end stops reading.
     """
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, tally: list[int] | None = None, slot: int = 0) -> None:
         self.delay = delay
+        self.tally = tally  # bytes received by this end are added to tally[slot]
+        self.slot = slot
         self.transport: asyncio.Transport | None = None
         self.peer: _Half | None = None
         self.early: list[bytes | None] = []  # received before the far end was connected
@@ -79,6 +88,8 @@ class _Half(asyncio.Protocol):
         self.early.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self.tally is not None:
+            self.tally[self.slot] += len(data)
         self._send(data)
 
     def eof_received(self) -> bool:
@@ -136,10 +147,14 @@ class _Half(asyncio.Protocol):
 
 async def _serve(listeners: list[tuple[socket.socket, int]], delay: float) -> None:
     loop = asyncio.get_running_loop()
+    tally = [0, 0]  # bytes from servers (down), bytes from clients (up)
+
+    def report() -> None:
+        print("BYTES", *tally, flush=True)
 
     async def connect(client: _Half, upstream_port: int) -> None:
         try:
-            _, upstream = await loop.create_connection(lambda: _Half(delay), "127.0.0.1", upstream_port)
+            _, upstream = await loop.create_connection(lambda: _Half(delay, tally, 0), "127.0.0.1", upstream_port)
         except OSError:
             # Server down: drop the client the way a dead server's host would.
             client.deliver(None)
@@ -148,7 +163,7 @@ async def _serve(listeners: list[tuple[socket.socket, int]], delay: float) -> No
         client.attach(upstream)
 
     def accepted(upstream_port: int) -> _Half:
-        client = _Half(delay)
+        client = _Half(delay, tally, 1)
         tasks.add(task := loop.create_task(connect(client, upstream_port)))
         task.add_done_callback(tasks.discard)
         return client
@@ -158,6 +173,9 @@ async def _serve(listeners: list[tuple[socket.socket, int]], delay: float) -> No
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, report)
+    # READY only now: a SIGUSR1 sent before the handler was set would have killed the proxy.
+    print("READY", *(s.getsockname()[1] for s, _ in listeners), flush=True)
     await stop.wait()
     for s in servers:
         s.close()
@@ -178,11 +196,18 @@ def main(argv: list[str] | None = None) -> None:
         listeners.append((sock, port))
     if args.netns:
         join_netns(args.netns)
-    print("READY", *(s.getsockname()[1] for s, _ in listeners), flush=True)
+    _no_timer_slack()
     # select() takes a float timeout; asyncio's default epoll loop rounds every wait up to a whole
     # millisecond, which made any delay under 1 ms one way come out as ~1.1 ms.
     with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selectors.SelectSelector())) as runner:
         runner.run(_serve(listeners, args.delay_ms / 1000.0))
+
+
+def _no_timer_slack() -> None:
+    """Ask the kernel to wake this process on time: its default 50 µs timer slack on every select()
+    timeout added ~0.1 ms per direction (a 0.1 ms delay one way gave 0.5 ms round trips, not 0.28)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK, 1 ns
 
 
 def stop_process(proc: subprocess.Popen[str]) -> None:
@@ -199,18 +224,37 @@ def stop_process(proc: subprocess.Popen[str]) -> None:
 
 
 class DelayProxy:
-    """A running proxy process, for tests and benchmarks: `ports` maps upstream -> local port."""
+    """A running proxy process, for tests and benchmarks: `ports` maps upstream -> local port.
 
-    def __init__(self, upstream_ports: list[int], delay_ms: float = 0.0, netns: str | None = None) -> None:
-        cmd = [sys.executable, os.path.abspath(__file__), "--delay-ms", str(delay_ms)]
+    `listen_netns`: listen on 127.0.0.1 of that network namespace instead of
+    ours (a daemon running in a netns host of tests/harness/netns.py reaches the
+    server through it); `netns` is where upstream is, as for the command.
+    """
+
+    def __init__(self, upstream_ports: list[int], delay_ms: float = 0.0, netns: str | None = None,
+                 listen_netns: str | None = None) -> None:  # fmt: skip
+        cmd = [sys.executable, os.path.abspath(__file__), "--delay-ms", repr(float(delay_ms))]
         if netns:
             cmd += ["--netns", netns]
+        if listen_netns:  # nsenter execs (no fork for a network namespace): the PID stays the proxy's
+            cmd = ["nsenter", f"--net=/run/netns/{listen_netns}", *cmd]
         self.proc = subprocess.Popen([*cmd, *map(str, upstream_ports)], stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().split() if self.proc.stdout else []
         if not line or line[0] != "READY":
             self.stop()
             raise RuntimeError(f"delay proxy did not start (exit {self.proc.returncode})")
         self.ports = dict(zip(upstream_ports, map(int, line[1:]), strict=True))
+
+    def counts(self) -> tuple[int, int]:
+        """Bytes forwarded so far: (server to client, client to server)."""
+        assert self.proc.stdout is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        while True:
+            line = self.proc.stdout.readline().split()
+            if not line:
+                raise RuntimeError(f"delay proxy gone (exit {self.proc.poll()})")
+            if line[0] == "BYTES":
+                return int(line[1]), int(line[2])
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -385,8 +385,9 @@ class Guest:
         mount: str = "ro",
         name: str = "fc-guest",
         boot_timeout: float = 60.0,
+        disk_format: str = "raw",
     ) -> None:
-        """Boot the guest on disk_path; return once its command channel answers."""
+        """Boot the guest on disk_path (`disk_format`: raw, or qcow2 for an overlay); return once its command channel answers."""
         self.qmp_sock = Path(qmp_sock) if qmp_sock else self.workdir / "qmp.sock"
         for p in (self.ctl_sock, self.cmd_sock, self.qmp_sock):
             p.unlink(missing_ok=True)
@@ -402,7 +403,7 @@ class Guest:
             "-kernel", str(self.build.kernel),
             "-initrd", str(self.build.initramfs),
             "-append", kernel_cmdline(mount),
-            "-drive", f"file={disk_path},format=raw,if=virtio,cache=none,aio=threads",
+            "-drive", f"file={disk_path},format={disk_format},if=virtio,cache=none,aio=threads",
             "-device", "virtio-balloon-pci,id=balloon0",
             "-chardev", f"file,id=con,path={self.console_log}",
             "-serial", "chardev:con",
