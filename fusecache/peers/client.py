@@ -38,6 +38,7 @@ from fusecache.peers.protocol import (
     SUMMARY_LOCATIONS,
     BadFrame,
     FramedStream,
+    FrameWriter,
     ProtocolError,
     Version,
     chunk_matches,
@@ -80,6 +81,7 @@ class PeerStats:
     protocol_errors: int = 0  # sessions that ended on a bad frame (wrong MAC, malformed): the peer is then banned
     summaries_refused: int = 0  # summaries fuller than an honest one can be (see BloomFilter.plausible): not used
     lost: int = 0  # requests in flight when a session ended
+    peak_outstanding: int = 0  # most requests waiting for an answer on the connection at once
     bytes_in: int = 0
     bytes_out: int = 0
     summary_pages: int = 0
@@ -107,14 +109,14 @@ class _Peer:
         self.summaries: dict[int, BloomFilter] = {}
         self.in_progress: dict[int, _SummaryInProgress] = {}
         self.pending: dict[int, tuple[trio.MemorySendChannel[Answer] | None, float]] = {}
-        self.queue: trio.MemorySendChannel[tuple[int, int, bytes]] | None = None
+        self.writer: FrameWriter | None = None  # while connected
         self.scope: trio.CancelScope | None = None
         self.connected = False  # authenticated, until `_keep_connected` notes the end
         self._next_id = 0
 
     def may_hold(self, kind: int, key: bytes) -> bool:
         bloom = self.summaries.get(kind)
-        return self.queue is not None and bloom is not None and key in bloom
+        return self.writer is not None and bloom is not None and key in bloom
 
     def new_request_id(self) -> int:
         while True:
@@ -174,7 +176,7 @@ class PeerSet:
         given = self._server.stats() if self._server is not None else {}
         out = {}
         for peer in self._peers:
-            s = dataclasses.replace(peer.stats, up=peer.queue is not None)
+            s = dataclasses.replace(peer.stats, up=peer.writer is not None)
             s.rtt_ms = peer.rtt * 1000 if peer.rtt is not None else None
             if peer.ip in given:
                 s.hits_given = given[peer.ip].hits_given
@@ -269,14 +271,12 @@ class PeerSet:
                 peer.stats.abandoned += 1
 
     def _ask(self, peer: _Peer, type_: int, payload: bytes, answers: trio.MemorySendChannel[Answer], asked: dict[_Peer, int]) -> bool:
-        if peer.queue is None or len(peer.pending) >= self._max_outstanding:
+        if peer.writer is None or len(peer.pending) >= self._max_outstanding:
             return False
         request_id = peer.new_request_id()
-        try:
-            peer.queue.send_nowait((type_, request_id, payload))
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
+        peer.writer.send_nowait(type_, request_id, payload)
         peer.pending[request_id] = (answers, trio.current_time())
+        peer.stats.peak_outstanding = max(peer.stats.peak_outstanding, len(peer.pending))
         peer.stats.requests += 1
         peer.stats.bytes_out += len(payload)
         asked[peer] = request_id
@@ -339,20 +339,20 @@ class PeerSet:
             peer.note_rtt((trio.current_time() - started) / 2)  # the handshake is two round trips
             peer.connected = True
             peer.stats.connects += 1
-            queue_in, queue_out = trio.open_memory_channel[tuple[int, int, bytes]](self._max_outstanding)
+            writer = FrameWriter(framed)
             log.info("peer %s is up", peer.address)
             try:
                 async with trio.open_nursery() as nursery:
                     peer.scope = nursery.cancel_scope
-                    peer.queue = queue_in
-                    nursery.start_soon(self._write, framed, queue_out, nursery.cancel_scope)
+                    peer.writer = writer
+                    nursery.start_soon(self._write, writer, nursery.cancel_scope)
                     nursery.start_soon(self._ping, peer)
                     try:
                         await self._read(peer, framed)
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
-                peer.queue = peer.scope = None
+                peer.writer = peer.scope = None
                 peer.in_progress.clear()
                 for answers, _ in peer.pending.values():
                     if answers is not None:
@@ -364,24 +364,21 @@ class PeerSet:
                 peer.pending.clear()
 
     @staticmethod
-    async def _write(framed: FramedStream, queue: trio.MemoryReceiveChannel[tuple[int, int, bytes]], scope: trio.CancelScope) -> None:
-        # The only task that writes to the stream: a fetch that gives up at its
+    async def _write(writer: FrameWriter, scope: trio.CancelScope) -> None:
+        # Requests go out from the fetch's own task when the socket takes them whole
+        # (FrameWriter); this task writes the rest: a fetch that gives up at its
         # deadline never leaves half a frame behind.
         try:
-            async for type_, request_id, payload in queue:
-                await framed.send(type_, request_id, payload)
+            await writer.run()
         finally:
             scope.cancel()
 
     async def _ping(self, peer: _Peer) -> None:
         # Keeps the round-trip estimate fresh for idle peers and detects dead ones.
-        while peer.queue is not None:
+        while peer.writer is not None:
             request_id = peer.new_request_id()
             peer.pending[request_id] = (None, trio.current_time())
-            try:
-                peer.queue.send_nowait((PING, request_id, b""))
-            except trio.WouldBlock:
-                peer.pending.pop(request_id)
+            peer.writer.send_nowait(PING, request_id, b"")
             await trio.sleep(self._ping_interval)
 
     async def _read(self, peer: _Peer, framed: FramedStream) -> None:
