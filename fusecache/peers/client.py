@@ -412,11 +412,14 @@ class PeerSet:
             await trio.sleep(self._ping_interval)
 
     async def _read(self, peer: _Peer, framed: FramedStream) -> None:
-        while True:
-            with trio.move_on_after(3 * self._ping_interval):
+        silence = 3 * self._ping_interval
+        # One scope for the connection, its deadline moved on by each frame (not a scope per frame).
+        with trio.move_on_after(silence) as quiet:
+            while True:
                 frame = await framed.receive()
                 if frame is None:
                     raise ProtocolError("the peer closed the connection")
+                quiet.deadline = trio.current_time() + silence
                 type_, request_id, payload = frame
                 if type_ == SUMMARY:
                     self._take_summary_part(peer, payload)
@@ -430,8 +433,7 @@ class PeerSet:
                         answers.send_nowait((peer, type_, payload))
                 else:
                     raise BadFrame(f"unknown or unexpected message type {type_}")
-                continue
-            raise ProtocolError(f"no answer for {3 * self._ping_interval:.1f} s")
+        raise ProtocolError(f"no answer for {silence:.1f} s")
 
     def _take_summary_part(self, peer: _Peer, payload: bytes) -> None:
         if len(payload) <= SUMMARY_HEAD.size:

@@ -193,6 +193,11 @@ class FramedStream:
         self._send_seq = 0
         self._receive_seq = 0
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buffer)
+
     def start_session(self, send_key: bytes, receive_key: bytes) -> None:
         self._send_key, self._receive_key = send_key, receive_key
 

@@ -479,11 +479,14 @@ class PeerServer:
                     self._done(conn)
 
     async def _read(self, conn: _Connection, writer: FrameWriter) -> None:
-        while True:
-            with trio.move_on_after(self._idle_timeout):
-                frame = await conn.framed.receive()
+        framed = conn.framed
+        # One scope for the connection, its deadline moved on by each frame (not a scope per frame).
+        with trio.move_on_after(self._idle_timeout) as idle:
+            while True:
+                frame = await framed.receive()
                 if frame is None:
                     return
+                idle.deadline = trio.current_time() + self._idle_timeout
                 type_, request_id, payload = frame
                 if type_ not in REQUEST_SIZES:
                     raise ProtocolError(f"unknown or unexpected message type {type_}")
@@ -491,10 +494,17 @@ class PeerServer:
                     raise ProtocolError(f"message type {type_} with {len(payload)} bytes of payload")
                 # One slot of this host's share and one of the total per request,
                 # held until its answer is written: when they run out we stop
-                # reading, and TCP pushes back on the sender.
-                await conn.slots.acquire()
+                # reading, and TCP pushes back on the sender. Taken without a
+                # pass through the loop when free (a peer hit waits for this task).
                 try:
-                    await self._total.acquire()
+                    conn.slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await conn.slots.acquire()
+                try:
+                    try:
+                        self._total.acquire_nowait()
+                    except trio.WouldBlock:
+                        await self._total.acquire()
                 except BaseException:
                     conn.slots.release()
                     raise
@@ -505,8 +515,11 @@ class PeerServer:
                 answer_type, answer = self._answer(type_, payload, conn.remote)
                 # Written from this task when the socket takes it whole (no hand-off), else queued.
                 writer.send_nowait(answer_type, request_id, answer, functools.partial(self._written, conn, len(answer)))
-                continue
-            raise ProtocolError(f"nothing received for {self._idle_timeout:.0f} s")
+                if framed.buffered:
+                    # The next request is already here and would be read without I/O (which yields):
+                    # yield once per request anyway, after the answer, so a flood shares the loop.
+                    await trio.lowlevel.checkpoint()
+        raise ProtocolError(f"nothing received for {self._idle_timeout:.0f} s")
 
     def _written(self, conn: _Connection, size: int) -> None:
         conn.remote.bytes_out += size
