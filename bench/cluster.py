@@ -12,7 +12,8 @@ namespaces), all on one backing directory (the stand-in for the NFS export).
    nothing, so every read is a peer hit), with the link between them behind
    the delay proxy (tests/harness/delay_proxy.py's delayed connection, `D` ms each
    way). Against, at the same `D`: (a) a plain TCP request/response of 64 KiB
-   through the same proxy, between the same namespaces; (b) a real NFSv4 read:
+   through the same proxy, between the same namespaces, taking turns with the
+   peer hits (10 reads each) so both see the same load; (b) a real NFSv4 read:
    nfs-ganesha (tests/harness/nfs_server.py) behind a delay proxy, read through a
    `fusecache --no-cache` mount (so both sides pay the same FUSE path); and the
    floor, `--no-cache` on the local directory.
@@ -83,17 +84,18 @@ _RAW_CLIENT = """
 import json, socket, sys, time
 c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-out = []
-for i in range(int(sys.argv[2]) + 5):
-    t = time.perf_counter()
-    c.sendall(bytes(48))
-    got = 0
-    while got < 65536:
-        got += len(c.recv(65536 - got))
-    if i >= 5:
+for line in sys.stdin:  # a count of request/responses to time; their seconds back as one JSON line
+    out = []
+    for i in range(int(line)):
+        t = time.perf_counter()
+        c.sendall(bytes(48))
+        got = 0
+        while got < 65536:
+            got += len(c.recv(65536 - got))
         out.append(time.perf_counter() - t)
-print(json.dumps(out))
+    print(json.dumps(out), flush=True)
 """
+BLOCK = 10  # reads per turn when the peer hits and the plain TCP requests take turns
 
 
 def fc_stats(mp: str) -> dict[str, Any]:
@@ -200,18 +202,30 @@ def latency(work: Path, images: Path, name: str, key_file: str, delays: list[flo
                     return fc_stats(mp)["peers"]["peers"][addr]["summary_locations"] >= size // CHUNK
 
                 wait_for(knows, "a's summary at b")
-                direct_reads(os.path.join(mb.mountpoint, name), offsets[:10])  # warm the connection
+                raw_link = LinkProxy(b.ns, f"{a.addr}:7071", delay_ms=d)
+                net.proxies.append(raw_link)
+                raw_client = _RawClient(b, raw_link.port)
+                path = os.path.join(mb.mountpoint, name)
+                direct_reads(path, offsets[:10])  # warm the connection
+                raw_client.reads(5)
                 before = fc_stats(mb.mountpoint)["images"][name]
-                peer = summarise(direct_reads(os.path.join(mb.mountpoint, name), offsets))
+                # Taking turns, BLOCK reads each: the machine's load drifts, and both see the same drift.
+                peer_samples: list[float] = []
+                raw_samples: list[float] = []
+                try:
+                    for i in range(0, reads, BLOCK):
+                        peer_samples += direct_reads(path, offsets[i : i + BLOCK])
+                        raw_samples += raw_client.reads(len(offsets[i : i + BLOCK]))
+                finally:
+                    raw_client.close()
+                peer = summarise(peer_samples)
+                raw = summarise(raw_samples)
                 after = fc_stats(mb.mountpoint)["images"][name]
                 peer["peer_bytes"] = after["peer_bytes"] - before["peer_bytes"]
                 peer["backing_bytes"] = after["backing_bytes"] - before["backing_bytes"]
                 peer["rtt_ms"] = fc_stats(mb.mountpoint)["peers"]["peers"][link.address]["rtt_ms"]
                 unmount(mb)
                 net.mounts.remove(mb)
-                raw_link = LinkProxy(b.ns, f"{a.addr}:7071", delay_ms=d)
-                net.proxies.append(raw_link)
-                raw = summarise(_raw_reads(b, raw_link.port, reads))
                 row = {"delay_ms": d, "peer_hit": peer, "tcp_64k": raw}
                 out["rows"].append(row)
         finally:
@@ -229,11 +243,31 @@ def latency(work: Path, images: Path, name: str, key_file: str, delays: list[flo
     return out
 
 
-def _raw_reads(b: Host, port: int, reads: int) -> list[float]:
-    """Seconds per 64 KiB TCP request/response from `b` through the proxy on its port `port`."""
-    proc = subprocess.run(["nsenter", f"--net=/run/netns/{b.ns}", sys.executable, "-c", _RAW_CLIENT, str(port), str(reads)],
-                          capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
-    return json.loads(proc.stdout)
+class _RawClient:
+    """A plain TCP client in `b`'s namespace, connected through the proxy on its port `port`."""
+
+    def __init__(self, b: Host, port: int) -> None:
+        self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{b.ns}", sys.executable, "-c", _RAW_CLIENT, str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def reads(self, n: int) -> list[float]:
+        """Seconds per 64 KiB request/response, `n` of them one at a time."""
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the raw TCP client exited ({self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def nfs_reads(work: Path, images: Path, name: str, delays: list[float], offsets: list[int]) -> list[dict[str, float]]:
@@ -330,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hosts", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--images", type=int, default=2, help="shared images every host reads")
     ap.add_argument("--image-mib", type=int, default=32)
-    ap.add_argument("--delays", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="one-way ms (whole ms: the proxy rounds up)")
+    ap.add_argument("--delays", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="one-way ms, sub-ms honoured (the proxies wait in select() with 1 ns timer slack)")
     ap.add_argument("--reads", type=int, default=200, help="64 KiB reads per latency sample")
     ap.add_argument("--no-nfs", action="store_true", help="skip the ganesha NFS baseline")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster.json"))
