@@ -12,11 +12,11 @@ namespaces), all on one backing directory (the stand-in for the NFS export).
    nothing, so every read is a peer hit), with the link between them behind
    the delay proxy (tests/harness/delay_proxy.py's delayed connection, `D` ms each
    way). Against, at the same `D`: (a) a plain TCP request/response of 64 KiB
-   through the same proxy, between the same namespaces, taking turns with the
-   peer hits (10 reads each) so both see the same load; (b) a real NFSv4 read:
+   through the same proxy, between the same namespaces; (b) a real NFSv4 read:
    nfs-ganesha (tests/harness/nfs_server.py) behind a delay proxy, read through a
-   `fusecache --no-cache` mount (so both sides pay the same FUSE path); and the
-   floor, `--no-cache` on the local directory.
+   `fusecache --no-cache` mount (so both sides pay the same FUSE path); the
+   three take turns, 10 reads each, so all see the same load. And the floor,
+   `--no-cache` on the local directory.
 3. Summary size and lookup cost: Bloom bytes per GiB of cache (the server's
    own sizing: pages at capacity, locations at 2x chunks), and the
    candidate-selection cost of one fetch (`may_hold` over every peer, the
@@ -33,6 +33,7 @@ Run as root (network namespaces, FUSE). Light on purpose: 2 shared cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -43,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,37 +211,37 @@ def latency(work: Path, images: Path, name: str, key_file: str, delays: list[flo
                 direct_reads(path, offsets[:10])  # warm the connection
                 raw_client.reads(5)
                 before = fc_stats(mb.mountpoint)["images"][name]
-                # Taking turns, BLOCK reads each: the machine's load drifts, and both see the same drift.
-                peer_samples: list[float] = []
-                raw_samples: list[float] = []
+                # Taking turns, BLOCK reads each: the machine's load drifts, and all see the same drift.
+                samples: dict[str, list[float]] = {"peer": [], "tcp": [], "nfs": []}
                 try:
-                    for i in range(0, reads, BLOCK):
-                        peer_samples += direct_reads(path, offsets[i : i + BLOCK])
-                        raw_samples += raw_client.reads(len(offsets[i : i + BLOCK]))
+                    with contextlib.ExitStack() as stack:
+                        nfs_path = None
+                        if nfs and "nfs_error" not in out:
+                            try:
+                                nfs_path = stack.enter_context(_nfs_reader(work, images, name, d))
+                                direct_reads(nfs_path, offsets[:10])
+                            except Exception as e:  # report, do not fail the other results
+                                out["nfs_error"] = f"{type(e).__name__}: {e}"
+                        for i in range(0, reads, BLOCK):
+                            samples["peer"] += direct_reads(path, offsets[i : i + BLOCK])
+                            samples["tcp"] += raw_client.reads(len(offsets[i : i + BLOCK]))
+                            if nfs_path is not None:
+                                samples["nfs"] += direct_reads(nfs_path, offsets[i : i + BLOCK])
                 finally:
                     raw_client.close()
-                peer = summarise(peer_samples)
-                raw = summarise(raw_samples)
+                peer = summarise(samples["peer"])
+                raw = summarise(samples["tcp"])
                 after = fc_stats(mb.mountpoint)["images"][name]
                 peer["peer_bytes"] = after["peer_bytes"] - before["peer_bytes"]
                 peer["backing_bytes"] = after["backing_bytes"] - before["backing_bytes"]
                 peer["rtt_ms"] = fc_stats(mb.mountpoint)["peers"]["peers"][link.address]["rtt_ms"]
                 unmount(mb)
                 net.mounts.remove(mb)
-                row = {"delay_ms": d, "peer_hit": peer, "tcp_64k": raw}
+                row = {"delay_ms": d, "peer_hit": peer, "tcp_64k": raw, "nfs_64k": summarise(samples["nfs"]) if samples["nfs"] else None}
                 out["rows"].append(row)
         finally:
             raw_server.terminate()
             raw_server.wait(5)
-    if nfs:
-        for row in out["rows"]:
-            row["nfs_64k"] = None
-        try:
-            nfs_rows = nfs_reads(work, images, name, delays, offsets)
-            for row, r in zip(out["rows"], nfs_rows, strict=True):
-                row["nfs_64k"] = r
-        except Exception as e:  # report, do not fail the other results
-            out["nfs_error"] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -270,37 +272,34 @@ class _RawClient:
             self.proc.wait()
 
 
-def nfs_reads(work: Path, images: Path, name: str, delays: list[float], offsets: list[int]) -> list[dict[str, float]]:
-    """64 KiB O_DIRECT reads through `fusecache --no-cache` over ganesha NFSv4 behind a delay proxy.
+@contextlib.contextmanager
+def _nfs_reader(work: Path, images: Path, name: str, d: float) -> Iterator[str]:
+    """`name` on nfs-ganesha (tests/harness/nfs_server.py) behind a delay proxy of `d` ms each way,
+    read through a `fusecache --no-cache` mount: yields the file's path on that mount.
 
-    Kept short: ganesha's rpcbind runs in an `unshare --mount` namespace, which
-    holds a copy of every FUSE mount on the machine while it lives.
+    Up only while one delay's reads take turns: ganesha's rpcbind runs in an
+    `unshare --mount` namespace, which holds a copy of every FUSE mount on the
+    machine while it lives (ours come down after it stops).
     """
     from tests.harness.nfs_server import NfsServer
     from tests.mounting import force_unmount
 
-    rows = []
-    with NfsServer(work / "nfs") as srv:
-        data = (images / name).read_bytes()
-        (srv.export_dir / name).write_bytes(data)
-        for d in delays:
-            with DelayProxy([srv.nfs_port], delay_ms=d) as slow:
-                url = f"nfs://127.0.0.1:{slow.ports[srv.nfs_port]}/export?version=4"
-                mp = work / f"nfs-mnt-{d}"
-                mp.mkdir(exist_ok=True)
-                proc = subprocess.run([sys.executable, "-m", "fusecache", "mount", url, str(mp), "--no-cache",
-                                       "--log-file", str(work / f"nfs-{d}.log")], capture_output=True, text=True, timeout=120)  # fmt: skip
-                if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr.strip())
-                pid = int(proc.stderr.split("daemon pid ")[1].split()[0].rstrip(","))
-                try:
-                    path = os.path.join(mp, name)
-                    direct_reads(path, offsets[:10])
-                    rows.append(summarise(direct_reads(path, offsets)))
-                finally:
-                    subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, check=False)
-                    force_unmount(str(mp), pid)
-    return rows
+    with NfsServer(work / f"nfs-{d}") as srv:
+        (srv.export_dir / name).write_bytes((images / name).read_bytes())
+        with DelayProxy([srv.nfs_port], delay_ms=d) as slow:
+            url = f"nfs://127.0.0.1:{slow.ports[srv.nfs_port]}/export?version=4"
+            mp = work / f"nfs-mnt-{d}"
+            mp.mkdir(exist_ok=True)
+            proc = subprocess.run([sys.executable, "-m", "fusecache", "mount", url, str(mp), "--no-cache",
+                                   "--log-file", str(work / f"nfs-{d}.log")], capture_output=True, text=True, timeout=120)  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr.strip())
+            pid = int(proc.stderr.split("daemon pid ")[1].split()[0].rstrip(","))
+            try:
+                yield os.path.join(mp, name)
+            finally:
+                subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, check=False)
+                force_unmount(str(mp), pid)
 
 
 # ---- 3. summaries --------------------------------------------------------------------
@@ -364,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hosts", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--images", type=int, default=2, help="shared images every host reads")
     ap.add_argument("--image-mib", type=int, default=32)
-    ap.add_argument("--delays", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="one-way ms, sub-ms honoured (the proxies wait in select() with 1 ns timer slack)")
+    ap.add_argument("--delays", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="one-way ms (sub-ms honoured)")
     ap.add_argument("--reads", type=int, default=200, help="64 KiB reads per latency sample")
     ap.add_argument("--no-nfs", action="store_true", help="skip the ganesha NFS baseline")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster.json"))
