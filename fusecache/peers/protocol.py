@@ -16,7 +16,6 @@ client build on `FramedStream`; neither parses bytes itself.
 from __future__ import annotations
 
 import collections
-import errno
 import hmac
 import ipaddress
 import logging
@@ -263,27 +262,23 @@ class FrameWriter:
     def __init__(self, framed: FramedStream) -> None:
         self.framed = framed
         # Only a plain socket is written directly (tests run the protocol over memory streams too).
-        sock = getattr(framed.stream, "socket", None)
-        self._fd = sock.fileno() if isinstance(framed.stream, trio.SocketStream) and sock is not None else -1
+        self._socket = framed.stream.socket if isinstance(framed.stream, trio.SocketStream) else None
         # (encoded bytes or None, type, request id, payload, on_written)
         self._queue: collections.deque[tuple[bytes | memoryview | None, int, int, bytes, Callable[[], None] | None]] = collections.deque()
         self._busy = False
         self._lot = trio.lowlevel.ParkingLot()
 
     def send_nowait(self, type_: int, request_id: int, payload: bytes = b"", on_written: Callable[[], None] | None = None) -> None:
-        if self._queue or self._busy or self._fd < 0:
+        if self._queue or self._busy or self._socket is None:
             self._queue.append((None, type_, request_id, payload, on_written))
             self._lot.unpark()
             return
         frame = self.framed.encode(type_, request_id, payload)
         try:
-            n = os.write(self._fd, frame)
-        except BlockingIOError:
+            # The descriptor is asked for each time: a closed socket says -1 (EBADF here), never a reused number.
+            n = os.write(self._socket.fileno(), frame)
+        except OSError:  # full (EAGAIN), or broken: the writing task meets any error and ends the connection
             n = 0
-        except OSError as e:
-            if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
-                raise
-            n = 0  # the writing task meets the error and ends the connection
         if n == len(frame):
             if on_written is not None:
                 on_written()
