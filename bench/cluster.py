@@ -16,7 +16,8 @@ namespaces), all on one backing directory (the stand-in for the NFS export).
    nfs-ganesha (tests/harness/nfs_server.py) behind a delay proxy, read through a
    `fusecache --no-cache` mount (so both sides pay the same FUSE path); the
    three take turns, 10 reads each, so all see the same load. And the floor,
-   `--no-cache` on the local directory.
+   `--no-cache` on the local directory. With `--qemu-depth N`, also QEMU's own
+   block layer (`qemu-img bench`, 64 KiB O_DIRECT) at depth 1 and N, peer vs NFS.
 3. Summary size and lookup cost: Bloom bytes per GiB of cache (the server's
    own sizing: pages at capacity, locations at 2x chunks), and the
    candidate-selection cost of one fetch (`may_hold` over every peer, the
@@ -25,7 +26,7 @@ namespaces), all on one backing directory (the stand-in for the NFS export).
 
 Prints tables and a headline line; writes bench/results/cluster.json.
 
-    .venv/bin/python -m bench.cluster [--hosts 2 3 4] [--delays 0 1 2] [--no-nfs]
+    .venv/bin/python -m bench.cluster [--hosts 2 3 4] [--delays 0 1 2] [--no-nfs] [--qemu-depth 16]
 
 Run as root (network namespaces, FUSE). Light on purpose: 2 shared cores.
 """
@@ -178,7 +179,8 @@ def backing_bytes(work: Path, images: Path, names: list[str], key_file: str, n: 
 
 
 # ---- 2. latency ----------------------------------------------------------------------
-def latency(work: Path, images: Path, name: str, key_file: str, delays: list[float], reads: int, nfs: bool) -> dict[str, Any]:
+def latency(work: Path, images: Path, name: str, key_file: str, delays: list[float], reads: int, nfs: bool,
+            qemu_depth: int = 0) -> dict[str, Any]:  # fmt: skip
     size = os.path.getsize(images / name)
     rng = random.Random(1)
     offsets = [rng.randrange(size // CHUNK) * CHUNK for _ in range(reads)]
@@ -227,6 +229,7 @@ def latency(work: Path, images: Path, name: str, key_file: str, delays: list[flo
                             samples["tcp"] += raw_client.reads(len(offsets[i : i + BLOCK]))
                             if nfs_path is not None:
                                 samples["nfs"] += direct_reads(nfs_path, offsets[i : i + BLOCK])
+                        qemu = _qemu_depths(path, nfs_path, qemu_depth, reads) if qemu_depth else None
                 finally:
                     raw_client.close()
                 peer = summarise(samples["peer"])
@@ -237,11 +240,31 @@ def latency(work: Path, images: Path, name: str, key_file: str, delays: list[flo
                 peer["rtt_ms"] = fc_stats(mb.mountpoint)["peers"]["peers"][link.address]["rtt_ms"]
                 unmount(mb)
                 net.mounts.remove(mb)
-                row = {"delay_ms": d, "peer_hit": peer, "tcp_64k": raw, "nfs_64k": summarise(samples["nfs"]) if samples["nfs"] else None}
+                row = {"delay_ms": d, "peer_hit": peer, "tcp_64k": raw, "nfs_64k": summarise(samples["nfs"]) if samples["nfs"] else None,
+                       "qemu_img_bench": qemu}  # fmt: skip
                 out["rows"].append(row)
         finally:
             raw_server.terminate()
             raw_server.wait(5)
+    return out
+
+
+def _qemu_depths(peer_path: str, nfs_path: str | None, depth: int, count: int) -> list[dict[str, Any]]:
+    """Peer hits through QEMU's own block layer: `qemu-img bench` (64 KiB reads, O_DIRECT) at depth 1 and
+    `depth`, the peer mount and the NFS mount taking turns, 2 rounds each; seconds per run."""
+    def run(path: str, d: int) -> float:
+        proc = subprocess.run(["qemu-img", "bench", "-f", "raw", "-t", "none", "-n", "-d", str(d), "-s", str(CHUNK), "-S", str(CHUNK),
+                               "-c", str(count), path], capture_output=True, text=True, timeout=600, check=True)  # fmt: skip
+        return float(proc.stdout.split("Run completed in ")[1].split()[0])
+
+    out = []
+    for d in (1, depth):
+        times: dict[str, list[float]] = {"peer": [], "nfs": []}
+        for _ in range(2):
+            times["peer"].append(run(peer_path, d))
+            if nfs_path is not None:
+                times["nfs"].append(run(nfs_path, d))
+        out.append({"depth": d, "reads": count, **{f"{k}_s": v for k, v in times.items() if v}})
     return out
 
 
@@ -366,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--delays", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="one-way ms (sub-ms honoured)")
     ap.add_argument("--reads", type=int, default=200, help="64 KiB reads per latency sample")
     ap.add_argument("--no-nfs", action="store_true", help="skip the ganesha NFS baseline")
+    ap.add_argument("--qemu-depth", type=int, default=0, help="also time qemu-img bench at depth 1 and this depth (peer vs NFS)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster.json"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -396,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{base / max(r['backing_bytes'], 1):>6.2f}x {r['seconds']:>6.1f}")  # fmt: skip
 
         print(f"\n== 2. per 64 KiB chunk, O_DIRECT, one at a time, {args.reads} reads (ms)")
-        lat = latency(work, images, names[0], str(key_file), args.delays, args.reads, not args.no_nfs)
+        lat = latency(work, images, names[0], str(key_file), args.delays, args.reads, not args.no_nfs, args.qemu_depth)
         result["latency"] = lat
         lp = lat["local_passthrough"]
         print(f"local --no-cache passthrough (floor): p50 {lp['p50_ms']:.3f} p90 {lp['p90_ms']:.3f}")
@@ -411,6 +435,13 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"   (warning: {p['backing_bytes']} bytes of the peer-hit sample came from the backing)")
         if "nfs_error" in lat:
             print(f"nfs baseline failed: {lat['nfs_error']}")
+        if args.qemu_depth:
+            print(f"\nqemu-img bench, 64 KiB O_DIRECT reads, {args.reads} per run, 2 runs each, peer and NFS taking turns (reads/s)")
+            for row in lat["rows"]:
+                for q in row["qemu_img_bench"] or []:
+                    rate = {k: [q["reads"] / t for t in q.get(f"{k}_s", [])] for k in ("peer", "nfs")}
+                    txt = "  ".join(f"{k} {'/'.join(f'{r:.0f}' for r in v)}" for k, v in rate.items() if v)
+                    print(f"{row['delay_ms']:>5.1f}ms depth {q['depth']:>2}: {txt}")
         # At the same round trip a peer hit and an NFS read are both one round trip; a peer
         # pays off when it is nearer (same rack) than the filer: peer at d1 vs NFS at d2.
         ref_key = "nfs_64k" if all(r.get("nfs_64k") for r in lat["rows"]) else "tcp_64k"
