@@ -14,8 +14,10 @@ namespaces), all on one backing directory (the stand-in for the NFS export).
    way). Against, at the same `D`: (a) a plain TCP request/response of 64 KiB
    through the same proxy, between the same namespaces; (b) a real NFSv4 read:
    nfs-ganesha (tests/harness/nfs_server.py) behind a delay proxy, read through a
-   `fusecache --no-cache` mount (so both sides pay the same FUSE path); and the
-   floor, `--no-cache` on the local directory.
+   `fusecache --no-cache` mount (so both sides pay the same FUSE path); the
+   three take turns, 10 reads each, so all see the same load. And the floor,
+   `--no-cache` on the local directory. With `--qemu-depth N`, also QEMU's own
+   block layer (`qemu-img bench`, 64 KiB O_DIRECT) at depth 1 and N, peer vs NFS.
 3. Summary size and lookup cost: Bloom bytes per GiB of cache (the server's
    own sizing: pages at capacity, locations at 2x chunks), and the
    candidate-selection cost of one fetch (`may_hold` over every peer, the
@@ -24,7 +26,7 @@ namespaces), all on one backing directory (the stand-in for the NFS export).
 
 Prints tables and a headline line; writes bench/results/cluster.json.
 
-    .venv/bin/python -m bench.cluster [--hosts 2 3 4] [--delays 0 1 2] [--no-nfs]
+    .venv/bin/python -m bench.cluster [--hosts 2 3 4] [--delays 0 1 2] [--no-nfs] [--qemu-depth 16]
 
 Run as root (network namespaces, FUSE). Light on purpose: 2 shared cores.
 """
@@ -32,6 +34,7 @@ Run as root (network namespaces, FUSE). Light on purpose: 2 shared cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -42,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +87,18 @@ _RAW_CLIENT = """
 import json, socket, sys, time
 c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-out = []
-for i in range(int(sys.argv[2]) + 5):
-    t = time.perf_counter()
-    c.sendall(bytes(48))
-    got = 0
-    while got < 65536:
-        got += len(c.recv(65536 - got))
-    if i >= 5:
+for line in sys.stdin:  # a count of request/responses to time; their seconds back as one JSON line
+    out = []
+    for i in range(int(line)):
+        t = time.perf_counter()
+        c.sendall(bytes(48))
+        got = 0
+        while got < 65536:
+            got += len(c.recv(65536 - got))
         out.append(time.perf_counter() - t)
-print(json.dumps(out))
+    print(json.dumps(out), flush=True)
 """
+BLOCK = 10  # reads per turn when the peer hits and the plain TCP requests take turns
 
 
 def fc_stats(mp: str) -> dict[str, Any]:
@@ -174,7 +179,8 @@ def backing_bytes(work: Path, images: Path, names: list[str], key_file: str, n: 
 
 
 # ---- 2. latency ----------------------------------------------------------------------
-def latency(work: Path, images: Path, name: str, key_file: str, delays: list[float], reads: int, nfs: bool) -> dict[str, Any]:
+def latency(work: Path, images: Path, name: str, key_file: str, delays: list[float], reads: int, nfs: bool,
+            qemu_depth: int = 0) -> dict[str, Any]:  # fmt: skip
     size = os.path.getsize(images / name)
     rng = random.Random(1)
     offsets = [rng.randrange(size // CHUNK) * CHUNK for _ in range(reads)]
@@ -200,73 +206,123 @@ def latency(work: Path, images: Path, name: str, key_file: str, delays: list[flo
                     return fc_stats(mp)["peers"]["peers"][addr]["summary_locations"] >= size // CHUNK
 
                 wait_for(knows, "a's summary at b")
-                direct_reads(os.path.join(mb.mountpoint, name), offsets[:10])  # warm the connection
+                raw_link = LinkProxy(b.ns, f"{a.addr}:7071", delay_ms=d)
+                net.proxies.append(raw_link)
+                raw_client = _RawClient(b, raw_link.port)
+                path = os.path.join(mb.mountpoint, name)
+                direct_reads(path, offsets[:10])  # warm the connection
+                raw_client.reads(5)
                 before = fc_stats(mb.mountpoint)["images"][name]
-                peer = summarise(direct_reads(os.path.join(mb.mountpoint, name), offsets))
+                # Taking turns, BLOCK reads each: the machine's load drifts, and all see the same drift.
+                samples: dict[str, list[float]] = {"peer": [], "tcp": [], "nfs": []}
+                try:
+                    with contextlib.ExitStack() as stack:
+                        nfs_path = None
+                        if nfs and "nfs_error" not in out:
+                            try:
+                                nfs_path = stack.enter_context(_nfs_reader(work, images, name, d))
+                                direct_reads(nfs_path, offsets[:10])
+                            except Exception as e:  # report, do not fail the other results
+                                out["nfs_error"] = f"{type(e).__name__}: {e}"
+                        for i in range(0, reads, BLOCK):
+                            samples["peer"] += direct_reads(path, offsets[i : i + BLOCK])
+                            samples["tcp"] += raw_client.reads(len(offsets[i : i + BLOCK]))
+                            if nfs_path is not None:
+                                samples["nfs"] += direct_reads(nfs_path, offsets[i : i + BLOCK])
+                        qemu = _qemu_depths(path, nfs_path, qemu_depth, reads) if qemu_depth else None
+                finally:
+                    raw_client.close()
+                peer = summarise(samples["peer"])
+                raw = summarise(samples["tcp"])
                 after = fc_stats(mb.mountpoint)["images"][name]
                 peer["peer_bytes"] = after["peer_bytes"] - before["peer_bytes"]
                 peer["backing_bytes"] = after["backing_bytes"] - before["backing_bytes"]
                 peer["rtt_ms"] = fc_stats(mb.mountpoint)["peers"]["peers"][link.address]["rtt_ms"]
                 unmount(mb)
                 net.mounts.remove(mb)
-                raw_link = LinkProxy(b.ns, f"{a.addr}:7071", delay_ms=d)
-                net.proxies.append(raw_link)
-                raw = summarise(_raw_reads(b, raw_link.port, reads))
-                row = {"delay_ms": d, "peer_hit": peer, "tcp_64k": raw}
+                row = {"delay_ms": d, "peer_hit": peer, "tcp_64k": raw, "nfs_64k": summarise(samples["nfs"]) if samples["nfs"] else None,
+                       "qemu_img_bench": qemu}  # fmt: skip
                 out["rows"].append(row)
         finally:
             raw_server.terminate()
             raw_server.wait(5)
-    if nfs:
-        for row in out["rows"]:
-            row["nfs_64k"] = None
-        try:
-            nfs_rows = nfs_reads(work, images, name, delays, offsets)
-            for row, r in zip(out["rows"], nfs_rows, strict=True):
-                row["nfs_64k"] = r
-        except Exception as e:  # report, do not fail the other results
-            out["nfs_error"] = f"{type(e).__name__}: {e}"
     return out
 
 
-def _raw_reads(b: Host, port: int, reads: int) -> list[float]:
-    """Seconds per 64 KiB TCP request/response from `b` through the proxy on its port `port`."""
-    proc = subprocess.run(["nsenter", f"--net=/run/netns/{b.ns}", sys.executable, "-c", _RAW_CLIENT, str(port), str(reads)],
-                          capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
-    return json.loads(proc.stdout)
+def _qemu_depths(peer_path: str, nfs_path: str | None, depth: int, count: int) -> list[dict[str, Any]]:
+    """Peer hits through QEMU's own block layer: `qemu-img bench` (64 KiB reads, O_DIRECT) at depth 1 and
+    `depth`, the peer mount and the NFS mount taking turns, 2 rounds each; seconds per run."""
+    def run(path: str, d: int) -> float:
+        proc = subprocess.run(["qemu-img", "bench", "-f", "raw", "-t", "none", "-n", "-d", str(d), "-s", str(CHUNK), "-S", str(CHUNK),
+                               "-c", str(count), path], capture_output=True, text=True, timeout=600, check=True)  # fmt: skip
+        return float(proc.stdout.split("Run completed in ")[1].split()[0])
+
+    out = []
+    for d in (1, depth):
+        times: dict[str, list[float]] = {"peer": [], "nfs": []}
+        for _ in range(2):
+            times["peer"].append(run(peer_path, d))
+            if nfs_path is not None:
+                times["nfs"].append(run(nfs_path, d))
+        out.append({"depth": d, "reads": count, **{f"{k}_s": v for k, v in times.items() if v}})
+    return out
 
 
-def nfs_reads(work: Path, images: Path, name: str, delays: list[float], offsets: list[int]) -> list[dict[str, float]]:
-    """64 KiB O_DIRECT reads through `fusecache --no-cache` over ganesha NFSv4 behind a delay proxy.
+class _RawClient:
+    """A plain TCP client in `b`'s namespace, connected through the proxy on its port `port`."""
 
-    Kept short: ganesha's rpcbind runs in an `unshare --mount` namespace, which
-    holds a copy of every FUSE mount on the machine while it lives.
+    def __init__(self, b: Host, port: int) -> None:
+        self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{b.ns}", sys.executable, "-c", _RAW_CLIENT, str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def reads(self, n: int) -> list[float]:
+        """Seconds per 64 KiB request/response, `n` of them one at a time."""
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the raw TCP client exited ({self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def _nfs_reader(work: Path, images: Path, name: str, d: float) -> Iterator[str]:
+    """`name` on nfs-ganesha (tests/harness/nfs_server.py) behind a delay proxy of `d` ms each way,
+    read through a `fusecache --no-cache` mount: yields the file's path on that mount.
+
+    Up only while one delay's reads take turns: ganesha's rpcbind runs in an
+    `unshare --mount` namespace, which holds a copy of every FUSE mount on the
+    machine while it lives (ours come down after it stops).
     """
     from tests.harness.nfs_server import NfsServer
     from tests.mounting import force_unmount
 
-    rows = []
-    with NfsServer(work / "nfs") as srv:
-        data = (images / name).read_bytes()
-        (srv.export_dir / name).write_bytes(data)
-        for d in delays:
-            with DelayProxy([srv.nfs_port], delay_ms=d) as slow:
-                url = f"nfs://127.0.0.1:{slow.ports[srv.nfs_port]}/export?version=4"
-                mp = work / f"nfs-mnt-{d}"
-                mp.mkdir(exist_ok=True)
-                proc = subprocess.run([sys.executable, "-m", "fusecache", "mount", url, str(mp), "--no-cache",
-                                       "--log-file", str(work / f"nfs-{d}.log")], capture_output=True, text=True, timeout=120)  # fmt: skip
-                if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr.strip())
-                pid = int(proc.stderr.split("daemon pid ")[1].split()[0].rstrip(","))
-                try:
-                    path = os.path.join(mp, name)
-                    direct_reads(path, offsets[:10])
-                    rows.append(summarise(direct_reads(path, offsets)))
-                finally:
-                    subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, check=False)
-                    force_unmount(str(mp), pid)
-    return rows
+    with NfsServer(work / f"nfs-{d}") as srv:
+        (srv.export_dir / name).write_bytes((images / name).read_bytes())
+        with DelayProxy([srv.nfs_port], delay_ms=d) as slow:
+            url = f"nfs://127.0.0.1:{slow.ports[srv.nfs_port]}/export?version=4"
+            mp = work / f"nfs-mnt-{d}"
+            mp.mkdir(exist_ok=True)
+            proc = subprocess.run([sys.executable, "-m", "fusecache", "mount", url, str(mp), "--no-cache",
+                                   "--log-file", str(work / f"nfs-{d}.log")], capture_output=True, text=True, timeout=120)  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr.strip())
+            pid = int(proc.stderr.split("daemon pid ")[1].split()[0].rstrip(","))
+            try:
+                yield os.path.join(mp, name)
+            finally:
+                subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, check=False)
+                force_unmount(str(mp), pid)
 
 
 # ---- 3. summaries --------------------------------------------------------------------
@@ -330,9 +386,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hosts", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--images", type=int, default=2, help="shared images every host reads")
     ap.add_argument("--image-mib", type=int, default=32)
-    ap.add_argument("--delays", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="one-way ms (whole ms: the proxy rounds up)")
+    ap.add_argument("--delays", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="one-way ms (sub-ms honoured)")
     ap.add_argument("--reads", type=int, default=200, help="64 KiB reads per latency sample")
     ap.add_argument("--no-nfs", action="store_true", help="skip the ganesha NFS baseline")
+    ap.add_argument("--qemu-depth", type=int, default=0, help="also time qemu-img bench at depth 1 and this depth (peer vs NFS)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster.json"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -363,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{base / max(r['backing_bytes'], 1):>6.2f}x {r['seconds']:>6.1f}")  # fmt: skip
 
         print(f"\n== 2. per 64 KiB chunk, O_DIRECT, one at a time, {args.reads} reads (ms)")
-        lat = latency(work, images, names[0], str(key_file), args.delays, args.reads, not args.no_nfs)
+        lat = latency(work, images, names[0], str(key_file), args.delays, args.reads, not args.no_nfs, args.qemu_depth)
         result["latency"] = lat
         lp = lat["local_passthrough"]
         print(f"local --no-cache passthrough (floor): p50 {lp['p50_ms']:.3f} p90 {lp['p90_ms']:.3f}")
@@ -378,6 +435,13 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"   (warning: {p['backing_bytes']} bytes of the peer-hit sample came from the backing)")
         if "nfs_error" in lat:
             print(f"nfs baseline failed: {lat['nfs_error']}")
+        if args.qemu_depth:
+            print(f"\nqemu-img bench, 64 KiB O_DIRECT reads, {args.reads} per run, 2 runs each, peer and NFS taking turns (reads/s)")
+            for row in lat["rows"]:
+                for q in row["qemu_img_bench"] or []:
+                    rate = {k: [q["reads"] / t for t in q.get(f"{k}_s", [])] for k in ("peer", "nfs")}
+                    txt = "  ".join(f"{k} {'/'.join(f'{r:.0f}' for r in v)}" for k, v in rate.items() if v)
+                    print(f"{row['delay_ms']:>5.1f}ms depth {q['depth']:>2}: {txt}")
         # At the same round trip a peer hit and an NFS read are both one round trip; a peer
         # pays off when it is nearer (same rack) than the filer: peer at d1 vs NFS at d2.
         ref_key = "nfs_64k" if all(r.get("nfs_64k") for r in lat["rows"]) else "tcp_64k"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import random
 from collections.abc import Callable
 
@@ -38,6 +37,7 @@ from fusecache.peers.protocol import (
     SUMMARY_LOCATIONS,
     BadFrame,
     FramedStream,
+    FrameWriter,
     ProtocolError,
     Version,
     chunk_matches,
@@ -63,6 +63,38 @@ FIRST_BACKOFF = 0.05
 Answer = tuple["_Peer", int, bytes]
 
 
+class _Answers:
+    """Where the answers to one fetch arrive, from the connections' reading tasks.
+
+    A memory channel did this, at about three times the Python per answer (its
+    checkpoints and bookkeeping): the one waiting task is woken directly. Unbounded
+    by construction: a fetch asks each peer at most once.
+    """
+
+    __slots__ = ("_items", "_task")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Answer] = collections.deque()
+        self._task: trio.lowlevel.Task | None = None
+
+    def send_nowait(self, answer: Answer) -> None:
+        self._items.append(answer)
+        if self._task is not None:
+            task, self._task = self._task, None
+            trio.lowlevel.reschedule(task)
+
+    async def receive(self) -> Answer:
+        if not self._items:
+            self._task = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self._task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        return self._items.popleft()
+
+
 @dataclasses.dataclass
 class PeerStats:
     """One peer as this host sees it. `hits_given` is what our server gave that host."""
@@ -80,6 +112,7 @@ class PeerStats:
     protocol_errors: int = 0  # sessions that ended on a bad frame (wrong MAC, malformed): the peer is then banned
     summaries_refused: int = 0  # summaries fuller than an honest one can be (see BloomFilter.plausible): not used
     lost: int = 0  # requests in flight when a session ended
+    peak_outstanding: int = 0  # most requests waiting for an answer on the connection at once
     bytes_in: int = 0
     bytes_out: int = 0
     summary_pages: int = 0
@@ -106,15 +139,15 @@ class _Peer:
         self.banned_until = 0.0
         self.summaries: dict[int, BloomFilter] = {}
         self.in_progress: dict[int, _SummaryInProgress] = {}
-        self.pending: dict[int, tuple[trio.MemorySendChannel[Answer] | None, float]] = {}
-        self.queue: trio.MemorySendChannel[tuple[int, int, bytes]] | None = None
+        self.pending: dict[int, tuple[_Answers | None, float]] = {}
+        self.writer: FrameWriter | None = None  # while connected
         self.scope: trio.CancelScope | None = None
         self.connected = False  # authenticated, until `_keep_connected` notes the end
         self._next_id = 0
 
     def may_hold(self, kind: int, key: bytes) -> bool:
         bloom = self.summaries.get(kind)
-        return self.queue is not None and bloom is not None and key in bloom
+        return self.writer is not None and bloom is not None and key in bloom
 
     def new_request_id(self) -> int:
         while True:
@@ -174,7 +207,7 @@ class PeerSet:
         given = self._server.stats() if self._server is not None else {}
         out = {}
         for peer in self._peers:
-            s = dataclasses.replace(peer.stats, up=peer.queue is not None)
+            s = dataclasses.replace(peer.stats, up=peer.writer is not None)
             s.rtt_ms = peer.rtt * 1000 if peer.rtt is not None else None
             if peer.ip in given:
                 s.hits_given = given[peer.ip].hits_given
@@ -222,14 +255,14 @@ class PeerSet:
         candidates = sorted((p for p in self._peers if p.may_hold(kind, key)), key=lambda p: p.rtt or 0.0)
         if not candidates:
             return None
-        answers_in, answers = trio.open_memory_channel[Answer](len(candidates))
+        answers = _Answers()
         asked: dict[_Peer, int] = {}
         untried = collections.deque(candidates)
 
         def ask_next() -> _Peer | None:
             while untried:
                 peer = untried.popleft()
-                if self._ask(peer, type_, payload, answers_in, asked):
+                if self._ask(peer, type_, payload, answers, asked):
                     return peer
             return None
 
@@ -239,9 +272,11 @@ class PeerSet:
                 while asked:
                     # Hedge: a peer slower than twice its usual round trip may be
                     # stuck; ask the next one too and take whichever answers first.
-                    hedge_at = trio.current_time() + max(2 * (last.rtt or 0.0), MIN_HEDGE) if last and untried else math.inf
                     answer = None
-                    with trio.move_on_at(hedge_at):
+                    if last and untried:
+                        with trio.move_on_at(trio.current_time() + max(2 * (last.rtt or 0.0), MIN_HEDGE)):
+                            answer = await answers.receive()
+                    else:  # no one left to hedge with: no scope to set up and tear down
                         answer = await answers.receive()
                     if answer is None:
                         last = ask_next() or last
@@ -268,15 +303,13 @@ class PeerSet:
                 peer.pending.pop(request_id, None)
                 peer.stats.abandoned += 1
 
-    def _ask(self, peer: _Peer, type_: int, payload: bytes, answers: trio.MemorySendChannel[Answer], asked: dict[_Peer, int]) -> bool:
-        if peer.queue is None or len(peer.pending) >= self._max_outstanding:
+    def _ask(self, peer: _Peer, type_: int, payload: bytes, answers: _Answers, asked: dict[_Peer, int]) -> bool:
+        if peer.writer is None or len(peer.pending) >= self._max_outstanding:
             return False
         request_id = peer.new_request_id()
-        try:
-            peer.queue.send_nowait((type_, request_id, payload))
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
+        peer.writer.send_nowait(type_, request_id, payload)
         peer.pending[request_id] = (answers, trio.current_time())
+        peer.stats.peak_outstanding = max(peer.stats.peak_outstanding, len(peer.pending))
         peer.stats.requests += 1
         peer.stats.bytes_out += len(payload)
         asked[peer] = request_id
@@ -339,57 +372,54 @@ class PeerSet:
             peer.note_rtt((trio.current_time() - started) / 2)  # the handshake is two round trips
             peer.connected = True
             peer.stats.connects += 1
-            queue_in, queue_out = trio.open_memory_channel[tuple[int, int, bytes]](self._max_outstanding)
+            writer = FrameWriter(framed)
             log.info("peer %s is up", peer.address)
             try:
                 async with trio.open_nursery() as nursery:
                     peer.scope = nursery.cancel_scope
-                    peer.queue = queue_in
-                    nursery.start_soon(self._write, framed, queue_out, nursery.cancel_scope)
+                    peer.writer = writer
+                    nursery.start_soon(self._write, writer, nursery.cancel_scope)
                     nursery.start_soon(self._ping, peer)
                     try:
                         await self._read(peer, framed)
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
-                peer.queue = peer.scope = None
+                peer.writer = peer.scope = None
                 peer.in_progress.clear()
                 for answers, _ in peer.pending.values():
                     if answers is not None:
                         peer.stats.lost += 1
-                        try:
-                            answers.send_nowait((peer, LOST, b""))
-                        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                            pass
+                        answers.send_nowait((peer, LOST, b""))
                 peer.pending.clear()
 
     @staticmethod
-    async def _write(framed: FramedStream, queue: trio.MemoryReceiveChannel[tuple[int, int, bytes]], scope: trio.CancelScope) -> None:
-        # The only task that writes to the stream: a fetch that gives up at its
+    async def _write(writer: FrameWriter, scope: trio.CancelScope) -> None:
+        # Requests go out from the fetch's own task when the socket takes them whole
+        # (FrameWriter); this task writes the rest: a fetch that gives up at its
         # deadline never leaves half a frame behind.
         try:
-            async for type_, request_id, payload in queue:
-                await framed.send(type_, request_id, payload)
+            await writer.run()
         finally:
             scope.cancel()
 
     async def _ping(self, peer: _Peer) -> None:
         # Keeps the round-trip estimate fresh for idle peers and detects dead ones.
-        while peer.queue is not None:
+        while peer.writer is not None:
             request_id = peer.new_request_id()
             peer.pending[request_id] = (None, trio.current_time())
-            try:
-                peer.queue.send_nowait((PING, request_id, b""))
-            except trio.WouldBlock:
-                peer.pending.pop(request_id)
+            peer.writer.send_nowait(PING, request_id, b"")
             await trio.sleep(self._ping_interval)
 
     async def _read(self, peer: _Peer, framed: FramedStream) -> None:
-        while True:
-            with trio.move_on_after(3 * self._ping_interval):
+        silence = 3 * self._ping_interval
+        # One scope for the connection, its deadline moved on by each frame (not a scope per frame).
+        with trio.move_on_after(silence) as quiet:
+            while True:
                 frame = await framed.receive()
                 if frame is None:
                     raise ProtocolError("the peer closed the connection")
+                quiet.deadline = trio.current_time() + silence
                 type_, request_id, payload = frame
                 if type_ == SUMMARY:
                     self._take_summary_part(peer, payload)
@@ -400,14 +430,10 @@ class PeerSet:
                     answers, sent_at = waiting
                     peer.note_rtt(trio.current_time() - sent_at)
                     if answers is not None:
-                        try:
-                            answers.send_nowait((peer, type_, payload))
-                        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                            pass
+                        answers.send_nowait((peer, type_, payload))
                 else:
                     raise BadFrame(f"unknown or unexpected message type {type_}")
-                continue
-            raise ProtocolError(f"no answer for {3 * self._ping_interval:.1f} s")
+        raise ProtocolError(f"no answer for {silence:.1f} s")
 
     def _take_summary_part(self, peer: _Peer, payload: bytes) -> None:
         if len(payload) <= SUMMARY_HEAD.size:

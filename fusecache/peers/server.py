@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import ipaddress
 import logging
 import math
@@ -43,6 +44,7 @@ from fusecache.peers.protocol import (
     SUMMARY_DIGESTS,
     SUMMARY_LOCATIONS,
     FramedStream,
+    FrameWriter,
     ProtocolError,
     Version,
     decode_location,
@@ -458,13 +460,13 @@ class PeerServer:
             remote = self._stats.setdefault(ip, RemoteStats())
             remote.connections += 1
             conn = _Connection(framed, remote, self._peer_slots.setdefault(ip, trio.Semaphore(self._per_peer)))
-            queue_in, queue_out = trio.open_memory_channel[tuple[int, int, bytes, trio.Event | None]](math.inf)
+            writer = FrameWriter(framed)
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write, conn, queue_out, nursery.cancel_scope)
-                    nursery.start_soon(self._send_summaries, queue_in)
+                    nursery.start_soon(self._write, writer, nursery.cancel_scope)
+                    nursery.start_soon(self._send_summaries, conn, writer)
                     try:
-                        await self._read(conn, queue_in)
+                        await self._read(conn, writer)
                     except ProtocolError as e:
                         remote.protocol_errors += 1
                         log.warning("peer %s: closing the connection: %s", ip, e)
@@ -476,12 +478,15 @@ class PeerServer:
                 for _ in range(conn.in_flight):
                     self._done(conn)
 
-    async def _read(self, conn: _Connection, queue: trio.MemorySendChannel) -> None:
-        while True:
-            with trio.move_on_after(self._idle_timeout):
-                frame = await conn.framed.receive()
+    async def _read(self, conn: _Connection, writer: FrameWriter) -> None:
+        framed = conn.framed
+        # One scope for the connection, its deadline moved on by each frame (not a scope per frame).
+        with trio.move_on_after(self._idle_timeout) as idle:
+            while True:
+                frame = await framed.receive()
                 if frame is None:
                     return
+                idle.deadline = trio.current_time() + self._idle_timeout
                 type_, request_id, payload = frame
                 if type_ not in REQUEST_SIZES:
                     raise ProtocolError(f"unknown or unexpected message type {type_}")
@@ -489,10 +494,17 @@ class PeerServer:
                     raise ProtocolError(f"message type {type_} with {len(payload)} bytes of payload")
                 # One slot of this host's share and one of the total per request,
                 # held until its answer is written: when they run out we stop
-                # reading, and TCP pushes back on the sender.
-                await conn.slots.acquire()
+                # reading, and TCP pushes back on the sender. Taken without a
+                # pass through the loop when free (a peer hit waits for this task).
                 try:
-                    await self._total.acquire()
+                    conn.slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await conn.slots.acquire()
+                try:
+                    try:
+                        self._total.acquire_nowait()
+                    except trio.WouldBlock:
+                        await self._total.acquire()
                 except BaseException:
                     conn.slots.release()
                     raise
@@ -501,9 +513,17 @@ class PeerServer:
                 conn.remote.peak_in_flight = max(conn.remote.peak_in_flight, conn.remote.in_flight)
                 conn.remote.requests += 1
                 answer_type, answer = self._answer(type_, payload, conn.remote)
-                queue.send_nowait((answer_type, request_id, answer, None))
-                continue
-            raise ProtocolError(f"nothing received for {self._idle_timeout:.0f} s")
+                # Written from this task when the socket takes it whole (no hand-off), else queued.
+                writer.send_nowait(answer_type, request_id, answer, functools.partial(self._written, conn, len(answer)))
+                if framed.buffered:
+                    # The next request is already here and would be read without I/O (which yields):
+                    # yield once per request anyway, after the answer, so a flood shares the loop.
+                    await trio.lowlevel.checkpoint()
+        raise ProtocolError(f"nothing received for {self._idle_timeout:.0f} s")
+
+    def _written(self, conn: _Connection, size: int) -> None:
+        conn.remote.bytes_out += size
+        self._done(conn)
 
     def _done(self, conn: _Connection) -> None:
         conn.in_flight -= 1
@@ -539,21 +559,16 @@ class PeerServer:
             log.exception("answering a peer's request of type %d failed", type_)
             return ERROR, encode_error(ERROR_INTERNAL, "internal error")
 
-    async def _write(self, conn: _Connection, queue: trio.MemoryReceiveChannel, scope: trio.CancelScope) -> None:
+    @staticmethod
+    async def _write(writer: FrameWriter, scope: trio.CancelScope) -> None:
         try:
-            async for type_, request_id, payload, written in queue:
-                await conn.framed.send(type_, request_id, payload)
-                conn.remote.bytes_out += len(payload)
-                if type_ != SUMMARY:
-                    self._done(conn)
-                elif written is not None:
-                    written.set()
+            await writer.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             scope.cancel()
 
-    async def _send_summaries(self, queue: trio.MemorySendChannel) -> None:
+    async def _send_summaries(self, conn: _Connection, writer: FrameWriter) -> None:
         sent = 0
         while True:
             ready = self._summary_ready
@@ -563,8 +578,9 @@ class PeerServer:
                 # every summary built meanwhile, only the latest.
                 written = trio.Event()
                 for part in summary.parts[:-1]:
-                    queue.send_nowait((SUMMARY, 0, part, None))
-                queue.send_nowait((SUMMARY, 0, summary.parts[-1], written))
+                    writer.send_nowait(SUMMARY, 0, part)
+                writer.send_nowait(SUMMARY, 0, summary.parts[-1], written.set)
+                conn.remote.bytes_out += sum(map(len, summary.parts))
                 sent = summary.generation
                 await written.wait()
                 continue

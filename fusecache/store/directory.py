@@ -155,15 +155,7 @@ class Store:
 
     def read_location(self, ino: int, version: tuple[int, int, int, int], chunk: int) -> tuple[bytes, list[bytes]] | None:
         """For a peer: the chunk and its page digests, only if the held record of `ino` has exactly `version`."""
-        rec = self.file_record(ino)
-        if rec is None or rec[1] != version:
-            return None
-        gen = rec[0]
-        data = self.read_chunk(ino, gen, chunk)
-        digests = self.chunk_digests(ino, gen, chunk)
-        if data is None or digests is None:
-            return None
-        return data, digests
+        return self._reader.peer_chunk(ino, version, chunk)
 
     def iter_locations(self) -> Iterator[tuple[int, Version, int]]:
         """(ino, version, chunk) of every held chunk of a file's current generation: the peers' location summary."""

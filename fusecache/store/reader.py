@@ -417,6 +417,29 @@ class Reader:
             value = txn.get(pack_key(ino, gen, chunk))
             return None if value is None else decode_loc(value)
 
+    def peer_chunk(self, ino: int, version: Version, chunk: int) -> tuple[bytes, list[bytes]] | None:
+        """A chunk and its page names, only if the record of `ino` has exactly `version`: one read
+        transaction (a peer hit waits for it), so the names are those of the bytes read."""
+        with self.env.begin(buffers=True) as txn:
+            value = txn.get(INO.pack(ino), db=self.tables.files)
+            if value is None:
+                return None
+            gen, held = decode_file(value)
+            if held != version:
+                return None
+            key = pack_key(ino, gen, chunk)
+            data = self.chunk_in(txn, key)
+            if data is None:
+                self.counters["misses"] += 1
+                return None
+            loc = decode_loc(txn.get(key, db=self.tables.loc))
+        self.counters["hits"] += 1
+        self.eviction.touch(key)
+        digests = [self.keys.zero_name] * ((loc.length + PAGE_SIZE - 1) >> SHIFT)
+        for i, digest, _ in loc.pages():
+            digests[i] = digest
+        return data, digests
+
     def chunk_digests(self, ino: int, gen: int, chunk: int) -> list[bytes] | None:
         loc = self.location(ino, gen, chunk)
         if loc is None:

@@ -40,13 +40,14 @@ import dataclasses
 import itertools
 import os
 import re
+import selectors
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.harness.delay_proxy import _Half, stop_process
+from tests.harness.delay_proxy import _Half, fine_timers, stop_process
 from tests.mounting import Mount, force_unmount, is_mounted, stop_pid
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: `python -m tests.harness.netns` runs from there
@@ -339,7 +340,11 @@ def _proxy_main(argv: list[str]) -> None:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     print("READY", sock.getsockname()[1], flush=True)
-    asyncio.run(_serve_proxy(sock, (host, int(port)), args.delay_ms / 1000.0, args.corrupt, key))
+    # The delay proxy's loop and timer slack, so a delay comes out the same through either
+    # proxy (asyncio's default epoll loop rounds every wait up to a whole millisecond).
+    fine_timers()
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selectors.SelectSelector())) as runner:
+        runner.run(_serve_proxy(sock, (host, int(port)), args.delay_ms / 1000.0, args.corrupt, key))
 
 
 if __name__ == "__main__":
