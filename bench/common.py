@@ -174,6 +174,44 @@ def assert_nothing_mounted_under(directory: str) -> None:
 
 
 # ---- files and the page cache ---------------------------------------------------
+@contextlib.contextmanager
+def baseline_tree(revision: str, scratch: str) -> Iterator[str]:
+    """This repository at `revision`, extracted with `git archive` into a directory under `scratch` (removed after)."""
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="fusecache-baseline-", dir=scratch)
+    try:
+        archive = subprocess.run(["git", "-C", REPO, "archive", revision], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", base], input=archive, check=True)
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_in_tree(program: str, tree: str, *args: str) -> dict[str, Any]:
+    """Run `program` (Python source printing one JSON object) with `tree` first on its path; its JSON.
+
+    How a benchmark times another revision's code beside this one's: each in a process of its own.
+    """
+    env = {**os.environ, "PYTHONPATH": tree}
+    proc = subprocess.run([sys.executable, "-c", program, *args], cwd=tree, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"the benchmark's worker for {tree} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout)
+
+
+def paired_runs(program: str, revision: str, runs: int, scratch: str) -> dict[str, list[dict[str, Any]]]:
+    """`program` (see `run_in_tree`, given `scratch` as its argument) run `runs` times in `revision`'s tree and in
+    this one, alternating (baseline first): {"baseline": [...], "this tree": [...]}, one JSON object a run."""
+    out: dict[str, list[dict[str, Any]]] = {"baseline": [], "this tree": []}
+    with baseline_tree(revision, scratch) as base:
+        for _ in range(runs):
+            out["baseline"].append(run_in_tree(program, base, scratch))
+            out["this tree"].append(run_in_tree(program, REPO, scratch))
+    return out
+
+
 def make_random_file(path: str, mib: int) -> str:
     """A file of `mib` MiB of incompressible random bytes (zero pages would be holes in the cache)."""
     with open(path, "wb") as f:

@@ -26,17 +26,10 @@ Prints a table; writes bench/results/hitcost.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 
-from bench.common import print_table, write_results
-
-ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.common import paired_runs, print_table, write_results
 
 # Runs in a worker whose path starts with one tree: only the API both trees share.
 WORKER = r"""
@@ -99,30 +92,13 @@ print(json.dumps(out))
 """
 
 
-def run_worker(tree: str, scratch: str) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": tree}
-    proc = subprocess.run([sys.executable, "-c", WORKER, scratch], cwd=tree, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench.hitcost: the worker for {tree} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--runs", type=int, default=7, help="paired runs (default 7)")
     p.add_argument("--baseline", default="main", help="git revision to compare with (default main)")
     p.add_argument("--dir", default="/var/tmp", help="where the scratch files and caches go (not tmpfs)")
     args = p.parse_args()
-    base = tempfile.mkdtemp(prefix="fusecache-hitcost-baseline-", dir=args.dir)
-    runs: dict[str, list[dict[str, float]]] = {"baseline": [], "this tree": []}
-    try:
-        archive = subprocess.run(["git", "-C", ROOT, "archive", args.baseline], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", base], input=archive, check=True)
-        for _ in range(args.runs):
-            runs["baseline"].append(run_worker(base, args.dir))
-            runs["this tree"].append(run_worker(ROOT, args.dir))
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    runs = paired_runs(WORKER, args.baseline, args.runs, args.dir)
     rows, figures = [], {}
     for name in runs["baseline"][0]:
         b = statistics.median(r[name] for r in runs["baseline"])

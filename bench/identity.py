@@ -29,15 +29,14 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import timeit
 
 import blake3
 import xxhash
+
+from bench.common import paired_runs
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -80,14 +79,6 @@ print(json.dumps(out))
 """
 
 
-def run_worker(tree: str, scratch: str) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": tree}
-    proc = subprocess.run([sys.executable, "-c", WORKER, scratch], cwd=tree, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench.identity: the worker for {tree} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout)
-
-
 def raw_hashes() -> dict[str, float]:
     key, seed = os.urandom(32), int.from_bytes(os.urandom(8), "big")
     out = {}
@@ -110,16 +101,7 @@ def main() -> int:
     p.add_argument("--baseline", default="main", help="git revision of the baseline store (default main)")
     p.add_argument("--dir", default="/var/tmp", help="where the scratch caches go")
     args = p.parse_args()
-    base = tempfile.mkdtemp(prefix="fusecache-identity-baseline-", dir=args.dir)
-    try:
-        archive = subprocess.run(["git", "-C", ROOT, "archive", args.baseline], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", base], input=archive, check=True)
-        runs: dict[str, list[dict[str, float]]] = {"baseline": [], "this tree": []}
-        for _ in range(args.runs):
-            runs["baseline"].append(run_worker(base, args.dir))
-            runs["this tree"].append(run_worker(ROOT, args.dir))
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    runs = paired_runs(WORKER, args.baseline, args.runs, args.dir)
     median = {who: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for who, rs in runs.items()}
     # The best run of each: on a machine shared with other work, the cost the code itself adds.
     best = {who: {k: (max if k.endswith("MB/s") else min)(r[k] for r in rs) for k in rs[0]} for who, rs in runs.items()}

@@ -204,15 +204,9 @@ class Cache:
             and self.store.all_missing(st.ino, st.gen, first, last)
         )
         if cold:
-            # the cold path: nothing of it held or queued; one backing read (or a view of readahead) is the answer
-            try:
-                span = await self.fetcher.read_span(self._reader(f, st), offset, size)
-            except OSError as exc:
-                raise BackingError(exc) from exc
+            # the cold path: nothing of it held or queued
+            span = await self._all_missed(f, st, offset, size, counters, last - first + 1)
             if span is not None:
-                counters.backing_bytes += len(span)
-                counters.miss_chunks += last - first + 1
-                self.admission.served(f, st.gen, offset, span)
                 return span
 
         def bounds(c: int) -> tuple[int, int]:
@@ -239,15 +233,8 @@ class Cache:
                 break  # end of file inside this chunk: nothing after it
         from_peers: set[int] = set()
         if len(need) == last - first + 1 and self.peer_reads is None:
-            # all of it missed: one backing read whose bytes are the answer, no copy
-            try:
-                span = await self.fetcher.read_span(self._reader(f, st), offset, size)
-            except OSError as exc:
-                raise BackingError(exc) from exc
+            span = await self._all_missed(f, st, offset, size, counters, len(need))
             if span is not None:
-                counters.backing_bytes += len(span)
-                counters.miss_chunks += len(need)
-                self.admission.served(f, st.gen, offset, span)
                 return span
         if need:
             got, from_peers = await self._fetch(f, st, need, bounds)
@@ -276,6 +263,23 @@ class Cache:
         reply = out[0] if len(out) == 1 else b"".join(out)
         self.admission.served(f, st.gen, offset, reply)
         return reply
+
+    async def _all_missed(
+        self, f: OpenFile, st: FileState, offset: int, size: int, counters: ImageCounters, chunks: int
+    ) -> bytes | memoryview | None:
+        """Every chunk of the request missed: one backing read (or a view of readahead) is the answer, no copy.
+
+        None when the fetcher does not take the request whole (then it is read chunk by chunk).
+        """
+        try:
+            span = await self.fetcher.read_span(self._reader(f, st), offset, size)
+        except OSError as exc:
+            raise BackingError(exc) from exc
+        if span is not None:
+            counters.backing_bytes += len(span)
+            counters.miss_chunks += chunks
+            self.admission.served(f, st.gen, offset, span)
+        return span
 
     async def _fetch(
         self, f: OpenFile, st: FileState, need: list[int], bounds: Callable[[int], tuple[int, int]]
