@@ -2,7 +2,9 @@
 
 The `Reader` is given the LMDB environment and tables, the open slab, the
 eviction order (touched on every hit) and the counters. Every read takes its
-own LMDB read transaction (MVCC: it never waits for the writer) and copies
+own LMDB read transaction (MVCC: it never waits for the writer), or for a
+request inside one chunk the location the hit index remembered (valid only
+between batches: `batch_started`, `batch_ended`), and copies
 bytes out of the read-only slab map; the writer may be reusing a slot an
 older view still points at, so every byte is checked after it is copied: the
 chunk digest when a whole chunk is read (one hash), else the check of each
