@@ -155,8 +155,9 @@ class Reader:
             self.eviction.touch(key)
         return out
 
-    def _run_pages(self, value: bytes, lo: int, hi: int | None) -> bytes | memoryview | None:
-        """The common 4 KiB hit in as few steps as Python allows: pages [lo, hi) of a whole chunk in one run of slots.
+    def _run_pages(self, value: bytes | memoryview, lo: int, hi: int | None) -> bytes | None:
+        """`chunk_of`'s common case in as few steps as Python allows: bytes [lo, hi) of a full-length chunk in
+        one run of slots, only its pages copied, each checked (the chunk digest when all of them are read).
 
         None when the value is anything else, or when a check fails (`chunk_of` then decides, and counts it).
         """
@@ -190,7 +191,7 @@ class Reader:
                     return None
         lo -= p0 << SHIFT
         hi -= p0 << SHIFT
-        return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
+        return data if lo == 0 and hi == len(data) else data[lo:hi]
 
     def chunk_in(self, txn: lmdb.Transaction, key: Key, lo: int = 0, hi: int | None = None) -> bytes | None:
         """Bytes [lo, hi) of one chunk as `txn` sees it, verified; None if absent or a page read fails its check."""
@@ -201,23 +202,11 @@ class Reader:
 
     def chunk_of(self, value: bytes | memoryview, lo: int = 0, hi: int | None = None) -> bytes | None:
         """Bytes [lo, hi) of the chunk whose loc value is `value`, verified; None if a page read fails its check."""
-        cs, seed = self.chunk_size, self._seed
-        if lo <= 0 and (hi is None or hi >= cs):
-            try:
-                length, flags, chunk_digest, first_slot = self._whole_run_head(value)
-            except struct.error:  # too short to be a whole run: a chunk of holes
-                flags = 0
-            if flags & RUN and length == cs:
-                # The common case: a whole chunk, one run of slots: one copy, one hash.
-                if first_slot + (cs >> SHIFT) > self.slab.nslots:
-                    self.counters["verify_failures"] += 1
-                    return None
-                # Copy first, verify the copy: the writer may be reusing a slot right now.
-                data = self.slab.map[first_slot << SHIFT : (first_slot << SHIFT) + cs]
-                if xxhash.xxh3_128_digest(data, seed) != chunk_digest:
-                    self.counters["verify_failures"] += 1
-                    return None
-                return data
+        data = self._run_pages(value, lo, hi)  # the common case: a full-length chunk in one run of slots
+        if data is not None:
+            return data
+        # Everything else, and a run whose check failed (read again here, and counted).
+        seed = self._seed
         length, flags, chunk_digest, npages, refs_at, first_slot = loc_head(value)
         if hi is None or hi > length:
             hi = length
@@ -306,11 +295,9 @@ class Reader:
                 if value is None:
                     return None
                 self._remember(key, value, epoch)
-            data = self._run_pages(value, lo, hi)
+            data = self.chunk_of(value, lo, hi)
             if data is None:
-                data = self.chunk_of(value, lo, hi)
-                if data is None:
-                    return None
+                return None
             if data:
                 self.counters["hits"] += 1
                 self.eviction.touch(key)
