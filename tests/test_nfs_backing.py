@@ -8,10 +8,13 @@ the one-line errors of from_url.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -401,6 +404,49 @@ def test_server_failure_gives_eio_then_recovers(
         finally:
             stop.set()
             backing.shutdown()
+
+
+@pytest.mark.parametrize("ver", VERSIONS)
+def test_calls_in_flight_when_the_server_dies(tmp_path: Path, ver: int) -> None:
+    """A connection that fails under a call can leave the call's request queued in libnfs.
+    With libnfs's blocking calls that request pointed into the call's finished C
+    stack frame, and freeing the connection (a remount, or shutdown) wrote there:
+    CI crashed on it once. The process (tests/harness/nfs_inflight.py) gives its
+    readers stacks that are unmapped when they end, so such a write is a crash;
+    it must exit cleanly and read the right bytes after the restart. Until a
+    connection was freed with a request still queued, the hazard was not made:
+    it is tried again."""
+    data = random.randbytes(8 * 1024 * 1024)
+    with NfsServer(tmp_path) as server:
+        (server.export_dir / "img").write_bytes(data)
+        for _ in range(5):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.harness.nfs_inflight", f"{server.url(ver)}&timeout={TIMEOUT}", "img", str(len(data))],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+            )  # fmt: skip
+            try:
+                assert proc.stdin is not None and proc.stdout is not None
+                assert proc.stdout.readline() == "reading\n"
+                time.sleep(0.2)
+                server.kill()
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+                assert proc.stdout.readline() == "failed EIO\n"
+                server.start()
+                out, _ = proc.communicate("\n", timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                if server.ganesha is None:
+                    server.start()
+            assert proc.returncode == 0, f"the process died (exit {proc.returncode}; -11 is SIGSEGV) after: {out!r}"
+            lines = dict(line.split(" ", 1) for line in out.splitlines())
+            assert lines["read"] == hashlib.sha256(data).hexdigest()
+            if int(lines["cancelled"]) > 0:
+                break
+        else:
+            pytest.fail("in 5 tries no connection was freed with a request still queued: the hazard was never made")
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,13 @@
-"""The libnfs 4.0 binding: ctypes prototypes, structs, the one async-completion callback, and
+"""The libnfs 4.0 binding: ctypes prototypes, structs, the one callback every answer comes to, and
 `Attr` from libnfs's stat. Loaded on first use; bound to libnfs 4.0's soname on purpose (see
 `_load_libnfs`). Only `nfs.py` uses it."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from fusecache.backing import Attr
@@ -50,7 +52,6 @@ def _load_libnfs() -> ctypes.CDLL:
     except OSError:
         raise QuietError("libnfs 4.0 (libnfs.so.13) is not installed: apt-get install libnfs13, or mount the export and give its path")
     P, Int, U64, S = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_char_p
-    PP = ctypes.POINTER(ctypes.c_void_p)
     sigs: dict[str, tuple[Any, list[Any]]] = {
         "nfs_init_context": (P, []),
         "nfs_destroy_context": (None, [P]),
@@ -60,65 +61,104 @@ def _load_libnfs() -> ctypes.CDLL:
         "nfs_set_dircache": (None, [P, Int]),
         "nfs_parse_url_dir": (ctypes.POINTER(_Url), [P, S]),
         "nfs_destroy_url": (None, [ctypes.POINTER(_Url)]),
-        "nfs_mount": (Int, [P, S, S]),
-        "nfs_lstat64": (Int, [P, S, ctypes.POINTER(_Stat64)]),
-        "nfs_stat64": (Int, [P, S, ctypes.POINTER(_Stat64)]),
+        "nfs_mount_async": (Int, [P, S, S, _NfsCb, P]),
         "nfs_free_nfsfh": (None, [P]),
-        "nfs_fstat64": (Int, [P, P, ctypes.POINTER(_Stat64)]),
-        "nfs_statvfs64": (Int, [P, S, ctypes.POINTER(_StatVfs64)]),
-        "nfs_open": (Int, [P, S, Int, PP]),
-        "nfs_create": (Int, [P, S, Int, Int, PP]),
-        "nfs_close": (Int, [P, P]),
-        "nfs_pread": (Int, [P, P, U64, U64, P]),
-        "nfs_pwrite": (Int, [P, P, U64, U64, P]),
-        "nfs_fsync": (Int, [P, P]),
-        "nfs_ftruncate": (Int, [P, P, U64]),
-        "nfs_truncate": (Int, [P, S, U64]),
-        "nfs_chmod": (Int, [P, S, Int]),
-        "nfs_fchmod": (Int, [P, P, Int]),
-        "nfs_lchown": (Int, [P, S, Int, Int]),
-        "nfs_lutimes": (Int, [P, S, ctypes.POINTER(_TimeVal)]),
-        "nfs_mkdir2": (Int, [P, S, Int]),
-        "nfs_rmdir": (Int, [P, S]),
-        "nfs_unlink": (Int, [P, S]),
-        "nfs_rename": (Int, [P, S, S]),
-        "nfs_symlink": (Int, [P, S, S]),
-        "nfs_readlink2": (Int, [P, S, ctypes.POINTER(ctypes.c_char_p)]),
-        "nfs_link": (Int, [P, S, S]),
-        "nfs_mknod": (Int, [P, S, Int, Int]),
-        "nfs_opendir": (Int, [P, S, PP]),
         "nfs_readdir": (ctypes.POINTER(_DirEnt), [P, P]),
         "nfs_closedir": (None, [P, P]),
-        "nfs_pwrite_async": (Int, [P, P, U64, U64, P, _NfsCb, P]),
         "nfs_get_fd": (Int, [P]),
         "nfs_which_events": (Int, [P]),
         "nfs_service": (Int, [P, Int]),
+        "nfs_queue_length": (Int, [P]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
+    # Calls that never block: made with the GIL held (a thread that gave it up
+    # would wait to get it back once per call, on a machine whose loop wants it).
+    held = ctypes.PyDLL("libnfs.so.13")
+    asyncs: dict[str, list[Any]] = {
+        "nfs_lstat64_async": [P, S],
+        "nfs_stat64_async": [P, S],
+        "nfs_fstat64_async": [P, P],
+        "nfs_statvfs64_async": [P, S],
+        "nfs_open_async": [P, S, Int],
+        "nfs_create_async": [P, S, Int, Int],
+        "nfs_close_async": [P, P],
+        "nfs_pread_async": [P, P, U64, U64],
+        "nfs_pwrite_async": [P, P, U64, U64, P],
+        "nfs_fsync_async": [P, P],
+        "nfs_ftruncate_async": [P, P, U64],
+        "nfs_truncate_async": [P, S, U64],
+        "nfs_chmod_async": [P, S, Int],
+        "nfs_fchmod_async": [P, P, Int],
+        "nfs_lchown_async": [P, S, Int, Int],
+        "nfs_lutimes_async": [P, S, ctypes.POINTER(_TimeVal)],
+        "nfs_mkdir2_async": [P, S, Int],
+        "nfs_rmdir_async": [P, S],
+        "nfs_unlink_async": [P, S],
+        "nfs_rename_async": [P, S, S],
+        "nfs_symlink_async": [P, S, S],
+        "nfs_readlink_async": [P, S],
+        "nfs_link_async": [P, S, S],
+        "nfs_mknod_async": [P, S, Int, Int],
+        "nfs_opendir_async": [P, S],
+    }
+    for name, args in asyncs.items():
+        fn = getattr(held, name)
+        fn.restype, fn.argtypes = Int, [*args, _NfsCb, P]
+    for name in ("nfs_get_fd", "nfs_which_events", "nfs_service", "nfs_queue_length"):
+        fn = getattr(held, name)
+        fn.restype, fn.argtypes = sigs[name]
+    global _held
+    _held = held
     return lib
 
 
 _lib: ctypes.CDLL | None = None
-# Async calls report to one C callback for the life of the process (libnfs may
-# call it until a context is destroyed): it files each status under the
-# caller's token, and drops those whose caller has given up.
-_async_results: dict[int, dict[int, int]] = {}
+_held: ctypes.PyDLL | None = None
+# Every call that reaches the server is made through libnfs's _async form and
+# waited for by its caller (NfsBacking._run), never through libnfs's blocking
+# forms: those keep the slot their answer goes to in their own C stack frame,
+# and one that returns early on a failed connection leaves its request queued
+# and pointing there. Freeing that connection later "cancels" the request by
+# writing into the dead frame: a crash, or a word of another call's stack
+# changed. An async request carries only a token, and every answer comes to
+# the one callback below, which drops tokens that nobody waits for any more.
 _tokens = itertools.count(1)
 _NfsCb = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
 
 
+class Reply:
+    """One async call's answer: `status` (>= 0, or -errno) and `msg` on failure; `into(data, status)` keeps its result."""
+
+    __slots__ = ("done", "into", "msg", "status")
+
+    def __init__(self, into: Callable[[int, int], None] | None = None) -> None:
+        self.done = False
+        self.status = 0
+        self.msg = ""
+        self.into = into
+
+
+_replies: dict[int, Reply] = {}
+
+
 @_NfsCb
-def _on_async_done(status: int, nfs: int | None, data: int | None, private: int | None) -> None:
-    token, index = divmod(private or 0, 1 << 20)
-    results = _async_results.get(token)
-    if results is not None:
-        results[index] = status
+def _on_reply(status: int, nfs: int | None, data: int | None, private: int | None) -> None:
+    reply = _replies.get(private or 0)
+    if reply is None:
+        return  # its caller has given up (or a failed connection is being freed)
+    try:
+        if status < 0:
+            reply.msg = ctypes.string_at(data).decode(errors="replace") if data else ""
+        elif reply.into is not None and data:
+            reply.into(data, status)
+    except Exception as e:  # never let an exception out into C
+        status, reply.msg = -errno.EIO, f"reading the answer failed: {e}"
+    reply.status = status
+    reply.done = True
 
 
-_libc = ctypes.CDLL(None)
-_libc.free.argtypes = [ctypes.c_void_p]
 
 
 def _nfs() -> ctypes.CDLL:
@@ -126,6 +166,13 @@ def _nfs() -> ctypes.CDLL:
     if _lib is None:
         _lib = _load_libnfs()
     return _lib
+
+
+def _nfs_held() -> ctypes.PyDLL:
+    """libnfs's calls that never block, made without giving up the GIL (the _async ones but nfs_mount_async)."""
+    _nfs()
+    assert _held is not None
+    return _held
 
 
 def _attr(st: _Stat64) -> Attr:

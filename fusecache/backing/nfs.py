@@ -30,7 +30,9 @@ raises OSError(EIO); the context is then remounted before its next use, which
 is what NFSv4 needs after a server restart (its client state is gone) and
 harmless for NFSv3. The first such failure logs one line naming the server
 and path; the first call started after it that succeeds logs that the server
-is back.
+is back. Calls are made through libnfs's async API and waited for here
+(`_run`; libnfs.py says why never its blocking calls), so a connection freed
+with requests still queued is safe: their answers go to nobody.
 
 Unlinked-but-open files: like the kernel NFS client, unlinking (or renaming
 over) a file this backing has open renames it to `.fusecache-nfs-*` in the
@@ -75,11 +77,12 @@ from typing import Any
 
 from fusecache.backing import Attr, StatFs
 from fusecache.backing.libnfs import (
-    _async_results,
+    Reply,
     _attr,
-    _libc,
     _nfs,
-    _on_async_done,
+    _nfs_held,
+    _on_reply,
+    _replies,
     _Stat64,
     _StatVfs64,
     _TimeVal,
@@ -109,6 +112,39 @@ _TRANSPORT_ERRNOS = {
 # libnfs calls that step the NFSv4 open-owner's sequence id (directly, or by
 # the OPEN and CLOSE that libnfs wraps around a path SETATTR).
 _V4_SEQID_CALLS = {"nfs_open", "nfs_create", "nfs_close", "nfs_truncate", "nfs_chmod", "nfs_lchown", "nfs_lutimes"}
+
+
+def _into_struct(out: ctypes.Structure) -> Callable[[int, int], None]:
+    return lambda data, status: ctypes.memmove(ctypes.addressof(out), data, ctypes.sizeof(out)) and None
+
+
+def _into_pointer(out: ctypes.c_void_p) -> Callable[[int, int], None]:
+    def keep(data: int, status: int) -> None:
+        out.value = data
+
+    return keep
+
+
+def _into_buffer(out: ctypes.Array[ctypes.c_char]) -> Callable[[int, int], None]:
+    return lambda data, status: ctypes.memmove(out, data, min(status, len(out))) and None
+
+
+def _into_list(out: list[bytes]) -> Callable[[int, int], None]:
+    return lambda data, status: out.append(ctypes.string_at(data))
+
+
+# The calls whose blocking form writes a result through its last argument (see NfsBacking._run).
+_RESULTS: dict[str, Callable[[Any], Callable[[int, int], None]]] = {
+    "nfs_lstat64": _into_struct,
+    "nfs_stat64": _into_struct,
+    "nfs_fstat64": _into_struct,
+    "nfs_statvfs64": _into_struct,
+    "nfs_open": _into_pointer,
+    "nfs_create": _into_pointer,
+    "nfs_opendir": _into_pointer,
+    "nfs_pread": _into_buffer,
+    "nfs_readlink": _into_list,
+}
 # Only these open flags mean anything to libnfs's nfs_open; O_DIRECT and the
 # like are dropped for the same reason LocalBacking drops them.
 _OPEN_FLAGS = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC
@@ -125,8 +161,13 @@ class _Context:
         self.broken = True
         self.started = 0.0  # when the current checkout began
         self.change: ChangeReader | None = None  # NFSv4: GETATTRs of the change attribute, on a connection of their own
+        self.msg = ""  # the last call's error text, from its answer
+        self.poller = select.poll()  # watches `polled`, the connection's socket (see NfsBacking._service)
+        self.polled = -1
 
     def error(self) -> str:
+        if self.msg:
+            return self.msg
         msg = _nfs().nfs_get_error(self.ptr) if self.ptr else None
         return msg.decode(errors="replace") if msg else "no error text"
 
@@ -194,6 +235,7 @@ class NfsBacking:
         self._opens: dict[tuple[int, int], _Open] = {}
         self._down_since: float | None = None  # when the server was first seen failing
         self._shut = False
+        self.cancelled_requests = 0  # requests still queued on connections when they were freed
         self._silly = itertools.count()
         # NFSv4: read the change attribute in fstat (off when the server does not give it).
         self.read_change = version == 4
@@ -268,7 +310,7 @@ class NfsBacking:
             self._mount(ctx)
             # The mount checked the export; the root must also be there and be a directory.
             st = _Stat64()
-            rc = _nfs().nfs_lstat64(ctx.ptr, self._p("").encode(), ctypes.byref(st))
+            rc = self._run(ctx, "nfs_lstat64", self._p("").encode(), st)
             if rc < 0:
                 raise _MountError(self.export + self._prefix, -rc, ctx.error(), mounted=True)
             if not stat.S_ISDIR(st.mode):
@@ -294,8 +336,7 @@ class NfsBacking:
             ctx.change.close()  # the server may have restarted: a fresh connection for it too
         if ctx.ptr:
             # Handles opened on the old connection are dropped with it (gen changes).
-            lib.nfs_destroy_context(ctx.ptr)
-            ctx.ptr = None
+            self._retire(ctx)
         ptr = lib.nfs_init_context()
         if not ptr:
             raise _MountError(self.export, errno.ENOMEM, "nfs_init_context failed")
@@ -311,7 +352,7 @@ class NfsBacking:
         if not url:
             raise _MountError(self.export, errno.EINVAL, ctx.error())
         try:
-            rc = lib.nfs_mount(ptr, url.contents.server, url.contents.path)
+            rc = self._run(ctx, "nfs_mount", url.contents.server, url.contents.path)
         finally:
             lib.nfs_destroy_url(url)
         if rc < 0:
@@ -320,6 +361,17 @@ class NfsBacking:
             del self._opens[key]  # they died with the old connection
         ctx.gen += 1
         ctx.broken = False
+
+    def _retire(self, ctx: _Context) -> None:
+        """Free ctx's libnfs context. What is still queued on it is cancelled, answering to nobody (see _run)."""
+        ptr, ctx.ptr = ctx.ptr, None
+        ctx.poller, ctx.polled = select.poll(), -1  # its socket's number will be reused
+        queued = _nfs_held().nfs_queue_length(ptr)
+        if queued > 0:
+            with self._lock:
+                self.cancelled_requests += queued
+            log.debug("freeing NFS connection %d to %s with %d request(s) still queued", ctx.ident, self.description, queued)
+        _nfs().nfs_destroy_context(ptr)
 
     def _acquire(self, want: _Context | None = None, mount: bool = True) -> _Context:
         """Check out `want`, or any general context; (re)mount it first if it is broken and `mount`."""
@@ -383,8 +435,35 @@ class NfsBacking:
         raise OSError(err, os.strerror(err), path)
 
     def _run(self, ctx: _Context, fn: str, *args: Any) -> int:
-        """Call libnfs function `fn` on ctx; its return code."""
-        rc = getattr(_nfs(), fn)(ctx.ptr, *args)
+        """Make libnfs call `fn` on ctx and wait for its answer; its return code (-errno on failure).
+
+        `fn` names libnfs's blocking call, and `args` are its arguments, but
+        the call is made through its _async form (libnfs.py says why): a
+        result the blocking call would write through its last argument is
+        written into that argument (a struct, a c_void_p, a buffer, a list)
+        from the answer. A connection that fails or stalls for `timeout`
+        gives -ETIMEDOUT and marks ctx broken; what is still queued on it
+        answers to nobody.
+        """
+        keep = _RESULTS.get(fn)
+        into = keep(args[-1]) if keep is not None else None
+        if keep is not None:
+            args = args[:-1]
+        ctx.msg = ""
+        reply = Reply(into)
+        token = next(_tokens)
+        _replies[token] = reply
+        try:
+            lib = _nfs() if fn == "nfs_mount" else _nfs_held()  # a mount may resolve a name: it gives up the GIL
+            if getattr(lib, fn + "_async")(ctx.ptr, *args, _on_reply, token) < 0:
+                rc = -errno.EIO
+            elif not self._service(ctx, lambda: reply.done):
+                rc = -errno.ETIMEDOUT
+            else:
+                rc = reply.status
+                ctx.msg = reply.msg
+        finally:
+            del _replies[token]
         if rc < 0 and self.version == 4 and fn in _V4_SEQID_CALLS:
             # The server counts a failed OPEN or CLOSE in the open-owner's
             # sequence, libnfs 4.0 does not: its next OPEN on this connection
@@ -408,7 +487,7 @@ class NfsBacking:
 
     def lstat(self, path: str) -> Attr:
         st = _Stat64()
-        self._call("lstat", path, "nfs_lstat64", ctypes.byref(st))
+        self._call("lstat", path, "nfs_lstat64", st)
         return _attr(st)
 
     def listdir(self, path: str) -> list[str]:
@@ -416,7 +495,7 @@ class NfsBacking:
         ctx = self._acquire()
         try:
             d = ctypes.c_void_p()
-            self._check(ctx, self._run(ctx, "nfs_opendir", self._p(path).encode(), ctypes.byref(d)), "opendir", path)
+            self._check(ctx, self._run(ctx, "nfs_opendir", self._p(path).encode(), d), "opendir", path)
             names = []
             try:
                 while ent := lib.nfs_readdir(ctx.ptr, d):
@@ -431,7 +510,7 @@ class NfsBacking:
 
     def statfs(self) -> StatFs:
         s = _StatVfs64()
-        self._call("statfs", "", "nfs_statvfs64", ctypes.byref(s))
+        self._call("statfs", "", "nfs_statvfs64", s)
         return StatFs(s.bsize, s.frsize, s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.favail, s.namemax)
 
     # ---- open files ----------------------------------------------------------------
@@ -442,7 +521,7 @@ class NfsBacking:
             # The fileid first: if the file is open on this context already,
             # that open is shared (a second one would break NFSv4, see _ref).
             st = _Stat64()
-            self._check(ctx, self._run(ctx, "nfs_stat64", self._p(path).encode(), ctypes.byref(st)), "open", path)
+            self._check(ctx, self._run(ctx, "nfs_stat64", self._p(path).encode(), st), "open", path)
             if stat.S_ISDIR(st.mode) and flags & os.O_ACCMODE != os.O_RDONLY:
                 raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
             handle = NfsHandle(path, flags, st.ino)
@@ -462,19 +541,18 @@ class NfsBacking:
         # Always create exclusively, so we know whether the file is new: only
         # a new file takes `mode`, as with open(2). (libnfs's NFSv4 create is
         # exclusive whatever the flags, and fails on an existing file.)
-        lib = _nfs()
         ctx = self._acquire()
         try:
             out = ctypes.c_void_p()
             access = flags & os.O_ACCMODE
-            rc = self._run(ctx, "nfs_create", self._p(path).encode(), access | os.O_EXCL, stat.S_IMODE(mode), ctypes.byref(out))
+            rc = self._run(ctx, "nfs_create", self._p(path).encode(), access | os.O_EXCL, stat.S_IMODE(mode), out)
             if rc == -errno.EEXIST and not flags & os.O_EXCL:
                 existing = True
             else:
                 existing = False
                 self._check(ctx, rc, "create", path)
                 st = _Stat64()
-                rc = lib.nfs_fstat64(ctx.ptr, out, ctypes.byref(st))
+                rc = self._run(ctx, "nfs_fstat64", out, st)
                 if rc < 0:
                     self._run(ctx, "nfs_close", out)
                     self._check(ctx, rc, "fstat", path)
@@ -519,9 +597,9 @@ class NfsBacking:
             out = ctypes.c_void_p()
             # Never truncate or create here: the file exists, and was opened once already.
             mode = os.O_RDWR if writable else os.O_RDONLY
-            self._check(ctx, self._run(ctx, "nfs_open", self._p(path).encode(), mode, ctypes.byref(out)), "open", path)
+            self._check(ctx, self._run(ctx, "nfs_open", self._p(path).encode(), mode, out), "open", path)
             st = _Stat64()
-            rc = lib.nfs_fstat64(ctx.ptr, out, ctypes.byref(st))
+            rc = self._run(ctx, "nfs_fstat64", out, st)
             if rc < 0 or st.ino != fh.fileid:
                 if opened is None:
                     self._run(ctx, "nfs_close", out)
@@ -582,7 +660,7 @@ class NfsBacking:
         ctx = self._acquire()
         try:
             nfsfh = self._fh_on(ctx, fh)
-            self._check(ctx, self._run(ctx, "nfs_fstat64", nfsfh, ctypes.byref(st)), "fstat", fh.path)
+            self._check(ctx, self._run(ctx, "nfs_fstat64", nfsfh, st), "fstat", fh.path)
             attr = _attr(st)
             return self._with_change(ctx, nfsfh, fh, attr) if self.version == 4 and self.read_change else attr
         finally:
@@ -669,19 +747,23 @@ class NfsBacking:
             if end - start <= piece:
                 return self._check(ctx, self._run(ctx, "nfs_pwrite", nfsfh, offset, end - start, base + start), "write", fh.path)
             pieces = [(at, min(piece, end - at)) for at in range(start, end, piece)]
-            token = next(_tokens)
-            _async_results[token] = results = {}
+            replies: dict[int, Reply] = {}
             try:
-                for i, (at, n) in enumerate(pieces):
+                for at, n in pieces:
                     # libnfs encodes the data into its request here: `data` need not outlive the call.
-                    if _nfs().nfs_pwrite_async(ctx.ptr, nfsfh, offset + at - start, n, base + at, _on_async_done, token << 20 | i) < 0:
+                    token = next(_tokens)
+                    _replies[token] = replies[token] = Reply()
+                    if _nfs_held().nfs_pwrite_async(ctx.ptr, nfsfh, offset + at - start, n, base + at, _on_reply, token) < 0:
                         self._check(ctx, -errno.EIO, "write", fh.path)
-                self._service(ctx, lambda: len(results) == len(pieces), "write", fh.path)
+                if not self._service(ctx, lambda: all(r.done for r in replies.values())):
+                    self._check(ctx, -errno.ETIMEDOUT, "write", fh.path)
             finally:
-                _async_results.pop(token, None)
+                for token in replies:
+                    del _replies[token]
             done = 0
-            for i, (_, n) in enumerate(pieces):
-                got = self._check(ctx, results[i], "write", fh.path)
+            for (_, n), reply in zip(pieces, replies.values(), strict=True):
+                ctx.msg = reply.msg
+                got = self._check(ctx, reply.status, "write", fh.path)
                 done += got
                 if got < n:  # a short write: what follows is not contiguous
                     break
@@ -689,17 +771,28 @@ class NfsBacking:
         finally:
             self._release(ctx)
 
-    def _service(self, ctx: _Context, finished: Callable[[], bool], op: str, path: str) -> None:
-        """Run ctx's event loop until `finished()`; a stall of `timeout` or a broken connection is EIO."""
-        lib = _nfs()
+    def _service(self, ctx: _Context, finished: Callable[[], bool]) -> bool:
+        """Run ctx's event loop until `finished()`; False (ctx broken) if the connection failed or stalled for `timeout`."""
+        lib = _nfs_held()
+        service = _nfs().nfs_service  # gives up the GIL: it reads whole answers off the socket
+        ptr, poller = ctx.ptr, ctx.poller
         deadline = time.monotonic() + self.timeout
         while not finished():
-            poller = select.poll()
-            poller.register(lib.nfs_get_fd(ctx.ptr), lib.nfs_which_events(ctx.ptr))
+            fd = lib.nfs_get_fd(ptr)  # changes when libnfs reconnects
+            if fd != ctx.polled:
+                if ctx.polled >= 0:
+                    poller.unregister(ctx.polled)
+                ctx.polled = fd
+                if fd >= 0:
+                    poller.register(fd, lib.nfs_which_events(ptr))
+            elif fd >= 0:
+                poller.modify(fd, lib.nfs_which_events(ptr))
             ready = poller.poll(100)
-            if lib.nfs_service(ctx.ptr, ready[0][1] if ready else 0) < 0 or time.monotonic() > deadline:
+            if service(ptr, ready[0][1] if ready else 0) < 0 or (not ready and time.monotonic() > deadline):
                 # Requests may still be queued on it: only a new connection is clean.
-                self._check(ctx, -errno.ETIMEDOUT, op, path)
+                ctx.broken = True
+                return False
+        return True
 
     def fsync(self, fh: NfsHandle, datasync: bool) -> None:
         # COMMIT is per file on the server: it covers unstable writes sent on any context.
@@ -814,16 +907,13 @@ class NfsBacking:
             self._release(ctx)
 
     def readlink(self, path: str) -> str:
-        out = ctypes.c_char_p()
+        out: list[bytes] = []
         ctx = self._acquire()
         try:
-            self._check(ctx, self._run(ctx, "nfs_readlink2", self._p(path).encode(), ctypes.byref(out)), "readlink", path)
+            self._check(ctx, self._run(ctx, "nfs_readlink", self._p(path).encode(), out), "readlink", path)
         finally:
             self._release(ctx)
-        try:
-            return os.fsdecode(out.value or b"")
-        finally:
-            _libc.free(ctypes.cast(out, ctypes.c_void_p))
+        return os.fsdecode(out[0] if out else b"")
 
     def link(self, existing: str, new: str) -> None:
         self._call("link", existing, "nfs_link", self._p(new).encode())
@@ -855,10 +945,9 @@ class NfsBacking:
         for ctx in self._contexts:
             ctx = self._acquire(ctx, mount=False)
             if ctx.ptr:
-                _nfs().nfs_destroy_context(ctx.ptr)
+                self._retire(ctx)
             if ctx.change is not None:
                 ctx.change.close()
-            ctx.ptr = None
             ctx.broken = True
 
 
