@@ -16,9 +16,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -149,3 +151,23 @@ def _read(path: str) -> str:
             return f.read()[-4000:]
     except OSError:
         return ""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 for a daemon to listen on, free now and below the kernel's ephemeral range.
+
+    A port the kernel handed out (bind to port 0) is an ephemeral one: any
+    outgoing connection made before the daemon listens (another daemon's NFS
+    connections, say) may take it, and the mount then fails with EADDRINUSE.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for _ in range(200):
+        port = random.randrange(10000, low) if low > 10100 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free TCP port below the ephemeral range on 127.0.0.1")

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import os
 import random
-import socket
 import subprocess
 import threading
 import time
@@ -24,7 +23,7 @@ import urllib.request
 import pytest
 
 from fusecache import control
-from tests.mounting import is_mounted, run_fusecache, stats
+from tests.mounting import free_port, is_mounted, run_fusecache, stats
 
 pytestmark = pytest.mark.mount
 MiB = 1 << 20
@@ -184,19 +183,13 @@ def test_a_damaged_cache_comes_up_by_itself_and_serves_the_backings_bytes(mounte
         assert "starting empty" in log
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("layer", ["store.read", "store.apply", "admission", "peers.fetch", "writer"])
 def test_a_fault_injected_at_each_layer_is_served_from_the_backing(mounter, tmp_path, monkeypatch, layer):
     monkeypatch.setenv("FUSECACHE_FAULTS", "")  # enables the test-only `faults` verb; no fault yet
     images = tmp_path / "images"
     images.mkdir()
     want = random_file(str(images / "a.img"), 4 * MiB, 1)
-    peer = ("--peer", f"127.0.0.1:{_free_port()}", "--peer-insecure", "--peer-timeout", "0.2") if layer == "peers.fetch" else ()
+    peer = ("--peer", f"127.0.0.1:{free_port()}", "--peer-insecure", "--peer-timeout", "0.2") if layer == "peers.fetch" else ()
     m = mounter.mount(str(images), *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"), *peer)
     path = os.path.join(m.mountpoint, "a.img")
     assert read_all(path) == want
@@ -222,7 +215,7 @@ def test_repeated_store_faults_degrade_to_passthrough_shown_everywhere_and_recov
     images = tmp_path / "images"
     images.mkdir()
     want = random_file(str(images / "a.img"), 2 * MiB, 2)
-    port = _free_port()
+    port = free_port()
     m = mounter.mount(str(images), *INCLUSIVE, "--cache-dir", str(tmp_path / "cache"), "--metrics", f"127.0.0.1:{port}")
     path = os.path.join(m.mountpoint, "a.img")
     assert read_all(path) == want

@@ -12,17 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fusecache.metrics import metric_families
 from fusecache.stats import MountStats
-from tests.mounting import force_unmount, is_mounted, run_fusecache, stats
+from tests.mounting import force_unmount, free_port, is_mounted, run_fusecache, stats
 
 pytestmark = pytest.mark.mount
 
 WAIT = 30.0  # a bound on how long the snapshot may take to catch up, not a measurement
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

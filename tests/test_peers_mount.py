@@ -9,16 +9,10 @@ import time
 import pytest
 
 from tests.harness.waiting import wait_for
-from tests.mounting import is_mounted, run_fusecache, stats
+from tests.mounting import free_port, is_mounted, run_fusecache, stats
 
 pytestmark = pytest.mark.mount
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_all(path: str) -> bytes:
