@@ -45,11 +45,39 @@ KiB, MiB = 1024, 1024 * 1024
 Reader = Callable[[int, int], bytes]
 
 
+def _raw_libnfs() -> ctypes.CDLL:
+    """libnfs 4.0 with the prototypes of the blocking calls this bench times.
+
+    Its own handle: fusecache's binding (fusecache/backing/libnfs.py) declares
+    only the async calls it uses. The blocking calls are safe here (one
+    context, freed only after its calls succeeded), not in the daemon.
+    """
+    libnfs._nfs()  # the same library, loaded (or a one-line error) as fusecache does
+    lib = ctypes.CDLL("libnfs.so.13")
+    P, Int, U64, S = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_char_p
+    sigs = {
+        "nfs_init_context": (P, []),
+        "nfs_destroy_context": (None, [P]),
+        "nfs_get_error": (S, [P]),
+        "nfs_set_timeout": (None, [P, Int]),
+        "nfs_parse_url_dir": (ctypes.POINTER(libnfs._Url), [P, S]),
+        "nfs_destroy_url": (None, [ctypes.POINTER(libnfs._Url)]),
+        "nfs_mount": (Int, [P, S, S]),
+        "nfs_open": (Int, [P, S, Int, ctypes.POINTER(ctypes.c_void_p)]),
+        "nfs_close": (Int, [P, P]),
+        "nfs_pread": (Int, [P, P, U64, U64, P]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
 class LibnfsFile:
     """One libnfs context, one open file: the raw library, no pool."""
 
     def __init__(self, port: int, mount_port: int, version: int, name: str) -> None:
-        self.lib = lib = libnfs._nfs()
+        self.lib = lib = _raw_libnfs()
         self.ctx = lib.nfs_init_context()
         lib.nfs_set_timeout(self.ctx, 10_000)
         url = lib.nfs_parse_url_dir(self.ctx, f"nfs://127.0.0.1/export?version={version}&nfsport={port}&mountport={mount_port}".encode())

@@ -145,6 +145,8 @@ _RESULTS: dict[str, Callable[[Any], Callable[[int, int], None]]] = {
     "nfs_pread": _into_buffer,
     "nfs_readlink": _into_list,
 }
+# libnfs's _async function for each blocking call's name, looked up once.
+_submit: dict[str, Any] = {}
 # Only these open flags mean anything to libnfs's nfs_open; O_DIRECT and the
 # like are dropped for the same reason LocalBacking drops them.
 _OPEN_FLAGS = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC
@@ -454,8 +456,10 @@ class NfsBacking:
         token = next(_tokens)
         _replies[token] = reply
         try:
-            lib = _nfs() if fn == "nfs_mount" else _nfs_held()  # a mount may resolve a name: it gives up the GIL
-            if getattr(lib, fn + "_async")(ctx.ptr, *args, _on_reply, token) < 0:
+            submit = _submit.get(fn)
+            if submit is None:  # a mount may resolve a name: it gives up the GIL
+                submit = _submit[fn] = getattr(_nfs() if fn == "nfs_mount" else _nfs_held(), fn + "_async")
+            if submit(ctx.ptr, *args, _on_reply, token) < 0:
                 rc = -errno.EIO
             elif not self._service(ctx, lambda: reply.done):
                 rc = -errno.ETIMEDOUT
