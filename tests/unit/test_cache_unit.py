@@ -81,16 +81,21 @@ class MemBacking:
         pass
 
 
-@pytest.fixture
-def mem(tmp_path):
+def mem_cache(directory: str, size: int = 64 * MiB) -> tuple[MemBacking, Cache]:
+    """A Cache (inclusive admission) over a fresh MemBacking and a new store in `directory`; close `cache.store` after."""
     backing = MemBacking()
-    store = Store(str(tmp_path / "cache"), 64 * MiB)
+    store = Store(directory, size)
     queue = StoreQueue(store)
     offloop = OffLoop(backing)  # type: ignore[arg-type]  # duck-typed: the calls the cache makes
     files = Files(offloop, store, queue, revalidate=3600.0)
-    cache = Cache(offloop, files, queue, Inclusive())
+    return backing, Cache(offloop, files, queue, Inclusive())
+
+
+@pytest.fixture
+def mem(tmp_path):
+    backing, cache = mem_cache(str(tmp_path / "cache"))
     yield backing, cache
-    store.close()
+    cache.store.close()
 
 
 def opened(backing: MemBacking, path: str) -> OpenFile:

@@ -14,29 +14,19 @@ import pytest
 import trio
 
 from fusecache import health
-from fusecache.admission import Inclusive
-from fusecache.backing import OffLoop
-from fusecache.cache import Cache
-from fusecache.files import Files
 from fusecache.store import Store, WriteBatch
 from fusecache.store.opening import largest_fitting, lmdb_problem, room_needed
-from fusecache.store_queue import StoreQueue
-from tests.unit.test_cache_unit import CS, MemBacking, open_file
+from tests.unit.test_cache_unit import CS, mem_cache, open_file
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def parts(tmp_path):
-    backing = MemBacking()
-    store = Store(str(tmp_path / "cache"), 16 * MiB)
-    queue = StoreQueue(store)
-    offloop = OffLoop(backing)  # type: ignore[arg-type]
-    files = Files(offloop, store, queue, revalidate=3600.0)
-    cache = Cache(offloop, files, queue, Inclusive())
+    backing, cache = mem_cache(str(tmp_path / "cache"), 16 * MiB)
     yield backing, cache
     health.set_faults([])
-    store.close()
+    cache.store.close()
 
 
 @pytest.mark.parametrize("layer", ["store.read", "admission", "writer", "store.apply"])
@@ -68,12 +58,8 @@ def test_an_injected_fault_is_served_from_the_backing(parts, expect_log, layer):
 
 def test_a_failed_batch_of_drops_fails_closed_and_taints_the_store(tmp_path, expect_log):
     expect_log("cache fault at", "starting empty")
-    backing = MemBacking()
-    store = Store(str(tmp_path / "cache"), 16 * MiB)
-    queue = StoreQueue(store)
-    offloop = OffLoop(backing)  # type: ignore[arg-type]
-    files = Files(offloop, store, queue, revalidate=3600.0)
-    cache = Cache(offloop, files, queue, Inclusive())
+    backing, cache = mem_cache(str(tmp_path / "cache"), 16 * MiB)
+    store, queue, files = cache.store, cache.queue, cache.files
     data = os.urandom(2 * CS)
     backing.put("a.img", data)
 
@@ -220,12 +206,8 @@ def test_health_rate_limits_its_lines(caplog, expect_log):
 def test_a_write_while_degraded_means_the_next_open_starts_empty(tmp_path, expect_log):
     """Drops are not applied while degraded: a store closed then (no rebuild yet) must not be trusted again."""
     expect_log("cache fault at", "degraded", "starting empty")
-    backing = MemBacking()
-    store = Store(str(tmp_path / "cache"), 16 * MiB)
-    queue = StoreQueue(store)
-    offloop = OffLoop(backing)  # type: ignore[arg-type]
-    files = Files(offloop, store, queue, revalidate=3600.0)
-    cache = Cache(offloop, files, queue, Inclusive())
+    backing, cache = mem_cache(str(tmp_path / "cache"), 16 * MiB)
+    store, queue = cache.store, cache.queue
     data = os.urandom(2 * CS)
     backing.put("a.img", data)
 

@@ -9,13 +9,9 @@ from pathlib import Path
 import trio
 
 from fusecache import store_queue
-from fusecache.admission import Inclusive
-from fusecache.backing import OffLoop
-from fusecache.cache import Cache
-from fusecache.files import Files
 from fusecache.store import Store, WriteBatch
-from fusecache.store_queue import Pacer, StoreQueue
-from tests.unit.test_cache_unit import CS, MemBacking, open_file
+from fusecache.store_queue import Pacer
+from tests.unit.test_cache_unit import CS, mem_cache, open_file
 
 MiB = 1 << 20
 
@@ -62,12 +58,8 @@ def test_a_paced_batch_writes_the_same_store(tmp_path: Path) -> None:
 
 
 def test_the_cache_gives_the_writer_its_reads(tmp_path: Path) -> None:
-    backing = MemBacking()
-    store = Store(str(tmp_path / "cache"), 64 * MiB)
-    queue = StoreQueue(store)
-    offloop = OffLoop(backing)  # type: ignore[arg-type]
-    files = Files(offloop, store, queue, revalidate=3600.0)
-    cache = Cache(offloop, files, queue, Inclusive())
+    backing, cache = mem_cache(str(tmp_path / "cache"))
+    store, queue = cache.store, cache.queue
     backing.put("a.img", os.urandom(4 * CS))
     backing.put("b.img", os.urandom(4 * CS))
 
