@@ -106,7 +106,7 @@ def _load_libnfs() -> ctypes.CDLL:
     for name, args in asyncs.items():
         fn = getattr(held, name)
         fn.restype, fn.argtypes = Int, [*args, _NfsCb, P]
-    for name in ("nfs_get_fd", "nfs_which_events", "nfs_service", "nfs_queue_length"):
+    for name in ("nfs_get_fd", "nfs_which_events", "nfs_queue_length"):  # nfs_service reads answers: `lib`
         fn = getattr(held, name)
         fn.restype, fn.argtypes = sigs[name]
     global _held
