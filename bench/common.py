@@ -201,6 +201,43 @@ def run_in_tree(program: str, tree: str, *args: str) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
+# The head of a worker (`run_in_tree`) that builds the read path in process, as a mount does (bench/hitcost.py,
+# bench/misscost.py): only names every tree compared has.
+READ_PATH = """
+import json, os, random, sys, tempfile, time
+import trio
+from fusecache import admission
+from fusecache.backing import OffLoop, open_backing
+from fusecache.cache import Cache, Passthrough
+from fusecache.files import Files
+from fusecache.inodes import OpenFile
+from fusecache.store import Store
+from fusecache.store_queue import StoreQueue
+
+MIB = 1 << 20
+
+
+def read_path(work, size, store_size, policy):
+    \"""work/backing/disk.img, `size` random bytes warm in the host page cache, and the read path over it: (backing,
+    store, queue, offloop, files, cache); `policy(files, offloop)` is its admission. Close the store and shut the
+    backing down after.\"""
+    os.makedirs(os.path.join(work, "backing"))
+    path = os.path.join(work, "backing", "disk.img")
+    with open(path, "wb") as f:
+        for i in range(0, size, MIB):
+            f.write(random.Random(i).randbytes(min(MIB, size - i)))
+    with open(path, "rb", buffering=0) as f:
+        while f.read(8 * MIB):
+            pass
+    backing = open_backing(os.path.join(work, "backing"))
+    store = Store(os.path.join(work, "cache"), store_size)
+    queue = StoreQueue(store)
+    offloop = OffLoop(backing)
+    files = Files(offloop, store, queue, revalidate=3600.0)
+    return backing, store, queue, offloop, files, Cache(offloop, files, queue, policy(files, offloop))
+"""
+
+
 def paired_runs(program: str, revision: str, runs: int, scratch: str) -> dict[str, list[dict[str, Any]]]:
     """`program` (see `run_in_tree`, given `scratch` as its argument) run `runs` times in `revision`'s tree and in
     this one, alternating (baseline first): {"baseline": [...], "this tree": [...]}, one JSON object a run."""

@@ -29,32 +29,14 @@ import argparse
 import statistics
 import sys
 
-from bench.common import paired_runs, print_table, write_results
+from bench.common import READ_PATH, paired_runs, print_table, write_results
 
 # Runs in a worker whose path starts with one tree: only the API both trees share.
-WORKER = r"""
-import json, os, random, sys, tempfile, time
-import trio
-from fusecache.admission import Inclusive
-from fusecache.backing import OffLoop, open_backing
-from fusecache.cache import Cache
-from fusecache.files import Files
-from fusecache.inodes import OpenFile
-from fusecache.store import Store
-from fusecache.store_queue import StoreQueue
-
-MIB, SIZE = 1 << 20, 64 << 20
+WORKER = READ_PATH + r"""
+SIZE = 64 << 20
 out = {}
 with tempfile.TemporaryDirectory(dir=sys.argv[1]) as work:
-    os.makedirs(os.path.join(work, "backing"))
-    with open(os.path.join(work, "backing", "disk.img"), "wb") as f:
-        f.write(random.Random(5).randbytes(SIZE))
-    backing = open_backing(os.path.join(work, "backing"))
-    store = Store(os.path.join(work, "cache"), 2 * SIZE)
-    queue = StoreQueue(store)
-    offloop = OffLoop(backing)
-    files = Files(offloop, store, queue, revalidate=3600.0)
-    cache = Cache(offloop, files, queue, Inclusive())
+    backing, store, queue, offloop, files, cache = read_path(work, SIZE, 2 * SIZE, lambda files, offloop: admission.Inclusive())
 
     async def go():
         handle = await offloop.open("disk.img", os.O_RDONLY)
