@@ -1,7 +1,8 @@
 """Admission: which chunks a read brings into the cache, and when (what *leaves* the cache is
 eviction, the store's business).
 
-An admission policy sees each miss (`on_miss`) and each write (`written`);
+An admission policy sees each miss (`on_miss`, the chunks one read completed,
+together: a 1 MiB read is sixteen chunks, one call) and each write (`written`);
 it admits through a small `AdmissionTarget` (admit these chunks if still
 current; read these again for admission) and looks images up on the
 backing: it never sees the cache's read path. A new policy is a class here.
@@ -96,6 +97,7 @@ CHECKPOINT_EVERY = 0.25  # seconds between marks of a guest's read total (for "r
 # seconds old (polled every second, a shrink reported within PENDING_MAX); an older one counts every read.
 CHECKPOINTS = 2048
 Key = tuple[int, int, int]  # (ino, gen, chunk)
+Piece = tuple[int, bytes | memoryview]  # (chunk, its bytes)
 SCAN_EVERY = 1.0  # seconds at least between background scans of one guest (the CPU budget may make it longer)
 
 
@@ -125,8 +127,8 @@ class AdmissionTarget(Protocol):
 class Admission(Protocol):
     name: str
 
-    def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
-        """A chunk was read from the backing: True to admit it now."""
+    def on_miss(self, f: OpenFile, gen: int, pieces: list[Piece]) -> list[Piece]:
+        """Chunks were read from the backing, (chunk, bytes) each: those to admit now."""
         ...
 
     def served(self, f: OpenFile, gen: int, offset: int, data: bytes | memoryview) -> None:
@@ -147,8 +149,8 @@ class Inclusive:
 
     name = "inclusive"
 
-    def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
-        return True
+    def on_miss(self, f: OpenFile, gen: int, pieces: list[Piece]) -> list[Piece]:
+        return pieces
 
     def served(self, f: OpenFile, gen: int, offset: int, data: bytes | memoryview) -> None:
         pass
@@ -190,17 +192,23 @@ class GuestReads:
     marks: collections.deque[tuple[float, int]] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=CHECKPOINTS))
 
     def add(self, key: Key, nbytes: int, now: float | None = None) -> None:
-        self.read_total += nbytes
+        self.add_many([(key, nbytes)], now)
+
+    def add_many(self, reads: list[tuple[Key, int]], now: float | None = None) -> None:
+        """Chunks read together, (key, bytes) each, oldest first."""
         now = time.monotonic() if now is None else now
         if not self.marks or now - self.marks[-1][0] >= CHECKPOINT_EVERY:
-            self.marks.append((now, self.read_total - nbytes))
-        if key in self.recent:
-            self.recent.move_to_end(key)  # read again: now the newest
-            return
-        self.recent[key] = nbytes
-        self.recent_bytes += nbytes
+            self.marks.append((now, self.read_total))
+        recent = self.recent
+        for key, nbytes in reads:
+            self.read_total += nbytes
+            if key in recent:
+                recent.move_to_end(key)  # read again: now the newest
+                continue
+            recent[key] = nbytes
+            self.recent_bytes += nbytes
         while self.recent_bytes > self.limit:
-            _, n = self.recent.popitem(last=False)
+            _, n = recent.popitem(last=False)
             self.recent_bytes -= n
 
     def read_since(self, when: float) -> int:
@@ -248,6 +256,21 @@ class StagingBuffer:
         self.used += len(data)
         while self.used > self.capacity:
             _, dropped = self._data.popitem(last=False)
+            self.used -= len(dropped)
+
+    def put_many(self, reads: list[tuple[Key, int]], pieces: list[Piece]) -> None:
+        """`put` for chunks read together: (key, bytes) in `reads`, their bytes in `pieces` (chunk, bytes)."""
+        if self.capacity <= 0:
+            return
+        data = self._data
+        for (key, n), (_, piece) in zip(reads, pieces, strict=True):
+            old = data.pop(key, None)
+            if old is not None:
+                self.used -= len(old)
+            data[key] = piece
+            self.used += n
+        while self.used > self.capacity:
+            _, dropped = data.popitem(last=False)
             self.used -= len(dropped)
 
     def pop(self, key: Key) -> bytes | None:
@@ -331,15 +354,15 @@ class SecondChance:
         self._nursery: trio.Nursery | None = None
 
     # ---- the read path (inline, on the loop) ---------------------------------
-    def on_miss(self, f: OpenFile, gen: int, chunk: int, data: bytes) -> bool:
+    def on_miss(self, f: OpenFile, gen: int, pieces: list[Piece]) -> list[Piece]:
         ino = f.ino
-        key = (ino, gen, chunk)
         self._paths[ino] = f.path
-        n = len(data)
+        reads = [((ino, gen, c), len(data)) for c, data in pieces]
+        now = time.monotonic()
         for guest in self._guests_of.get(ino) or (HOST,):
-            self.guests[guest].add(key, n)
-        self.staging.put(key, data)
-        return False
+            self.guests[guest].add_many(reads, now)
+        self.staging.put_many(reads, pieces)
+        return []
 
     def served(self, f: OpenFile, gen: int, offset: int, data: bytes | memoryview) -> None:
         if not self.scans:

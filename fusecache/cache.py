@@ -21,10 +21,10 @@ failed fails closed: its file gets a new generation before it returns.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from fusecache import health
-from fusecache.admission import Admission
+from fusecache.admission import Admission, Piece
 from fusecache.backing import Attr, Backing, OffLoop
 from fusecache.fetch import Fetcher, Reader
 from fusecache.files import Files, FileState, Snapshot
@@ -302,7 +302,9 @@ class Cache:
             for c, piece in offered.items():
                 got[c] = piece
                 from_peers.add(c)
-                reader.offer(c, piece)
+            pieces = [(c, piece) for c, piece in offered.items() if piece]
+            if pieces:
+                reader.offer(pieces)
         rest = [(c, *bounds(c)) for c in need if c not in got]
         if rest:
             try:
@@ -335,23 +337,25 @@ class Cache:
                         out.add(c)
             return out
 
-        def offer(c: int, piece: bytes | memoryview) -> bool:
-            """Offer a fetched chunk for admission, unless a write or a new generation overlapped its fetch.
+        def offer(pieces: list[Piece]) -> Collection[int]:
+            """Offer fetched chunks, (chunk, bytes) each, for admission, unless a write or a new generation overlapped
+            their fetch.
 
             Admission sees every read (the recently-read lists); a chunk already held or queued is not admitted
-            twice. False only when the writer is too far behind to take it: the fetcher offers it again later.
-            A fault of admission or of the store here is counted; the chunk is served all the same.
+            twice. Returns the chunks the writer, too far behind, did not take: the fetcher offers them again later.
+            A fault of admission or of the store here is counted; the chunks are served all the same.
             """
-            if not piece or not snap.still_current(st):
-                return True
+            if not snap.still_current(st):
+                return ()
             try:
                 if health.faults:
                     health.inject("admission")
-                if self.admission.on_miss(f, snap.gen, c, piece) and not held(c):
-                    return self.files.admit((st.ino, snap.gen, c), piece, f.path)
-            except Exception as exc:  # the chunk is served all the same; it is only not admitted
+                admit = self.admission.on_miss(f, snap.gen, pieces)
+                if admit:
+                    return [c for c, piece in admit if not held(c) and not self.files.admit((st.ino, snap.gen, c), piece, f.path)]
+            except Exception as exc:  # the chunks are served all the same; they are only not admitted
                 self.health.fault(health.layer_of(exc, "admission"), exc, "the chunk is served, not admitted")
-            return True
+            return ()
 
         size = st.version.size if st.version is not None and st.version.size >= 0 else None
         return Reader(

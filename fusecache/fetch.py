@@ -32,7 +32,7 @@ import collections
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from typing import Any
 
 import trio
@@ -42,6 +42,7 @@ from fusecache.geometry import CHUNK_SIZE, PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
+Offer = Callable[[list[tuple[int, bytes | memoryview]]], Collection[int]]
 BUFFER_BYTES = 64 << 20  # recently fetched chunks kept for the next requests
 READAHEAD_MAX = 2 << 20  # bytes read ahead of a sequential stream, at most
 PARALLEL_PART = 256 << 10  # a critical-path read larger than this is split into parts read in parallel
@@ -63,8 +64,9 @@ class Reader:
     stream: Hashable  # the open file, for sequential detection
     size: int | None  # the file's size as last seen (readahead stops there), None if not known
     stamp: Callable[[], Hashable | None]  # the file's content stamp now; None while a write is in flight
-    # a complete chunk a request touched, for admission (read-only); False: not taken, offer it again at the next touch
-    offer: Callable[[int, bytes | memoryview], bool]
+    # complete chunks a request touched, (chunk, bytes) each, for admission (read-only), all in one call; returns the
+    # chunks not taken: offered again at their next touch
+    offer: Offer
     held: Callable[[int], bool] = lambda chunk: False  # the cache holds this chunk already: readahead skips it
     # which of chunks first..last the cache holds, in one look (one index scan, not a lookup per chunk); None: ask `held`
     held_range: Callable[[int, int], set[int]] | None = None
@@ -209,7 +211,7 @@ class Fetcher:
                 out[c] = memoryview(bytes(lo) + e.data[lo:end])
             else:
                 out[c] = memoryview(e.data).toreadonly()[:end]  # the caller joins the pieces at once
-            self._maybe_offer(c, e, r.offer)
+        self._offer(entries.values(), r.offer)
         return out
 
     async def read_span(self, r: Reader, offset: int, size: int, *, noted: bool = False) -> memoryview | None:
@@ -234,16 +236,14 @@ class Fetcher:
             e is not None and e.base is not None and e.base[0] is base[0] and e.base[1] == base[1] + i * cs for i, e in enumerate(found)
         ):
             self.counters.buffer_hits += 1
-            chunks, full = self._chunks, self.full
+            chunks = self._chunks
             for c, e in zip(range(first, last + 1), found, strict=True):
                 assert e is not None
                 chunks.move_to_end((r.ino, c))  # the LRU's young end (found there just now, its stamp current)
                 e.touched = True
             if not noted:
                 self._note_stream(r, needs)  # (its readahead may evict the oldest entries: not these, just moved)
-            for c, e in zip(range(first, last + 1), found, strict=True):
-                if e.valid == full:  # type: ignore[union-attr]
-                    self._maybe_offer(c, e, r.offer)  # type: ignore[arg-type]
+            self._offer(found, r.offer)  # type: ignore[arg-type]
             at = base[1] + needs[0][1]
             return memoryview(base[0])[at : at + size]
         if any(e is not None and (e.valid | e.loading) & self._pages(lo, hi) for e, (_, lo, hi) in zip(found, needs, strict=True)):
@@ -278,8 +278,7 @@ class Fetcher:
         self.counters.critical_reads += 1
         self.counters.critical_bytes += end - start
         self._queue_rest(entries, urgent)
-        for e, c, _, _ in claims:
-            self._maybe_offer(c, e, r.offer)
+        self._offer(entries, r.offer)
         return memoryview(data)[offset - start : offset - start + size]
 
     def _in_flight(self, found: list[_Chunk | None], needs: list[tuple[int, int, int]]) -> list[trio.Event] | None:
@@ -440,28 +439,40 @@ class Fetcher:
             out[c] = memoryview(buf)[: lo + len(piece)]
         return out
 
-    def _maybe_offer(self, c: int, e: _Chunk, offer: Callable[[int, bytes | memoryview], bool] | None = None) -> None:
-        """Offer a complete chunk a request touched, still of the file's current content.
+    def _offer(self, entries: Iterable[_Chunk], offer: Offer | None = None) -> None:
+        """Offer the complete chunks among `entries` that a request touched, still of the file's current content.
 
-        A request offers it at each touch, with its own `offer` (admission sees every read a guest makes, as
-        when every re-read was a miss; the cache's offer skips chunks it already holds); background work
-        offers it once, with the creating request's offer, until taken.
+        A request offers them at each touch, with its own `offer`, in one call (admission sees every read a guest
+        makes, as when every re-read was a miss; the cache's offer skips chunks it already holds); background
+        work offers each once, with the creating request's offer, until taken.
         """
-        if not e.touched or e.valid != self.full:
-            return
-        if offer is None:
-            if e.offered:
-                return
-            offer = e.offer
-        if self._chunks.get((e.ino, c)) is not e or not e.current():
-            return  # replaced, evicted, or the file changed since
-        if e.parts:
-            self._materialize(e)
-        length = self.cs if e.length is None else e.length
-        if length and e.data is not None:
+        full, chunks = self.full, self._chunks
+        groups: dict[int, tuple[Offer, list[_Chunk], list[tuple[int, bytes | memoryview]]]] = {}
+        stamps: dict[int, Hashable] = {}  # ino -> its stamp now (one look per file)
+        for e in entries:
+            if not e.touched or e.valid != full or (offer is None and e.offered) or chunks.get((e.ino, e.chunk)) is not e:
+                continue  # not asked for, incomplete, taken already, or replaced or evicted
+            now = stamps[e.ino] if e.ino in stamps else stamps.setdefault(e.ino, e.stamp_now())
+            if now != e.stamp:
+                continue  # the file changed since
+            if e.parts:
+                self._materialize(e)
+            length = self.cs if e.length is None else e.length
+            if not length or e.data is None:
+                continue
             # a view of a read's immutable bytes is offered as it is; a filled bytearray is copied (it is ours)
-            e.offered = offer(c, e.data if e.base is not None else bytes(e.data[:length])) or e.offered
-
+            data = e.data if e.base is not None else bytes(e.data[:length])
+            fn = offer if offer is not None else e.offer
+            group = groups.get(id(fn))
+            if group is None:
+                group = groups[id(fn)] = (fn, [], [])
+            group[1].append(e)
+            group[2].append((e.chunk, data))
+        for fn, members, pieces in groups.values():
+            refused = fn(pieces)
+            for e in members:
+                if e.chunk not in refused:
+                    e.offered = True
 
     # ---- sequential streams and background work -----------------------------
     def _note_stream(self, r: Reader, needs: list[tuple[int, int, int]]) -> bool:
@@ -492,27 +503,36 @@ class Fetcher:
         if r.size is not None:
             limit = min(limit, r.size)  # readahead stops at end of file
         start = max(s.ahead, end)
-        if start >= limit:
-            return True
+        if start >= limit or s.ahead - end > window // 2:
+            return True  # (topped up once half the window is read: half as many hand-offs as a top-up per request)
         s.ahead = limit
         stamp = r.stamp()
         if stamp is None:
             return True
-        queued = False
-        chunks = range(start // self.cs, (limit - 1) // self.cs + 1)
-        new = [c for c in chunks if (r.ino, c) not in self._chunks]
+        ino, buffered, queue, full, cs = r.ino, self._chunks, self._queue, self.full, self.cs
+        chunks = range(start // cs, (limit - 1) // cs + 1)
+        new = [c for c in chunks if (ino, c) not in buffered]
         held: Collection[int] = ()
         if new:  # one look at the index for them all
             held = r.held_range(new[0], new[-1]) if r.held_range is not None else [c for c in new if r.held(c)]
+        queued = 0
         for c in chunks:
-            if held and c in held and (r.ino, c) not in self._chunks:
-                continue  # a hit when the stream gets there: reading it again would be bytes nobody needs
-            e = self._entry(r, c, stamp)
-            if e.valid | e.loading != self.full and e.length is None:
-                self._queue[(r.ino, c)] = e
-                self.counters.readahead_chunks += 1
-                queued = True
+            key = (ino, c)
+            e = buffered.get(key)
+            if e is None:
+                if held and c in held:
+                    continue  # a hit when the stream gets there: reading it again would be bytes nobody needs
+                e = buffered[key] = queue[key] = _Chunk(r, c, stamp, cs)  # (as `_entry`; the buffer's bound kept below)
+                queued += 1
+                continue
+            e = self._entry(r, c, stamp)  # (replaces it if stale)
+            if e.valid | e.loading != full and e.length is None:
+                queue[key] = e
+                queued += 1
+        while len(buffered) > self.capacity:
+            queue.pop(buffered.popitem(last=False)[0], None)
         if queued:
+            self.counters.readahead_chunks += queued
             self._queued.set()
             self._hurry.set()
         return True
@@ -577,27 +597,37 @@ class Fetcher:
         """Claim up to BATCH_BYTES of queued pages: ({ino: (path, our handle or None)}, handles to close, reads)."""
         reads: list[_Read] = []
         files: dict[int, tuple[str, Any]] = {}
+        stamps: dict[int, Hashable] = {}  # ino -> its stamp now (one look per file)
         total = 0
         ev = trio.Event()  # one for the whole batch: its reads come back together, in one hand-off
-        while self._queue and total < BATCH_BYTES:
-            (ino, c), e = self._queue.popitem(last=False)
-            if self._chunks.get((ino, c)) is not e or not e.current() or e.length is not None:
-                continue  # evicted, or stale since it was queued, or ends the file (already read to its end)
-            pages = self.full & ~(e.valid | e.loading)
+        queue, chunks, full, ppc, cs, ps = self._queue, self._chunks, self.full, self.ppc, self.cs, self.ps
+        last: _Read | None = None
+        while queue and total < BATCH_BYTES:
+            key, e = queue.popitem(last=False)
+            if chunks.get(key) is not e or e.length is not None:
+                continue  # evicted, or ends the file (already read to its end)
+            ino, c = key
+            now = stamps[ino] if ino in stamps else stamps.setdefault(ino, e.stamp_now())
+            if now != e.stamp:
+                continue  # stale since it was queued
+            pages = full & ~(e.valid | e.loading)
             if not pages:
                 continue
-            self._claim(e, pages, ev)
-            files[ino] = (e.path, self._handles.get(ino))
-            for first, count in ((0, self.ppc),) if pages == self.full else _bit_runs(pages):
-                start = c * self.cs + first * self.ps
+            e.loading |= pages  # (as `_claim`)
+            e.done.append((pages, ev))
+            if ino not in files:
+                files[ino] = (e.path, self._handles.get(ino))
+            for first, count in ((0, ppc),) if pages == full else _bit_runs(pages):
+                start = c * cs + first * ps
+                nbytes = count * ps
                 member = (e, c, ((1 << count) - 1) << first, ev)
-                last = reads[-1] if reads else None
-                if last is not None and last.ino == ino and last.start + last.size == start and last.size + count * self.ps <= READ_MAX:
-                    last.size += count * self.ps
+                if last is not None and last.ino == ino and last.start + last.size == start and last.size + nbytes <= READ_MAX:
+                    last.size += nbytes
                     last.members.append(member)
                 else:
-                    reads.append(_Read(ino, start, count * self.ps, [member]))
-                total += count * self.ps
+                    last = _Read(ino, start, nbytes, [member])
+                    reads.append(last)
+                total += nbytes
         if not self._queue:
             self._hurry = trio.Event()
         closing, self._to_close = self._to_close, []
@@ -625,22 +655,34 @@ class Fetcher:
                 self._to_close.append(handle)  # its last open file closed meanwhile
         stamps: dict[int, Hashable] = {}  # ino -> its stamp now (the same for every entry of one file)
         events = set()
+        touched: dict[int, _Chunk] = {}  # (an entry may be in two reads of the batch: offered once)
+        full, cs = self.full, self.cs
         for rd, got in zip(reads, results, strict=True):
             ok = isinstance(got, bytes)
             if ok:
                 self.counters.background_reads += 1
                 self.counters.background_bytes += rd.size
+                whole = len(got) == rd.size
+                view = memoryview(got)
             for e, c, pages, ev in rd.members:
                 # bytes read while the file's content moved are not kept: nobody asked for them
                 if ok:
                     now = stamps[e.ino] if e.ino in stamps else stamps.setdefault(e.ino, e.stamp_now())
                     if now == e.stamp:
-                        self._fill(e, c, pages, rd.start, got, rd.size)
+                        at = c * cs - rd.start
+                        if whole and pages == full and not e.valid and e.data is None:
+                            e.data = view[at : at + cs]  # (as `_fill`: the whole chunk from one read, a view, no copy)
+                            e.base = (got, at)
+                            e.valid = full
+                        else:
+                            self._fill(e, c, pages, rd.start, got, rd.size)
                 e.loading &= ~pages
-                e.done = [(p, x) for p, x in e.done if x is not ev]
+                done = e.done
+                e.done = [] if len(done) == 1 and done[0][1] is ev else [(p, x) for p, x in done if x is not ev]
                 events.add(ev)
                 if e.touched:  # (readahead nobody has asked for yet is offered when a request touches it)
-                    self._maybe_offer(c, e)
+                    touched[id(e)] = e
+        self._offer(touched.values())
         for ev in events:
             ev.set()  # (as `_release`: the waiters look again, now that every page of the batch is filled)
 

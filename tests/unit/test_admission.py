@@ -165,6 +165,19 @@ def test_guest_reads_are_bounded_and_oldest_first():
     assert g.take_oldest(3 * CS) == [(1, 1, 5), (1, 1, 6), (1, 1, 8)]
 
 
+def test_chunks_read_together_are_remembered_as_if_read_one_by_one():
+    """`add_many` (the chunks of one request) keeps the same list, totals and marks as `add` for each in turn."""
+    one, many = GuestReads(limit=10 * CS), GuestReads(limit=10 * CS)
+    batches = [[(1, 1, c) for c in range(6)], [(1, 1, 3), (1, 1, 9)], [(2, 1, c) for c in range(5)]]
+    for n, batch in enumerate(batches):
+        for key in batch:
+            one.add(key, CS, now=100.0 + n)
+        many.add_many([(key, CS) for key in batch], now=100.0 + n)
+    assert list(many.recent.items()) == list(one.recent.items())
+    assert (many.recent_bytes, many.read_total, list(many.marks)) == (one.recent_bytes, one.read_total, list(one.marks))
+    assert many.read_since(101.0) == one.read_since(101.0) == 7 * CS
+
+
 def test_bookkeeping_bytes_per_gib_of_reads():
     """Measured, printed for the README: what remembering one GiB of guest reads costs."""
     g = GuestReads(limit=1 << 40)

@@ -111,9 +111,9 @@ class File:
     def stamp(self) -> Any:
         return None if self.writing else (self.gen, self.epoch)
 
-    def offer(self, c: int, data: bytes) -> bool:
-        self.offers.append((c, data))
-        return True
+    def offer(self, pieces: list[tuple[int, bytes]]) -> list[int]:
+        self.offers += pieces
+        return []
 
 
 async def read(fetcher: Fetcher, f: File, offset: int, size: int, span: bool = True, **kw: Any) -> bytes:
@@ -175,6 +175,33 @@ def test_edge_chunks_are_read_from_the_backing_once():
     assert counts[0] == 0, "the page before the stream's first request was read: nobody asked for it"
     # every chunk read whole was complete once and offered once, with its own bytes (not chunk 0: its first page was never asked for)
     assert sorted({c for c, _ in f.offers}) == list(range(1, size // CS))  # (offered at each request's touch)
+    assert all(d == data[c * CS : (c + 1) * CS] for c, d in f.offers)
+
+
+def test_the_chunks_a_request_completes_are_offered_in_one_call():
+    """A 1 MiB request offers its sixteen chunks to admission together (one call, not one per chunk), whether it
+    read them itself or found them read ahead; readahead a later request touches is offered with that request."""
+    mib = 1 << 20
+    data = os.urandom(4 * mib)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+    calls: list[list[int]] = []
+
+    def offer(pieces: list[tuple[int, bytes]]) -> list[int]:
+        calls.append([c for c, _ in pieces])
+        f.offers += pieces
+        return []
+
+    f.offer = offer  # type: ignore[method-assign]
+
+    async def body(fetcher: Fetcher) -> None:
+        for i in range(3):
+            assert await read(fetcher, f, i * mib, mib) == data[i * mib : (i + 1) * mib]
+
+    run_with_fetcher(backing, body)
+    per = mib // CS
+    for i in range(3):
+        assert list(range(i * per, (i + 1) * per)) in calls, f"request {i}'s chunks were not offered together: {calls}"
     assert all(d == data[c * CS : (c + 1) * CS] for c, d in f.offers)
 
 
@@ -417,9 +444,10 @@ def test_a_chunk_the_writer_refused_is_offered_again_at_the_next_read():
     f = File(backing, "disk.img")
     answers = [False, True]
 
-    def offer(c: int, d: bytes) -> bool:
-        f.offers.append((c, d))
-        return answers.pop(0) if answers else True
+    def offer(pieces: list[tuple[int, bytes]]) -> list[int]:
+        f.offers += pieces
+        taken = answers.pop(0) if answers else True
+        return [] if taken else [c for c, _ in pieces]
 
     f.offer = offer  # type: ignore[method-assign]
 
