@@ -10,9 +10,19 @@ for a job are sampled too (py-spy cannot tell that wait from work): read the
 hand-off row as an upper bound. Run it with another tree's code on
 PYTHONPATH to profile that tree (as bench/amplification.py).
 
+A second table (with `perf`, Debian linux-perf) is where the daemon's CPU
+goes per MiB of a cold 1 MiB sequential read, `--no-cache` against the
+default mount, every thread, kernel included: `perf record` of the daemon
+while fio reads the whole file once, its samples sorted into the kernel's
+copies (the pread into our buffer, the FUSE reply out of it), the
+scheduler (wake-ups, context switches, futexes), the rest of the kernel,
+the Python interpreter, and other libraries; the figures are the samples'
+CPU time divided by the MiB read (the ratio between two mounts is what
+counts: the absolute time moves with the machine).
+
     .venv/bin/python -m bench.miss_profile [--seconds 6] [--size-mib 512]
 
-Prints a table (share of samples per place and pattern); writes bench/results/miss_profile.json.
+Prints the tables; writes bench/results/miss_profile.json.
 """
 
 from __future__ import annotations
@@ -21,13 +31,23 @@ import argparse
 import collections
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 from bench.amplification import daemon_pid
-from bench.common import MIB, assert_nothing_mounted_under, fusecache_mount, make_random_file, print_table, warm_page_cache, write_results
+from bench.common import (
+    MIB,
+    assert_nothing_mounted_under,
+    fusecache_mount,
+    make_random_file,
+    print_table,
+    run_fio,
+    warm_page_cache,
+    write_results,
+)
 
 PLACES = (
     ("loop idle (epoll wait)", ("get_events", "_epoll_wait")),
@@ -39,6 +59,13 @@ PLACES = (
     ("fetch.py", ("/fetch.py",)),
     ("admission (policy.py)", ("/policy.py", "/admission.py")),
     ("store lookups", ("/store/", "/store_queue.py", "/files.py")),
+)
+# perf's symbols, sorted into where the CPU goes (the first match wins; "[k]" marks a kernel symbol)
+CPU_PLACES = (
+    ("kernel: copies (pread in, FUSE reply out)", ("_copy_to_iter", "__pi_memcpy", "fuse_copy", "copy_page_to_iter", "clear_page", "gup_")),
+    ("kernel: scheduler, wake-ups, futexes", ("finish_task_switch", "spin_unlock_irqrestore", "futex", "schedule", "try_to_wake_up")),
+    ("kernel: other", ("[k]",)),
+    ("Python interpreter", ("python3",)),
 )
 PATTERNS = {"1M seq": ("read", "1M", 4096 * MIB), "4k random": ("randread", "4k", 64 * MIB)}
 
@@ -79,6 +106,36 @@ def profile(image: str, work: str, n: int, pattern: str, seconds: float) -> dict
     return {name: counts[name] / total for name in [p for p, _ in PLACES] + ["other"]}
 
 
+def cpu_split(image: str, work: str, n: int, options: list[str], size_mib: int) -> dict[str, float] | None:
+    """perf-sampled CPU ms per MiB of the daemon, by place, while fio reads the whole image once (1 MiB, O_DIRECT); None
+    without perf."""
+    perf = shutil.which("perf")
+    if perf is None:
+        return None
+    warm_page_cache(image)
+    data = os.path.join(work, f"perf{n}.data")
+    with fusecache_mount(os.path.dirname(image), os.path.join(work, f"mnt{n}"), options, os.path.join(work, f"daemon{n}.log")) as mp:
+        rec = subprocess.Popen([perf, "record", "-F", "2000", "-p", str(daemon_pid(mp)), "-o", data],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            time.sleep(1)  # perf attached
+            run_fio(os.path.join(mp, os.path.basename(image)), "read", "1M", direct=True, io_size=size_mib * MIB)
+        finally:
+            rec.send_signal(signal.SIGINT)
+            rec.wait(timeout=60)
+    report = subprocess.run([perf, "report", "-i", data, "--no-children", "-g", "none", "--sort", "dso,sym", "-F", "period,dso,sym",
+                             "--stdio"], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    ns: collections.Counter[str] = collections.Counter()
+    for line in report.splitlines():
+        fields = line.split(None, 1)
+        if len(fields) < 2 or not fields[0].isdigit():
+            continue
+        rest = fields[1]
+        name = next((pl for pl, marks in CPU_PLACES if any(m in rest for m in marks)), "other libraries")
+        ns[name] += int(fields[0])  # cpu-clock: the period is nanoseconds
+    return {name: ns[name] / 1e6 / size_mib for name in [pl for pl, _ in CPU_PLACES] + ["other libraries"]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--seconds", type=float, default=6)
@@ -93,13 +150,24 @@ def main() -> int:
         image = make_random_file(os.path.join(work, "backing", "disk.img"), args.size_mib)
         for n, pattern in enumerate(PATTERNS):
             shares[pattern] = profile(image, work, n, pattern, args.seconds)
+        cache_dir = ["--cache-dir", os.path.join(work, "cache-cpu")]
+        split = {setup: cpu_split(image, work, 10 + n, options, args.size_mib)
+                 for n, (setup, options) in enumerate((("--no-cache", ["--no-cache"]), ("default", cache_dir)))}  # fmt: skip
     finally:
         assert_nothing_mounted_under(work)
         shutil.rmtree(work, ignore_errors=True)
     names = [pl for pl, _ in PLACES] + ["other"]
     print_table("cold misses, default mount: share of the daemon's py-spy samples (innermost frame)", ["place", *PATTERNS],
                 [[name, *(f"{100 * shares[pt][name]:.1f}%" for pt in PATTERNS)] for name in names])
-    print(f"wrote {write_results(args.name, {'settings': vars(args), 'shares': shares})}")
+    if split["--no-cache"] is None or split["default"] is None:
+        print("no perf here (Debian: apt-get install linux-perf): the CPU split is left out")
+    else:
+        a, b = split["--no-cache"], split["default"]
+        rows = [[name, f"{a[name]:.3f}", f"{b[name]:.3f}", f"{b[name] - a[name]:+.3f}"] for name in a]
+        rows.append(["total", f"{sum(a.values()):.3f}", f"{sum(b.values()):.3f}", f"{sum(b.values()) - sum(a.values()):+.3f}"])
+        print_table(f"cold 1 MiB sequential: the daemon's CPU ms per MiB read, every thread (perf), {args.size_mib} MiB",
+                    ["place", "--no-cache", "default", "default - no-cache"], rows)  # fmt: skip
+    print(f"wrote {write_results(args.name, {'settings': vars(args), 'shares': shares, 'cpu_ms_per_mib': split})}")
     return 0
 
 
