@@ -18,9 +18,11 @@ copies (the pread into our buffer, the FUSE reply out of it), the
 scheduler (wake-ups, context switches, futexes), the rest of the kernel,
 the Python interpreter, and other libraries; the figures are the samples'
 CPU time divided by the MiB read (the ratio between two mounts is what
-counts: the absolute time moves with the machine).
+counts: the absolute time moves with the machine). `--baseline REV` adds
+that revision's default mount (`git archive`) to the table; each figure is
+the median of `--repeats` runs, the setups alternating.
 
-    .venv/bin/python -m bench.miss_profile [--seconds 6] [--size-mib 512]
+    .venv/bin/python -m bench.miss_profile [--seconds 6] [--size-mib 512] [--repeats 3] [--baseline REV]
 
 Prints the tables; writes bench/results/miss_profile.json.
 """
@@ -29,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +44,9 @@ import time
 from bench.amplification import daemon_pid
 from bench.common import (
     MIB,
+    REPO,
     assert_nothing_mounted_under,
+    baseline_tree,
     fusecache_mount,
     make_random_file,
     print_table,
@@ -106,15 +112,16 @@ def profile(image: str, work: str, n: int, pattern: str, seconds: float) -> dict
     return {name: counts[name] / total for name in [p for p, _ in PLACES] + ["other"]}
 
 
-def cpu_split(image: str, work: str, n: int, options: list[str], size_mib: int) -> dict[str, float] | None:
-    """perf-sampled CPU ms per MiB of the daemon, by place, while fio reads the whole image once (1 MiB, O_DIRECT); None
-    without perf."""
+def cpu_split(image: str, work: str, n: int, options: list[str], size_mib: int, code: str = REPO) -> dict[str, float] | None:
+    """perf-sampled CPU ms per MiB of the daemon (tree `code`'s), by place, while fio reads the whole image once (1 MiB,
+    O_DIRECT); None without perf."""
     perf = shutil.which("perf")
     if perf is None:
         return None
     warm_page_cache(image)
     data = os.path.join(work, f"perf{n}.data")
-    with fusecache_mount(os.path.dirname(image), os.path.join(work, f"mnt{n}"), options, os.path.join(work, f"daemon{n}.log")) as mp:
+    log_file = os.path.join(work, f"daemon{n}.log")
+    with fusecache_mount(os.path.dirname(image), os.path.join(work, f"mnt{n}"), options, log_file, code=code) as mp:
         rec = subprocess.Popen([perf, "record", "-F", "2000", "-p", str(daemon_pid(mp)), "-o", data],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         try:
@@ -136,12 +143,23 @@ def cpu_split(image: str, work: str, n: int, options: list[str], size_mib: int) 
     return {name: ns[name] / 1e6 / size_mib for name in [pl for pl, _ in CPU_PLACES] + ["other libraries"]}
 
 
+def _median_split(runs: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """Per place, the median over runs (the total row is the median of the runs' totals, in the table)."""
+    if not runs or any(r is None for r in runs):
+        return None
+    out = {name: statistics.median(r[name] for r in runs) for name in runs[0]}  # type: ignore[index]
+    out["total"] = statistics.median(sum(r.values()) for r in runs)  # type: ignore[union-attr]
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--seconds", type=float, default=6)
     p.add_argument("--size-mib", type=int, default=512)
     p.add_argument("--name", default="miss_profile")
     p.add_argument("--dir", default="/var/tmp")
+    p.add_argument("--repeats", type=int, default=3, help="runs per setup of the CPU split, the median is kept (default 3)")
+    p.add_argument("--baseline", default="", help="also the CPU split of this git revision's default mount (e.g. main)")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="fusecache-prof-", dir=args.dir)
     shares: dict[str, dict[str, float]] = {}
@@ -150,23 +168,35 @@ def main() -> int:
         image = make_random_file(os.path.join(work, "backing", "disk.img"), args.size_mib)
         for n, pattern in enumerate(PATTERNS):
             shares[pattern] = profile(image, work, n, pattern, args.seconds)
-        cache_dir = ["--cache-dir", os.path.join(work, "cache-cpu")]
-        split = {setup: cpu_split(image, work, 10 + n, options, args.size_mib)
-                 for n, (setup, options) in enumerate((("--no-cache", ["--no-cache"]), ("default", cache_dir)))}  # fmt: skip
+        setups = [("--no-cache", ["--no-cache"], REPO), ("default", ["--cache-dir", os.path.join(work, "cache-cpu")], REPO)]
+        with contextlib.ExitStack() as stack:
+            if args.baseline:
+                base = stack.enter_context(baseline_tree(args.baseline, work))
+                setups.append((f"default @{args.baseline}", ["--cache-dir", os.path.join(work, "cache-cpu-base")], base))
+            runs: dict[str, list[dict[str, float] | None]] = {setup: [] for setup, _, _ in setups}
+            for r in range(args.repeats):  # setups alternate within a repeat: noise hits them alike
+                for n, (setup, options, code) in enumerate(setups):
+                    runs[setup].append(cpu_split(image, work, 10 + len(setups) * r + n, options, args.size_mib, code))
+                    if options[0] == "--cache-dir":
+                        shutil.rmtree(options[1], ignore_errors=True)  # cold again next time (and it reserves its whole size)
+        split = {setup: _median_split(rs) for setup, rs in runs.items()}
     finally:
         assert_nothing_mounted_under(work)
         shutil.rmtree(work, ignore_errors=True)
     names = [pl for pl, _ in PLACES] + ["other"]
     print_table("cold misses, default mount: share of the daemon's py-spy samples (innermost frame)", ["place", *PATTERNS],
                 [[name, *(f"{100 * shares[pt][name]:.1f}%" for pt in PATTERNS)] for name in names])
-    if split["--no-cache"] is None or split["default"] is None:
+    if any(v is None for v in split.values()):
         print("no perf here (Debian: apt-get install linux-perf): the CPU split is left out")
     else:
-        a, b = split["--no-cache"], split["default"]
-        rows = [[name, f"{a[name]:.3f}", f"{b[name]:.3f}", f"{b[name] - a[name]:+.3f}"] for name in a]
-        rows.append(["total", f"{sum(a.values()):.3f}", f"{sum(b.values()):.3f}", f"{sum(b.values()) - sum(a.values()):+.3f}"])
-        print_table(f"cold 1 MiB sequential: the daemon's CPU ms per MiB read, every thread (perf), {args.size_mib} MiB",
-                    ["place", "--no-cache", "default", "default - no-cache"], rows)  # fmt: skip
+        a = split["--no-cache"]
+        rows = []
+        for name in a:
+            vals = [v[name] for v in split.values()]  # type: ignore[index]
+            rows.append([name, *(f"{x:.3f}" for x in vals), f"{vals[1] - vals[0]:+.3f}"])
+        title = f"cold 1 MiB sequential: daemon CPU ms per MiB read, every thread (perf), {args.size_mib} MiB, median of {args.repeats}"
+        print_table(title,
+                    ["place", *split, "default - no-cache"], rows)  # fmt: skip
     print(f"wrote {write_results(args.name, {'settings': vars(args), 'shares': shares, 'cpu_ms_per_mib': split})}")
     return 0
 
