@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="watch guests' balloons: qmp:/path/to/qmp.sock (repeatable) or libvirt[:URI]")
     c.add_argument("--staging-size", type=size, metavar="SIZE",
                    help="recently read chunks kept so admission need not read them again (default: a quarter of --cache-size, "
-                        f"at most {options.MAX_STAGING_SIZE >> 20}M)")
+                        f"at most {options.MAX_STAGING_SIZE >> 20}M, with --balloon; none without: nothing would read it)")
     c.add_argument("--no-guest-scan", action="store_true",
                    help="never read guests' memory: know what they evicted from balloon statistics only (less exact; "
                         "scanning reads guest RAM only to fingerprint it and keeps or logs none of it)")

@@ -70,7 +70,12 @@ class MountOptions:
 
     @property
     def staging_bytes(self) -> int:
-        return self.staging_size if self.staging_size is not None else staging_size(self.cache_size)
+        """The staging buffer's bound. Only admission on a guest's eviction reads it, and evictions are known only
+        from a --balloon source (its shrinks, or scans of the guest RAM it locates): without one the default is none
+        (`fusecache admit` reads the backing itself)."""
+        if self.staging_size is not None:
+            return self.staging_size
+        return staging_size(self.cache_size) if self.balloon else 0
 
     @property
     def summary_pages(self) -> int:

@@ -43,12 +43,18 @@ def test_help_names_the_defaults():
     [(2 * GiB, 256 * MiB), (512 * MiB, 128 * MiB), (4 * MiB, MiB), (64 * GiB, 256 * MiB)],
 )
 def test_staging_is_a_quarter_of_the_cache_at_most_256m(cache_size, staging):
-    assert MountOptions("/images", "/mnt", cache_size=cache_size).staging_bytes == staging
+    assert MountOptions("/images", "/mnt", cache_size=cache_size, balloon=["libvirt"]).staging_bytes == staging
+
+
+def test_without_a_balloon_source_nothing_is_staged_by_default():
+    """Staged chunks are read only when a guest evicts them, known only from a balloon source: without one, none."""
+    assert MountOptions("/images", "/mnt", cache_size=2 * GiB).staging_bytes == 0
+    assert MountOptions("/images", "/mnt", cache_size=2 * GiB, staging_size=7 * MiB).staging_bytes == 7 * MiB
 
 
 def test_an_explicit_staging_size_wins():
-    assert MountOptions("/images", "/mnt", cache_size=2 * GiB, staging_size=7 * MiB).staging_bytes == 7 * MiB
-    assert MountOptions("/images", "/mnt", staging_size=0).staging_bytes == 0
+    assert MountOptions("/images", "/mnt", cache_size=2 * GiB, staging_size=7 * MiB, balloon=["libvirt"]).staging_bytes == 7 * MiB
+    assert MountOptions("/images", "/mnt", staging_size=0, balloon=["libvirt"]).staging_bytes == 0
 
 
 def test_the_peer_summary_is_sized_for_every_page_of_the_cache():
