@@ -14,7 +14,8 @@ of the repeats and every ratio is taken against the same tree's `--no-cache`
 runs of the same repeats. On a shared machine the time ratio is noisy; the
 table also gives the best run over the best run, the median p50 latency
 ratio, and the daemon's CPU seconds (all threads, /proc/PID/stat) during
-the reads over no-cache's: the work the cache adds, less disturbed by load. Bytes read from the backing are counted by the
+the reads over no-cache's: the work the cache adds, less disturbed by load;
+and the daemon's peak resident memory (VmHWM), its buffers and memory reserve. Bytes read from the backing are counted by the
 daemon's `/proc/PID/io` rchar once it has stopped moving (background reads
 included), an oracle independent of fusecache's own counters.
 
@@ -100,7 +101,18 @@ class Bench:
                 r = run_fio(path, "randread", "4k", direct=True, io_size=self.rand_bytes)
             cpu = daemon_cpu(pid) - cpu0  # (read at once: the writer's catching up afterwards is not the reads' cost)
             backing = settled_rchar(pid) - before
-        return {"seconds": r.runtime_s, "requested": r.io_bytes, "backing": backing, "p50_us": r.p50_us, "bw": r.bw, "cpu_s": cpu}
+            peak = daemon_peak_rss(pid)
+        return {"seconds": r.runtime_s, "requested": r.io_bytes, "backing": backing, "p50_us": r.p50_us, "bw": r.bw, "cpu_s": cpu,
+                "peak_rss_mib": peak}  # fmt: skip
+
+
+def daemon_peak_rss(pid: int) -> float:
+    """The daemon's peak resident memory so far, MiB (/proc/PID/status VmHWM): its buffers, its memory reserve."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def daemon_cpu(pid: int) -> float:
@@ -170,13 +182,14 @@ def main() -> int:
                     "p50_over_no_cache": statistics.median(r["p50_us"] / b["p50_us"] for r, b in zip(rs, base, strict=True)),
                     "cpu_over_no_cache": statistics.median(r["cpu_s"] for r in rs) / max(statistics.median(b["cpu_s"] for b in base), 1e-9),
                     "backing_over_requested": statistics.median(r["backing"] / r["requested"] for r in rs),
+                    "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
                 }  # fmt: skip
                 rows.append(row)
                 table.append([
                     pattern, tree, setup, f"{row['seconds']:.3f}", f"{row['p50_us']:.0f}",
                     f"{row['time_over_no_cache']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})",
                     f"{row['best_over_best']:.2f}", f"{row['p50_over_no_cache']:.2f}", f"{row['cpu_over_no_cache']:.2f}",
-                    f"{row['backing_over_requested']:.3f}",
+                    f"{row['backing_over_requested']:.3f}", f"{row['peak_rss_mib']:.0f}",
                 ])  # fmt: skip
     print_table(
         f"cold reads, {args.size_mib} MiB file warm in the host page cache"
@@ -193,6 +206,7 @@ def main() -> int:
             "p50 / no-cache",
             "daemon CPU / no-cache",
             "backing / requested",
+            "peak RSS MiB",
         ],
         table,
     )
