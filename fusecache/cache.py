@@ -303,7 +303,7 @@ class Cache:
                 got[c] = piece
                 from_peers.add(c)
             pieces = [(c, piece) for c, piece in offered.items() if piece]
-            if pieces:
+            if pieces and reader.offer is not None:
                 reader.offer(pieces)
         rest = [(c, *bounds(c)) for c in need if c not in got]
         if rest:
@@ -359,8 +359,9 @@ class Cache:
 
         size = st.version.size if st.version is not None and st.version.size >= 0 else None
         return Reader(
-            st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch), offer, held, held_range
-        )
+            st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch),
+            offer if self.admission.wants(st.ino) else None, held, held_range,
+        )  # fmt: skip
 
     # ---- writes -----------------------------------------------------------
     async def write(self, f: OpenFile, offset: int, data: bytes) -> int:

@@ -68,8 +68,8 @@ class Reader:
     size: int | None  # the file's size as last seen (readahead stops there), None if not known
     stamp: Callable[[], Hashable | None]  # the file's content stamp now; None while a write is in flight
     # complete chunks a request touched, (chunk, bytes) each, for admission (read-only), all in one call; returns the
-    # chunks not taken: offered again at their next touch
-    offer: Offer
+    # chunks not taken: offered again at their next touch. None: admission wants nothing of this file now (nothing offered)
+    offer: Offer | None
     held: Callable[[int], bool] = lambda chunk: False  # the cache holds this chunk already: readahead skips it
     # which of chunks first..last the cache holds, in one look (one index scan, not a lookup per chunk); None: ask `held`
     held_range: Callable[[int, int], set[int]] | None = None
@@ -214,7 +214,8 @@ class Fetcher:
                 out[c] = memoryview(bytes(lo) + e.data[lo:end])
             else:
                 out[c] = memoryview(e.data).toreadonly()[:end]  # the caller joins the pieces at once
-        self._offer(entries.values(), r.offer)
+        if r.offer is not None:
+            self._offer(entries.values(), r.offer)
         return out
 
     async def read_span(self, r: Reader, offset: int, size: int, *, noted: bool = False) -> memoryview | None:
@@ -246,7 +247,8 @@ class Fetcher:
                 e.touched = True
             if not noted:
                 self._note_stream(r, needs)  # (its readahead may evict the oldest entries: not these, just moved)
-            self._offer(found, r.offer)  # type: ignore[arg-type]
+            if r.offer is not None:
+                self._offer(found, r.offer)  # type: ignore[arg-type]
             at = base[1] + needs[0][1]
             return memoryview(base[0])[at : at + size]
         if any(e is not None and (e.valid | e.loading) & self._pages(lo, hi) for e, (_, lo, hi) in zip(found, needs, strict=True)):
@@ -281,7 +283,8 @@ class Fetcher:
         self.counters.critical_reads += 1
         self.counters.critical_bytes += end - start
         self._queue_rest(entries, urgent)
-        self._offer(entries, r.offer)
+        if r.offer is not None:
+            self._offer(entries, r.offer)
         return memoryview(data)[offset - start : offset - start + size]
 
     def _in_flight(self, found: list[_Chunk | None], needs: list[tuple[int, int, int]]) -> list[trio.Event] | None:
@@ -447,14 +450,16 @@ class Fetcher:
 
         A request offers them at each touch, with its own `offer`, in one call (admission sees every read a guest
         makes, as when every re-read was a miss; the cache's offer skips chunks it already holds); background
-        work offers each once, with the creating request's offer, until taken.
+        work offers each once, with the creating request's offer, until taken. An offer of None (admission wants
+        nothing of the file: no guest reads it) offers nothing: a request with none does not call this.
         """
         full, chunks = self.full, self._chunks
         groups: dict[int, tuple[Offer, list[_Chunk], list[tuple[int, bytes | memoryview]]]] = {}
         stamps: dict[int, Hashable] = {}  # ino -> its stamp now (one look per file)
         for e in entries:
-            if not e.touched or e.valid != full or (offer is None and e.offered) or chunks.get((e.ino, e.chunk)) is not e:
-                continue  # not asked for, incomplete, taken already, or replaced or evicted
+            fn = offer if offer is not None else e.offer
+            if fn is None or not e.touched or e.valid != full or (offer is None and e.offered) or chunks.get((e.ino, e.chunk)) is not e:
+                continue  # not wanted, not asked for, incomplete, taken already, or replaced or evicted
             now = stamps[e.ino] if e.ino in stamps else stamps.setdefault(e.ino, e.stamp_now())
             if now != e.stamp:
                 continue  # the file changed since
@@ -465,7 +470,6 @@ class Fetcher:
                 continue
             # a view of a read's immutable bytes is offered as it is; a filled bytearray is copied (it is ours)
             data = e.data if e.base is not None else bytes(e.data[:length])
-            fn = offer if offer is not None else e.offer
             group = groups.get(id(fn))
             if group is None:
                 group = groups[id(fn)] = (fn, [], [])

@@ -111,18 +111,22 @@ def test_second_chance_admits_what_the_guest_evicted(env, tmp_path):
 def test_staged_block_written_since_is_read_again(env, tmp_path):
     images, backing, store = env
     (images / "a.img").write_bytes(os.urandom(MiB))
+    mountpoint = str(tmp_path / "mnt")
     offloop, files = parts(backing, store)
-    policy = SecondChance(str(tmp_path / "mnt"), files, offloop, staging_bytes=256 * MiB)
+    policy = SecondChance(mountpoint, files, offloop, staging_bytes=256 * MiB)
     cache = make_cache(offloop, files, policy)
 
     async def go():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run, cache)
+            policy.on_guests({"vm": GuestState("vm", [mountpoint + "/a.img"], 512 * MiB, None, {})})
+            await trio.sleep(0.1)  # the policy resolves the image to its inode
             f = open_file(backing, "a.img")
             await cache.read(f, 0, MiB)
+            assert policy.staging.used == MiB
             await cache.write(f, 100, b"new bytes")
-            keys = [k for k in policy.guests[HOST].recent if k[2] == 0]
-            nursery.start_soon(policy._admit, HOST, keys)
+            keys = [k for k in policy.guests["vm"].recent if k[2] == 0]
+            nursery.start_soon(policy._admit, "vm", keys)
             await trio.sleep(0.3)
             await settle(cache)
             data = await cache.read(f, 0, 200)
@@ -132,6 +136,39 @@ def test_staged_block_written_since_is_read_again(env, tmp_path):
     data = trio.run(go)
     assert data[100:109] == b"new bytes"
     assert (images / "a.img").read_bytes()[:200] == data
+
+
+def test_reads_of_an_image_no_guest_has_open_are_neither_listed_nor_staged(env, tmp_path):
+    """No shrink can admit them: recording them was work (and memory) for nothing. Once a guest opens the
+    image, its reads are listed and staged."""
+    images, backing, store = env
+    (images / "a.img").write_bytes(os.urandom(MiB))
+    (images / "b.img").write_bytes(os.urandom(MiB))
+    mountpoint = str(tmp_path / "mnt")
+    offloop, files = parts(backing, store)
+    policy = SecondChance(mountpoint, files, offloop, staging_bytes=256 * MiB)
+    cache = make_cache(offloop, files, policy)
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, cache)
+            a, b = open_file(backing, "a.img"), open_file(backing, "b.img", fh=2)
+            for off in range(0, MiB, 128 << 10):  # a sequential stream: its readahead too
+                await cache.read(a, off, 128 << 10)
+            await trio.sleep(0.1)  # (background reads land)
+            assert not policy.guests and policy.staging.used == 0 and not policy.wants(a.ino)
+            policy.on_guests({"vm": GuestState("vm", [mountpoint + "/b.img"], 512 * MiB, None, {})})
+            await trio.sleep(0.1)
+            assert policy.wants(b.ino) and not policy.wants(a.ino)
+            await cache.read(a, 0, MiB)
+            await cache.read(b, 0, MiB)
+            nursery.cancel_scope.cancel()
+
+    trio.run(go)
+    assert set(policy.guests) == {"vm"}
+    assert {k[2] for k in policy.guests["vm"].recent} == set(range(MiB // CS))
+    assert policy.staging.used == MiB  # b's bytes only
+    assert HOST not in policy.stats().guests
 
 
 def test_concurrent_misses_of_one_block_read_the_backing_once(env):
