@@ -133,7 +133,16 @@ class Cache:
         if self.health.state is not health.CACHING:
             return await self.backing.pread(f.handle, offset, size)
         try:
-            span = self._hit(f, offset, size)  # the warm case, inline: no coroutine below this one
+            st = self.files.fresh(f.ino) if size > 0 else None
+            if st is not None and not st.writing and self.fetcher.read_ahead(st.ino, offset, (st.gen, st.epoch)):
+                # a sequential stream's next request, read ahead: the fetcher's buffer before the store, no index
+                # lookups for what was not held when read ahead (were it admitted since: the same bytes, same stamp)
+                counters, cs = self.images[f.path], self.chunk_size
+                span = await self._all_missed(f, st, offset, size, counters, (offset + size - 1) // cs - offset // cs + 1)
+                if span is not None:
+                    counters.reads += 1
+                    return span
+            span = self._hit(f, offset, size, st)  # the warm case, inline: no coroutine below this one
             if span is not None:
                 return span
             return await self._read(f, offset, size)
@@ -143,17 +152,14 @@ class Cache:
             self.health.fault(health.layer_of(exc, "store.read"), exc)
             return await self.backing.pread(f.handle, offset, size)
 
-    def _hit(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview | None:
+    def _hit(self, f: OpenFile, offset: int, size: int, st: FileState | None) -> bytes | memoryview | None:
         """The common warm case: the whole request from the store, copied once and verified; None otherwise.
 
-        None also when the file's version is due for a check or changes are queued for the store:
-        `_read` then does everything (it does not look the request up in the store a second time
-        unless the queue holds changes).
+        `st`: the file's state if fresh (`Files.fresh`), else None. None also when the file's version is due
+        for a check or changes are queued for the store: `_read` then does everything (it does not look the
+        request up in the store a second time unless the queue holds changes).
         """
-        if size <= 0 or not self.queue.settled:
-            return None
-        st = self.files.fresh(f.ino)
-        if st is None:
+        if st is None or not self.queue.settled:
             return None
         if health.faults:
             health.inject("store.read")

@@ -360,3 +360,42 @@ def test_getattr_by_name_without_a_change_attribute_does_not_drop_an_nfs4_files_
     assert same and hit  # served from the store: no new generation
     assert after == b"new!" * 4
     assert cache.images["a.img"].invalidations == 1
+
+
+def test_a_streams_read_ahead_chunks_are_served_without_looking_in_the_store(mem):
+    """A sequential stream's next request, read ahead, comes from the fetcher's buffer with no index lookup (it was
+    not held when read ahead); once admitted, a re-read of the same chunks is a hit again, and the bytes are right."""
+    backing, cache = mem
+    data = os.urandom(8 * MiB)
+    backing.put("a.img", data)
+    store = cache.store
+    looks: list[str] = []
+    for name in ("read_span", "all_missing", "read_chunks"):
+        real = getattr(store, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            looks.append(_name)
+            return _real(*args, **kwargs)
+
+        setattr(store, name, counted)
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.fetcher.run)
+            f = await open_file(cache, backing, "a.img")
+            got, looked = [], []
+            for off in range(0, 8 * MiB, MiB):
+                before = len(looks)
+                got.append(bytes(await cache.read(f, off, MiB)))
+                looked.append(len(looks) - before)
+            await cache.queue.drain()
+            hits = cache.images["a.img"].hit_bytes
+            again = bytes(await cache.read(f, 4 * MiB, MiB))
+            nursery.cancel_scope.cancel()
+        return got, looked, cache.images["a.img"].hit_bytes - hits, again
+
+    got, looked, hit, again = trio.run(go)
+    assert b"".join(got) == data and again == data[4 * MiB : 5 * MiB]
+    assert looked[0] > 0  # the stream's first request: nothing read ahead yet
+    assert looked[2:] == [0] * 6, looked  # read ahead: no lookups
+    assert hit == MiB  # admitted (inclusive) meanwhile: a re-read is a hit
