@@ -134,17 +134,17 @@ class Cache:
             return await self.backing.pread(f.handle, offset, size)
         try:
             st = self.files.fresh(f.ino) if size > 0 else None
+            span = self._hit(f, offset, size, st)  # the warm case, inline: no coroutine below this one
+            if span is not None:
+                return span
             if st is not None and not st.writing and self.fetcher.read_ahead(st.ino, offset, (st.gen, st.epoch)):
-                # a sequential stream's next request, read ahead: the fetcher's buffer before the store, no index
-                # lookups for what was not held when read ahead (were it admitted since: the same bytes, same stamp)
+                # a sequential stream's next request, read ahead: straight to the fetcher's buffer, none of
+                # `_read`'s lookups (its index, the queue's changes) for what was not held when read ahead
                 counters, cs = self.images[f.path], self.chunk_size
                 span = await self._all_missed(f, st, offset, size, counters, (offset + size - 1) // cs - offset // cs + 1)
                 if span is not None:
                     counters.reads += 1
                     return span
-            span = self._hit(f, offset, size, st)  # the warm case, inline: no coroutine below this one
-            if span is not None:
-                return span
             return await self._read(f, offset, size)
         except BackingError as exc:
             raise exc.error from None

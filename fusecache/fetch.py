@@ -288,13 +288,11 @@ class Fetcher:
         return memoryview(data)[offset - start : offset - start + size]
 
     def read_ahead(self, ino: int, offset: int, stamp: Hashable) -> bool:
-        """Whether the page at byte `offset` of `ino` is read ahead (buffered or being read, of content `stamp`) and
-        no request has read its chunk yet: a request starting there is `read_span`'s before anyone looks in the
-        store (it was not held when read ahead; a re-read of a chunk goes the usual way, a hit if it is held)."""
+        """Whether the chunk at byte `offset` of `ino` is readahead (of content `stamp`: read, being read or queued)
+        no request has read yet: a request starting there is `read_span`'s, with no more looks in the store (it was
+        not held when read ahead; a re-read of a chunk goes the usual way, a hit if it is held)."""
         e = self._chunks.get((ino, offset // self.cs))
-        return (
-            e is not None and not e.touched and e.stamp == stamp and bool((e.valid | e.loading) >> (offset % self.cs // self.ps) & 1)
-        )
+        return e is not None and not e.touched and e.stamp == stamp
 
     def _in_flight(self, found: list[_Chunk | None], needs: list[tuple[int, int, int]]) -> list[trio.Event] | None:
         """The reads to wait for when every page of `needs` is buffered or being read and some are being read; else None."""
