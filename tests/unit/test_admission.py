@@ -108,13 +108,21 @@ def test_second_chance_admits_what_the_guest_evicted(env, tmp_path):
     assert g.admitted_bytes == 3 * MiB
 
 
-def test_staged_block_written_since_is_read_again(env, tmp_path):
+def second_chance(env, tmp_path, *names: str) -> tuple[LocalBacking, str, SecondChance, Cache]:
+    """1 MiB random images `names`, and a cache with second-chance admission (256 MiB staged) over them:
+    (backing, mountpoint, policy, cache)."""
     images, backing, store = env
-    (images / "a.img").write_bytes(os.urandom(MiB))
+    for name in names:
+        (images / name).write_bytes(os.urandom(MiB))
     mountpoint = str(tmp_path / "mnt")
     offloop, files = parts(backing, store)
     policy = SecondChance(mountpoint, files, offloop, staging_bytes=256 * MiB)
-    cache = make_cache(offloop, files, policy)
+    return backing, mountpoint, policy, make_cache(offloop, files, policy)
+
+
+def test_staged_block_written_since_is_read_again(env, tmp_path):
+    images = env[0]
+    backing, mountpoint, policy, cache = second_chance(env, tmp_path, "a.img")
 
     async def go():
         async with trio.open_nursery() as nursery:
@@ -141,13 +149,7 @@ def test_staged_block_written_since_is_read_again(env, tmp_path):
 def test_reads_of_an_image_no_guest_has_open_are_neither_listed_nor_staged(env, tmp_path):
     """No shrink can admit them: recording them was work (and memory) for nothing. Once a guest opens the
     image, its reads are listed and staged."""
-    images, backing, store = env
-    (images / "a.img").write_bytes(os.urandom(MiB))
-    (images / "b.img").write_bytes(os.urandom(MiB))
-    mountpoint = str(tmp_path / "mnt")
-    offloop, files = parts(backing, store)
-    policy = SecondChance(mountpoint, files, offloop, staging_bytes=256 * MiB)
-    cache = make_cache(offloop, files, policy)
+    backing, mountpoint, policy, cache = second_chance(env, tmp_path, "a.img", "b.img")
 
     async def go():
         async with trio.open_nursery() as nursery:
