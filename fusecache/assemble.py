@@ -114,6 +114,7 @@ class Mount:
                 cache.health.fault("store.read", exc, "its figures are left out of stats")
                 out.store = StoreStats()
             out.health = cache.health.stats()
+            out.fetch = dataclasses.replace(cache.fetcher.counters)
             out.queue = cache.queue.queued
             out.skipped_admissions = cache.queue.skipped_admissions
         if self.pins is not None:

@@ -32,6 +32,7 @@ import collections
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable, Collection, Hashable, Iterable
 from typing import Any
 
@@ -39,6 +40,7 @@ import trio
 
 from fusecache.backing import OffLoop
 from fusecache.geometry import CHUNK_SIZE, PAGE_SIZE
+from fusecache.stats import FetchStats
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +121,6 @@ class _Stream:
     ahead: int = 0  # readahead has been queued up to here
 
 
-@dataclasses.dataclass(slots=True)
-class FetchCounters:
-    critical_reads: int = 0
-    critical_bytes: int = 0
-    background_reads: int = 0
-    background_bytes: int = 0
-    background_batches: int = 0
-    buffer_hits: int = 0  # needed pages found buffered or in flight
-    readahead_chunks: int = 0
-    stale_dropped: int = 0
-
-
 class Fetcher:
     """Chunks from the backing for cache misses (see the module docstring)."""
 
@@ -154,7 +144,7 @@ class Fetcher:
         self.readahead_max = readahead_max
         self.parallel_part = parallel_part
         self.runners = runners
-        self.counters = FetchCounters()
+        self.counters = FetchStats()
         self._chunks: collections.OrderedDict[tuple[int, int], _Chunk] = collections.OrderedDict()
         self._streams: dict[Hashable, _Stream] = {}
         self._open: collections.Counter[int] = collections.Counter()  # ino -> open streams seen
@@ -196,8 +186,8 @@ class Fetcher:
             self._queue_rest(entries.values(), urgent)
             if mine:
                 await self._read_now(r, mine, events)
-            for ev in waits:
-                await ev.wait()
+            if waits:
+                await self._wait(waits)
         self._queue_rest(entries.values(), urgent)
         out: dict[int, memoryview] = {}
         for c, lo, hi in needs:
@@ -258,8 +248,7 @@ class Fetcher:
             # every page it needs is buffered or being read: wait for those reads (as `read` would), then look
             # again: readahead read in requests' sizes serves the request as one view, no copy, no join
             self._note_stream(r, needs)  # before waiting: the stream's next readahead goes out meanwhile
-            for ev in waits:
-                await ev.wait()
+            await self._wait(waits)
             return await self.read_span(r, offset, size, noted=True)
         if noted:
             return None
@@ -286,6 +275,14 @@ class Fetcher:
         if r.offer is not None:
             self._offer(entries, r.offer)
         return memoryview(data)[offset - start : offset - start + size]
+
+    async def _wait(self, waits: list[trio.Event]) -> None:
+        """Wait for reads in flight that a request needs (readahead it caught up with, or a neighbour's read)."""
+        t0 = time.perf_counter()
+        for ev in waits:
+            await ev.wait()
+        self.counters.waited_requests += 1
+        self.counters.waited_seconds += time.perf_counter() - t0
 
     def read_ahead(self, ino: int, offset: int, stamp: Hashable) -> bool:
         """Whether the chunk at byte `offset` of `ino` is readahead (of content `stamp`: read, being read or queued)

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from fusecache.errors import QuietError
 from fusecache.peers import PeerStats
-from fusecache.stats import BalloonGuest, HealthStats, ImageCounters, MountStats, StoreStats
+from fusecache.stats import BalloonGuest, FetchStats, HealthStats, ImageCounters, MountStats, StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,14 @@ _IMAGE_COUNTERS = (
     ("writes", "fusecache_writes", "Write requests, per image."),
     ("write_bytes", "fusecache_write_bytes", "Bytes written through to the backing, per image."),
     ("invalidations", "fusecache_invalidations", "Times an image's cached chunks were invalidated (a write or a change behind our back)."),
+)
+_FETCH_COUNTERS = (
+    ("critical_bytes", "fusecache_fetch_critical_bytes", "Bytes read from the backing while a request waited (its own pages)."),
+    ("background_bytes", "fusecache_fetch_background_bytes", "Bytes read from the backing in the background (readahead, rest of chunks)."),
+    ("readahead_chunks", "fusecache_fetch_readahead_chunks", "Chunks queued for readahead of sequential streams."),
+    ("buffer_hits", "fusecache_fetch_buffer_hits", "Requests served from bytes fetched or being fetched for another request."),
+    ("waited_requests", "fusecache_fetch_waited_requests", "Requests that waited for a backing read in flight (readahead caught up with)."),
+    ("waited_seconds", "fusecache_fetch_waited_seconds", "Seconds requests spent waiting for backing reads already in flight."),
 )
 _READ_SOURCES = (("hit_bytes", "hit"), ("peer_bytes", "peer"), ("backing_bytes", "backing"))
 _PEER_COUNTERS = (
@@ -73,6 +81,8 @@ def metric_families(stats: MountStats) -> list[Metric]:
         out += _store_families(stats.store)
     if stats.health is not None:
         out += _health_families(stats.health)
+    if stats.fetch is not None:
+        out += _fetch_families(stats.fetch)
     if stats.balloon.guests:
         out += _balloon_families(stats.balloon.guests)
     if stats.peers.peers:
@@ -89,6 +99,15 @@ def _image_families(images: dict[str, ImageCounters]) -> list[Metric]:
         for key, family in counters:
             family.add_metric([image], getattr(c, key))
     return [read_bytes, *(family for _, family in counters)]
+
+
+def _fetch_families(fetch: FetchStats) -> list[Metric]:
+    out: list[Metric] = []
+    for key, name, text in _FETCH_COUNTERS:
+        family = CounterMetricFamily(name, text)
+        family.add_metric([], getattr(fetch, key))
+        out.append(family)
+    return out
 
 
 def _health_families(health: HealthStats) -> list[Metric]:

@@ -233,6 +233,24 @@ class HealthStats:
     rebuild_failures: int = 0
 
 
+@dataclasses.dataclass(slots=True)
+class FetchStats:
+    """The miss path's reads from the backing (`fusecache.fetch.Fetcher`), since the mount started."""
+
+    critical_reads: int = 0  # reads a request waited for, its own pages
+    critical_bytes: int = 0
+    background_reads: int = 0  # the rest of chunks a stream touched, and readahead
+    background_bytes: int = 0
+    background_batches: int = 0  # hand-offs to a worker thread for them
+    buffer_hits: int = 0  # requests whose pages were found buffered or in flight
+    readahead_chunks: int = 0
+    stale_dropped: int = 0
+    # requests that waited for a read already in flight (readahead a stream caught up with, or a neighbour's read),
+    # and for how long in all: readahead that falls behind its streams shows here
+    waited_requests: int = 0
+    waited_seconds: float = 0.0
+
+
 @dataclasses.dataclass
 class MountStats:
     """Everything `fusecache stats --json` shows. With --no-cache, `store` and `admission` are None."""
@@ -252,6 +270,7 @@ class MountStats:
     pins: PinStats = dataclasses.field(default_factory=PinStats)
     warms: list[WarmProgress] = dataclasses.field(default_factory=list)
     health: HealthStats | None = None  # None with --no-cache
+    fetch: FetchStats | None = None  # None with --no-cache
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

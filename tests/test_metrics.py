@@ -83,6 +83,10 @@ def test_metrics_agree_with_stats(mounter, tmp_path):
     assert samples[("fusecache_cache_dedup_ratio", ())] == pytest.approx(store.dedup_ratio)
     assert samples[("fusecache_cache_evicted_chunks_total", ())] == store.evicted_chunks
     assert samples[("fusecache_cache_verify_failures_total", ())] == store.verify_failures
+    # every byte served from the backing was fetched first: the fetcher's counters are in the snapshot too
+    fetched = samples[("fusecache_fetch_critical_bytes_total", ())] + samples[("fusecache_fetch_background_bytes_total", ())]
+    assert fetched >= (4 << 20) + (1 << 20)
+    assert ("fusecache_fetch_waited_seconds_total", ()) in samples and st.fetch is not None
     assert samples[("fusecache_open_files", ())] == 0
     # Prometheus naming: our metrics under fusecache_, the process collector's under process_
     assert all(name.startswith(("fusecache_", "process_")) for name, _ in samples)

@@ -490,6 +490,7 @@ def test_a_stream_catching_up_with_its_readahead_gets_a_view_of_it_once_it_lands
         assert view is not None and bytes(view) == data[2 * mib : 3 * mib]
         assert isinstance(view.obj, bytes) and len(view.obj) >= mib  # a view of the readahead's own bytes
         assert fetcher.counters.buffer_hits > hits
+        assert fetcher.counters.waited_requests == 1 and fetcher.counters.waited_seconds >= 0.05  # (counted, for metrics)
         backing.hold = lambda offset, size: False
         for at in range(3 * mib, size, mib):
             assert await read(fetcher, f, at, mib) == data[at : at + mib]
