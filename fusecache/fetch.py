@@ -204,8 +204,7 @@ class Fetcher:
                 out[c] = memoryview(bytes(lo) + e.data[lo:end])
             else:
                 out[c] = memoryview(e.data).toreadonly()[:end]  # the caller joins the pieces at once
-        if r.offer is not None:
-            self._offer(entries.values(), r.offer)
+        self._offer(entries.values(), r.offer)
         return out
 
     async def read_span(self, r: Reader, offset: int, size: int, *, noted: bool = False) -> memoryview | None:
@@ -237,8 +236,7 @@ class Fetcher:
                 e.touched = True
             if not noted:
                 self._note_stream(r, needs)  # (its readahead may evict the oldest entries: not these, just moved)
-            if r.offer is not None:
-                self._offer(found, r.offer)  # type: ignore[arg-type]
+            self._offer(found, r.offer)  # type: ignore[arg-type]
             at = base[1] + needs[0][1]
             return memoryview(base[0])[at : at + size]
         if any(e is not None and (e.valid | e.loading) & self._pages(lo, hi) for e, (_, lo, hi) in zip(found, needs, strict=True)):
@@ -272,8 +270,7 @@ class Fetcher:
         self.counters.critical_reads += 1
         self.counters.critical_bytes += end - start
         self._queue_rest(entries, urgent)
-        if r.offer is not None:
-            self._offer(entries, r.offer)
+        self._offer(entries, r.offer)
         return memoryview(data)[offset - start : offset - start + size]
 
     async def _wait(self, waits: list[trio.Event]) -> None:
@@ -449,20 +446,22 @@ class Fetcher:
             out[c] = memoryview(buf)[: lo + len(piece)]
         return out
 
-    def _offer(self, entries: Iterable[_Chunk], offer: Offer | None = None) -> None:
+    def _offer(self, entries: Iterable[_Chunk], offer: Offer | None, *, background: bool = False) -> None:
         """Offer the complete chunks among `entries` that a request touched, still of the file's current content.
 
         A request offers them at each touch, with its own `offer`, in one call (admission sees every read a guest
-        makes, as when every re-read was a miss; the cache's offer skips chunks it already holds); background
+        makes, as when every re-read was a miss; the cache's offer skips chunks it already holds); `background`
         work offers each once, with the creating request's offer, until taken. An offer of None (admission wants
-        nothing of the file: no guest reads it) offers nothing: a request with none does not call this.
+        nothing of the file: no guest reads it) offers nothing.
         """
+        if offer is None and not background:
+            return
         full, chunks = self.full, self._chunks
         groups: dict[int, tuple[Offer, list[_Chunk], list[tuple[int, bytes | memoryview]]]] = {}
         stamps: dict[int, Hashable] = {}  # ino -> its stamp now (one look per file)
         for e in entries:
-            fn = offer if offer is not None else e.offer
-            if fn is None or not e.touched or e.valid != full or (offer is None and e.offered) or chunks.get((e.ino, e.chunk)) is not e:
+            fn = e.offer if background else offer
+            if fn is None or not e.touched or e.valid != full or (background and e.offered) or chunks.get((e.ino, e.chunk)) is not e:
                 continue  # not wanted, not asked for, incomplete, taken already, or replaced or evicted
             now = stamps[e.ino] if e.ino in stamps else stamps.setdefault(e.ino, e.stamp_now())
             if now != e.stamp:
@@ -693,7 +692,7 @@ class Fetcher:
                 events.add(ev)
                 if e.touched:  # (readahead nobody has asked for yet is offered when a request touches it)
                     touched[id(e)] = e
-        self._offer(touched.values())
+        self._offer(touched.values(), None, background=True)
         for ev in events:
             ev.set()  # (as `_release`: the waiters look again, now that every page of the batch is filled)
 
