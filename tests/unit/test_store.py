@@ -784,8 +784,9 @@ def test_check_names_damaged_slab_bytes(tmp_path: Path) -> None:
     store = Store(str(tmp_path), 1 << 20)
     slot = slots_of(store, 2, 1, 3)[1]  # the short chunk's last, partial page
     store.close()
-    fd = os.open(tmp_path / "pages.slab", os.O_WRONLY)
-    os.pwrite(fd, b"\xff", slot * PAGE_SIZE + 7)
+    fd = os.open(tmp_path / "pages.slab", os.O_RDWR)
+    at = slot * PAGE_SIZE + 7
+    os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0xFF]), at)  # (a byte that differs: the page's bytes are random)
     os.close(fd)
     done = run_check(tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
