@@ -261,7 +261,7 @@ class Fetcher:
         start = offset // ps * ps
         end = -(-(offset + size) // ps) * ps
         try:
-            data = await self.backing.run(self.backing.sync.pread, r.handle, start, end - start)
+            data = await self.backing.pread(r.handle, start, end - start)
             for e, c, pages, _ in claims:
                 self._fill(e, c, pages, start, data, end - start)
         finally:
@@ -375,11 +375,10 @@ class Fetcher:
         """Read this request's own pages with its own handle: contiguous runs, large ones in parallel parts."""
         pieces = [(e, c, pages, ev) for (e, c, pages), ev in zip(mine, events, strict=True)]
         parts = self._split(self._runs(pieces))
-        sync = self.backing.sync
         try:
             if len(parts) == 1:
                 start, size, _ = parts[0]
-                self._filled(parts[0], await self.backing.run(sync.pread, r.handle, start, size))
+                self._filled(parts[0], await self.backing.pread(r.handle, start, size))
             else:
                 async with trio.open_nursery() as nursery:
                     for part in parts:
@@ -391,7 +390,7 @@ class Fetcher:
         self.counters.critical_bytes += sum(size for _, size, _ in parts)
 
     async def _read_part(self, handle: Any, part: tuple[int, int, list[tuple[_Chunk, int, int]]]) -> None:
-        self._filled(part, await self.backing.run(self.backing.sync.pread, handle, part[0], part[1]))
+        self._filled(part, await self.backing.pread(handle, part[0], part[1]))
 
     def _filled(self, part: tuple[int, int, list[tuple[_Chunk, int, int]]], data: bytes) -> None:
         start, size, members = part

@@ -10,6 +10,7 @@ make every unaligned read fail with EINVAL.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 
@@ -19,6 +20,9 @@ from fusecache.errors import QuietError
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
 _DROP_FLAGS = getattr(os, "O_DIRECT", 0) | os.O_NOCTTY
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+# the filesystem (or kernel) cannot read without waiting: NFS, FUSE, ... (no FMODE_NOWAIT), or no preadv2
+_NOWAIT_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 
 
 class LocalBacking:
@@ -27,6 +31,7 @@ class LocalBacking:
     def __init__(self, root: str) -> None:
         self.root = root
         self.description = root
+        self.nowait = bool(_RWF_NOWAIT)  # pread_cached may answer: off for good once the filesystem says it cannot
 
     @classmethod
     def from_path(cls, spec: str) -> LocalBacking:
@@ -65,6 +70,25 @@ class LocalBacking:
 
     def pread(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(fh, size, offset)
+
+    def pread_cached(self, fh: int, offset: int, size: int) -> bytes | None:
+        """What the host page cache holds of bytes [offset, offset + size), without waiting: safe on the loop.
+
+        One `preadv2(RWF_NOWAIT)`: the bytes from `offset` on that are in the page cache (fewer than `size` when the
+        rest is not, or at end of file; b"" when none is), or None when this read cannot tell (the file is not in
+        the page cache at `offset`, a read error: the caller reads in a worker thread, which reports the error).
+        A filesystem that cannot read without waiting (NFS, FUSE: EOPNOTSUPP) turns this off for the backing.
+        """
+        if not self.nowait:
+            return None
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fh, [buf], offset, _RWF_NOWAIT)
+        except OSError as exc:
+            if exc.errno in _NOWAIT_UNSUPPORTED:
+                self.nowait = False
+            return None
+        return bytes(buf) if n == size else bytes(memoryview(buf)[:n])
 
     def pwrite(self, fh: int, data: bytes, offset: int) -> int:
         return os.pwrite(fh, data, offset)

@@ -1,17 +1,20 @@
 """OffLoop's own worker threads (fusecache/backing/__init__.py): results, errors, the thread bound, cancellation.
 
-No FUSE and no real backing: the calls are plain functions.
+No FUSE; the calls are plain functions, but for the reads a local directory's page cache answers on the loop.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 
+import pytest
 import trio
 
-from fusecache.backing import OffLoop
+from fusecache.backing import INLINE_MAX, OffLoop
+from fusecache.backing.local import LocalBacking
 
 
 class _Nothing:
@@ -97,3 +100,82 @@ def test_one_offloop_serves_successive_trio_runs():
 
     assert trio.run(main) == 7
     assert trio.run(main) == 7
+
+
+# ---- reads the host page cache holds: on the loop, no thread ------------------------------------------------------
+
+
+class _Cached:
+    """A backing whose page cache holds `cached` bytes of each read's start (None: it cannot tell)."""
+
+    description = "cached"
+
+    def __init__(self, data: bytes, cached: int | None) -> None:
+        self.data, self.cached = data, cached
+        self.preads: list[tuple[int, int]] = []  # (offset, size) of the reads made in a thread
+        self.tried: list[tuple[int, int]] = []
+
+    def pread_cached(self, fh: object, offset: int, size: int) -> bytes | None:
+        self.tried.append((offset, size))
+        assert threading.current_thread() is threading.main_thread()  # on the loop
+        return None if self.cached is None else self.data[offset : offset + min(size, self.cached)]
+
+    def pread(self, fh: object, offset: int, size: int) -> bytes:
+        assert threading.current_thread() is not threading.main_thread()
+        self.preads.append((offset, size))
+        return self.data[offset : offset + size]
+
+
+def test_only_what_the_page_cache_lacks_is_read_in_a_thread():
+    data = os.urandom(1 << 20)
+    for cached, threaded in [(None, [(4096, 12288)]), (0, [(4096, 12288)]), (4096, [(8192, 8192)]), (12288, [])]:
+        b = _Cached(data, cached)
+        off = OffLoop(b)  # type: ignore[arg-type]
+        assert trio.run(off.pread, None, 4096, 12288) == data[4096 : 4096 + 12288]
+        assert b.preads == threaded, cached  # the bytes read from the backing are the bytes asked for, once
+        assert off.inline_reads == (1 if cached == 12288 else 0)
+    b = _Cached(data, 1 << 20)
+    off = OffLoop(b)  # type: ignore[arg-type]
+    assert trio.run(off.pread, None, 0, INLINE_MAX + 4096) == data[: INLINE_MAX + 4096]
+    assert b.tried == [] and b.preads == [(0, INLINE_MAX + 4096)]  # a large read is not made on the loop
+
+
+def test_a_local_read_the_page_cache_holds_needs_no_thread(tmp_path):
+    data = os.urandom(3 * 4096 + 100)
+    (tmp_path / "disk.img").write_bytes(data)  # (just written: in the page cache)
+    backing = LocalBacking(str(tmp_path))
+    off = OffLoop(backing)
+    fd = backing.open("disk.img", os.O_RDONLY)
+    try:
+        got = trio.run(off.pread, fd, 4096, 8192)
+        if not backing.nowait:
+            pytest.skip(f"{tmp_path}'s filesystem cannot read without waiting (RWF_NOWAIT)")
+        assert got == data[4096 : 4096 + 8192]
+        assert off.inline_reads == 1 and off._threads == 0  # no worker thread was ever started
+        # across the end of the file: the page cache's bytes, then the rest (nothing) asked of a thread
+        assert trio.run(off.pread, fd, 2 * 4096, 8192) == data[2 * 4096 :]
+        assert off.inline_reads == 1
+    finally:
+        backing.close(fd)
+
+
+def test_a_filesystem_that_cannot_read_without_waiting_turns_inline_reads_off(tmp_path, monkeypatch):
+    data = os.urandom(8192)
+    (tmp_path / "disk.img").write_bytes(data)
+    backing = LocalBacking(str(tmp_path))
+    off = OffLoop(backing)
+    fd = backing.open("disk.img", os.O_RDONLY)
+    calls = []
+
+    def preadv(*args: object) -> int:  # as NFS or FUSE answer RWF_NOWAIT
+        calls.append(args)
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    try:
+        assert trio.run(off.pread, fd, 0, 4096) == data[:4096]
+        assert trio.run(off.pread, fd, 4096, 4096) == data[4096:]
+        assert len(calls) <= 1 and not backing.nowait  # asked once at most, then never again
+        assert off.inline_reads == 0
+    finally:
+        backing.close(fd)
