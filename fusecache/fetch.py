@@ -390,7 +390,8 @@ class Fetcher:
         self.counters.critical_bytes += sum(size for _, size, _ in parts)
 
     async def _read_part(self, handle: Any, part: tuple[int, int, list[tuple[_Chunk, int, int]]]) -> None:
-        self._filled(part, await self.backing.pread(handle, part[0], part[1]))
+        # (in a thread whatever the page cache holds: the parts of a large read are copied in parallel, off the loop)
+        self._filled(part, await self.backing.run(self.backing.sync.pread, handle, part[0], part[1]))
 
     def _filled(self, part: tuple[int, int, list[tuple[_Chunk, int, int]]], data: bytes) -> None:
         start, size, members = part
