@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from fusecache.backing import OffLoop
 from fusecache.backing.nfs import NfsBacking
 from fusecache.errors import QuietError
 from tests.harness.nfs_server import DENIED_EXPORT, NFS_PORT, DelayProxy, NfsServer, nfs_server  # noqa: F401  (nfs_server is a fixture)
@@ -358,6 +360,71 @@ def _busy(backing: NfsBacking, path: str, n: int, stop: threading.Event) -> tupl
     for t in threads:
         t.start()
     return threads, errors
+
+
+def test_reads_are_made_from_the_loop_without_a_thread(backing: NfsBacking, area: tuple[str, Path]) -> None:
+    """A read of a file open on a free connection is made from the trio loop (`pread_on_loop`): right bytes, no
+    worker thread; many at once share the connections, and those that find none free go to a thread."""
+    d, host = area
+    data = random.randbytes(1024 * 1024 + 1000)
+    (host / "img").write_bytes(data)
+    off = OffLoop(backing)
+    fh = backing.open(f"{d}/img", os.O_RDONLY)
+    spans = [(0, 4096), (4096 * 7, 65536), (len(data) - 1000, 4096), (len(data), 4096), (12345, 256 * 1024)]
+
+    async def main() -> None:
+        for offset, size in spans:
+            assert await off.pread(fh, offset, size) == data[offset : offset + size]
+        assert off._threads == 0  # not one worker thread started
+        got: dict[int, bytes] = {}
+
+        async def one(i: int) -> None:
+            got[i] = await off.pread(fh, i * 4096, 4096)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(32):
+                nursery.start_soon(one, i)
+        assert all(got[i] == data[i * 4096 : (i + 1) * 4096] for i in range(32))
+
+    try:
+        trio.run(main)
+        assert backing.loop_reads >= len(spans) - 1  # (the read at the end of the file gets no bytes: any path)
+    finally:
+        backing.close(fh)
+
+
+@pytest.mark.parametrize("ver", VERSIONS)
+def test_a_read_from_the_loop_when_the_server_dies_is_the_threads_error(tmp_path: Path, ver: int, expect_log: Callable[..., None]) -> None:
+    """The loop's read gives up (its connection marked broken), the thread's read reports EIO as before, and
+    reads from the loop resume once the server is back."""
+    expect_log("not responding", "is back")
+    data = random.randbytes(256 * 1024)
+    with NfsServer(tmp_path) as server:
+        (server.export_dir / "img").write_bytes(data)
+        backing = NfsBacking.from_url(f"{server.url(ver)}&timeout={TIMEOUT}")
+        off = OffLoop(backing)
+        try:
+            fh = backing.open("img", os.O_RDONLY)
+            assert trio.run(off.pread, fh, 4096, 4096) == data[4096:8192]
+            assert backing.loop_reads == 1
+            server.kill()
+            with pytest.raises(OSError) as failed:
+                trio.run(off.pread, fh, 8192, 4096)
+            assert failed.value.errno == errno.EIO
+            server.start()
+            for _ in range(3):
+                try:
+                    got = trio.run(off.pread, fh, 0, 65536)
+                    break
+                except OSError as e:
+                    assert e.errno == errno.EIO  # the first read after a restart may meet the old connection
+            assert got == data[:65536]
+            before = backing.loop_reads
+            assert trio.run(off.pread, fh, 65536, 4096) == data[65536 : 65536 + 4096]
+            assert backing.loop_reads == before + 1
+            backing.close(fh)
+        finally:
+            backing.shutdown()
 
 
 @pytest.mark.parametrize("failure", ["killed", "hung"])

@@ -3,9 +3,11 @@
 A backing is either a local directory (in production a kernel NFS mount) or an
 NFS export spoken to directly (`nfs://server/export`). Both implement
 `Backing`. Every method is *blocking*: the FUSE layer never calls one on the
-trio thread, it hands it to a worker thread (`OffLoop`). The one exception is
-a local directory's `pread_cached`, which never waits (RWF_NOWAIT): what the
-host page cache holds is read on the loop, without a hand-off. Paths are
+trio thread, it hands it to a worker thread (`OffLoop`). Two reads are the
+exception, made on the loop without a hand-off: a local directory's
+`pread_cached`, which never waits (RWF_NOWAIT: what the host page cache
+holds), and NFS's `pread_on_loop`, a coroutine that waits for its answer
+under trio. Either may decline (None); the read then goes to a thread. Paths are
 relative to the backing root, '' is the root itself, components joined by '/'.
 Failures raise OSError with the right errno; callers turn that into FUSEError.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import outcome
@@ -143,9 +145,10 @@ class OffLoop:
     cancelled once handed over (as with to_thread's default): the backing call
     runs to its end and its result is delivered.
 
-    Reads (`pread`) of a backing that can read without waiting (a local
-    directory: `LocalBacking.pread_cached`) are first tried on the loop, and
-    need no thread when the host page cache holds them.
+    Reads (`pread`) of at most INLINE_MAX bytes are first tried on the loop:
+    a local directory's page cache (`LocalBacking.pread_cached`), or an NFS
+    READ sent and waited for under trio (`NfsBacking.pread_on_loop`). They
+    need no thread unless declined.
     """
 
     def __init__(self, backing: Backing, threads: int = 32) -> None:
@@ -154,7 +157,9 @@ class OffLoop:
         # the backing's reads that cannot wait (a local directory's page cache), made on the loop; None: every read
         # goes to a thread (NFS, libnfs)
         self._cached: Callable[[Any, int, int], bytes | None] | None = getattr(backing, "pread_cached", None)
-        self.inline_reads = 0  # reads answered whole on the loop, from the page cache
+        # NFS (libnfs): a read made from the loop itself, its socket waited for by trio; None when it cannot be
+        self._on_loop: Callable[[Any, int, int], Awaitable[bytes | None]] | None = getattr(backing, "pread_on_loop", None)
+        self.inline_reads = 0  # reads answered whole on the loop (page cache or NFS), no thread
         self.inline_bytes = 0
         self._max = threads
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -186,6 +191,13 @@ class OffLoop:
         page cache holds of the start of a read is kept: only the rest is read in the thread (bytes read from
         the backing stay the bytes asked for).
         """
+        on_loop = self._on_loop
+        if on_loop is not None and 0 < size <= INLINE_MAX:
+            got = await on_loop(handle, offset, size)
+            if got is not None:
+                self.inline_reads += 1
+                self.inline_bytes += len(got)
+                return got
         cached = self._cached
         if cached is not None and 0 < size <= INLINE_MAX:
             head = cached(handle, offset, size)

@@ -2,8 +2,11 @@
 
 Owns: the URL, a pool of NFS connections, open-file
 handles usable from any thread, timeouts and recovery from a server that went
-away. The FUSE layer calls every method from worker threads. The ctypes binding
-itself is `libnfs.py`.
+away. The FUSE layer calls every method from worker threads, but one: a read
+of a file already open on a free context is made from the trio loop itself
+(`pread_on_loop`: the async READ sent there, its socket waited for by trio),
+which spares a cold read the thread hand-off; anything else, and any failure
+there, goes to `pread` in a thread. The ctypes binding itself is `libnfs.py`.
 
 Why one module of ~900 lines: the context pool, the per-context opens behind
 each handle, remounts after a transport failure and silly renames are one
@@ -74,6 +77,8 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
+
+import trio
 
 from fusecache.backing import Attr, StatFs
 from fusecache.backing.libnfs import (
@@ -238,6 +243,7 @@ class NfsBacking:
         self._down_since: float | None = None  # when the server was first seen failing
         self._shut = False
         self.cancelled_requests = 0  # requests still queued on connections when they were freed
+        self.loop_reads = 0  # READs made from the trio loop (`pread_on_loop`), no worker thread
         self._silly = itertools.count()
         # NFSv4: read the change attribute in fstat (off when the server does not give it).
         self.read_change = version == 4
@@ -709,6 +715,75 @@ class NfsBacking:
             if got < want:  # end of file (or a short read): what follows is not contiguous
                 break
         return bytes(memoryview(buf)[:total])
+
+    async def pread_on_loop(self, fh: NfsHandle, offset: int, size: int) -> bytes | None:
+        """One READ from the trio loop itself, no worker thread: libnfs's async call, its socket waited for by trio.
+
+        Only where it cannot block: a context that is free and mounted, on which `fh` is open already, and at most
+        `_SPLIT` bytes. Returns None otherwise, and on any failure (an error answer, a broken or stalled
+        connection, cancellation): the caller then reads with `pread` in a thread, which mounts, opens, reports
+        errors and marks the server down as it always did. A connection that failed or timed out here is marked
+        broken, as `_service` does.
+        """
+        if not 0 < size <= _SPLIT or self._shut:
+            return None
+        with self._cond:
+            ready = (c for c in reversed(self._free) if c is not self._setattr_ctx and not c.broken and fh.on.get(c.ident) == c.gen)
+            ctx = next(ready, None)
+            if ctx is None:
+                return None
+            self._free.remove(ctx)
+        ctx.started = time.monotonic()
+        token = 0
+        done = False
+        try:
+            opened = self._opens.get((ctx.ident, fh.fileid))
+            if opened is None or fh.closed or opened.gen != ctx.gen:
+                done = True  # nothing asked: the connection is as it was
+                return None
+            buf = bytearray(size)
+            reply = Reply(_into_buffer((ctypes.c_char * size).from_buffer(buf)))
+            token = next(_tokens)
+            _replies[token] = reply
+            if _nfs_held().nfs_pread_async(ctx.ptr, opened.ptr, offset, size, _on_reply, token) < 0:
+                return None
+            if not await self._service_on_loop(ctx, reply):
+                return None
+            done = True
+            if reply.status < 0:
+                if -reply.status in _TRANSPORT_ERRNOS:
+                    ctx.broken = True
+                return None
+            self._ok(ctx)
+            self.loop_reads += 1
+            return bytes(memoryview(buf)[: reply.status])
+        finally:
+            if token:
+                del _replies[token]
+            if not done:
+                ctx.broken = True  # a request may still be queued on it: only a new connection is clean
+            self._release(ctx)
+
+    async def _service_on_loop(self, ctx: _Context, reply: Reply) -> bool:
+        """`_service` on the trio loop: wait for ctx's socket with trio, let libnfs read or write, until `reply` is
+        done; False if the connection failed or stalled for `timeout`. (trio waits on the socket only while it is
+        not being serviced: libnfs closes or replaces it only inside nfs_service.)"""
+        lib, service, ptr = _nfs_held(), _nfs().nfs_service, ctx.ptr
+        with trio.move_on_after(self.timeout):
+            while not reply.done:
+                fd = lib.nfs_get_fd(ptr)
+                if fd < 0:
+                    return False
+                if lib.nfs_which_events(ptr) & select.POLLOUT:
+                    await trio.lowlevel.wait_writable(fd)
+                    revents = select.POLLOUT
+                else:
+                    await trio.lowlevel.wait_readable(fd)
+                    revents = select.POLLIN
+                if service(ptr, revents) < 0:
+                    return False
+            return True
+        return False
 
     def _pread_into(self, fh: NfsHandle, buf: bytearray, at: int, offset: int, size: int) -> int:
         target = (ctypes.c_char * size).from_buffer(buf, at)
