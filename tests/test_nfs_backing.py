@@ -427,6 +427,30 @@ def test_a_read_from_the_loop_when_the_server_dies_is_the_threads_error(tmp_path
             backing.shutdown()
 
 
+def test_a_read_from_the_loop_of_a_silent_server_is_eio_without_a_second_try(tmp_path: Path, expect_log: Callable[..., None]) -> None:
+    """A server that stops answering: the loop's read gives EIO after its timeout and logs the server down, as a
+    thread's read would, rather than handing the read to a thread to wait a second timeout."""
+    expect_log("not responding")
+    with NfsServer(tmp_path) as server:
+        (server.export_dir / "img").write_bytes(random.randbytes(65536))
+        backing = NfsBacking.from_url(f"{server.url(3)}&timeout={TIMEOUT}")
+        off = OffLoop(backing)
+        try:
+            fh = backing.open("img", os.O_RDONLY)
+            assert trio.run(off.pread, fh, 0, 4096) == (server.export_dir / "img").read_bytes()[:4096]
+            assert server.ganesha is not None
+            os.kill(server.ganesha.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(OSError) as failed:
+                    trio.run(off.pread, fh, 4096, 4096)
+            finally:
+                os.kill(server.ganesha.pid, signal.SIGCONT)
+            assert failed.value.errno == errno.EIO
+            assert off._threads == 0  # no second try in a thread
+        finally:
+            backing.shutdown()
+
+
 @pytest.mark.parametrize("failure", ["killed", "hung"])
 @pytest.mark.parametrize("ver", VERSIONS)
 def test_server_failure_gives_eio_then_recovers(

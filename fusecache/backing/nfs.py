@@ -720,10 +720,11 @@ class NfsBacking:
         """One READ from the trio loop itself, no worker thread: libnfs's async call, its socket waited for by trio.
 
         Only where it cannot block: a context that is free and mounted, on which `fh` is open already, and at most
-        `_SPLIT` bytes. Returns None otherwise, and on any failure (an error answer, a broken or stalled
-        connection, cancellation): the caller then reads with `pread` in a thread, which mounts, opens, reports
-        errors and marks the server down as it always did. A connection that failed or timed out here is marked
-        broken, as `_service` does.
+        `_SPLIT` bytes. Returns None otherwise, and on a failure that another connection may not share (an error
+        answer, a connection that failed, cancellation): the caller then reads with `pread` in a thread, which
+        mounts, opens, reports errors and marks the server down as it always did. A server silent for `timeout`
+        is EIO at once, as in a thread (a second try would double the guest's wait). A connection that failed or
+        timed out here is marked broken, as `_service` does.
         """
         if not 0 < size <= _SPLIT or self._shut:
             return None
@@ -747,7 +748,10 @@ class NfsBacking:
             _replies[token] = reply
             if _nfs_held().nfs_pread_async(ctx.ptr, opened.ptr, offset, size, _on_reply, token) < 0:
                 return None
-            if not await self._service_on_loop(ctx, reply):
+            answered = await self._service_on_loop(ctx, reply)
+            if answered is None:
+                self._check(ctx, -errno.ETIMEDOUT, "read", fh.path)  # (marks ctx broken, logs the server down, raises EIO)
+            if not answered:
                 return None
             done = True
             if reply.status < 0:
@@ -764,10 +768,10 @@ class NfsBacking:
                 ctx.broken = True  # a request may still be queued on it: only a new connection is clean
             self._release(ctx)
 
-    async def _service_on_loop(self, ctx: _Context, reply: Reply) -> bool:
+    async def _service_on_loop(self, ctx: _Context, reply: Reply) -> bool | None:
         """`_service` on the trio loop: wait for ctx's socket with trio, let libnfs read or write, until `reply` is
-        done; False if the connection failed or stalled for `timeout`. (trio waits on the socket only while it is
-        not being serviced: libnfs closes or replaces it only inside nfs_service.)"""
+        done (True); False if the connection failed, None if it stalled for `timeout`. (trio waits on the socket
+        only while it is not being serviced: libnfs closes or replaces it only inside nfs_service.)"""
         lib, service, ptr = _nfs_held(), _nfs().nfs_service, ctx.ptr
         with trio.move_on_after(self.timeout):
             while not reply.done:
@@ -783,7 +787,7 @@ class NfsBacking:
                 if service(ptr, revents) < 0:
                     return False
             return True
-        return False
+        return None
 
     def _pread_into(self, fh: NfsHandle, buf: bytearray, at: int, offset: int, size: int) -> int:
         target = (ctypes.c_char * size).from_buffer(buf, at)
