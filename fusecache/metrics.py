@@ -42,6 +42,7 @@ _FETCH_COUNTERS = (
     ("buffer_hits", "fusecache_fetch_buffer_hits", "Requests served from bytes fetched or being fetched for another request."),
     ("waited_requests", "fusecache_fetch_waited_requests", "Requests that waited for a backing read in flight (readahead caught up with)."),
     ("waited_seconds", "fusecache_fetch_waited_seconds", "Seconds requests spent waiting for backing reads already in flight."),
+    ("loop_reads", "fusecache_fetch_loop_reads", "Backing reads answered on the event loop, no thread hand-off (page cache, or NFS)."),
 )
 _READ_SOURCES = (("hit_bytes", "hit"), ("peer_bytes", "peer"), ("backing_bytes", "backing"))
 _PEER_COUNTERS = (

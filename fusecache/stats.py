@@ -249,6 +249,10 @@ class FetchStats:
     # and for how long in all: readahead that falls behind its streams shows here
     waited_requests: int = 0
     waited_seconds: float = 0.0
+    # reads of the backing answered on the event loop, no thread hand-off (`OffLoop.pread`: the host page cache of a
+    # backing directory, or an NFS READ sent and waited for there): every request read, of any path
+    loop_reads: int = 0
+    loop_bytes: int = 0
 
 
 @dataclasses.dataclass
