@@ -6,13 +6,15 @@ NFSv4 through the `images` fixture; this file holds what only NFS has.
 
 from __future__ import annotations
 
+import mmap
 import os
+import random
 import threading
 import time
 
 import pytest
 
-from tests.mounting import is_mounted, run_fusecache
+from tests.mounting import is_mounted, run_fusecache, stats
 
 pytestmark = [pytest.mark.mount, pytest.mark.nfs]
 MiB = 1 << 20
@@ -72,6 +74,28 @@ def test_dead_server_is_eio_not_a_hang_and_reads_resume(mounter, nfs_server, exp
     finally:
         os.close(fd)
     assert "server" in m.log_text() or "nfs" in m.log_text().lower()
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_cold_reads_are_answered_from_the_loop(mounter, nfs_server, export, tmp_path, version):
+    """A guest's cold reads (O_DIRECT, as QEMU's cache=none) of an open image are sent to the server from the
+    daemon's event loop, no thread hand-off (`NfsBacking.pread_on_loop`), and come back right."""
+    d, name = export
+    data = os.urandom(8 * MiB)
+    with open(os.path.join(d, "vm.img"), "wb") as f:
+        f.write(data)
+    m = mounter.mount(url_of(nfs_server, version, name), "--admit", "inclusive", "--cache-dir", str(tmp_path / "cache"))
+    fd = os.open(os.path.join(m.mountpoint, "vm.img"), os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)  # (page-aligned, as O_DIRECT wants)
+    try:
+        for page in random.Random(7).sample(range(8 * MiB // 4096), 64):
+            assert os.preadv(fd, [buf], page * 4096) == 4096
+            assert buf[:] == data[page * 4096 : (page + 1) * 4096]
+    finally:
+        os.close(fd)
+    fetch = stats(m.mountpoint).fetch
+    assert fetch is not None and fetch.critical_reads >= 64
+    assert fetch.loop_reads >= fetch.critical_reads // 2  # (a read that finds no free connection goes to a thread)
 
 
 def _pread(fd: int, n: int, off: int) -> bytes | OSError:
