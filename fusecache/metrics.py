@@ -11,7 +11,7 @@ names (images, guests, peers), never file content.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import trio
@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from fusecache.errors import QuietError
 from fusecache.peers import PeerStats
-from fusecache.stats import BalloonGuest, FetchStats, HealthStats, ImageCounters, MountStats, StoreStats
+from fusecache.stats import BalloonGuest, HealthStats, ImageCounters, MountStats, StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def metric_families(stats: MountStats) -> list[Metric]:
     if stats.health is not None:
         out += _health_families(stats.health)
     if stats.fetch is not None:
-        out += _fetch_families(stats.fetch)
+        out += _scalars(CounterMetricFamily, stats.fetch, _FETCH_COUNTERS)
     if stats.balloon.guests:
         out += _balloon_families(stats.balloon.guests)
     if stats.peers.peers:
@@ -102,11 +102,12 @@ def _image_families(images: dict[str, ImageCounters]) -> list[Metric]:
     return [read_bytes, *(family for _, family in counters)]
 
 
-def _fetch_families(fetch: FetchStats) -> list[Metric]:
+def _scalars(kind: type[GaugeMetricFamily | CounterMetricFamily], source: object, table: Iterable[tuple[str, str, str]]) -> list[Metric]:
+    """One family of `kind` per (field, name, help) of `table`, with no labels: its one sample is source.field."""
     out: list[Metric] = []
-    for key, name, text in _FETCH_COUNTERS:
-        family = CounterMetricFamily(name, text)
-        family.add_metric([], getattr(fetch, key))
+    for key, name, text in table:
+        family = kind(name, text)
+        family.add_metric([], getattr(source, key))
         out.append(family)
     return out
 
@@ -126,24 +127,17 @@ def _health_families(health: HealthStats) -> list[Metric]:
 
 
 def _store_families(store: StoreStats) -> list[Metric]:
-    out: list[Metric] = []
-    for key, name, text in (
+    out = _scalars(GaugeMetricFamily, store, (
         ("capacity", "fusecache_cache_capacity_bytes", "The cache's size bound."),
         ("bytes_stored", "fusecache_cache_stored_bytes", "Bytes the cache holds (each shared page once)."),
         ("logical_bytes", "fusecache_cache_logical_bytes", "Bytes the cached chunks stand for (shared pages counted per use)."),
         ("dedup_ratio", "fusecache_cache_dedup_ratio", "Logical bytes over stored bytes."),
         ("chunks", "fusecache_cache_chunks", "Chunks held."),
-    ):
-        g = GaugeMetricFamily(name, text)
-        g.add_metric([], getattr(store, key))
-        out.append(g)
-    for key, name, text in (
+    ))  # fmt: skip
+    out += _scalars(CounterMetricFamily, store, (
         ("evicted_chunks", "fusecache_cache_evicted_chunks", "Chunks evicted to stay under the size bound."),
         ("verify_failures", "fusecache_cache_verify_failures", "Stored pages that failed their hash check (served as misses)."),
-    ):
-        c = CounterMetricFamily(name, text)
-        c.add_metric([], getattr(store, key))
-        out.append(c)
+    ))  # fmt: skip
     if store.shares:
         held = GaugeMetricFamily(
             "fusecache_cache_share_held_bytes", "Bytes of chunks admitted for each owner (a guest, the host).", labels=["owner"]
