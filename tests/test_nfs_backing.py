@@ -388,7 +388,7 @@ def test_reads_are_made_from_the_loop_without_a_thread(backing: NfsBacking, area
 
     try:
         trio.run(main)
-        assert backing.loop_reads >= len(spans) - 1  # (the read at the end of the file gets no bytes: any path)
+        assert off.inline_reads >= len(spans) - 1  # (the read at the end of the file gets no bytes: any path)
     finally:
         backing.close(fh)
 
@@ -406,7 +406,7 @@ def test_a_read_from_the_loop_when_the_server_dies_is_the_threads_error(tmp_path
         try:
             fh = backing.open("img", os.O_RDONLY)
             assert trio.run(off.pread, fh, 4096, 4096) == data[4096:8192]
-            assert backing.loop_reads == 1
+            assert off.inline_reads == 1
             server.kill()
             with pytest.raises(OSError) as failed:
                 trio.run(off.pread, fh, 8192, 4096)
@@ -419,9 +419,9 @@ def test_a_read_from_the_loop_when_the_server_dies_is_the_threads_error(tmp_path
                 except OSError as e:
                     assert e.errno == errno.EIO  # the first read after a restart may meet the old connection
             assert got == data[:65536]
-            before = backing.loop_reads
+            before = off.inline_reads
             assert trio.run(off.pread, fh, 65536, 4096) == data[65536 : 65536 + 4096]
-            assert backing.loop_reads == before + 1
+            assert off.inline_reads == before + 1
             backing.close(fh)
         finally:
             backing.shutdown()

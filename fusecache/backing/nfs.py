@@ -243,7 +243,6 @@ class NfsBacking:
         self._down_since: float | None = None  # when the server was first seen failing
         self._shut = False
         self.cancelled_requests = 0  # requests still queued on connections when they were freed
-        self.loop_reads = 0  # READs made from the trio loop (`pread_on_loop`), no worker thread
         self._silly = itertools.count()
         # NFSv4: read the change attribute in fstat (off when the server does not give it).
         self.read_change = version == 4
@@ -759,7 +758,6 @@ class NfsBacking:
                     ctx.broken = True
                 return None
             self._ok(ctx)
-            self.loop_reads += 1
             return bytes(memoryview(buf)[: reply.status])
         finally:
             if token:
