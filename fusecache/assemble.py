@@ -114,8 +114,8 @@ class Mount:
                 cache.health.fault("store.read", exc, "its figures are left out of stats")
                 out.store = StoreStats()
             out.health = cache.health.stats()
-            on_loop = self.backing
-            out.fetch = dataclasses.replace(cache.fetcher.counters, loop_reads=on_loop.inline_reads, loop_bytes=on_loop.inline_bytes)
+            offloop = self.backing
+            out.fetch = dataclasses.replace(cache.fetcher.counters, loop_reads=offloop.inline_reads, loop_bytes=offloop.inline_bytes)
             out.queue = cache.queue.queued
             out.skipped_admissions = cache.queue.skipped_admissions
         if self.pins is not None:
