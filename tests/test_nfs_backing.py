@@ -362,20 +362,32 @@ def _busy(backing: NfsBacking, path: str, n: int, stop: threading.Event) -> tupl
     return threads, errors
 
 
-def test_reads_are_made_from_the_loop_without_a_thread(backing: NfsBacking, area: tuple[str, Path]) -> None:
+def test_reads_are_made_from_the_loop_without_a_thread(
+    backing: NfsBacking, area: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A read of a file open on a free connection is made from the trio loop (`pread_on_loop`): right bytes, no
-    worker thread; many at once share the connections, and those that find none free go to a thread."""
+    worker thread, its request sent at once (no wait for a socket with room to say so); many at once share the
+    connections, and those that find none free go to a thread."""
     d, host = area
     data = random.randbytes(1024 * 1024 + 1000)
     (host / "img").write_bytes(data)
     off = OffLoop(backing)
     fh = backing.open(f"{d}/img", os.O_RDONLY)
     spans = [(0, 4096), (4096 * 7, 65536), (len(data) - 1000, 4096), (len(data), 4096), (12345, 256 * 1024)]
+    writable_waits = []
+    wait_writable = trio.lowlevel.wait_writable
+
+    async def counted(fd: int) -> None:
+        writable_waits.append(fd)
+        await wait_writable(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_writable", counted)
 
     async def main() -> None:
         for offset, size in spans:
             assert await off.pread(fh, offset, size) == data[offset : offset + size]
         assert off._threads == 0  # not one worker thread started
+        assert not writable_waits, "a lone read waited for its idle socket to be writable before sending"
         got: dict[int, bytes] = {}
 
         async def one(i: int) -> None:

@@ -191,6 +191,35 @@ class OffLoop:
         page cache holds of the start of a read is kept: only the rest is read in the thread (bytes read from
         the backing stay the bytes asked for).
         """
+        return await self.pread_rest(handle, offset, size, self.pread_cached(handle, offset, size))
+
+    def pread_cached(self, handle: Any, offset: int, size: int) -> bytes | None:
+        """What the host page cache holds of a read's start, on the loop, without waiting (`LocalBacking.pread_cached`).
+
+        The bytes from `offset` on that it holds (all `size` of them: the read is answered, counted in
+        `inline_reads`; fewer; b""), or None when it cannot tell (no page cache to ask, a read larger than
+        INLINE_MAX). Anything but the whole read: `pread_rest` reads the rest.
+        """
+        cached = self._cached
+        if cached is None or not 0 < size <= INLINE_MAX:
+            return None
+        head = cached(handle, offset, size)
+        if head is not None and len(head) == size:
+            self.inline_reads += 1
+            self.inline_bytes += size
+        return head
+
+    async def pread_rest(self, handle: Any, offset: int, size: int, head: bytes | None) -> bytes:
+        """`pread` given what `pread_cached` answered for it: only what `head` lacks is read, in a worker thread.
+
+        `head` None (no page cache could tell): an NFS backing's read is sent from the loop first.
+        """
+        if head is not None:
+            if len(head) == size:
+                return head
+            if head:
+                return head + await self.run(self.sync.pread, handle, offset + len(head), size - len(head))
+            return await self.run(self.sync.pread, handle, offset, size)
         on_loop = self._on_loop
         if on_loop is not None and 0 < size <= INLINE_MAX:
             got = await on_loop(handle, offset, size)
@@ -198,16 +227,6 @@ class OffLoop:
                 self.inline_reads += 1
                 self.inline_bytes += len(got)
                 return got
-        cached = self._cached
-        if cached is not None and 0 < size <= INLINE_MAX:
-            head = cached(handle, offset, size)
-            if head is not None:
-                if len(head) == size:
-                    self.inline_reads += 1
-                    self.inline_bytes += size
-                    return head
-                if head:
-                    return head + await self.run(self.sync.pread, handle, offset + len(head), size - len(head))
         return await self.run(self.sync.pread, handle, offset, size)
 
     def _work(self) -> None:

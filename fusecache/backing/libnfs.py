@@ -106,7 +106,9 @@ def _load_libnfs() -> ctypes.CDLL:
     for name, args in asyncs.items():
         fn = getattr(held, name)
         fn.restype, fn.argtypes = Int, [*args, _NfsCb, P]
-    for name in ("nfs_get_fd", "nfs_which_events", "nfs_queue_length"):  # nfs_service reads answers: `lib`
+    # nfs_service reads answers: a worker thread calls `lib`'s (it gives the GIL up while it reads one of up to
+    # 1 MiB); the loop calls this one (`NfsBacking.pread_on_loop`: answers of at most 256 KiB, the GIL kept)
+    for name in ("nfs_get_fd", "nfs_which_events", "nfs_queue_length", "nfs_service"):
         fn = getattr(held, name)
         fn.restype, fn.argtypes = sigs[name]
     global _held

@@ -770,19 +770,26 @@ class NfsBacking:
         """`_service` on the trio loop: wait for ctx's socket with trio, let libnfs read or write, until `reply` is
         done (True); False if the connection failed, None if it stalled for `timeout`. (trio waits on the socket
         only while it is not being serviced: libnfs closes or replaces it only inside nfs_service.)"""
-        lib, service, ptr = _nfs_held(), _nfs().nfs_service, ctx.ptr
+        # nfs_service with the GIL held: on the loop it reads at most one answer of INLINE_MAX bytes, and giving the
+        # GIL up there would let a worker or the store's writer take it, the loop then waiting for it back
+        lib, ptr = _nfs_held(), ctx.ptr
+        service = lib.nfs_service
         with trio.move_on_after(self.timeout):
             while not reply.done:
                 fd = lib.nfs_get_fd(ptr)
                 if fd < 0:
                     return False
                 if lib.nfs_which_events(ptr) & select.POLLOUT:
-                    await trio.lowlevel.wait_writable(fd)
-                    revents = select.POLLOUT
-                else:
-                    await trio.lowlevel.wait_readable(fd)
-                    revents = select.POLLIN
-                if service(ptr, revents) < 0:
+                    # the request is queued: a socket with room takes it now (libnfs keeps what the socket refuses),
+                    # with no trip through trio's scheduler for a wake-up it would give at once; only what it
+                    # refused waits for the socket to be writable, then goes round again
+                    if service(ptr, select.POLLOUT) < 0:
+                        return False
+                    if lib.nfs_which_events(ptr) & select.POLLOUT:
+                        await trio.lowlevel.wait_writable(fd)
+                    continue
+                await trio.lowlevel.wait_readable(fd)
+                if service(ptr, select.POLLIN) < 0:
                     return False
             return True
         return None
