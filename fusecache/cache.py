@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection
+from typing import Any
 
 from fusecache import health
 from fusecache.admission import Admission, Piece
@@ -35,6 +36,7 @@ from fusecache.store_queue import StoreQueue
 from fusecache.version import UNKNOWN
 
 log = logging.getLogger(__name__)
+MISSING = object()  # `_hit`'s answer for a one-chunk request the index has no entry for
 
 
 class Passthrough:
@@ -91,9 +93,14 @@ class Cache:
         self.store = files.store
         self.admission = admission
         self.peer_reads = peer_reads
+        # what `_hit` asks the store to answer for a one-chunk miss: MISSING sends it straight to the cold path;
+        # with peers a miss goes the per-chunk way (the peers may hold it), so None
+        self._missing = MISSING if peer_reads is None else None
         self.chunk_size = files.chunk_size
         self.fetcher = Fetcher(backing, chunk_size=self.chunk_size)
         self.images: dict[str, ImageCounters] = files.images  # the same counters, one hop shorter on the hit path
+        # open file (fh) -> (what its Reader was built from, the Reader): reused by its next miss while that holds
+        self._readers: dict[int, tuple[tuple[Any, ...], FileState, Reader]] = {}
         self.health = queue.health
         queue.pacer.reads = self._read_count  # the writer yields the GIL while reads are active
 
@@ -106,6 +113,7 @@ class Cache:
             self.files.fail_closed(f.ino, health.layer_of(exc, "store.read"), exc)
 
     def closed(self, f: OpenFile) -> None:
+        self._readers.pop(f.fh, None)
         self.fetcher.closed(f.fh, f.ino)
 
     def resized(self, ino: int, size: int) -> None:
@@ -135,17 +143,22 @@ class Cache:
         try:
             st = self.files.fresh(f.ino) if size > 0 else None
             span = self._hit(f, offset, size, st)  # the warm case, inline: no coroutine below this one
-            if span is not None:
+            absent = span is MISSING
+            if span is not None and not absent:
                 return span
-            if st is not None and not st.writing and self.fetcher.read_ahead(st.ino, offset, (st.gen, st.epoch)):
-                # a sequential stream's next request, read ahead: straight to the fetcher's buffer, none of
-                # `_read`'s lookups (its index, the queue's changes) for what was not held when read ahead
+            fetcher = self.fetcher
+            if st is not None and not st.writing and (
+                fetcher.read_ahead(st.ino, offset, stamp := (st.gen, st.epoch)) or fetcher.buffered(st.ino, offset, size, stamp)
+            ):
+                # a sequential stream's next request, read ahead (or all in the fetcher's buffer already): straight
+                # there, none of `_read`'s lookups (its index, the queue's changes) for what was not held when read
                 counters, cs = self.images[f.path], self.chunk_size
                 span = await self._all_missed(f, st, offset, size, counters, (offset + size - 1) // cs - offset // cs + 1)
                 if span is not None:
                     counters.reads += 1
                     return span
-            return await self._read(f, offset, size)
+                st, absent = None, False  # (awaited since: `_read` looks again)
+            return await self._read(f, offset, size, st, absent)
         except BackingError as exc:
             raise exc.error from None
         except Exception as exc:
@@ -157,7 +170,8 @@ class Cache:
 
         `st`: the file's state if fresh (`Files.fresh`), else None. None also when the file's version is due
         for a check or changes are queued for the store: `_read` then does everything (it does not look the
-        request up in the store a second time unless the queue holds changes).
+        request up in the store a second time unless the queue holds changes). MISSING: a request inside one
+        chunk the index has no entry for, nothing queued (a miss, counted: `_read` need not look again).
         """
         if st is None or not self.queue.settled:
             return None
@@ -165,9 +179,9 @@ class Cache:
             health.inject("store.read")
         cs = self.chunk_size
         first, last = offset // cs, (offset + size - 1) // cs
-        span = self.store.read_span(st.ino, st.gen, first, last, offset - first * cs, offset + size - last * cs)
-        if span is None:
-            return None
+        span = self.store.read_span(st.ino, st.gen, first, last, offset - first * cs, offset + size - last * cs, self._missing)
+        if span is None or span is MISSING:
+            return span
         counters = self.images[f.path]
         counters.reads += 1
         counters.hit_bytes += len(span)
@@ -175,11 +189,14 @@ class Cache:
         self.admission.served(f, st.gen, offset, span)
         return span
 
-    async def _read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
-        """Everything `_hit` does not take: misses, partial hits, what is queued for the store, a version check."""
+    async def _read(self, f: OpenFile, offset: int, size: int, st: FileState | None, absent: bool = False) -> bytes | memoryview:
+        """Everything `_hit` does not take: misses, partial hits, what is queued for the store, a version check.
+
+        `st`: the file's state if `read` found it fresh just now (nothing awaited since), else None. `absent`:
+        `_hit` found the request's one chunk missing from the index then (and counted the miss).
+        """
         if size <= 0:
             return b""
-        st = self.files.fresh(f.ino)
         fresh = st is not None
         if st is None:
             try:
@@ -207,7 +224,7 @@ class Cache:
         cold = (
             self.peer_reads is None
             and not queue.any_pending(st.ino, st.gen, first, last)
-            and self.store.all_missing(st.ino, st.gen, first, last)
+            and (absent or self.store.all_missing(st.ino, st.gen, first, last))
         )
         if cold:
             # the cold path: nothing of it held or queued
@@ -320,19 +337,29 @@ class Cache:
         return got, from_peers
 
     def _reader(self, f: OpenFile, st: FileState) -> Reader:
-        """The fetcher's view of one read of `f`: its stamp, and the admission offer for chunks it completes."""
+        """The fetcher's view of one read of `f`: its stamp, and the admission offer for chunks it completes.
+
+        Built once per open file and state: a miss of the same open file, with the file's generation, write
+        epoch, writes in flight, size and admission's interest unchanged, reuses it (the stamp it reads is live).
+        """
+        size = st.version.size if st.version is not None and st.version.size >= 0 else None
+        wants = self.admission.wants(st.ino)
+        key = (f.handle, f.path, st.gen, st.epoch, st.writing == 0, size, wants)
+        got = self._readers.get(f.fh)
+        if got is not None and got[1] is st and got[0] == key:
+            return got[2]
+        reader = self._new_reader(f, st, size, wants)
+        self._readers[f.fh] = (key, st, reader)
+        return reader
+
+    def _new_reader(self, f: OpenFile, st: FileState, size: int | None, wants: bool) -> Reader:
         snap = Snapshot(st.gen, st.epoch, st.writing == 0)
 
         queue, store = self.queue, self.store
 
-        def held(c: int) -> bool:
-            key = (st.ino, st.gen, c)
-            if queue.is_dropped(key):
-                return False
-            return queue.pending(key) is not None or bool(store.held_chunks(st.ino, st.gen, c, c))
-
         def held_range(first: int, last: int) -> set[int]:
-            """`held` for chunks first..last: one scan of the index's keys, then the queue's changes on top."""
+            """Which of chunks first..last the cache holds: one scan of the index's keys, then the queue's changes
+            on top (a chunk dropped and not yet committed is not held, one admitted and not yet committed is)."""
             out = store.held_chunks(st.ino, st.gen, first, last)
             if not queue.settled:
                 for c in range(first, last + 1):
@@ -358,15 +385,16 @@ class Cache:
                     health.inject("admission")
                 admit = self.admission.on_miss(f, snap.gen, pieces)
                 if admit:
-                    return [c for c, piece in admit if not held(c) and not self.files.admit((st.ino, snap.gen, c), piece, f.path)]
+                    chunks = [c for c, _ in admit]
+                    held_now = held_range(min(chunks), max(chunks))  # (one scan of the index, not a look per chunk)
+                    return [c for c, piece in admit if c not in held_now and not self.files.admit((st.ino, snap.gen, c), piece, f.path)]
             except Exception as exc:  # the chunks are served all the same; they are only not admitted
                 self.health.fault(health.layer_of(exc, "admission"), exc, "the chunk is served, not admitted")
             return ()
 
-        size = st.version.size if st.version is not None and st.version.size >= 0 else None
         return Reader(
             st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch),
-            offer if self.admission.wants(st.ino) else None, held, held_range,
+            offer if wants else None, held_range=held_range,
         )  # fmt: skip
 
     # ---- writes -----------------------------------------------------------

@@ -6,16 +6,26 @@ sequential stream (detected per open file) the rest of each chunk it touched
 and readahead are read in the background by a few runner tasks that batch
 many reads into one worker-thread hand-off; a request that is not sequential
 reads nothing more than its own pages (the backing never reads more than the
-guests asked for, but at the end of a stream's readahead). Fetched pages land in a bounded
-buffer of recently fetched chunks, which is also the single-flight table: a
-request that needs a page already buffered takes it from there, one that
-needs a page being read waits for that read, so a byte is read from the
-backing at most once for neighbouring requests. A chunk that is complete and
-that a request touched is offered for admission (`Reader.offer`) until it is
-taken (a writer too far behind refuses it: the next request offers it again).
+guests asked for, but at the end of a stream's readahead). Fetched pages land
+in a bounded buffer of recently fetched blocks, which is also the
+single-flight table: a request that needs a page already buffered takes it
+from there, one that needs a page being read waits for that read, so a byte
+is read from the backing at most once for neighbouring requests. A chunk
+that is complete and that a request touched is offered for admission
+(`Reader.offer`) until it is taken (a writer too far behind refuses it: the
+next request offers it again).
 
-Never stale: every buffered chunk carries the file's stamp (the cache's
-generation and write epoch) from when it was created; a chunk whose stamp is
+The buffer's unit is a block (BLOCK_SIZE, aligned): a run of the store's
+chunks kept as one entry. Every page, chunk and request rule above is the
+same as if each chunk had its own entry (pages are tracked one by one, a
+chunk is offered when its own pages are all read, readahead is whole chunks
+and skips the chunks the cache holds); what the block saves is the entry
+itself: a sequential stream creates, claims, fills and evicts one entry per
+MiB, not sixteen (bench/misscost.py's 1 MiB row), and a block read whole is
+one view of its read.
+
+Never stale: every buffered block carries the file's stamp (the cache's
+generation and write epoch) from when it was created; a block whose stamp is
 no longer the file's is dropped when next looked up, bytes that come back
 after the stamp moved only serve the request that asked for them, and while
 a write is in flight (stamp None) reads bypass the buffer entirely.
@@ -45,7 +55,10 @@ from fusecache.stats import FetchStats
 log = logging.getLogger(__name__)
 
 Offer = Callable[[list[tuple[int, bytes | memoryview]]], Collection[int]]
-BUFFER_BYTES = 64 << 20  # recently fetched chunks kept for the next requests
+BUFFER_BYTES = 64 << 20  # recently fetched blocks kept for the next requests
+# the buffer's unit, a multiple of the chunk: at 64 KiB (one entry per chunk) a cold 1 MiB stream cost the loop
+# ~145 µs of CPU per MiB against ~65 for --no-cache, at 256 KiB ~75, at 1 MiB ~55 (/tmp paired runs, issue 13)
+BLOCK_SIZE = 1 << 20
 # bytes read ahead of a sequential stream, at most. The window grows with the stream (16x its requests at most: 2 MiB
 # for 128 KiB requests); a long stream of 1 MiB requests topped up 1 MiB at a time paid a hand-off and its wake-ups
 # per request (bench/miss_profile.py's CPU table). Linux's NFS client read 15 x rsize ahead (15 MiB) before 5.4.
@@ -53,7 +66,9 @@ READAHEAD_MAX = 8 << 20
 PARALLEL_PART = 256 << 10  # a critical-path read larger than this is split into parts read in parallel
 PARALLEL_MAX = 4
 BATCH_BYTES = 4 << 20  # background bytes handed to one worker thread at a time
-READ_MAX = 1 << 20  # one background pread at most (whole chunks keep a view of their read: this bounds what one pins)
+# one background pread at most (a block read whole keeps a view of its read: this bounds what one pins); at least
+# BLOCK_SIZE, so that a block read ahead whole is one read and one view
+READ_MAX = 1 << 20
 RUNNERS = 2  # background runner tasks (each one worker thread at a time)
 GATHER = 0.005  # seconds background work that no stream waits for gathers before its hand-off (a batch, not a hop per chunk)
 HANDLES_MAX = 64  # the fetcher's own backing handles, least recently used closed first
@@ -77,38 +92,41 @@ class Reader:
     held_range: Callable[[int, int], set[int]] | None = None
 
 
-class _Chunk:
-    """A buffered chunk: its bytes, which pages are read (`valid`) or being read (`loading`)."""
+class _Block:
+    """A buffered block: its bytes; which pages are read (`valid`), being read (`loading`), for the background to read
+    (`want`); which of its chunks a request read (`touched`) and admission took (`offered`)."""
 
     __slots__ = (
-        "base", "chunk", "data", "done", "ino", "length", "loading", "offer", "offered", "parts", "path", "stamp", "stamp_now", "touched",
-        "valid",
+        "base", "block", "data", "done", "ino", "length", "loading", "offer", "offered", "parts", "path", "stamp", "stamp_now",
+        "touched", "valid", "want",
     )
 
-    def __init__(self, r: Reader, chunk: int, stamp: Hashable, chunk_size: int) -> None:
+    def __init__(self, r: Reader, block: int, stamp: Hashable) -> None:
         self.ino = r.ino
-        self.chunk = chunk
+        self.block = block
         self.path = r.path
-        self.stamp = stamp  # the file's stamp when this chunk was created
+        self.stamp = stamp  # the file's stamp when this block was created
         self.stamp_now = r.stamp
         self.offer = r.offer
-        # the bytes: a bytearray filled page by page, or, when one read brought the whole chunk, a view of
-        # that read's (immutable) bytes, `base` = (those bytes, the chunk's offset in them): no copy made
+        # the bytes: a bytearray filled page by page, or, when one read brought the whole block, a view of
+        # that read's (immutable) bytes, `base` = (those bytes, the block's offset in them): no copy made
         self.data: bytearray | memoryview | None = None
         self.base: tuple[bytes, int] | None = None
-        # pages read before `data` exists: (pages, a read's bytes, the chunk's offset in them). A 4 KiB miss keeps
-        # its read's bytes here rather than touching a fresh 64 KiB buffer (first touch of memory is slow here:
-        # ~0.43 GiB/s); they are copied into `data` only if the chunk is read out again or completed
+        # pages read before `data` exists: (pages, a read's bytes, the block's offset in them). A 4 KiB miss keeps
+        # its read's bytes here rather than touching a fresh buffer (first touch of memory is slow here: ~0.43 GiB/s);
+        # a chunk read out of them, or offered, is copied out of them alone (`_assemble`); only a block complete in
+        # parts is copied into one buffer of its own, once, when a request reads from it (`_materialize`)
         self.parts: list[tuple[int, bytes, int]] = []
         self.valid = 0  # bit p: page p is read (or known to lie beyond end of file)
         self.loading = 0  # bit p: a read of page p is in flight
+        self.want = 0  # bit p: the background reads page p when it takes this block (readahead, the rest of a stream's chunk)
         self.length: int | None = None  # bytes before end of file, once a read came back short
         self.done: list[tuple[int, trio.Event]] = []  # (pages, set when their read ends)
-        self.touched = False  # a request read from it: offer it when complete
-        self.offered = False
+        self.touched = 0  # bit i: a request read from chunk i of the block (offered when complete)
+        self.offered = 0  # bit i: admission took chunk i
 
     def current(self) -> bool:
-        """Whether the file's content is still the one this chunk's bytes were read from."""
+        """Whether the file's content is still the one this block's bytes were read from."""
         return self.stamp_now() == self.stamp
 
 
@@ -119,6 +137,7 @@ class _Stream:
     next: int = -1  # where the next sequential request would start
     run: int = 0  # sequential requests in a row
     ahead: int = 0  # readahead has been queued up to here
+    last: tuple[int, int] = (-1, -1)  # the last request noted, (offset, end)
 
 
 class Fetcher:
@@ -129,26 +148,33 @@ class Fetcher:
         backing: OffLoop,
         *,
         chunk_size: int = CHUNK_SIZE,
+        block_size: int = BLOCK_SIZE,
         page_size: int = PAGE_SIZE,
         buffer_bytes: int = BUFFER_BYTES,
         readahead_max: int = READAHEAD_MAX,
         parallel_part: int = PARALLEL_PART,
         runners: int = RUNNERS,
     ) -> None:
+        if chunk_size % page_size or block_size % chunk_size or block_size > READ_MAX:
+            raise ValueError(f"a block ({block_size}) is whole chunks ({chunk_size}) of whole pages ({page_size}), at most {READ_MAX}")
         self.backing = backing
         self.cs = chunk_size
+        self.bs = block_size
         self.ps = page_size
-        self.ppc = chunk_size // page_size
-        self.full = (1 << self.ppc) - 1
-        self.capacity = max(1, buffer_bytes // chunk_size)
+        self.cpb = block_size // chunk_size  # chunks per block
+        self.ppc = chunk_size // page_size  # pages per chunk
+        self.ppb = block_size // page_size  # pages per block
+        self.full = (1 << self.ppb) - 1
+        self.chunk_full = (1 << self.ppc) - 1
+        self.capacity = max(1, buffer_bytes // block_size)
         self.readahead_max = readahead_max
         self.parallel_part = parallel_part
         self.runners = runners
         self.counters = FetchStats()
-        self._chunks: collections.OrderedDict[tuple[int, int], _Chunk] = collections.OrderedDict()
+        self._chunks: collections.OrderedDict[tuple[int, int], _Block] = collections.OrderedDict()  # (ino, block) -> entry
         self._streams: dict[Hashable, _Stream] = {}
         self._open: collections.Counter[int] = collections.Counter()  # ino -> open streams seen
-        self._queue: collections.OrderedDict[tuple[int, int], _Chunk] = collections.OrderedDict()
+        self._queue: collections.OrderedDict[tuple[int, int], _Block] = collections.OrderedDict()
         self._queued = trio.Event()
         self._hurry = trio.Event()  # set while queued work is readahead or the rest of a sequential stream's chunk
         self._handles: collections.OrderedDict[int, Any] = collections.OrderedDict()  # ino -> our own handle
@@ -160,51 +186,65 @@ class Fetcher:
         stamp = r.stamp()
         if stamp is None:
             return await self._direct(r, needs)
-        urgent = self._note_stream(r, needs)
-        entries = {c: self._entry(r, c, stamp) for c, _, _ in needs}
-        for e in entries.values():
-            e.touched = True
+        cs, cpb = self.cs, self.cpb
+        wanted: dict[int, list[int]] = {}  # block -> [the pages this request needs, its chunks (bits)]
+        for c, lo, hi in needs:
+            b, i = divmod(c, cpb)
+            w = wanted.get(b)
+            if w is None:
+                w = wanted[b] = [0, 0]
+            w[0] |= self._pages(i * cs + lo, i * cs + hi)
+            w[1] |= 1 << i
+        urgent = self._note_stream(r, needs[0][0] * cs + needs[0][1], needs[-1][0] * cs + needs[-1][2])
+        entries = {b: self._entry(r, b, stamp) for b in wanted}
+        spans = [(entries[b], w[1]) for b, w in wanted.items()]
+        for e, bits in spans:
+            e.touched |= bits
         while True:
-            mine: list[tuple[_Chunk, int, int]] = []  # (entry, chunk, pages this request reads)
+            mine: list[tuple[_Block, int, int]] = []  # (entry, block, pages this request reads)
             waits: list[trio.Event] = []
-            for c, lo, hi in needs:
-                e = entries[c]
-                missing = self._pages(lo, hi) & ~e.valid
+            for b, (pages, _) in wanted.items():
+                e = entries[b]
+                missing = pages & ~e.valid
                 if not missing:
                     continue
                 busy = missing & e.loading
                 if busy:
-                    waits += [ev for pages, ev in e.done if pages & busy]
+                    waits += [ev for p, ev in e.done if p & busy]
                 own = missing & ~e.loading
                 if own:
-                    mine.append((e, c, own))
+                    mine.append((e, b, own))
             if not mine and not waits:
                 break
-            if len(mine) < len(needs) or waits:
+            if len(mine) < len(wanted) or waits:
                 self.counters.buffer_hits += 1
             events = [self._claim(e, pages) for e, _, pages in mine]
-            self._queue_rest(entries.values(), urgent)
+            self._queue_rest(spans, urgent)
             if mine:
                 await self._read_now(r, mine, events)
             if waits:
                 await self._wait(waits)
-        self._queue_rest(entries.values(), urgent)
+        self._queue_rest(spans, urgent)
         out: dict[int, memoryview] = {}
         for c, lo, hi in needs:
-            e = entries[c]
-            end = max(0, hi if e.length is None else min(hi, e.length))
+            b, i = divmod(c, cpb)
+            e = entries[b]
+            at = i * cs
+            end = max(0, hi if e.length is None else min(hi, e.length - at))
+            if e.parts and e.valid == self.full:
+                self._materialize(e)  # complete, in parts: into one buffer once, not a copy per request
             if e.parts:
-                self._materialize(e)
-            if e.data is None:
+                out[c] = self._assemble(e, at, end, own=len(needs) == 1)
+            elif e.data is None:
                 out[c] = memoryview(b"")
             elif e.base is not None:
-                out[c] = e.data[:end]  # a view of a read's immutable bytes
+                out[c] = e.data[at : at + end]  # a view of a read's immutable bytes
             elif len(needs) == 1:
                 # the caller may hand this one piece on as the answer: give it bytes of its own, not our buffer
-                out[c] = memoryview(bytes(lo) + e.data[lo:end])
+                out[c] = memoryview(bytes(lo) + e.data[at + lo : at + end])
             else:
-                out[c] = memoryview(e.data).toreadonly()[:end]  # the caller joins the pieces at once
-        self._offer(entries.values(), r.offer)
+                out[c] = memoryview(e.data).toreadonly()[at : at + end]  # the caller joins the pieces at once
+        self._offer(spans, r.offer)
         return out
 
     async def read_span(self, r: Reader, offset: int, size: int, *, noted: bool = False) -> memoryview | None:
@@ -218,59 +258,85 @@ class Fetcher:
         stamp = r.stamp()
         if stamp is None or size <= 0:
             return None
-        cs, ps = self.cs, self.ps
-        first, last = offset // cs, (offset + size - 1) // cs
-        needs = [(c, offset - c * cs if c == first else 0, offset + size - c * cs if c == last else cs) for c in range(first, last + 1)]
-        found = [self._chunks.get((r.ino, c)) for c in range(first, last + 1)]
+        bs = self.bs
+        first, last = offset // bs, (offset + size - 1) // bs
+        if first == last:
+            e = self._chunks.get((r.ino, first))
+            lo = offset - first * bs
+            if e is None:
+                if not noted:
+                    # (the common cold case: a request inside one block nobody has read or queued)
+                    return await self._read_fresh(r, [(first, lo, lo + size)], offset, size, stamp)
+            elif e.base is not None and e.stamp == stamp:
+                # (a stream's request inside a block read whole: its view, without the lists below)
+                return self._view(r, [(first, e, self._chunk_bits(lo, lo + size))], offset, size, noted, e.base[0], e.base[1] + lo)
+        needs = [(b, offset - b * bs if b == first else 0, offset + size - b * bs if b == last else bs) for b in range(first, last + 1)]
+        found = [self._chunks.get((r.ino, b)) for b in range(first, last + 1)]
         found = [e if e is not None and e.stamp == stamp else None for e in found]
         e0 = found[0]
         base = e0.base if e0 is not None else None
         if base is not None and all(
-            e is not None and e.base is not None and e.base[0] is base[0] and e.base[1] == base[1] + i * cs for i, e in enumerate(found)
+            e is not None and e.base is not None and e.base[0] is base[0] and e.base[1] == base[1] + i * bs for i, e in enumerate(found)
         ):
-            self.counters.buffer_hits += 1
-            chunks = self._chunks
-            for c, e in zip(range(first, last + 1), found, strict=True):
-                assert e is not None
-                chunks.move_to_end((r.ino, c))  # the LRU's young end (found there just now, its stamp current)
-                e.touched = True
-            if not noted:
-                self._note_stream(r, needs)  # (its readahead may evict the oldest entries: not these, just moved)
-            self._offer(found, r.offer)  # type: ignore[arg-type]
-            at = base[1] + needs[0][1]
-            return memoryview(base[0])[at : at + size]
+            views = [(b, e, self._chunk_bits(lo, hi)) for (b, lo, hi), e in zip(needs, found, strict=True)]
+            return self._view(r, views, offset, size, noted, base[0], base[1] + needs[0][1])  # type: ignore[arg-type]
         if any(e is not None and (e.valid | e.loading) & self._pages(lo, hi) for e, (_, lo, hi) in zip(found, needs, strict=True)):
             waits = None if noted else self._in_flight(found, needs)
             if not waits:
                 return None
             # every page it needs is buffered or being read: wait for those reads (as `read` would), then look
             # again: readahead read in requests' sizes serves the request as one view, no copy, no join
-            self._note_stream(r, needs)  # before waiting: the stream's next readahead goes out meanwhile
+            self._note_stream(r, offset, offset + size)  # before waiting: the stream's next readahead goes out meanwhile
             await self._wait(waits)
             return await self.read_span(r, offset, size, noted=True)
         if noted:
             return None
-        urgent = self._note_stream(r, needs)
-        entries = [self._entry(r, c, stamp) for c, _, _ in needs]
-        claims = []
-        for e, (c, lo, hi) in zip(entries, needs, strict=True):
-            e.touched = True
-            pages = self._pages(lo, hi)
-            claims.append((e, c, pages, self._claim(e, pages)))
-        self._queue_rest(entries, urgent)
+        return await self._read_fresh(r, needs, offset, size, stamp)
+
+    def _view(
+        self, r: Reader, blocks: list[tuple[int, _Block, int]], offset: int, size: int, noted: bool, data: bytes, at: int
+    ) -> memoryview:
+        """`read_span` of a request wholly inside one read's bytes (`data`, the request's first byte at `at`), over
+        `blocks` ((block, entry, the request's chunks in it) each): a view of them, no copy."""
+        self.counters.buffer_hits += 1
+        chunks = self._chunks
+        for b, e, bits in blocks:
+            chunks.move_to_end((r.ino, b))  # the LRU's young end (found there just now, its stamp current)
+            e.touched |= bits
+        if not noted:
+            self._note_stream(r, offset, offset + size)  # (its readahead may evict the oldest entries: not these, just moved)
+        self._offer([(e, bits) for _, e, bits in blocks], r.offer)
+        return memoryview(data)[at : at + size]
+
+    async def _read_fresh(self, r: Reader, needs: list[tuple[int, int, int]], offset: int, size: int, stamp: Hashable) -> memoryview:
+        """`read_span` of a request none of whose pages is buffered or being read: one read, a view of its bytes."""
+        ps = self.ps
+        urgent = self._note_stream(r, offset, offset + size)
+        entries = [self._entry(r, b, stamp) for b, _, _ in needs]
         start = offset // ps * ps
         end = -(-(offset + size) // ps) * ps
+        fills = [(e, b, self._pages(lo, hi)) for e, (b, lo, hi) in zip(entries, needs, strict=True)]
+        spans = [(e, self._chunk_bits(lo, hi)) for e, (_, lo, hi) in zip(entries, needs, strict=True)]
+        for e, bits in spans:
+            e.touched |= bits
+        head = self.backing.pread_cached(r.handle, start, end - start)
+        # the host page cache held it all: read on the loop with nothing awaited, so no neighbour can come between
+        # the entries' creation and their filling (no claim, no event to wait on); else claim, then read the rest
+        claims = None if head is not None and len(head) == end - start else [self._claim(e, pages) for e, _, pages in fills]
+        if claims is not None:
+            self._queue_rest(spans, urgent)
         try:
-            data = await self.backing.pread(r.handle, start, end - start)
-            for e, c, pages, _ in claims:
-                self._fill(e, c, pages, start, data, end - start)
+            data = head if claims is None else await self.backing.pread_rest(r.handle, start, end - start, head)
+            for e, b, pages in fills:
+                self._fill(e, b, pages, start, data, end - start)
         finally:
-            for e, _, pages, ev in claims:
-                self._release(e, pages, ev)
+            if claims is not None:
+                for (e, _, pages), ev in zip(fills, claims, strict=True):
+                    self._release(e, pages, ev)
         self.counters.critical_reads += 1
         self.counters.critical_bytes += end - start
-        self._queue_rest(entries, urgent)
-        self._offer(entries, r.offer)
+        self._queue_rest(spans, urgent)
+        self._offer(spans, r.offer)
         return memoryview(data)[offset - start : offset - start + size]
 
     async def _wait(self, waits: list[trio.Event]) -> None:
@@ -285,10 +351,36 @@ class Fetcher:
         """Whether the chunk at byte `offset` of `ino` is readahead (of content `stamp`: read, being read or queued)
         no request has read yet: a request starting there is `read_span`'s, with no more looks in the store (it was
         not held when read ahead; a re-read of a chunk goes the usual way, a hit if it is held)."""
-        e = self._chunks.get((ino, offset // self.cs))
-        return e is not None and not e.touched and e.stamp == stamp
+        e = self._chunks.get((ino, offset // self.bs))
+        if e is None or e.stamp != stamp:
+            return False
+        i = offset % self.bs // self.cs
+        return not e.touched >> i & 1 and e.want >> i * self.ppc & self.chunk_full != 0
 
-    def _in_flight(self, found: list[_Chunk | None], needs: list[tuple[int, int, int]]) -> list[trio.Event] | None:
+    def buffered(self, ino: int, offset: int, size: int, stamp: Hashable) -> bool:
+        """Whether a request inside one block of `ino` finds all its pages there (of content `stamp`), read or being
+        read by one read of the whole block: `read_span` answers it with a view of that read, and the cache need
+        not look in the store first (what the buffer holds is the file's current content, and no backing read is
+        made for it). A stream whose requests are not chunk-aligned starts each request in a chunk its previous
+        request touched, so `read_ahead` does not take it. Not when admission took one of the request's chunks:
+        that chunk is the store's (or its queue's) now, and its read a hit, counted as one."""
+        b = offset // self.bs
+        if size <= 0 or (offset + size - 1) // self.bs != b:
+            return False
+        e = self._chunks.get((ino, b))
+        if e is None or e.stamp != stamp:
+            return False
+        lo = offset - b * self.bs
+        if e.offered & self._chunk_bits(lo, lo + size):
+            return False  # admission took one of its chunks: the store or its queue answers for it, a hit
+        if e.base is not None:
+            return True  # read whole by one read
+        if e.data is not None or e.parts:
+            return False  # read in parts: never one view
+        pages = self._pages(lo, lo + size)
+        return pages & e.loading == pages  # nothing read yet, the request's pages being read (readahead, whole blocks)
+
+    def _in_flight(self, found: list[_Block | None], needs: list[tuple[int, int, int]]) -> list[trio.Event] | None:
         """The reads to wait for when every page of `needs` is buffered or being read and some are being read; else None."""
         waits: list[trio.Event] = []
         for e, (_, lo, hi) in zip(found, needs, strict=True):
@@ -302,19 +394,31 @@ class Fetcher:
         return waits or None
 
     def _pages(self, lo: int, hi: int) -> int:
-        """The page bits covering bytes [lo, hi) of a chunk."""
+        """The page bits covering bytes [lo, hi) of a block."""
         first, last = lo // self.ps, (hi - 1) // self.ps
         return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
 
-    def _entry(self, r: Reader, c: int, stamp: Hashable) -> _Chunk:
-        key = (r.ino, c)
+    def _chunk_bits(self, lo: int, hi: int) -> int:
+        """The chunk bits covering bytes [lo, hi) of a block."""
+        first, last = lo // self.cs, (hi - 1) // self.cs
+        return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+
+    def _chunk_pages(self, bits: int) -> int:
+        """The page bits of the chunks in `bits`."""
+        pages, ppc = 0, self.ppc
+        for first, count in _bit_runs(bits):
+            pages |= ((1 << count * ppc) - 1) << first * ppc
+        return pages
+
+    def _entry(self, r: Reader, b: int, stamp: Hashable) -> _Block:
+        key = (r.ino, b)
         e = self._chunks.get(key)
         if e is not None and e.stamp != stamp:
             self.counters.stale_dropped += 1
             del self._chunks[key]
             e = None
         if e is None:
-            e = self._chunks[key] = _Chunk(r, c, stamp, self.cs)
+            e = self._chunks[key] = _Block(r, b, stamp)
             while len(self._chunks) > self.capacity:
                 old_key, _ = self._chunks.popitem(last=False)
                 self._queue.pop(old_key, None)
@@ -322,28 +426,28 @@ class Fetcher:
             self._chunks.move_to_end(key)
         return e
 
-    def _claim(self, e: _Chunk, pages: int, ev: trio.Event | None = None) -> trio.Event:
+    def _claim(self, e: _Block, pages: int, ev: trio.Event | None = None) -> trio.Event:
         e.loading |= pages
         ev = trio.Event() if ev is None else ev
         e.done.append((pages, ev))
         return ev
 
-    def _release(self, e: _Chunk, pages: int, ev: trio.Event) -> None:
+    def _release(self, e: _Block, pages: int, ev: trio.Event) -> None:
         """A read of `pages` ended (filled or failed): waiters look again."""
         e.loading &= ~pages
         e.done = [(p, x) for p, x in e.done if x is not ev]
         ev.set()
 
-    def _fill(self, e: _Chunk, c: int, pages: int, start: int, data: bytes, asked: int) -> None:
+    def _fill(self, e: _Block, b: int, pages: int, start: int, data: bytes, asked: int) -> None:
         """Copy the bytes of a read that started at file offset `start` into e's `pages`."""
-        base = c * self.cs
+        base = b * self.bs
         if len(data) < asked:  # end of file inside this read
             eof = start + len(data)
-            length = min(max(eof - base, 0), self.cs)
+            length = min(max(eof - base, 0), self.bs)
             e.length = length if e.length is None else min(e.length, length)
         at = base - start
-        if pages == self.full and not e.valid and e.data is None and len(data) >= at + self.cs and isinstance(data, bytes):
-            e.data = memoryview(data)[at : at + self.cs]  # the whole chunk from one read: keep a view, copy nothing
+        if pages == self.full and not e.valid and e.data is None and len(data) >= at + self.bs and isinstance(data, bytes):
+            e.data = memoryview(data)[at : at + self.bs]  # the whole block from one read: keep a view, copy nothing
             e.base = (data, at)
             e.valid = self.full
             return
@@ -355,25 +459,43 @@ class Fetcher:
             self._copy(e.data, pages, data, at)
         e.valid |= pages
 
-    def _materialize(self, e: _Chunk) -> None:
-        """Give e a buffer of its own holding every page read so far."""
+    def _materialize(self, e: _Block) -> None:
+        """Give e a buffer of its own holding every page read so far: when a read brings bytes that are not `bytes`
+        (`parts` keep a read's own bytes otherwise), and when a block read in parts is complete and read out (one
+        copy of it, not one per request)."""
         if e.data is None:
-            e.data = bytearray(self.cs)
+            e.data = bytearray(self.bs)
         assert isinstance(e.data, bytearray) or not e.parts
         for pages, data, at in e.parts:
             self._copy(e.data, pages, data, at)  # type: ignore[arg-type]
         e.parts = []
 
-    def _copy(self, buf: bytearray, pages: int, data: bytes, at: int) -> None:
-        view = memoryview(data)
-        for first, count in _bit_runs(pages):
-            lo, hi = first * self.ps, (first + count) * self.ps
-            piece = view[at + lo : at + hi]
-            buf[lo : lo + len(piece)] = piece
+    def _assemble(self, e: _Block, at: int, n: int, *, own: bool = True) -> memoryview:
+        """Bytes [at, at + n) of a block read in parts (pages not read are zeros): as bytes of their own (`own`: an
+        answer is immutable, as a read's own bytes are), else a read-only view of a buffer (the caller joins it)."""
+        buf = bytearray(n)
+        if n:
+            keep = self._pages(at, at + n)
+            for pages, data, off in e.parts:
+                if pages & keep:
+                    self._copy(buf, pages & keep, data, off, at)
+        return memoryview(bytes(buf)) if own else memoryview(buf).toreadonly()
 
-    async def _read_now(self, r: Reader, mine: list[tuple[_Chunk, int, int]], events: list[trio.Event]) -> None:
+    def _copy(self, buf: bytearray, pages: int, data: bytes, at: int, shift: int = 0) -> None:
+        """Pages `pages` of a read's bytes (the block's offset in them: `at`) into `buf`, which holds the block from `shift` on."""
+        view = memoryview(data)
+        room = len(buf)
+        for first, count in _bit_runs(pages):
+            lo = first * self.ps
+            piece = view[at + lo : at + lo + count * self.ps]
+            dst = lo - shift
+            if dst + len(piece) > room:
+                piece = piece[: max(0, room - dst)]
+            buf[dst : dst + len(piece)] = piece
+
+    async def _read_now(self, r: Reader, mine: list[tuple[_Block, int, int]], events: list[trio.Event]) -> None:
         """Read this request's own pages with its own handle: contiguous runs, large ones in parallel parts."""
-        pieces = [(e, c, pages, ev) for (e, c, pages), ev in zip(mine, events, strict=True)]
+        pieces = [(e, b, pages, ev) for (e, b, pages), ev in zip(mine, events, strict=True)]
         parts = self._split(self._runs(pieces))
         try:
             if len(parts) == 1:
@@ -389,45 +511,49 @@ class Fetcher:
         self.counters.critical_reads += len(parts)
         self.counters.critical_bytes += sum(size for _, size, _ in parts)
 
-    async def _read_part(self, handle: Any, part: tuple[int, int, list[tuple[_Chunk, int, int]]]) -> None:
+    async def _read_part(self, handle: Any, part: tuple[int, int, list[tuple[_Block, int, int]]]) -> None:
         # (in a thread whatever the page cache holds: the parts of a large read are copied in parallel, off the loop)
         self._filled(part, await self.backing.run(self.backing.sync.pread, handle, part[0], part[1]))
 
-    def _filled(self, part: tuple[int, int, list[tuple[_Chunk, int, int]]], data: bytes) -> None:
+    def _filled(self, part: tuple[int, int, list[tuple[_Block, int, int]]], data: bytes) -> None:
         start, size, members = part
-        for e, c, pages in members:
-            self._fill(e, c, pages, start, data, size)
+        for e, b, pages in members:
+            self._fill(e, b, pages, start, data, size)
 
-    def _runs(self, pieces: list[tuple[_Chunk, int, int, Any]]) -> list[tuple[int, int, list[tuple[_Chunk, int, int]]]]:
-        """Contiguous byte runs over (entry, chunk, pages): [(start, size, [(entry, chunk, contiguous pages)])]."""
-        runs: list[tuple[int, int, list[tuple[_Chunk, int, int]]]] = []
-        for e, c, pages, _ in sorted(pieces, key=lambda x: x[1]):
-            for first, count in ((0, self.ppc),) if pages == self.full else _bit_runs(pages):
-                start = c * self.cs + first * self.ps
+    def _runs(self, pieces: list[tuple[_Block, int, int, Any]]) -> list[tuple[int, int, list[tuple[_Block, int, int]]]]:
+        """Contiguous byte runs over (entry, block, pages): [(start, size, [(entry, block, contiguous pages)])]."""
+        runs: list[tuple[int, int, list[tuple[_Block, int, int]]]] = []
+        for e, b, pages, _ in sorted(pieces, key=lambda x: x[1]):
+            for first, count in ((0, self.ppb),) if pages == self.full else _bit_runs(pages):
+                start = b * self.bs + first * self.ps
                 bits = ((1 << count) - 1) << first
                 if runs and runs[-1][0] + runs[-1][1] == start:
                     s, n, members = runs[-1]
-                    runs[-1] = (s, n + count * self.ps, [*members, (e, c, bits)])
+                    runs[-1] = (s, n + count * self.ps, [*members, (e, b, bits)])
                 else:
-                    runs.append((start, count * self.ps, [(e, c, bits)]))
+                    runs.append((start, count * self.ps, [(e, b, bits)]))
         return runs
 
-    def _split(self, runs: list[tuple[int, int, list[tuple[_Chunk, int, int]]]]) -> list[tuple[int, int, list[tuple[_Chunk, int, int]]]]:
-        """Runs larger than `parallel_part` cut on chunk boundaries into up to PARALLEL_MAX parts read in parallel."""
+    def _split(self, runs: list[tuple[int, int, list[tuple[_Block, int, int]]]]) -> list[tuple[int, int, list[tuple[_Block, int, int]]]]:
+        """Runs larger than `parallel_part` cut on page boundaries into up to PARALLEL_MAX parts read in parallel."""
         if self.parallel_part <= 0:
             return runs
         out = []
+        ps, bs = self.ps, self.bs
         for start, size, members in runs:
-            n = min(PARALLEL_MAX, -(-size // self.parallel_part), len(members))
+            n = min(PARALLEL_MAX, -(-size // self.parallel_part))
             if n <= 1:
                 out.append((start, size, members))
                 continue
-            per = -(-len(members) // n)
-            for i in range(0, len(members), per):
-                group = members[i : i + per]
-                first = group[0][1] * self.cs + _bit_runs(group[0][2])[0][0] * self.ps
-                nbytes = sum(bin(bits).count("1") for _, _, bits in group) * self.ps
-                out.append((first, nbytes, group))
+            per = -(-size // (n * ps)) * ps
+            for cut in range(start, start + size, per):
+                stop = min(cut + per, start + size)
+                group = []
+                for e, b, bits in members:
+                    lo, hi = max(cut - b * bs, 0), min(stop - b * bs, bs)
+                    if lo < hi and bits & self._pages(lo, hi):
+                        group.append((e, b, bits & self._pages(lo, hi)))
+                out.append((cut, stop - cut, group))
         return out
 
     async def _direct(self, r: Reader, needs: list[tuple[int, int, int]]) -> dict[int, memoryview]:
@@ -446,57 +572,77 @@ class Fetcher:
             out[c] = memoryview(buf)[: lo + len(piece)]
         return out
 
-    def _offer(self, entries: Iterable[_Chunk], offer: Offer | None, *, background: bool = False) -> None:
-        """Offer the complete chunks among `entries` that a request touched, still of the file's current content.
+    def _offer(self, spans: Iterable[tuple[_Block, int]], offer: Offer | None, *, background: bool = False) -> None:
+        """Offer the complete chunks among `spans` ((entry, chunk bits) each) that a request touched, still of the
+        file's current content.
 
-        A request offers them at each touch, with its own `offer`, in one call (admission sees every read a guest
-        makes, as when every re-read was a miss; the cache's offer skips chunks it already holds); `background`
-        work offers each once, with the creating request's offer, until taken. An offer of None (admission wants
-        nothing of the file: no guest reads it) offers nothing.
+        A request offers the chunks it read at each touch, with its own `offer`, in one call (admission sees every
+        read a guest makes, as when every re-read was a miss; the cache's offer skips chunks it already holds);
+        `background` work offers each touched chunk once, with the creating request's offer, until taken. An offer
+        of None (admission wants nothing of the file: no guest reads it) offers nothing.
         """
         if offer is None and not background:
             return
-        full, chunks = self.full, self._chunks
-        groups: dict[int, tuple[Offer, list[_Chunk], list[tuple[int, bytes | memoryview]]]] = {}
+        cs, ppc, cf, cpb, chunks = self.cs, self.ppc, self.chunk_full, self.cpb, self._chunks
+        groups: dict[int, tuple[Offer, list[tuple[_Block, int]], list[tuple[int, bytes | memoryview]]]] = {}
         stamps: dict[int, Hashable] = {}  # ino -> its stamp now (one look per file)
-        for e in entries:
+        for e, bits in spans:
             fn = e.offer if background else offer
-            if fn is None or not e.touched or e.valid != full or (background and e.offered) or chunks.get((e.ino, e.chunk)) is not e:
-                continue  # not wanted, not asked for, incomplete, taken already, or replaced or evicted
-            now = stamps[e.ino] if e.ino in stamps else stamps.setdefault(e.ino, e.stamp_now())
-            if now != e.stamp:
-                continue  # the file changed since
-            if e.parts:
-                self._materialize(e)
-            length = self.cs if e.length is None else e.length
-            if not length or e.data is None:
-                continue
-            # a view of a read's immutable bytes is offered as it is; a filled bytearray is copied (it is ours)
-            data = e.data if e.base is not None else bytes(e.data[:length])
-            group = groups.get(id(fn))
-            if group is None:
-                group = groups[id(fn)] = (fn, [], [])
-            group[1].append(e)
-            group[2].append((e.chunk, data))
+            if background:
+                bits &= ~e.offered
+            if fn is None or not bits or chunks.get((e.ino, e.block)) is not e:
+                continue  # not wanted, taken already, or replaced or evicted
+            now = None
+            while bits:
+                low = bits & -bits
+                bits ^= low
+                i = low.bit_length() - 1
+                if e.valid >> i * ppc & cf != cf:
+                    continue  # not complete
+                if now is None:
+                    now = stamps[e.ino] if e.ino in stamps else stamps.setdefault(e.ino, e.stamp_now())
+                    if now != e.stamp:
+                        break  # the file changed since
+                at = i * cs
+                length = cs if e.length is None else min(cs, e.length - at)
+                if length <= 0:
+                    continue
+                # a view of a read's immutable bytes is offered as it is; bytes of ours are copied
+                if e.base is not None:
+                    data: bytes | memoryview = e.data[at : at + length]  # type: ignore[index]
+                elif e.parts:
+                    data = self._assemble(e, at, length)
+                elif e.data is not None:
+                    data = bytes(e.data[at : at + length])
+                else:
+                    continue
+                group = groups.get(id(fn))
+                if group is None:
+                    group = groups[id(fn)] = (fn, [], [])
+                group[1].append((e, i))
+                group[2].append((e.block * cpb + i, data))
         for fn, members, pieces in groups.values():
             refused = fn(pieces)
-            for e in members:
-                if e.chunk not in refused:
-                    e.offered = True
+            for e, i in members:
+                if e.block * cpb + i not in refused:
+                    e.offered |= 1 << i
 
     # ---- sequential streams and background work -----------------------------
-    def _note_stream(self, r: Reader, needs: list[tuple[int, int, int]]) -> bool:
-        """Sequential detection per open file; a sequential stream gets readahead queued past its request.
+    def _note_stream(self, r: Reader, offset: int, end: int) -> bool:
+        """Sequential detection per open file; a sequential stream gets readahead queued past its request [offset, end).
 
         True when the stream is sequential (its background work is waited for soon).
         """
-        offset = needs[0][0] * self.cs + needs[0][1]
-        end = needs[-1][0] * self.cs + needs[-1][2]
         size = end - offset
         s = self._streams.get(r.stream)
         if s is None:
             s = self._streams[r.stream] = _Stream()
             self._open[r.ino] += 1
+        if s.last == (offset, end):
+            # the same request again (`read` after `read_span` declined it, or a guest reading one range twice in
+            # a row): no step forward, so it neither makes a stream sequential nor reads further ahead
+            return s.run > 0
+        s.last = (offset, end)
         # a little slack: a guest's queue depth can reorder neighbouring requests
         if s.next >= 0 and s.next - size <= offset <= s.next + size:
             s.run += 1
@@ -509,7 +655,9 @@ class Fetcher:
         if self.readahead_max <= 0:
             return True
         window = min(self.readahead_max, max(size, 128 << 10) << min(s.run, 4))
-        limit = end + window
+        # to a block's end: a block read ahead whole is one read and one view of it; a window ending inside a block
+        # left the rest of that block to the next top-up, a second read, and every request in it a copy
+        limit = -(-(end + window) // self.bs) * self.bs
         if r.size is not None:
             limit = min(limit, r.size)  # readahead stops at end of file
         start = max(s.ahead, end)
@@ -519,26 +667,36 @@ class Fetcher:
         stamp = r.stamp()
         if stamp is None:
             return True
-        ino, buffered, queue, full, cs = r.ino, self._chunks, self._queue, self.full, self.cs
-        chunks = range(start // cs, (limit - 1) // cs + 1)
-        new = [c for c in chunks if (ino, c) not in buffered]
-        held: Collection[int] = ()
-        if new:  # one look at the index for them all
-            held = r.held_range(new[0], new[-1]) if r.held_range is not None else [c for c in new if r.held(c)]
+        cs, cpb, ppc = self.cs, self.cpb, self.ppc
+        first, last = start // cs, (limit - 1) // cs  # the chunks read ahead: whole ones, as admission takes them
+        # one look at the index for them all
+        held = r.held_range(first, last) if r.held_range is not None else {c for c in range(first, last + 1) if r.held(c)}
+        ino, buffered, queue, cf = r.ino, self._chunks, self._queue, self.chunk_full
         queued = 0
-        for c in chunks:
-            key = (ino, c)
+        for b in range(first // cpb, last // cpb + 1):
+            lo, hi = max(first, b * cpb), min(last, b * cpb + cpb - 1)  # its chunks in the window
+            if not held or not any(c in held for c in range(lo, hi + 1)):
+                pages = ((1 << (hi - lo + 1) * ppc) - 1) << (lo - b * cpb) * ppc
+                n = hi - lo + 1
+            else:  # a hit when the stream gets there: reading it again would be bytes nobody needs
+                pages = n = 0
+                for c in range(lo, hi + 1):
+                    if c not in held:
+                        pages |= cf << (c - b * cpb) * ppc
+                        n += 1
+                if not pages:
+                    continue
+            key = (ino, b)
             e = buffered.get(key)
             if e is None:
-                if held and c in held:
-                    continue  # a hit when the stream gets there: reading it again would be bytes nobody needs
-                e = buffered[key] = queue[key] = _Chunk(r, c, stamp, cs)  # (as `_entry`; the buffer's bound kept below)
-                queued += 1
-                continue
-            e = self._entry(r, c, stamp)  # (replaces it if stale)
-            if e.valid | e.loading != full and e.length is None:
-                queue[key] = e
-                queued += 1
+                e = buffered[key] = _Block(r, b, stamp)  # (as `_entry`; the buffer's bound kept below)
+            else:
+                e = self._entry(r, b, stamp)  # (replaces it if stale)
+                if e.length is not None or not pages & ~(e.valid | e.loading):
+                    continue  # ends the file (read to its end already), or read or being read
+            e.want |= pages
+            queue[key] = e
+            queued += n
         while len(buffered) > self.capacity:
             queue.pop(buffered.popitem(last=False)[0], None)
         if queued:
@@ -547,8 +705,9 @@ class Fetcher:
             self._hurry.set()
         return True
 
-    def _queue_rest(self, entries: Any, sequential: bool) -> None:
-        """Queue the unread pages of the chunks a sequential stream's request touched: it reads them next.
+    def _queue_rest(self, spans: Iterable[tuple[_Block, int]], sequential: bool) -> None:
+        """Queue the unread pages of the chunks a sequential stream's request touched ((entry, chunk bits) each): it
+        reads them next.
 
         A request that is not part of a sequential stream gets nothing read
         beyond its own pages: the backing never reads more than the guests
@@ -557,9 +716,11 @@ class Fetcher:
         if not sequential:
             return
         queued = False
-        for e in entries:
-            if e.valid | e.loading != self.full and e.length is None and e.current():
-                self._queue[(e.ino, e.chunk)] = e
+        for e, bits in spans:
+            pages = self._chunk_pages(bits)
+            if pages & ~(e.valid | e.loading) and e.length is None and e.current():
+                e.want |= pages
+                self._queue[(e.ino, e.block)] = e
                 queued = True
         if queued:
             self._queued.set()
@@ -610,27 +771,27 @@ class Fetcher:
         stamps: dict[int, Hashable] = {}  # ino -> its stamp now (one look per file)
         total = 0
         ev = trio.Event()  # one for the whole batch: its reads come back together, in one hand-off
-        queue, chunks, full, ppc, cs, ps = self._queue, self._chunks, self.full, self.ppc, self.cs, self.ps
+        queue, chunks, full, ppb, bs, ps = self._queue, self._chunks, self.full, self.ppb, self.bs, self.ps
         last: _Read | None = None
         while queue and total < BATCH_BYTES:
             key, e = queue.popitem(last=False)
             if chunks.get(key) is not e or e.length is not None:
                 continue  # evicted, or ends the file (already read to its end)
-            ino, c = key
+            ino, b = key
             now = stamps[ino] if ino in stamps else stamps.setdefault(ino, e.stamp_now())
             if now != e.stamp:
                 continue  # stale since it was queued
-            pages = full & ~(e.valid | e.loading)
+            pages = e.want & ~(e.valid | e.loading)
             if not pages:
                 continue
             e.loading |= pages  # (as `_claim`)
             e.done.append((pages, ev))
             if ino not in files:
                 files[ino] = (e.path, self._handles.get(ino))
-            for first, count in ((0, ppc),) if pages == full else _bit_runs(pages):
-                start = c * cs + first * ps
+            for first, count in ((0, ppb),) if pages == full else _bit_runs(pages):
+                start = b * bs + first * ps
                 nbytes = count * ps
-                member = (e, c, ((1 << count) - 1) << first, ev)
+                member = (e, b, ((1 << count) - 1) << first, ev)
                 if last is not None and last.ino == ino and last.start + last.size == start and last.size + nbytes <= READ_MAX:
                     last.size += nbytes
                     last.members.append(member)
@@ -665,46 +826,37 @@ class Fetcher:
                 self._to_close.append(handle)  # its last open file closed meanwhile
         stamps: dict[int, Hashable] = {}  # ino -> its stamp now (the same for every entry of one file)
         events = set()
-        touched: dict[int, _Chunk] = {}  # (an entry may be in two reads of the batch: offered once)
-        full, cs = self.full, self.cs
+        touched: dict[int, _Block] = {}  # (an entry may be in two reads of the batch: offered once)
         for rd, got in zip(reads, results, strict=True):
             ok = isinstance(got, bytes)
             if ok:
                 self.counters.background_reads += 1
                 self.counters.background_bytes += rd.size
-                whole = len(got) == rd.size
-                view = memoryview(got)
-            for e, c, pages, ev in rd.members:
+            for e, b, pages, ev in rd.members:
                 # bytes read while the file's content moved are not kept: nobody asked for them
                 if ok:
                     now = stamps[e.ino] if e.ino in stamps else stamps.setdefault(e.ino, e.stamp_now())
                     if now == e.stamp:
-                        at = c * cs - rd.start
-                        if whole and pages == full and not e.valid and e.data is None:
-                            e.data = view[at : at + cs]  # (as `_fill`: the whole chunk from one read, a view, no copy)
-                            e.base = (got, at)
-                            e.valid = full
-                        else:
-                            self._fill(e, c, pages, rd.start, got, rd.size)
+                        self._fill(e, b, pages, rd.start, got, rd.size)  # (a whole block read whole: a view of it)
                 e.loading &= ~pages
                 done = e.done
                 e.done = [] if len(done) == 1 and done[0][1] is ev else [(p, x) for p, x in done if x is not ev]
                 events.add(ev)
                 if e.touched:  # (readahead nobody has asked for yet is offered when a request touches it)
                     touched[id(e)] = e
-        self._offer(touched.values(), None, background=True)
+        self._offer([(e, e.touched) for e in touched.values()], None, background=True)
         for ev in events:
             ev.set()  # (as `_release`: the waiters look again, now that every page of the batch is filled)
 
 
 @dataclasses.dataclass(slots=True)
 class _Read:
-    """One background pread: contiguous bytes of one file, over the pages of one or more chunks."""
+    """One background pread: contiguous bytes of one file, over the pages of one or more blocks."""
 
     ino: int
     start: int
     size: int
-    members: list[tuple[_Chunk, int, int, trio.Event]]  # (entry, chunk, pages, the claim's event)
+    members: list[tuple[_Block, int, int, trio.Event]]  # (entry, block, pages, the claim's event)
 
 
 def _batch(
@@ -755,13 +907,10 @@ def _close_all(sync: Any, handles: list[Any]) -> None:
 def _bit_runs(bits: int) -> list[tuple[int, int]]:
     """Runs of set bits, lowest first: [(first bit, count)]."""
     runs = []
-    p = 0
-    while bits >> p:
-        if bits >> p & 1:
-            start = p
-            while bits >> p & 1:
-                p += 1
-            runs.append((start, p - start))
-        else:
-            p += 1
+    while bits:
+        first = (bits & -bits).bit_length() - 1
+        ones = bits >> first
+        count = (~ones & (ones + 1)).bit_length() - 1  # the run's length: where its first clear bit is
+        runs.append((first, count))
+        bits &= ~(((1 << count) - 1) << first)
     return runs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from fusecache.errors import QuietError
 from fusecache.geometry import CHUNK_SIZE
@@ -121,7 +122,9 @@ class Store:
         """
         return self._reader.read_chunks(ino, gen, first, last, lo, hi)
 
-    def read_span(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> bytes | memoryview | None:
+    def read_span(
+        self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None, missing: Any = None
+    ) -> bytes | memoryview | None:
         """A whole request in one buffer, copied once: chunks first..last as `read_chunks` reads them, joined.
 
         Every chunk is copied straight into one buffer and verified there (the
@@ -129,9 +132,11 @@ class Store:
         partial first or last one), so no second copy joins them. Returns a
         read-only memoryview, or bytes for a request inside one chunk (pyfuse3
         replies from any buffer), shorter at end of file; None unless every chunk is a verified hit, and then counts
-        no hits or misses: ask `read_chunks` for the per-chunk answer.
+        no hits or misses: ask `read_chunks` for the per-chunk answer. `missing` (not None): returned instead, the
+        miss counted, when the request is inside one chunk and the index has no entry for it (a miss, as
+        `all_missing` would say: no second look needed).
         """
-        return self._reader.read_span(ino, gen, first, last, lo, hi)
+        return self._reader.read_span(ino, gen, first, last, lo, hi, missing)
 
     def file_record(self, ino: int) -> tuple[int, Version] | None:
         """(gen, version) recorded for `ino`, or None."""

@@ -282,7 +282,9 @@ class Reader:
         hi -= p0 << SHIFT
         return data if lo == 0 and hi == len(data) else data[lo:hi]
 
-    def read_span(self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None) -> bytes | memoryview | None:
+    def read_span(
+        self, ino: int, gen: int, first: int, last: int, lo: int = 0, hi: int | None = None, missing: Any = None
+    ) -> bytes | memoryview | None:
         if first == last:
             # One chunk (every request of 64 KiB or less that does not straddle two): its location from the
             # hit index, else LMDB; copied straight out of the map into a bytes of the request's pages.
@@ -293,7 +295,9 @@ class Reader:
                 with self.env.begin(db=self.tables.loc) as txn:
                     value = txn.get(key)
                 if value is None:
-                    return None
+                    if missing is not None:
+                        self.counters["misses"] += 1
+                    return missing
                 self._remember(key, value, epoch)
             data = self.chunk_of(value, lo, hi)
             if data is None:

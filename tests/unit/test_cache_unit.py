@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from typing import Any
 
 import pytest
 import trio
@@ -404,3 +405,164 @@ def test_a_streams_read_ahead_chunks_are_served_without_reads_lookups(tmp_path):
     assert "all_missing" in looked[0]  # the stream's first request: nothing read ahead yet
     assert looked[2:] == [["read_span"]] * 6, looked  # read ahead: the hit check only
     assert hit == CS  # admitted meanwhile: a re-read is a hit
+
+
+def test_a_files_misses_share_one_reader_until_its_state_changes(mem):
+    """The fetcher's Reader is built once per open file and reused by its next misses; a write through the file
+    (a new write epoch) or a new generation builds another, so chunks read after them are admitted as they are."""
+    backing, cache = mem
+    data = os.urandom(4 * CS)
+    backing.put("a.img", data)
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        st = cache.files.fresh(f.ino)
+        first = cache._reader(f, st)
+        assert cache._reader(f, st) is first, "a second miss with nothing changed built a new reader"
+        assert bytes(await cache.read(f, 0, CS)) == data[:CS]
+        assert cache._reader(f, st) is first
+        await cache.write(f, CS + 10, b"w" * 10)  # the file's write epoch moves
+        after_write = cache._reader(f, st)
+        assert after_write is not first
+        assert bytes(await cache.read(f, CS, CS)) == data[CS : CS + 10] + b"w" * 10 + data[CS + 20 : 2 * CS]
+        await cache.queue.drain()
+        assert cache.images["a.img"].admitted_chunks == 2, "a chunk read after the write was not admitted"
+        gen = st.gen
+        backing.put("a.img", data[::-1])  # changed behind the cache's back: a new generation at the next open
+        f = await open_file(cache, backing, "a.img")
+        st = cache.files.fresh(f.ino)
+        assert st.gen != gen
+        assert cache._reader(f, st) is not after_write
+        assert bytes(await cache.read(f, 0, CS)) == data[::-1][:CS]
+        cache.closed(f)
+        assert f.fh not in cache._readers, "a closed file's reader was kept"
+
+    trio.run(go)
+
+
+def test_a_one_chunk_miss_looks_the_index_up_once(mem, monkeypatch):
+    """A cold request inside one chunk is found missing by the hit path's own look-up: the cold path takes it
+    without a second look at the index (`all_missing`), and the store counts one miss for it, not two."""
+    backing, cache = mem
+    data = os.urandom(4 * CS)
+    backing.put("a.img", data)
+    looks: list[tuple[int, int]] = []
+    all_missing = cache.store.all_missing
+
+    def counted(ino: int, gen: int, first: int, last: int) -> bool:
+        looks.append((first, last))
+        return all_missing(ino, gen, first, last)
+
+    monkeypatch.setattr(cache.store, "all_missing", counted)
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        misses = cache.store.stats().misses
+        for at in (CS + 4096, 3 * CS, 8192):
+            assert bytes(await cache.read(f, at, 4096)) == data[at : at + 4096]
+        one_chunk = cache.store.stats().misses - misses
+        assert bytes(await cache.read(f, 2 * CS - 4096, 8192)) == data[2 * CS - 4096 : 2 * CS + 4096]  # two chunks
+        return one_chunk
+
+    assert trio.run(go) == 3
+    assert looks == [(1, 2)], f"the index was looked up again for one-chunk misses: {looks}"
+
+
+def test_a_stream_not_aligned_to_chunks_is_served_from_the_fetchers_buffer_without_the_general_path(mem, monkeypatch):
+    """128 KiB requests from 4 KiB on (each starts in a chunk its predecessor read, so it is not "read ahead"): once
+    the stream's readahead has whole blocks in the fetcher's buffer, a request inside one is answered from there,
+    without `_read`'s looks at the index and the admission queue; every answer is the file's bytes. (Admission wants
+    nothing of the file, as second chance with no guest reading it: nothing it reads is admitted.)"""
+    backing, cache = mem
+    monkeypatch.setattr(cache.admission, "wants", lambda ino: False)
+    data = os.urandom(8 * MiB)
+    backing.put("a.img", data)
+    general: list[int] = []
+    real = cache._read
+
+    async def counted(f: OpenFile, offset: int, size: int, *args: Any) -> Any:
+        general.append(offset)
+        return await real(f, offset, size, *args)
+
+    monkeypatch.setattr(cache, "_read", counted)
+    step = 128 << 10
+    requests = range(4096, len(data) - step, step)
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.fetcher.run)
+            f = await open_file(cache, backing, "a.img")
+            for at in requests:
+                assert bytes(await cache.read(f, at, step)) == data[at : at + step]
+                await trio.sleep(0.001)  # (a guest's next request comes later: the readahead lands meanwhile)
+            nursery.cancel_scope.cancel()
+
+    trio.run(go)
+    # the first requests (before the stream has readahead) and those crossing a block's end take it; the rest do not
+    assert len(general) < len(requests) // 3, f"{len(general)} of {len(requests)} requests took the general path"
+
+
+def test_the_chunks_one_request_offers_are_checked_against_the_index_in_one_look(mem, monkeypatch):
+    """A cold 1 MiB read admits its sixteen chunks (inclusive): which of them the cache holds already is one scan of
+    the index (`held_chunks` over their range), not a look per chunk; each is admitted once, with its own bytes."""
+    backing, cache = mem
+    data = os.urandom(2 * MiB)
+    backing.put("a.img", data)
+    looks: list[tuple[int, int]] = []
+    held_chunks = cache.store.held_chunks
+
+    def counted(ino: int, gen: int, first: int, last: int) -> set[int]:
+        looks.append((first, last))
+        return held_chunks(ino, gen, first, last)
+
+    monkeypatch.setattr(cache.store, "held_chunks", counted)
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        assert bytes(await cache.read(f, MiB, MiB)) == data[MiB:]
+        await cache.queue.drain()
+        reads = backing.preads
+        assert bytes(await cache.read(f, MiB, MiB)) == data[MiB:]  # a hit: each chunk was admitted with its own bytes
+        assert backing.preads == reads
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.queue.run)
+            await go()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    per = MiB // CS
+    assert looks == [(per, 2 * per - 1)], f"the index was looked up per chunk: {looks}"
+    assert cache.images["a.img"].admitted_chunks == per
+
+
+def test_a_stream_re_reading_what_admission_took_counts_hits_not_the_fetchers_buffer(mem):
+    """Inclusive admission takes a stream's chunks as it reads them: a second pass over them, before the writer has
+    committed them, is answered from the admission queue and counted as hits, although the fetcher's buffer still
+    holds every block whole (the buffer does not take requests whose chunks admission took)."""
+    backing, cache = mem
+    data = os.urandom(4 * MiB)
+    backing.put("a.img", data)
+    step = 128 << 10
+    requests = range(4096, len(data) - step, step)
+
+    async def go():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.fetcher.run)  # (the writer is not running: what is admitted stays queued)
+            f = await open_file(cache, backing, "a.img")
+            for _ in range(2):
+                for at in requests:
+                    assert bytes(await cache.read(f, at, step)) == data[at : at + step]
+                    await trio.sleep(0.001)
+                if _ == 0:
+                    first = cache.images["a.img"].hit_bytes
+            nursery.cancel_scope.cancel()
+        return first
+
+    first = trio.run(go)
+    c = cache.images["a.img"]
+    second_pass = len(requests) * step
+    # the first pass's last chunks complete in the background after their requests: a few bytes of the second pass
+    # may still be read from the buffer; all but those are hits
+    assert c.hit_bytes - first >= second_pass - 2 * CS, f"{c.hit_bytes - first} of {second_pass} bytes counted as hits"

@@ -7,15 +7,18 @@ gate, which makes the races of the read path happen on purpose.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import hypothesis as hyp
+import hypothesis.strategies as hst
 import trio
 
 from fusecache.backing import OffLoop
-from fusecache.fetch import Fetcher, Reader
+from fusecache.fetch import Fetcher, Reader, _bit_runs
 from fusecache.geometry import CHUNK_SIZE as CS
 from fusecache.geometry import PAGE_SIZE as PS
 
@@ -537,3 +540,203 @@ def test_a_request_waiting_for_a_failed_readahead_reads_its_bytes_itself():
         await settle(fetcher)
 
     run_with_fetcher(backing, body)
+
+
+class PageCacheFake(FakeBacking):
+    """A fake whose pages in `cached` are in a host page cache: `pread_cached` reads them on the loop, as
+    `LocalBacking` does with RWF_NOWAIT (the bytes from `offset` on up to the first page not cached)."""
+
+    def __init__(self, files: dict[str, bytes], cached: Callable[[int], bool]) -> None:
+        super().__init__(files)
+        self.cached = cached
+        self.loop_reads: list[tuple[int, int, int]] = []
+        self.loop_thread = threading.get_ident()
+
+    def pread_cached(self, h: _Handle, offset: int, size: int) -> bytes | None:
+        assert threading.get_ident() == self.loop_thread
+        n = 0
+        while n < size and self.cached((offset + n) // PS):
+            n += PS
+        if n == 0:
+            return None
+        data = bytes(self.files[self._path(h.ino)][offset : offset + min(n, size)])
+        with self.lock:
+            self.reads.append((h.ino, offset, len(data)))
+            self.loop_reads.append((h.ino, offset, len(data)))
+        return data
+
+
+def test_misses_the_page_cache_holds_are_read_on_the_loop_each_page_once():
+    """Misses answered from the host page cache on the loop (no thread, no claim) keep every rule of the miss path:
+    right bytes, each page read from the backing once (a stream's background reads skip the pages the loop read),
+    complete chunks offered with their own bytes."""
+    size = 16 * CS
+    data = os.urandom(size)
+    backing = PageCacheFake({"disk.img": data}, lambda page: True)
+    f = File(backing, "disk.img")
+
+    async def body(fetcher: Fetcher) -> None:
+        for at in range(0, 4 * CS, PS):  # a stream of 4 KiB reads: its chunks' rest and readahead in the background
+            assert await read(fetcher, f, at, PS) == data[at : at + PS]
+        await settle(fetcher)
+        for at in (13 * CS + 5 * PS, 9 * CS, 11 * CS - PS):  # random misses beyond the readahead
+            assert await read(fetcher, f, at, 3 * PS) == data[at : at + 3 * PS]
+        await settle(fetcher)
+
+    run_with_fetcher(backing, body)
+    counts = backing.read_counts(f.ino, size)
+    assert max(counts) == 1, f"pages read more than once: {[p for p, n in enumerate(counts) if n > 1][:10]}"
+    assert backing.loop_reads, "no miss was read on the loop"
+    assert len(backing.loop_reads) < len(backing.reads), "the stream's background reads did not go to threads"
+    assert all(d == data[c * CS : (c + 1) * CS] for c, d in f.offers)
+    assert {0, 1, 2, 3} <= {c for c, _ in f.offers}
+
+
+def test_a_miss_partly_in_the_page_cache_reads_only_the_rest_in_a_thread():
+    """What the page cache holds of a miss's start is read on the loop, only the rest in a worker thread; a
+    neighbour that needs those pages meanwhile waits for that read rather than reading them again."""
+    data = os.urandom(4 * CS)
+    backing = PageCacheFake({"disk.img": data}, lambda page: page % 4 == 0)
+    backing.hold = lambda offset, size: True  # the thread's read waits at the gate
+    f = File(backing, "disk.img")
+    other = File(backing, "disk.img", fh=2)  # another open file (not part of f's stream): no readahead
+    got: dict[str, bytes] = {}
+
+    async def body(fetcher: Fetcher) -> None:
+        async def first() -> None:
+            got["first"] = await read(fetcher, f, CS, 3 * PS)
+
+        async def neighbour() -> None:
+            got["neighbour"] = await read(fetcher, other, CS + PS, PS)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await trio.to_thread.run_sync(backing.held.wait, 10)
+            nursery.start_soon(neighbour)
+            await trio.sleep(0.05)
+            backing.gate.set()
+        await settle(fetcher)
+
+    run_with_fetcher(backing, body)
+    assert got == {"first": data[CS : CS + 3 * PS], "neighbour": data[CS + PS : CS + 2 * PS]}
+    assert backing.loop_reads == [(f.ino, CS, PS)]
+    assert backing.reads == [(f.ino, CS, PS), (f.ino, CS + PS, 2 * PS)], "bytes were read twice, or beyond the requests"
+
+
+@hyp.settings(max_examples=500, deadline=None)
+@hyp.given(bits=hst.integers(min_value=0, max_value=(1 << 300) - 1))
+def test_bit_runs_are_the_runs_of_set_bits(bits: int) -> None:
+    runs = _bit_runs(bits)
+    assert sum(((1 << count) - 1) << first for first, count in runs) == bits
+    assert all(count > 0 for _, count in runs)
+    # lowest first, never two runs touching (each run is maximal)
+    assert all(a + n < b for (a, n), (b, _) in itertools.pairwise(runs))
+
+
+# (offset, size) of one request, and whether the cache would hand it to `read_span` first
+_REQUEST = hst.tuples(hst.integers(min_value=0, max_value=40 * PS), hst.integers(min_value=1, max_value=80 * PS), hst.booleans())
+
+
+@hyp.settings(max_examples=60, deadline=None, suppress_health_check=[hyp.HealthCheck.too_slow])
+@hyp.given(
+    block_size=hst.sampled_from([CS, 4 * CS, 16 * CS]),
+    requests=hst.lists(
+        hst.tuples(hst.integers(min_value=0, max_value=1), _REQUEST, hst.integers(min_value=1, max_value=6)), min_size=1, max_size=12
+    ),
+    tail=hst.integers(min_value=0, max_value=CS - 1),
+)
+def test_any_mix_of_requests_gets_the_files_bytes_and_offers_only_whole_chunks(
+    block_size: int, requests: list[tuple[int, tuple[int, int, bool], int]], tail: int
+) -> None:
+    """Whatever the block size and the requests (two open files; runs of neighbouring requests make streams, with
+    readahead; random ones read only their pages; some go to `read` per chunk): every answer is the file's bytes,
+    and every chunk offered for admission is a whole chunk of the file (or its end) with its own bytes."""
+    size = 40 * PS * 2 + tail  # (the last chunk ends inside the file)
+    data = os.urandom(size)
+    backing = FakeBacking({"disk.img": data})
+    files = [File(backing, "disk.img", fh=1), File(backing, "disk.img", fh=2)]
+
+    async def body(fetcher: Fetcher) -> None:
+        for which, (offset, length, span), run in requests:
+            f = files[which]
+            for k in range(run):  # `run` neighbouring requests: a stream from the second on
+                at = offset + k * length
+                if at >= size:
+                    break
+                assert await read(fetcher, f, at, length, span=span) == data[at : at + length]
+        await settle(fetcher)
+
+    run_with_fetcher(backing, body, block_size=block_size, buffer_bytes=8 * CS)
+    for f in files:
+        for c, piece in f.offers:
+            assert bytes(piece) == data[c * CS : (c + 1) * CS], f"chunk {c} offered with the wrong bytes"
+
+
+def test_a_request_offers_the_chunks_it_read_and_no_others_of_its_block():
+    """Chunks share a buffer entry (a block): a request offers only the chunks it read, complete, not the block's others."""
+    data = os.urandom(8 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+
+    async def body(fetcher: Fetcher) -> None:
+        assert await read(fetcher, f, 0, CS) == data[:CS]
+        assert await read(fetcher, f, 5 * CS, CS) == data[5 * CS : 6 * CS]  # not sequential: nothing read ahead
+        assert await read(fetcher, f, 2 * CS + PS, PS) == data[2 * CS + PS : 2 * CS + 2 * PS]  # chunk 2 incomplete
+        await settle(fetcher)
+
+    run_with_fetcher(backing, body)
+    assert [c for c, _ in f.offers] == [0, 5]
+    assert backing.read_counts(f.ino, len(data)) == [1] * 16 + [0] * 17 + [1] + [0] * 46 + [1] * 16 + [0] * 32
+
+
+def test_a_read_ahead_chunk_is_the_fetchers_until_a_request_reads_it_and_a_held_one_never_is():
+    """`read_ahead` (the cache skips its store lookups for such a chunk) is per chunk inside a block: true for a
+    chunk read ahead that no request has read, false once one has, and false for a chunk readahead skipped because
+    the cache holds it (that request must find it in the store)."""
+    data = os.urandom(16 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+    f.held = {6}
+
+    async def body(fetcher: Fetcher) -> None:
+        for at in range(0, 2 * CS, 16384):  # a stream: readahead over the rest of the block, but chunk 6
+            assert await read(fetcher, f, at, 16384) == data[at : at + 16384]
+        await settle(fetcher)
+        stamp = f.stamp()
+        assert fetcher.read_ahead(f.ino, 4 * CS, stamp) and fetcher.read_ahead(f.ino, 7 * CS + PS, stamp)
+        assert not fetcher.read_ahead(f.ino, 6 * CS, stamp), "a chunk the cache holds was taken for readahead"
+        assert not fetcher.read_ahead(f.ino, CS, stamp), "a chunk a request read is still taken for readahead"
+        assert not fetcher.read_ahead(f.ino, 4 * CS, (stamp[0] + 1, stamp[1])), "readahead of other content"
+        assert await read(fetcher, f, 4 * CS, PS) == data[4 * CS : 4 * CS + PS]
+        assert not fetcher.read_ahead(f.ino, 4 * CS, stamp)
+
+    run_with_fetcher(backing, body)
+    assert not any(backing.read_counts(f.ino, len(data))[6 * 16 : 7 * 16])
+
+
+def test_a_request_inside_a_block_read_whole_is_known_to_be_buffered():
+    """`buffered` (the cache skips the store for such a request): true for a request inside one block that one read
+    brought whole (or is bringing), false across blocks, for a block read in parts, and for other content."""
+    mib = 1 << 20
+    data = os.urandom(4 * mib)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+
+    async def body(fetcher: Fetcher) -> None:
+        assert await read(fetcher, f, 0, 4096) == data[:4096]  # block 0: in parts from here on
+        for at in range(4096, 10 * 65536, 65536):  # a stream: readahead reads blocks 1.. whole
+            assert await read(fetcher, f, at, 65536) == data[at : at + 65536]
+        await settle(fetcher)
+        stamp = f.stamp()
+        assert fetcher.buffered(f.ino, mib + 4096, 200 << 10, stamp)
+        assert not fetcher.buffered(f.ino, 2 * mib - 4096, 8192, stamp), "a request across two blocks"
+        assert not fetcher.buffered(f.ino, 8192, 4096, stamp), "a block read in parts is never one view"
+        assert not fetcher.buffered(f.ino, mib, 4096, (stamp[0] + 1, stamp[1])), "another content"
+        view = await fetcher.read_span(f.reader(), mib + 4096, 200 << 10)
+        assert view is not None and bytes(view) == data[mib + 4096 : mib + 4096 + (200 << 10)]
+        # admission took the chunks that request completed: they are the store's now, a re-read of them a hit
+        assert f.offers and not fetcher.buffered(f.ino, mib + 4096, 200 << 10, stamp)
+        assert fetcher.buffered(f.ino, mib + (256 << 10), 4096, stamp), "a chunk of the block nobody read is still the buffer's"
+
+    run_with_fetcher(backing, body)
+    assert max(backing.read_counts(f.ino, len(data))) == 1
