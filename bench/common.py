@@ -235,6 +235,18 @@ def read_path(work, size, store_size, policy):
     offloop = OffLoop(backing)
     files = Files(offloop, store, queue, revalidate=3600.0)
     return backing, store, queue, offloop, files, Cache(offloop, files, queue, policy(files, offloop))
+
+
+def collect_as_the_daemon():
+    \"""The cyclic collector as a mount runs it while serving (what was built so far frozen, its thresholds): at
+    Python's defaults a cold 1 MiB stream pays collections the daemon never makes.\"""
+    import gc
+    try:
+        from fusecache.daemon import GC_THRESHOLDS
+    except ImportError:  # a tree from before the daemon set them
+        return
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 """
 
 

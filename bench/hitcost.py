@@ -6,7 +6,7 @@ a ratio to the FUSE ceiling (bench/hitpath.py), which on a shared 2-core
 machine moves with every other process; this one does not: each worker builds
 the read path in process exactly as a mount does (a `Store`, its
 `StoreQueue`, `Files`, `Cache` with inclusive admission over a local backing
-directory), warms it with whole-file reads until the writer has committed
+directory, the cyclic collector set as the daemon sets it), warms it with whole-file reads until the writer has committed
 everything, then times `Cache.read` hits in the calling thread's CPU time
 (`time.thread_time_ns`: waiting for a core is not counted):
 
@@ -65,6 +65,7 @@ with tempfile.TemporaryDirectory(dir=sys.argv[1]) as work:
             raise SystemExit(f"{misses} misses while timing hits: the warm-up did not cache the file")
         await offloop.close(handle)
 
+    collect_as_the_daemon()
     try:
         trio.run(go)
     finally:

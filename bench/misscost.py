@@ -7,7 +7,8 @@ sequential read on a default mount against `--no-cache`). Through the mount
 as a mount does (a `Store`, its `StoreQueue`, `Files`, `Cache` with
 second-chance admission and the daemon's staging buffer, the fetcher's
 background runners, over a local backing directory whose file is warm in the
-host page cache) and reads, cold:
+host page cache; the cyclic collector set as the daemon sets it) and reads,
+cold:
 
 - 1 MiB in order through a 256 MiB file, twice (second chance stores
   nothing a guest reads: the second pass is as cold as the first);
@@ -84,6 +85,7 @@ with tempfile.TemporaryDirectory(dir=sys.argv[1]) as work:
             await offloop.close(handle)
             nursery.cancel_scope.cancel()
 
+    collect_as_the_daemon()
     try:
         trio.run(go)
     finally:
