@@ -439,22 +439,42 @@ def test_a_read_from_the_loop_when_the_server_dies_is_the_threads_error(tmp_path
             backing.shutdown()
 
 
+def _stop_every_thread(pid: int) -> None:
+    """SIGSTOP `pid` and wait until each of its threads is stopped: kill() returns before they all are, and a
+    thread that had not stopped yet could still answer the next request."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that ended meanwhile
+        if all(s in "Tt" for s in states):
+            return
+        assert time.monotonic() < deadline, f"ganesha's threads did not all stop: {states}"
+        time.sleep(0.01)
+
+
 def test_a_read_from_the_loop_of_a_silent_server_is_eio_without_a_second_try(tmp_path: Path, expect_log: Callable[..., None]) -> None:
     """A server that stops answering: the loop's read gives EIO after its timeout and logs the server down, as a
     thread's read would, rather than handing the read to a thread to wait a second timeout."""
     expect_log("not responding")
     with NfsServer(tmp_path) as server:
-        (server.export_dir / "img").write_bytes(random.randbytes(65536))
+        data = random.randbytes(65536)
+        (server.export_dir / "img").write_bytes(data)
         backing = NfsBacking.from_url(f"{server.url(3)}&timeout={TIMEOUT}")
         off = OffLoop(backing)
         try:
             fh = backing.open("img", os.O_RDONLY)
-            assert trio.run(off.pread, fh, 0, 4096) == (server.export_dir / "img").read_bytes()[:4096]
+            assert trio.run(off.pread, fh, 0, 4096) == data[:4096]
             assert server.ganesha is not None
-            os.kill(server.ganesha.pid, signal.SIGSTOP)
+            _stop_every_thread(server.ganesha.pid)
             try:
                 with pytest.raises(OSError) as failed:
-                    trio.run(off.pread, fh, 4096, 4096)
+                    got = trio.run(off.pread, fh, 4096, 4096)
+                    pytest.fail(f"a stopped server's read answered {len(got)} bytes, the file's: {got == data[4096:8192]}")
             finally:
                 os.kill(server.ganesha.pid, signal.SIGCONT)
             assert failed.value.errno == errno.EIO
@@ -479,7 +499,7 @@ def test_server_failure_gives_eio_then_recovers(
             if failure == "killed":
                 server.kill()
             else:  # alive but silent: only the timeout can end the calls
-                os.kill(server.ganesha.pid, signal.SIGSTOP)
+                _stop_every_thread(server.ganesha.pid)
             for t in threads:
                 # No hang: each thread ends with an error after at most a couple of timeouts.
                 t.join(10 * TIMEOUT)
