@@ -15,7 +15,9 @@ runs of the same repeats. On a shared machine the time ratio is noisy; the
 table also gives the best run over the best run, the median p50 latency
 ratio, and the daemon's CPU seconds (all threads, /proc/PID/stat) during
 the reads over no-cache's: the work the cache adds, less disturbed by load;
-and the daemon's peak resident memory (VmHWM), its buffers and memory reserve. Bytes read from the backing are counted by the
+and the daemon's peak resident memory (VmHWM), its buffers and memory reserve; and the requests that waited
+for a read already in flight (readahead a stream caught up with), with the seconds they waited (`fusecache
+stats --json`'s fetch counters). Bytes read from the backing are counted by the
 daemon's `/proc/PID/io` rchar once it has stopped moving (background reads
 included), an oracle independent of fusecache's own counters.
 
@@ -52,6 +54,7 @@ from bench.common import (
     REPO,
     assert_nothing_mounted_under,
     fusecache_mount,
+    fusecache_stats,
     make_random_file,
     print_table,
     run_fio,
@@ -100,10 +103,12 @@ class Bench:
             else:
                 r = run_fio(path, "randread", "4k", direct=True, io_size=self.rand_bytes)
             cpu = daemon_cpu(pid) - cpu0  # (read at once: the writer's catching up afterwards is not the reads' cost)
+            fetch = (fusecache_stats(mp) or {}).get("fetch") or {}  # (--no-cache has no fetcher: zeros)
             backing = settled_rchar(pid) - before
             peak = daemon_peak_rss(pid)
         return {"seconds": r.runtime_s, "requested": r.io_bytes, "backing": backing, "p50_us": r.p50_us, "bw": r.bw, "cpu_s": cpu,
-                "peak_rss_mib": peak}  # fmt: skip
+                "peak_rss_mib": peak,
+                "waited_requests": fetch.get("waited_requests", 0), "waited_s": fetch.get("waited_seconds", 0.0)}  # fmt: skip
 
 
 def daemon_peak_rss(pid: int) -> float:
@@ -183,6 +188,8 @@ def main() -> int:
                     "cpu_over_no_cache": statistics.median(r["cpu_s"] for r in rs) / max(statistics.median(b["cpu_s"] for b in base), 1e-9),
                     "backing_over_requested": statistics.median(r["backing"] / r["requested"] for r in rs),
                     "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
+                    "waited_requests": statistics.median(r.get("waited_requests", 0) for r in rs),
+                    "waited_s": statistics.median(r.get("waited_s", 0.0) for r in rs),
                 }  # fmt: skip
                 rows.append(row)
                 table.append([
@@ -190,6 +197,7 @@ def main() -> int:
                     f"{row['time_over_no_cache']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})",
                     f"{row['best_over_best']:.2f}", f"{row['p50_over_no_cache']:.2f}", f"{row['cpu_over_no_cache']:.2f}",
                     f"{row['backing_over_requested']:.3f}", f"{row['peak_rss_mib']:.0f}",
+                    f"{row['waited_requests']:.0f} / {row['waited_s']:.3f}",
                 ])  # fmt: skip
     print_table(
         f"cold reads, {args.size_mib} MiB file warm in the host page cache"
@@ -207,6 +215,7 @@ def main() -> int:
             "daemon CPU / no-cache",
             "backing / requested",
             "peak RSS MiB",
+            "waits (requests / s)",
         ],
         table,
     )
