@@ -41,7 +41,7 @@ from fusecache.options import MountOptions, default_cache_dir
 from fusecache.peer_reads import PeerReads
 from fusecache.peers import HandshakeStats
 from fusecache.pins import Pins
-from fusecache.stats import BalloonGuest, BalloonStats, ClusterStats, MountStats, PeeringStats, StoreStats
+from fusecache.stats import AttrStats, BalloonGuest, BalloonStats, ClusterStats, MountStats, PeeringStats, StoreStats
 from fusecache.store import Store
 from fusecache.store_queue import MAX_PENDING_ADMIT_BYTES, StoreQueue
 from fusecache.warming import Warmer
@@ -100,10 +100,12 @@ class Mount:
             )
             await trio.sleep(CLUSTER_COUNT_EVERY)
 
-    def stats(self, open_files: int) -> MountStats:
-        """Every figure of this mount (`fusecache stats --json` is its JSON form)."""
+    def stats(self, open_files: int, attrs: AttrStats | None = None) -> MountStats:
+        """Every figure of this mount (`fusecache stats --json` is its JSON form); `attrs`: the FUSE layer's."""
         opts = self.opts
         out = MountStats(opts.mountpoint, opts.backing, os.getpid(), self.started, open_files)
+        if attrs is not None:
+            out.attrs = attrs
         cache = self.cache
         if cache is not None:
             out.admission = cache.admission.stats()

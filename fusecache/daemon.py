@@ -226,10 +226,10 @@ async def _main(opts: MountOptions, readiness: Readiness) -> None:
                 f.write(f"{os.getpid()}\n")
 
             async def stats(request: dict[str, Any]) -> dict[str, Any]:
-                return mount.stats(ops.open_files()).to_json()
+                return mount.stats(ops.open_files(), ops.attr_stats()).to_json()
 
             async def snapshot() -> MountStats:
-                return mount.stats(ops.open_files())
+                return mount.stats(ops.open_files(), ops.attr_stats())
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signals)

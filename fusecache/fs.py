@@ -23,8 +23,10 @@ from typing import Any, Protocol
 
 import pyfuse3
 
+from fusecache.attrs import RecentAttrs
 from fusecache.backing import Attr, OffLoop
 from fusecache.inodes import InodeTable, OpenFile
+from fusecache.stats import AttrStats
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ _EXPECTED = frozenset(
 )
 # flags the backing must never see: O_DIRECT (QEMU cache=none) would make unaligned
 # backing reads fail; O_APPEND would make pwrite ignore the kernel's offset.
-_STRIP = getattr(os, "O_DIRECT", 0) | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_STRIP = _O_DIRECT | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 
 
 class DataPath(Protocol):
@@ -80,6 +83,8 @@ class FuseOperations(pyfuse3.Operations):
         self.data = data
         self.inodes = inodes
         self.attr_timeout = attr_timeout
+        self.attrs = RecentAttrs()  # GETATTRs of a regular file within a moment share one stat
+        self.direct_io_opens = 0
         self._fhs = itertools.count(1)
         self._open: dict[int, OpenFile] = {}
         self._open_by_inode: dict[int, set[OpenFile]] = {}
@@ -150,21 +155,25 @@ class FuseOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Any) -> None:
         for inode, nlookup in inode_list:
             self.inodes.forget(inode, nlookup)
+            if self.inodes.path(inode) is None:
+                self.attrs.forget(inode)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         path = self.inodes.path(inode)
         if path is not None:
             try:
-                attr = await self.backing.lstat(path)
+                # (a regular file stat'ed a moment ago, or being stat'ed now, answers from that stat: attrs.py)
+                attr, fresh = await self.attrs.stat(inode, lambda: self.backing.lstat(path))
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 raise fuse_error(exc, path) from None
             else:
                 if self.inodes.to_fuse(attr.ino) == inode:
-                    # The kernel drops its cached pages when it sees a new mtime here: the data
-                    # path must not then refill them with the old version's chunks.
-                    self.data.attributes_seen(attr)
+                    if fresh:
+                        # The kernel drops its cached pages when it sees a new mtime here: the data
+                        # path must not then refill them with the old version's chunks.
+                        self.data.attributes_seen(attr)
                     return self._entry(attr)
         # no name any more (unlinked while open) or the name now holds another file
         f = self._an_open_file(inode)
@@ -181,7 +190,7 @@ class FuseOperations(pyfuse3.Operations):
         f = self._open.get(fh) if fh is not None else None
         path = self.inodes.path(inode)
         what = path if path is not None else (f.path if f else "?")
-        with _errno(what):
+        with self.attrs.changing(inode), _errno(what):
             if fields.update_size:
                 if f is not None:
                     await self.backing.ftruncate(f.handle, attr.st_size)
@@ -260,21 +269,21 @@ class FuseOperations(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        with _errno(path):
+        with self.attrs.changing(None), _errno(path):
             await self.backing.mkdir(path, mode)
         await self._give_to_caller(path, ctx)
         return await self._new_entry(path)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._child(parent_inode, name)
-        with _errno(path):
+        with self.attrs.changing(None), _errno(path):
             await self.backing.rmdir(path)
         self.inodes.remove_name(path)
 
     # ---- names -----------------------------------------------------------
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._child(parent_inode, name)
-        with _errno(path):
+        with self.attrs.changing(None), _errno(path):
             attr = await self.backing.lstat(path)
             await self.backing.unlink(path)
         self.inodes.remove_name(path)
@@ -295,7 +304,7 @@ class FuseOperations(pyfuse3.Operations):
             self.backing.sync.rename(old, new, flags)
             return replaced
 
-        with _errno(f"{old} -> {new}"):
+        with self.attrs.changing(None), _errno(f"{old} -> {new}"):
             replaced = await self.backing.run(stat_then_rename)
         if flags & pyfuse3.RENAME_EXCHANGE:
             self.inodes.exchange(old, new)
@@ -308,7 +317,7 @@ class FuseOperations(pyfuse3.Operations):
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        with _errno(path):
+        with self.attrs.changing(None), _errno(path):
             await self.backing.symlink(os.fsdecode(target), path)
         await self._give_to_caller(path, ctx)
         return await self._new_entry(path)
@@ -316,13 +325,13 @@ class FuseOperations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         existing = self._path(inode)
         path = self._child(new_parent_inode, new_name)
-        with _errno(path):
+        with self.attrs.changing(None), _errno(path):
             await self.backing.link(existing, path)
         return await self._new_entry(path)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        with _errno(path):
+        with self.attrs.changing(None), _errno(path):
             await self.backing.mknod(path, mode, rdev)
         await self._give_to_caller(path, ctx)
         return await self._new_entry(path)
@@ -335,7 +344,7 @@ class FuseOperations(pyfuse3.Operations):
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._path(inode)
-        with _errno(path):
+        with self.attrs.changing(inode), _errno(path):
             await self.backing.setxattr(path, os.fsdecode(name), value, 0)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -345,7 +354,7 @@ class FuseOperations(pyfuse3.Operations):
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._path(inode)
-        with _errno(path):
+        with self.attrs.changing(inode), _errno(path):
             await self.backing.removexattr(path, os.fsdecode(name))
 
     # ---- open files ------------------------------------------------------
@@ -365,27 +374,36 @@ class FuseOperations(pyfuse3.Operations):
             self.backing.sync.close(h)
             raise
 
-    def _file_info(self, f: OpenFile) -> pyfuse3.FileInfo:
+    def _file_info(self, f: OpenFile, flags: int) -> pyfuse3.FileInfo:
         # keep_cache=False: like an NFS client's close-to-open, every open drops the
         # kernel's cached pages, so a file changed on another host is read afresh.
-        return pyfuse3.FileInfo(fh=f.fh, keep_cache=False, direct_io=False)
+        # direct_io for an O_DIRECT open (QEMU cache=none): its reads bypass the page cache anyway, and
+        # the kernel's cached-read path asks for the file's attributes before every read once they have
+        # timed out; under queued reads the answers never catch up (a GETATTR for every read, measured:
+        # attrs.py), so guests' reads took twice as long. Direct I/O reads ask nothing; fusecache checks
+        # the file's version itself every --revalidate seconds (files.py), which is what bounds an
+        # O_DIRECT reader's view of another host's change (README).
+        direct = bool(flags & _O_DIRECT)
+        if direct:
+            self.direct_io_opens += 1
+        return pyfuse3.FileInfo(fh=f.fh, keep_cache=False, direct_io=direct)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path = self._path(inode)
-        with _errno(path):
+        with self.attrs.changing(inode) if flags & os.O_TRUNC else contextlib.nullcontext(), _errno(path):
             handle, attr = await self.backing.run(self._with_attr, self.backing.sync.open, path, flags & ~_STRIP)
         f = self._register(inode, path, handle, attr, flags)
         if flags & os.O_TRUNC:
             self.data.resized(attr.ino, 0)
         await self.data.opened(f)
-        return self._file_info(f)
+        return self._file_info(f, flags)
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self._child(parent_inode, name)
         flags = (flags & ~_STRIP) | (flags & os.O_EXCL)
-        with _errno(path):
+        with self.attrs.changing(None), _errno(path):
             handle, attr = await self.backing.run(self._with_attr, self.backing.sync.create, path, flags, mode)
         await self._give_to_caller(path, ctx)
         inode = self.inodes.to_fuse(attr.ino)
@@ -393,7 +411,7 @@ class FuseOperations(pyfuse3.Operations):
         f = self._register(inode, path, handle, attr, flags)
         self.data.resized(attr.ino, attr.size)  # a new file may reuse a freed inode number
         await self.data.opened(f)
-        return self._file_info(f), await self.getattr(inode, ctx)
+        return self._file_info(f, flags), await self.getattr(inode, ctx)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         f = self._open[fh]
@@ -404,7 +422,7 @@ class FuseOperations(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         f = self._open[fh]
-        with _errno(f.path):
+        with self.attrs.changing(f.inode), _errno(f.path):
             return await self.data.write(f, off, buf)
 
     async def flush(self, fh: int) -> None:
@@ -428,3 +446,6 @@ class FuseOperations(pyfuse3.Operations):
 
     def open_files(self) -> int:
         return len(self._open)
+
+    def attr_stats(self) -> AttrStats:
+        return AttrStats(self.attrs.asked, self.attrs.stats, self.direct_io_opens)

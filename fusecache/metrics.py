@@ -44,6 +44,11 @@ _FETCH_COUNTERS = (
     ("waited_seconds", "fusecache_fetch_waited_seconds", "Seconds requests spent waiting for backing reads already in flight."),
     ("loop_reads", "fusecache_fetch_loop_reads", "Backing reads answered on the event loop, no thread hand-off (page cache, or NFS)."),
 )
+_ATTR_COUNTERS = (
+    ("getattrs", "fusecache_getattrs", "The kernel's attribute requests (GETATTR) for regular files."),
+    ("backing_stats", "fusecache_getattr_backing_stats", "GETATTRs of regular files answered by a stat of the backing."),
+    ("direct_io_opens", "fusecache_direct_io_opens", "Opens with O_DIRECT, served with FUSE direct I/O."),
+)
 _READ_SOURCES = (("hit_bytes", "hit"), ("peer_bytes", "peer"), ("backing_bytes", "backing"))
 _PEER_COUNTERS = (
     ("hits_given", "fusecache_peer_hits_given", "Chunks this host served to the peer."),
@@ -84,6 +89,7 @@ def metric_families(stats: MountStats) -> list[Metric]:
         out += _health_families(stats.health)
     if stats.fetch is not None:
         out += _scalars(CounterMetricFamily, stats.fetch, _FETCH_COUNTERS)
+    out += _scalars(CounterMetricFamily, stats.attrs, _ATTR_COUNTERS)
     if stats.balloon.guests:
         out += _balloon_families(stats.balloon.guests)
     if stats.peers.peers:

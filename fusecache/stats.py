@@ -234,6 +234,15 @@ class HealthStats:
 
 
 @dataclasses.dataclass(slots=True)
+class AttrStats:
+    """The kernel's attribute requests for regular files (GETATTR), since the mount started (`fusecache.attrs`)."""
+
+    getattrs: int = 0  # GETATTRs of regular files
+    backing_stats: int = 0  # of which were answered by a stat of the backing (the rest: a stat of a moment before)
+    direct_io_opens: int = 0  # opens with O_DIRECT, answered with FUSE's direct I/O (their reads ask no attributes)
+
+
+@dataclasses.dataclass(slots=True)
 class FetchStats:
     """The miss path's reads from the backing (`fusecache.fetch.Fetcher`), since the mount started."""
 
@@ -275,6 +284,7 @@ class MountStats:
     warms: list[WarmProgress] = dataclasses.field(default_factory=list)
     health: HealthStats | None = None  # None with --no-cache
     fetch: FetchStats | None = None  # None with --no-cache
+    attrs: AttrStats = dataclasses.field(default_factory=AttrStats)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
