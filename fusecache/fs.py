@@ -145,7 +145,7 @@ class FuseOperations(pyfuse3.Operations):
             pattr = await self.backing.lstat(parent)
         if pattr.mode & stat.S_ISGID:
             gid = pattr.gid
-        with _errno(path):
+        with self.attrs.changing(None), _errno(path):  # (a new object's owner: no stat from before it is answered)
             await self.backing.chown(path, ctx.uid, gid)
 
     # ---- names and attributes -----------------------------------------
