@@ -100,12 +100,10 @@ class Mount:
             )
             await trio.sleep(CLUSTER_COUNT_EVERY)
 
-    def stats(self, open_files: int, attrs: AttrStats | None = None) -> MountStats:
+    def stats(self, open_files: int, attrs: AttrStats) -> MountStats:
         """Every figure of this mount (`fusecache stats --json` is its JSON form); `attrs`: the FUSE layer's."""
         opts = self.opts
-        out = MountStats(opts.mountpoint, opts.backing, os.getpid(), self.started, open_files)
-        if attrs is not None:
-            out.attrs = attrs
+        out = MountStats(opts.mountpoint, opts.backing, os.getpid(), self.started, open_files, attrs=attrs)
         cache = self.cache
         if cache is not None:
             out.admission = cache.admission.stats()

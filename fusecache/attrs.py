@@ -1,23 +1,22 @@
 """A regular file's attributes as a backing stat gave them a moment ago: the kernel's GETATTR storms cost one stat.
 
-Under queued O_DIRECT reads (a guest's `cache=none` disk with `aio=native`,
-`qemu-img bench -d 16`) the kernel asks for the image's attributes again
-and again: 1,000-4,000 GETATTRs a second were counted here, with
-`--attr-timeout 1`, one for every 3-8 reads, where a pyfuse3 filesystem
-serving the same file from memory got ten in a whole run. Each was a backing
-stat in a worker thread (an NFS GETATTR round trip on `nfs://`), and the
-read that asked waited for it: warm 64 KiB hits at queue depth 16 went from
-60 µs a request to 77-143 (issue 13; /var/tmp scratch harness, the
-README's qemu-img bench row). `RecentAttrs` answers a GETATTR of a regular
-file with what a stat of it returned less than `reuse` seconds ago, and
-makes GETATTRs that come while a stat is in flight wait for that one stat.
+With reads queued, the kernel's cached-I/O read path asks for a file's
+attributes before nearly every read once they have timed out (7,404
+GETATTRs for 8,547 O_DIRECT reads at queue depth 16, `--attr-timeout`
+0.1: tests/test_mount.py), each a backing stat in a worker thread (an NFS
+GETATTR round trip on `nfs://`) that the read waits for. O_DIRECT opens
+are served with FUSE direct I/O, which asks nothing (fs.py); buffered
+readers still ask. `RecentAttrs` answers a GETATTR of a regular file with
+what a stat of it returned less than `reuse` seconds ago, and makes
+GETATTRs that come while a stat is in flight wait for that one stat.
 
 Never older than the rules allow:
 - nothing changed through this mount is answered from before the change:
   every change made here (a write, a truncate or other setattr, an
   extended attribute set or removed, an open with O_TRUNC; for names, any
-  create, link, unlink, rename, mkdir, rmdir, symlink or mknod, which void
-  every file's entry) marks the file, or all, at its start and at its end,
+  create, link, unlink, rename, mkdir, rmdir, symlink or mknod, and the
+  chown that hands a new object to its creator, which void every file's
+  entry) marks the file, or all, at its start and at its end,
   and an entry is kept and used only if its stat began after the last mark
   and no change is in flight;
 - another host's change is seen at most `reuse` seconds later than without
@@ -89,15 +88,14 @@ class RecentAttrs:
             if attr is not None:
                 return attr, False
         began, tick = time.monotonic(), self._tick
-        mine = inode not in self._asking  # (a waiter whose stat came back void asks alone)
-        done = trio.Event()
-        if mine:
-            self._asking[inode] = done
+        done = None
+        if inode not in self._asking:  # (else a waiter whose stat came back void asks alone, not registered)
+            done = self._asking[inode] = trio.Event()
         try:
             self.stats += 1
             attr = await do_stat()
         finally:
-            if mine:
+            if done is not None:
                 del self._asking[inode]
                 done.set()
         if stat.S_ISREG(attr.mode) and self._valid(inode, tick):
