@@ -53,6 +53,7 @@ from fusecache.version import UNKNOWN, Version
 
 # Keys per read transaction when listing a table: a long transaction would pin LMDB pages.
 _LIST_BATCH = 4096
+_NOT_RUNS = object()  # `_whole_runs`: not every chunk is a whole run (the general path reads it)
 
 
 @dataclasses.dataclass
@@ -319,6 +320,10 @@ class Reader:
             head = txn.get(pack_key(ino, gen, first))
             if head is None:
                 return None  # a miss (the cold path): no buffer zeroed for nothing (1 MiB: ~0.1 ms, more if never touched)
+            if whole_from == first and whole_to == last:
+                whole = self._whole_runs(txn, head, ino, gen, first, last)
+                if whole is not _NOT_RUNS:
+                    return whole
             buf = bytearray((last - first + 1) * cs)  # zeros: holes are not copied
             view = memoryview(buf)
             for c in range(first, last + 1):
@@ -399,6 +404,49 @@ class Reader:
         for key in keys:
             self.eviction.touch(key)
         return view[begin:pos].toreadonly()
+
+    def _whole_runs(self, txn: Any, head: Any, ino: int, gen: int, first: int, last: int) -> bytes | object | None:
+        """`read_span` of whole chunks first..last when every one is a full-length run of slots (a chunk-aligned
+        request of several chunks: what a guest's large reads are): the slab's runs joined into one `bytes` (no
+        zeroed buffer first: 1 MiB saves its zeroing, ~24 µs), then each chunk checked in that copy. None: a miss
+        or a failed check (counted); _NOT_RUNS: some chunk is not a whole run (holes, a short or scattered
+        chunk), nothing counted, for the general path. `head` is chunk `first`'s value, read in `txn`."""
+        cs, shift = self.chunk_size, SHIFT
+        full, nslots, slab = cs >> shift, self.slab.nslots, self.slab.view
+        whole_head = self._whole_run_head
+        runs: list[memoryview] = []
+        sums: list[bytes] = []
+        keys: list[bytes] = []
+        for c in range(first, last + 1):
+            key = pack_key(ino, gen, c)
+            value = head if c == first else txn.get(key)
+            if value is None:
+                return None
+            try:
+                length, flags, chunk_digest, slot = whole_head(value)
+            except struct.error:  # too short to be a whole run: a chunk of holes
+                return _NOT_RUNS
+            if not flags & RUN or length != cs:
+                return _NOT_RUNS
+            if slot + full > nslots:
+                self.counters["verify_failures"] += 1
+                return None
+            runs.append(slab[slot << shift : (slot << shift) + cs])
+            sums.append(chunk_digest)
+            keys.append(key)
+        data = b"".join(runs)  # the one copy
+        runs.clear()  # (no view of the slab outlives the copy)
+        # Verify the copy: the writer may be reusing a slot right now.
+        digest, seed = xxhash.xxh3_128_digest, self._seed
+        with memoryview(data) as view:
+            for i, chunk_digest in enumerate(sums):
+                if digest(view[i * cs : (i + 1) * cs], seed) != chunk_digest:
+                    self.counters["verify_failures"] += 1
+                    return None
+        self.counters["hits"] += len(keys)
+        for key in keys:
+            self.eviction.touch(key)
+        return data
 
     def file_record(self, ino: int) -> tuple[int, Version] | None:
         with self.env.begin(db=self.tables.files, buffers=True) as txn:

@@ -340,6 +340,29 @@ def test_a_damaged_page_is_a_miss_and_healed_by_readmission(tmp_path: Path) -> N
     assert store.stats().healed_pages == 1
 
 
+def test_a_chunk_aligned_span_of_whole_runs_is_one_checked_copy(tmp_path: Path) -> None:
+    """A request of whole chunks, each a full run of slots (a guest's large aligned read): its bytes, and a damaged
+    page anywhere in it a miss (counted once), never its bytes; holes, a short last chunk and a missing chunk as before."""
+    store = Store(str(tmp_path), 1 << 20)
+    data = {c: unique() for c in range(4)}
+    admit(store, *((1, 1, c, v) for c, v in data.items()))
+    assert all(is_run(store, 1, 1, c) for c in data)
+    span = store.read_span(1, 1, 0, 3)
+    assert isinstance(span, bytes) and span == b"".join(data.values())
+    assert store.read_span(1, 1, 1, 2, 0, CHUNK) == data[1] + data[2]
+    assert store.stats().hits == 6 and store.stats().verify_failures == 0
+    damage(store, slots_of(store, 1, 1, 2)[15])  # the last page of the third chunk
+    assert store.read_span(1, 1, 0, 3) is None
+    assert store.stats().verify_failures == 1
+    assert store.read_span(1, 1, 0, 1) == data[0] + data[1]  # the chunks before it still hit
+    assert store.read_span(1, 1, 3, 4) is None  # chunk 4 was never admitted: a miss
+    # a chunk of holes and a short last chunk among whole runs: the general path, the same bytes
+    holes, short = bytes(CHUNK), unique(5000)
+    admit(store, (2, 1, 0, data[0]), (2, 1, 1, holes), (2, 1, 2, short))
+    assert store.read_span(2, 1, 0, 2) == data[0] + holes + short
+    assert store.stats().verify_failures == 1
+
+
 def test_iter_digests_lists_every_page_once(tmp_path: Path) -> None:
     store = Store(str(tmp_path), 320 * CHUNK)
     for n in range(4):  # more pages than one read transaction's worth (4096)
@@ -415,6 +438,8 @@ def test_concurrent_reader_never_sees_wrong_bytes(tmp_path: Path) -> None:
             assert part is None or part == content(*k)[lo : lo + len(part)]
             span = store.read_span(k[0], 1, 0, 7, lo, None)
             assert span is None or bytes(span) == content(k[0], 1, 0)[lo:] + b"".join(content(k[0], 1, c) for c in range(1, 8))
+            whole = store.read_span(k[0], 1, 0, 7)  # chunk-aligned: one checked copy of whole runs
+            assert whole is None or whole == b"".join(content(k[0], 1, c) for c in range(8))
     finally:
         stop.set()
         thread.join()
