@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 
 # Version 2: HELLO carries the page and chunk sizes (hosts built with other units refuse each other).
 # Version 3: frame MACs are keyed BLAKE3, not HMAC-SHA256 (a 64 KiB CHUNK's MAC: ~12 µs, not ~45, at each end).
-VERSION = 3
+# Version 4: a CHUNK frame's MAC covers its header, page count and page names, not its data: the receiver checks
+# every data byte against those names (keyed BLAKE3 under the names key), so each byte is checked once, not twice
+# (~16 µs of BLAKE3 per 64 KiB chunk at each end).
+VERSION = 4
 MAGIC = b"FCPEER"
 
 DIGEST_SIZE = NAME_SIZE
@@ -204,7 +207,8 @@ class FramedStream:
         header = HEADER.pack(type_, 0, request_id, len(payload))
         if self._send_key is None:
             return header + payload
-        tag = _tag(self._send_key, self._send_seq, header, payload)
+        with memoryview(payload) as view:
+            tag = _tag(self._send_key, self._send_seq, header, view[: _mac_covers(type_, view)])
         self._send_seq += 1
         return b"".join((header, payload, tag))  # one copy of the payload, not one per piece added
 
@@ -225,13 +229,16 @@ class FramedStream:
         end = HEADER.size + length
         await self._fill(end + tag_size, at_boundary=False)
         buffer = self._buffer
-        payload = bytes(buffer[HEADER.size : end])  # the one copy of the payload
-        if self._receive_key is not None:
-            with memoryview(buffer) as view:
-                tag = _tag(self._receive_key, self._receive_seq, view[: HEADER.size], payload)
+        with memoryview(buffer) as view:
+            payload = bytes(view[HEADER.size : end])  # the one copy of the payload (a bytearray slice would be two)
+            good = True
+            if self._receive_key is not None:
+                with memoryview(payload) as body:
+                    tag = _tag(self._receive_key, self._receive_seq, view[: HEADER.size], body[: _mac_covers(type_, body)])
                 good = hmac.compare_digest(tag, view[end : end + TAG_SIZE])
-            if not good:
-                raise BadFrame("frame with a wrong MAC (altered or injected on the path)")
+        if not good:
+            raise BadFrame("frame with a wrong MAC (altered or injected on the path)")
+        if self._receive_key is not None:
             self._receive_seq += 1
         del buffer[: end + tag_size]
         return type_, request_id, payload
@@ -300,6 +307,18 @@ class FrameWriter:
                 self._busy = False
             if on_written is not None:
                 on_written()
+
+
+def _mac_covers(type_: int, payload: bytes | memoryview) -> int:
+    """How many bytes of a frame's payload its MAC covers: all of it, but for a CHUNK its page count and names only.
+
+    A CHUNK's data is checked by its receiver against those names (`chunk_matches`: keyed BLAKE3 under the names
+    key, which only the cluster's hosts hold) before it is used, so the MAC need not hash it again: names bound to
+    the frame by the MAC, and data bound to the names by the check, is the data authenticated. A count that does
+    not fit the payload covers what there is (`decode_chunk` refuses such a frame after its MAC passed)."""
+    if type_ != CHUNK or len(payload) < CHUNK_HEAD.size:
+        return len(payload)
+    return min(len(payload), CHUNK_HEAD.size + int.from_bytes(payload[: CHUNK_HEAD.size], "big") * DIGEST_SIZE)
 
 
 def _tag(key: bytes, seq: int, header: bytes | memoryview, payload: bytes | memoryview = b"") -> bytes:

@@ -21,8 +21,10 @@ Shape, and why:
   namespace) listens on that namespace's 127.0.0.1 and connects over the
   veth to the peer's address. It reuses `tests/harness/delay_proxy.py`'s delayed
   half-connection (every byte held back `--delay-ms` one way, order kept),
-  and can corrupt the server's CHUNK frames: `wire` flips a data byte (the
-  frame MAC no longer matches), `remac` flips a data byte and re-MACs the
+  and can corrupt the server's CHUNK frames: `wire` flips a byte of a page
+  name (bytes the frame MAC covers: it no longer matches), `data` flips a
+  data byte (which the MAC does not cover since protocol version 4: the page
+  names catch it), `remac` flips a data byte and re-MACs the
   frame with the session key it derives from the cluster key and the nonces
   it saw: a peer that holds the key but sends a wrong block (bad memory, a
   buggy or compromised member), which only the page digests can catch.
@@ -256,13 +258,18 @@ class _Corrupter:
                 if type_ == 34 and self.mode != "none":  # CHUNK: count u16, digests, data
                     count = int.from_bytes(frame[10:12], "big")
                     data_at = 10 + 2 + 16 * count
-                    if data_at < 10 + length:
+                    if self.mode == "wire":
+                        frame[10 + 2] ^= 0x5A  # the first page name: bytes the frame MAC covers
+                        self.spoiled += 1
+                    elif data_at < 10 + length:
                         frame[data_at + (10 + length - data_at) // 2] ^= 0x5A
                         self.spoiled += 1
                         if self.mode == "remac" and self.s2c_key is not None:
-                            from fusecache.peers.protocol import _tag
+                            from fusecache.peers.protocol import _mac_covers, _tag
 
-                            frame[-self.TAG_SIZE :] = _tag(self.s2c_key, self.seq, bytes(frame[: -self.TAG_SIZE]))
+                            payload = bytes(frame[10 : 10 + length])
+                            covered = payload[: _mac_covers(type_, payload)]
+                            frame[-self.TAG_SIZE :] = _tag(self.s2c_key, self.seq, bytes(frame[:10]), covered)
                 self.seq += 1
             out += frame
         return bytes(out)
@@ -329,7 +336,7 @@ async def _serve_proxy(sock: socket.socket, upstream: tuple[str, int], delay: fl
 def _proxy_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m tests.harness.netns proxy", description="a link proxy: delay, and CHUNK corruption")
     ap.add_argument("--delay-ms", type=float, default=0.0)
-    ap.add_argument("--corrupt", choices=["none", "wire", "remac"], default="none")
+    ap.add_argument("--corrupt", choices=["none", "wire", "data", "remac"], default="none")
     ap.add_argument("--key-file")
     ap.add_argument("upstream", help="host:port of the peer server")
     args = ap.parse_args(argv)
@@ -351,4 +358,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["proxy"]:
         _proxy_main(sys.argv[2:])
     else:
-        sys.exit("usage: python -m tests.harness.netns proxy [--delay-ms D] [--corrupt none|wire|remac] [--key-file F] HOST:PORT")
+        sys.exit("usage: python -m tests.harness.netns proxy [--delay-ms D] [--corrupt none|wire|data|remac] [--key-file F] HOST:PORT")

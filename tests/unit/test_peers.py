@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import hypothesis.strategies as st
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 
 from fusecache.errors import QuietError
@@ -39,11 +40,13 @@ from fusecache.peers.protocol import (
     SUMMARY_LOCATIONS,
     VERSION,
     AuthError,
+    BadFrame,
     FramedStream,
     FrameWriter,
     ProtocolError,
     chunk_matches,
     client_handshake,
+    decode_chunk,
     encode_chunk,
     encode_location,
     encode_summary,
@@ -320,6 +323,43 @@ def test_frames_written_directly_or_queued_arrive_whole_in_order_and_macd() -> N
             for s in (a, b, listener):
                 await s.aclose()
             nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_chunk_frame_is_checked_whole_by_its_mac_and_its_page_names() -> None:
+    """Every byte of a CHUNK frame is checked once: a flip in its header, page count or page names fails the
+    frame MAC (the connection ends); a flip in its data passes the MAC and fails the page names (the fetch
+    takes nothing). Any other frame's MAC covers its whole payload."""
+    names = names_key(KEY)
+    data = os.urandom(3 * PAGE_SIZE + 100)  # a short last page too
+    digests = [page_digest(names, data[i : i + PAGE_SIZE]) for i in range(0, len(data), PAGE_SIZE)]
+    payload = encode_chunk(data, digests)
+    data_at = HEADER.size + len(payload) - len(data)
+
+    async def one(type_: int, body: bytes, flip: int | None) -> tuple[int, int, bytes] | None:
+        a, b = trio.testing.memory_stream_pair()
+        sender, receiver = FramedStream(a), FramedStream(b)
+        sender.start_session(b"s" * 32, b"r" * 32)
+        receiver.start_session(b"r" * 32, b"s" * 32)
+        frame = bytearray(sender.encode(type_, 7, body))
+        if flip is not None:
+            frame[flip] ^= 0x01
+        await a.send_all(bytes(frame))
+        return await receiver.receive()
+
+    async def main() -> None:
+        got = await one(CHUNK, payload, None)
+        assert got is not None and chunk_matches(names, *decode_chunk(got[2]))
+        for flip in (0, 5, HEADER.size, HEADER.size + 2, data_at - 1, HEADER.size + len(payload)):  # ..., the MAC itself
+            with pytest.raises(BadFrame, match="wrong MAC"):
+                await one(CHUNK, payload, flip)
+        for flip in (data_at, data_at + 2 * PAGE_SIZE + 17, HEADER.size + len(payload) - 1):
+            got = await one(CHUNK, payload, flip)
+            assert got is not None and not chunk_matches(names, *decode_chunk(got[2]))
+        for flip in (HEADER.size, HEADER.size + len(data) - 1):  # a PAGE (or any other frame): the MAC covers it all
+            with pytest.raises(BadFrame, match="wrong MAC"):
+                await one(PAGE, data, flip)
 
     trio.run(main)
 
