@@ -35,7 +35,7 @@ from rich.text import Text
 from fusecache import control, mounts
 from fusecache.errors import QuietError
 from fusecache.peers import PeerStats
-from fusecache.stats import BalloonGuest, ImageCounters, MountStats, PinStats, StoreStats, WarmProgress
+from fusecache.stats import AttrStats, BalloonGuest, ImageCounters, MountStats, PinStats, StoreStats, WarmProgress
 
 HISTORY = 60.0  # seconds of throughput the sparkline covers
 SPARK_WIDTH = 30  # characters: one per HISTORY / SPARK_WIDTH seconds
@@ -60,6 +60,7 @@ def hit_ratio(c: ImageCounters) -> float | None:
 def summary_lines(stats: MountStats) -> list[str]:
     """A few lines for `fusecache stats MOUNTPOINT` (the --json form has everything)."""
     lines = [f"{stats.mountpoint}: backing {stats.backing}, daemon pid {stats.pid}, {stats.open_files} open files"]
+    lines.append(attrs_text(stats.attrs))
     store = stats.store
     if store is None:
         lines.append("no cache (--no-cache): every read goes to the backing")
@@ -94,6 +95,12 @@ def summary_lines(stats: MountStats) -> list[str]:
                 f"{human(c.peer_bytes):>10}  {human(c.backing_bytes):>10}  {c.admitted_chunks:>8}"
             )
     return lines
+
+
+def attrs_text(a: AttrStats) -> str:
+    """The kernel's attribute requests: one much larger than the backing stats it cost is a storm (examples/README.md)."""
+    return (f"attributes: {a.getattrs} GETATTRs of files, {a.backing_stats} answered by a backing stat; "
+            f"{a.direct_io_opens} O_DIRECT opens served with direct I/O")
 
 
 def share_text(store: StoreStats) -> str:
@@ -383,6 +390,7 @@ def _mount_panel(view: MountView, now: float, g: Glyphs) -> Panel:
     if s.started:
         head.append(f"  up {_duration(time.time() - s.started)}")
     head.append(f"  {s.open_files} open files  admission {s.admission.mode if s.admission is not None else g.dash}")
+    head.append(f"  getattr {s.attrs.getattrs} (stat {s.attrs.backing_stats})")
     lines.append(head)
     if view.error:  # mounted, but this poll failed: show the last figures, and why they are old
         lines.append(Text(f"{view.error} (figures from {_duration(now - view.sampled)} ago)", style="bold yellow"))

@@ -202,6 +202,13 @@ def test_once_prints_one_plain_frame(mount):
     assert mount.mountpoint in out and "vm1.img" in out
     assert f"/ {human(st.store.capacity)}" in out
     assert image_row(out, "vm1.img")[-1] == str(st.images["vm1.img"].admitted_chunks)
+    assert st.attrs.getattrs > 0
+    assert re.search(r"getattr \d+ \(stat \d+\)", out), out
+    text = run_fusecache("stats", mount.mountpoint).stdout
+    got = re.search(r"attributes: (\d+) GETATTRs of files, (\d+) answered by a backing stat; (\d+) O_DIRECT opens", text)
+    assert got is not None, text
+    later = stats(mount.mountpoint).attrs
+    assert st.attrs.getattrs <= int(got[1]) <= later.getattrs and int(got[2]) <= later.backing_stats
 
 
 def test_without_a_terminal_top_prints_one_frame_and_exits(mount):
