@@ -400,8 +400,12 @@ def _say(msg: str) -> None:
 
 
 def _report(r: dict[str, Any]) -> None:
+    fetch = r.get("fetch")
+    kinds = ""
+    if fetch:
+        kinds = f"  (fetched: waited for {fetch['critical_bytes'] / MIB:.1f} MiB, background {fetch['background_bytes'] / MIB:.1f})"
     _say(f"  {r['setup']:<28} NFS {r['nfs_bytes'] / MIB:8.1f} MiB  guests {r['guest_bytes'] / MIB:7.1f} MiB  "
-         f"read median {r['read_s_median']:6.2f} s max {r['read_s_max']:6.2f} s  bad files {r['bad_files']}")  # fmt: skip
+         f"read median {r['read_s_median']:6.2f} s max {r['read_s_max']:6.2f} s  bad files {r['bad_files']}{kinds}")  # fmt: skip
 
 
 def run_plain(ctx: Ctx, rtt: float, n: int, proxy: Any) -> dict[str, Any]:
@@ -427,13 +431,19 @@ def run_cache(ctx: Ctx, rtt: float, n: int, proxy: Any, mode: str) -> list[dict[
     out = []
     with fusecache_mount(ctx.url(proxy.ports[NFS_PORT]), str(ctx.work / f"mnt-{tag}"), opts, str(ctx.work / f"{tag}.log")) as mp:
         disks = make_overlays(mp, [f"ov-{tag}-{i}.qcow2" for i in range(n)])
+        before: dict[str, Any] = (fusecache_stats(mp) or {}).get("fetch") or {}
         for phase in ("cold", "warm"):
             meter = Meter([proxy], ctx.srv.ganesha.pid)
             meter.mark_start()
             results = storm(ctx.build, disks, ctx.work / f"{tag}-{phase}", ctx.userland, meter.mark_end, ctx.memory_mib, ctx.verify)
             stats = wait_drained(mp)
             store = (stats or {}).get("store", {})
-            r = row(rtt, n, f"{label} {phase}", meter, results, mode=mode, phase=phase, store_chunks=store.get("chunks"))
+            # the miss path's reads this phase, by kind: what requests waited for, and the rest of their chunks and
+            # readahead read in the background (fusecache/fetch.py)
+            after: dict[str, Any] = (stats or {}).get("fetch") or {}
+            fetch = {k: after.get(k, 0) - before.get(k, 0) for k in ("critical_bytes", "background_bytes", "readahead_chunks")}
+            before = after
+            r = row(rtt, n, f"{label} {phase}", meter, results, mode=mode, phase=phase, store_chunks=store.get("chunks"), fetch=fetch)
             _report(r)
             out.append(r)
     return out
