@@ -231,15 +231,12 @@ class FramedStream:
         buffer = self._buffer
         with memoryview(buffer) as view:
             payload = bytes(view[HEADER.size : end])  # the one copy of the payload (a bytearray slice would be two)
-            good = True
             if self._receive_key is not None:
                 with memoryview(payload) as body:
                     tag = _tag(self._receive_key, self._receive_seq, view[: HEADER.size], body[: _mac_covers(type_, body)])
-                good = hmac.compare_digest(tag, view[end : end + TAG_SIZE])
-        if not good:
-            raise BadFrame("frame with a wrong MAC (altered or injected on the path)")
-        if self._receive_key is not None:
-            self._receive_seq += 1
+                if not hmac.compare_digest(tag, view[end : end + TAG_SIZE]):
+                    raise BadFrame("frame with a wrong MAC (altered or injected on the path)")
+                self._receive_seq += 1
         del buffer[: end + tag_size]
         return type_, request_id, payload
 
