@@ -23,6 +23,9 @@ and skips the chunks the cache holds); what the block saves is the entry
 itself: a sequential stream creates, claims, fills and evicts one entry per
 MiB, not sixteen (bench/misscost.py's 1 MiB row), and a block read whole is
 one view of its read.
+The buffer's bound is bytes (BUFFER_BYTES), not blocks: each block counts
+the pages read, being read or wanted in it, so a block holding one 4 KiB
+page (a qcow2 table, a directory) costs 4 KiB of it, not a block's worth.
 
 Never stale: every buffered block carries the file's stamp (the cache's
 generation and write epoch) from when it was created; a block whose stamp is
@@ -97,8 +100,8 @@ class _Block:
     (`want`); which of its chunks a request read (`touched`) and admission took (`offered`)."""
 
     __slots__ = (
-        "base", "block", "data", "done", "ino", "length", "loading", "offer", "offered", "parts", "path", "stamp", "stamp_now",
-        "touched", "valid", "want",
+        "base", "block", "data", "done", "held", "ino", "length", "loading", "offer", "offered", "parts", "path", "stamp",
+        "stamp_now", "touched", "valid", "want",
     )
 
     def __init__(self, r: Reader, block: int, stamp: Hashable) -> None:
@@ -118,6 +121,7 @@ class _Block:
         # parts is copied into one buffer of its own, once, when a request reads from it (`_materialize`)
         self.parts: list[tuple[int, bytes, int]] = []
         self.valid = 0  # bit p: page p is read (or known to lie beyond end of file)
+        self.held = 0  # the pages the buffer's bound counts for this block: every page ever read, being read or wanted
         self.loading = 0  # bit p: a read of page p is in flight
         self.want = 0  # bit p: the background reads page p when it takes this block (readahead, the rest of a stream's chunk)
         self.length: int | None = None  # bytes before end of file, once a read came back short
@@ -166,7 +170,10 @@ class Fetcher:
         self.ppb = block_size // page_size  # pages per block
         self.full = (1 << self.ppb) - 1
         self.chunk_full = (1 << self.ppc) - 1
-        self.capacity = max(1, buffer_bytes // block_size)
+        # the bound is on bytes, not blocks: a boot's scattered small reads each make a block entry of a few pages
+        # (qcow2 tables, directories), and a bound of 64 blocks let them push out the base image's whole blocks
+        self.buffer_bytes = max(buffer_bytes, block_size)
+        self._bytes = 0  # the pages counted (`_Block.held`) over the buffered blocks, in bytes
         self.readahead_max = readahead_max
         self.parallel_part = parallel_part
         self.runners = runners
@@ -416,17 +423,45 @@ class Fetcher:
         if e is not None and e.stamp != stamp:
             self.counters.stale_dropped += 1
             del self._chunks[key]
+            self._forget(e)
             e = None
         if e is None:
             e = self._chunks[key] = _Block(r, b, stamp)
-            while len(self._chunks) > self.capacity:
-                old_key, _ = self._chunks.popitem(last=False)
-                self._queue.pop(old_key, None)
+            if self._bytes > self.buffer_bytes:
+                self._shrink()
         else:
             self._chunks.move_to_end(key)
         return e
 
+    def _count(self, e: _Block, pages: int) -> None:
+        """Pages of e read, being read or wanted now: the buffer's bound counts them (once) while e is buffered."""
+        new = pages & ~e.held
+        if new and e.held >= 0:
+            e.held |= new
+            self._bytes += new.bit_count() * self.ps
+            if self._bytes > self.buffer_bytes:
+                self._shrink()
+
+    def _forget(self, e: _Block) -> None:
+        """e left the buffer: its pages no longer count (reads still in flight for it fill it for their requests)."""
+        if e.held > 0:
+            self._bytes -= e.held.bit_count() * self.ps
+        e.held = -1
+
+    def _shrink(self) -> None:
+        """Evict the least recently used blocks until the buffer is within its bound (the youngest always stays).
+
+        Any block may go, one being read or read from included: whoever holds it still fills it and reads it."""
+        chunks = self._chunks
+        while self._bytes > self.buffer_bytes and len(chunks) > 1:
+            key, old = chunks.popitem(last=False)
+            self._queue.pop(key, None)
+            self.counters.evicted_blocks += 1
+            self.counters.evicted_bytes += max(old.held, 0).bit_count() * self.ps
+            self._forget(old)
+
     def _claim(self, e: _Block, pages: int, ev: trio.Event | None = None) -> trio.Event:
+        self._count(e, pages)
         e.loading |= pages
         ev = trio.Event() if ev is None else ev
         e.done.append((pages, ev))
@@ -440,6 +475,8 @@ class Fetcher:
 
     def _fill(self, e: _Block, b: int, pages: int, start: int, data: bytes, asked: int) -> None:
         """Copy the bytes of a read that started at file offset `start` into e's `pages`."""
+        if pages & ~e.held:
+            self._count(e, pages)  # (claimed before, but for a read of the page cache made without a claim)
         base = b * self.bs
         if len(data) < asked:  # end of file inside this read
             eof = start + len(data)
@@ -465,6 +502,7 @@ class Fetcher:
         copy of it, not one per request)."""
         if e.data is None:
             e.data = bytearray(self.bs)
+            self._count(e, self.full)  # (a whole block's buffer, whatever its pages)
         assert isinstance(e.data, bytearray) or not e.parts
         for pages, data, at in e.parts:
             self._copy(e.data, pages, data, at)  # type: ignore[arg-type]
@@ -695,10 +733,10 @@ class Fetcher:
                 if e.length is not None or not pages & ~(e.valid | e.loading):
                     continue  # ends the file (read to its end already), or read or being read
             e.want |= pages
+            self._count(e, pages)
             queue[key] = e
             queued += n
-        while len(buffered) > self.capacity:
-            queue.pop(buffered.popitem(last=False)[0], None)
+        self._shrink()
         if queued:
             self.counters.readahead_chunks += queued
             self._queued.set()
@@ -720,6 +758,7 @@ class Fetcher:
             pages = self._chunk_pages(bits)
             if pages & ~(e.valid | e.loading) and e.length is None and e.current():
                 e.want |= pages
+                self._count(e, pages)
                 self._queue[(e.ino, e.block)] = e
                 queued = True
         if queued:

@@ -40,6 +40,7 @@ _FETCH_COUNTERS = (
     ("background_bytes", "fusecache_fetch_background_bytes", "Bytes read from the backing in the background (readahead, rest of chunks)."),
     ("readahead_chunks", "fusecache_fetch_readahead_chunks", "Chunks queued for readahead of sequential streams."),
     ("buffer_hits", "fusecache_fetch_buffer_hits", "Requests served from bytes fetched or being fetched for another request."),
+    ("evicted_bytes", "fusecache_fetch_evicted_bytes", "Bytes of fetched blocks let go to keep the fetch buffer within its bound."),
     ("waited_requests", "fusecache_fetch_waited_requests", "Requests that waited for a backing read in flight (readahead caught up with)."),
     ("waited_seconds", "fusecache_fetch_waited_seconds", "Seconds requests spent waiting for backing reads already in flight."),
     ("loop_reads", "fusecache_fetch_loop_reads", "Backing reads answered on the event loop, no thread hand-off (page cache, or NFS)."),

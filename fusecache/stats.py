@@ -254,6 +254,10 @@ class FetchStats:
     buffer_hits: int = 0  # requests whose pages were found buffered or in flight
     readahead_chunks: int = 0
     stale_dropped: int = 0
+    # blocks the buffer let go to stay within its bound (least recently used first), and the bytes they held: a
+    # buffer too small for what its guests read together re-reads those bytes from the backing
+    evicted_blocks: int = 0
+    evicted_bytes: int = 0
     # requests that waited for a read already in flight (readahead a stream caught up with, or a neighbour's read),
     # and for how long in all: readahead that falls behind its streams shows here
     waited_requests: int = 0

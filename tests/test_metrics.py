@@ -87,6 +87,7 @@ def test_metrics_agree_with_stats(mounter, tmp_path):
     fetched = samples[("fusecache_fetch_critical_bytes_total", ())] + samples[("fusecache_fetch_background_bytes_total", ())]
     assert fetched >= (4 << 20) + (1 << 20)
     assert ("fusecache_fetch_waited_seconds_total", ()) in samples and st.fetch is not None
+    assert samples[("fusecache_fetch_evicted_bytes_total", ())] == st.fetch.evicted_bytes
     # the images were just written (in the host page cache): their cold reads were answered on the loop, no thread
     assert st.fetch.loop_reads > 0 and samples[("fusecache_fetch_loop_reads_total", ())] <= st.fetch.loop_reads
     assert samples[("fusecache_open_files", ())] == 0

@@ -157,6 +157,40 @@ def run_with_fetcher(backing: FakeBacking, body: Callable[[Fetcher], Any], **kw:
     trio.run(main)
 
 
+def counted(fetcher: Fetcher) -> int:
+    """The bytes the buffer's bound counts, summed afresh over the buffered blocks."""
+    return sum(e.held.bit_count() for e in fetcher._chunks.values()) * fetcher.ps
+
+
+def test_the_buffer_is_bounded_by_bytes_so_scattered_small_reads_keep_whole_blocks():
+    """A boot's small scattered reads (a block entry of one page each) do not push a whole block out of a buffer
+    that has room for all their bytes; whole blocks beyond the bound do push out the oldest, counted."""
+    bs = 4 * CS
+    data = os.urandom(64 * bs)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+
+    async def body(fetcher: Fetcher) -> None:
+        assert await read(fetcher, f, 0, bs) == data[:bs]  # block 0, whole
+        for b in range(40, 0, -1):  # 40 blocks of one page each, backwards (no stream): 40 entries, 160 KiB
+            at = b * bs + PS * (b % 16)
+            assert await read(fetcher, f, at, PS) == data[at : at + PS]
+        assert fetcher._bytes == counted(fetcher) == bs + 40 * PS
+        assert fetcher.counters.evicted_blocks == 0
+        before = len(backing.reads)
+        assert await read(fetcher, f, CS, CS) == data[CS : 2 * CS]  # (no longer the stream: no readahead)
+        assert len(backing.reads) == before, "a block that fits the buffer's bytes was read again"
+        for b in range(41, 49):  # 8 whole blocks more: 2 MiB against the bound of 1 MiB
+            assert await read(fetcher, f, b * bs, bs) == data[b * bs : (b + 1) * bs]
+        await settle(fetcher)
+        assert fetcher._bytes == counted(fetcher) <= 4 * bs
+        assert (0, 0) not in {(e.ino - f.ino, e.block) for e in fetcher._chunks.values()}
+        assert fetcher.counters.evicted_blocks > 0
+        assert fetcher.counters.evicted_bytes >= bs + 40 * PS
+
+    run_with_fetcher(backing, body, block_size=bs, buffer_bytes=4 * bs)
+
+
 def test_edge_chunks_are_read_from_the_backing_once():
     """128 KiB sequential reads starting at 4 KiB: each byte of the file is read from the backing once, no more."""
     size = 2 << 20
@@ -664,7 +698,9 @@ def test_any_mix_of_requests_gets_the_files_bytes_and_offers_only_whole_chunks(
                 if at >= size:
                     break
                 assert await read(fetcher, f, at, length, span=span) == data[at : at + length]
+                assert fetcher._bytes == counted(fetcher) <= fetcher.buffer_bytes
         await settle(fetcher)
+        assert fetcher._bytes == counted(fetcher) <= fetcher.buffer_bytes
 
     run_with_fetcher(backing, body, block_size=block_size, buffer_bytes=8 * CS)
     for f in files:
