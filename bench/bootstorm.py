@@ -403,7 +403,8 @@ def _report(r: dict[str, Any]) -> None:
     fetch = r.get("fetch")
     kinds = ""
     if fetch:
-        kinds = f"  (fetched: waited for {fetch['critical_bytes'] / MIB:.1f} MiB, background {fetch['background_bytes'] / MIB:.1f})"
+        kinds = (f"  (fetched: waited for {fetch['critical_bytes'] / MIB:.1f} MiB, background {fetch['background_bytes'] / MIB:.1f}, "
+                 f"evicted from the fetch buffer {fetch.get('evicted_bytes', 0) / MIB:.1f})")  # fmt: skip
     _say(f"  {r['setup']:<28} NFS {r['nfs_bytes'] / MIB:8.1f} MiB  guests {r['guest_bytes'] / MIB:7.1f} MiB  "
          f"read median {r['read_s_median']:6.2f} s max {r['read_s_max']:6.2f} s  bad files {r['bad_files']}{kinds}")  # fmt: skip
 
@@ -441,7 +442,8 @@ def run_cache(ctx: Ctx, rtt: float, n: int, proxy: Any, mode: str) -> list[dict[
             # the miss path's reads this phase, by kind: what requests waited for, and the rest of their chunks and
             # readahead read in the background (fusecache/fetch.py)
             after: dict[str, Any] = (stats or {}).get("fetch") or {}
-            fetch = {k: after.get(k, 0) - before.get(k, 0) for k in ("critical_bytes", "background_bytes", "readahead_chunks")}
+            kinds = ("critical_bytes", "background_bytes", "readahead_chunks", "evicted_bytes")
+            fetch = {k: after.get(k, 0) - before.get(k, 0) for k in kinds}
             before = after
             r = row(rtt, n, f"{label} {phase}", meter, results, mode=mode, phase=phase, store_chunks=store.get("chunks"), fetch=fetch)
             _report(r)
