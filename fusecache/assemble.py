@@ -38,7 +38,7 @@ from fusecache.guestmem import GuestMemoryScanner
 from fusecache.health import Health
 from fusecache.listing import Listing
 from fusecache.options import MountOptions, default_cache_dir
-from fusecache.peer_reads import PeerReads
+from fusecache.peer_reads import READY_BYTES, PeerReads
 from fusecache.peers import HandshakeStats
 from fusecache.pins import Pins
 from fusecache.stats import AttrStats, BalloonGuest, BalloonStats, ClusterStats, MountStats, PeeringStats, StoreStats
@@ -116,6 +116,9 @@ class Mount:
             out.health = cache.health.stats()
             offloop = self.backing
             out.fetch = dataclasses.replace(cache.fetcher.counters, loop_reads=offloop.inline_reads, loop_bytes=offloop.inline_bytes)
+            if self.peer_reads is not None:
+                out.fetch.peer_read_ahead_chunks = self.peer_reads.read_ahead
+                out.fetch.peer_read_ahead_used = self.peer_reads.read_ahead_used
             out.queue = cache.queue.queued
             out.skipped_admissions = cache.queue.skipped_admissions
         if self.pins is not None:
@@ -223,6 +226,7 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
         nursery.start_soon(admission.run)
         nursery.start_soon(cache.fetcher.run)  # background reads of the miss path (closes its own handles when cancelled)
         kept = BUFFER_BYTES + (opts.staging_bytes if second_chance is not None else MAX_PENDING_ADMIT_BYTES)
+        kept += READY_BYTES if peer_reads is not None else 0
         nursery.start_soon(_touch_reserve, kept)
         await nursery.start(warmer.run)
         nursery.start_soon(pins.apply_globs, pin_matches)
@@ -240,6 +244,8 @@ async def assemble(opts: MountOptions) -> AsyncIterator[Mount]:
         if peer_set is not None:
             await nursery.start(peer_set.run)
             nursery.start_soon(mount.count_holdings)
+            assert peer_reads is not None
+            nursery.start_soon(peer_reads.run)  # readahead from peers
         yield mount
 
 

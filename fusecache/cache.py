@@ -115,6 +115,8 @@ class Cache:
     def closed(self, f: OpenFile) -> None:
         self._readers.pop(f.fh, None)
         self.fetcher.closed(f.fh, f.ino)
+        if self.peer_reads is not None:
+            self.peer_reads.closed(f.fh)
 
     def resized(self, ino: int, size: int) -> None:
         try:
@@ -318,7 +320,7 @@ class Cache:
             try:
                 if health.faults:
                     health.inject("peers.fetch")
-                offered = await self.peer_reads.fetch(st.ino, st.version, need)
+                offered = await self.peer_reads.fetch(st.ino, st.version, need, ahead=reader)
             except Exception as exc:  # the peers are a cache too: their fault is a miss
                 self.health.fault(health.layer_of(exc, "peers.fetch"), exc, "read from the backing instead")
                 offered = {}

@@ -43,6 +43,8 @@ _FETCH_COUNTERS = (
     ("evicted_bytes", "fusecache_fetch_evicted_bytes", "Bytes of fetched blocks let go to keep the fetch buffer within its bound."),
     ("waited_requests", "fusecache_fetch_waited_requests", "Requests that waited for a backing read in flight (readahead caught up with)."),
     ("waited_seconds", "fusecache_fetch_waited_seconds", "Seconds requests spent waiting for backing reads already in flight."),
+    ("peer_read_ahead_chunks", "fusecache_fetch_peer_read_ahead_chunks", "Chunks fetched ahead from peers for sequential streams."),
+    ("peer_read_ahead_used", "fusecache_fetch_peer_read_ahead_used", "Chunks fetched ahead from peers that a request then read."),
     ("loop_reads", "fusecache_fetch_loop_reads", "Backing reads answered on the event loop, no thread hand-off (page cache, or NFS)."),
 )
 _ATTR_COUNTERS = (

@@ -266,6 +266,9 @@ class FetchStats:
     # backing directory, or an NFS READ sent and waited for there): every request read, of any path
     loop_reads: int = 0
     loop_bytes: int = 0
+    # chunks fetched ahead from peers for sequential streams (`PeerReads`), and how many of them a request then took
+    peer_read_ahead_chunks: int = 0
+    peer_read_ahead_used: int = 0
 
 
 @dataclasses.dataclass
