@@ -37,6 +37,7 @@ CLUSTER_SAMPLE = 200_000  # locations looked at per count of cluster holdings
 READ_AHEAD_MAX = 16  # chunks fetched ahead of a sequential stream at most (1 MiB)
 READY_BYTES = 16 << 20  # chunks fetched ahead and not yet asked for, at most
 READ_AHEAD_TASKS = 8  # fetches ahead in flight at once (each one chunk from one peer)
+READ_AHEAD_QUEUED = 256  # chunks waiting to be fetched ahead, at most (the oldest, least likely still useful, dropped)
 
 Stamp = Hashable  # the file's (generation, write epoch) when a fetch ahead was asked; None while a write is in flight
 
@@ -176,6 +177,8 @@ class PeerReads:
             if c in held or key in flights or key in ready or not peers.may_hold_location(ino, version, c):
                 continue
             self._todo.append((key, stamp, ahead.stamp))
+        while len(self._todo) > READ_AHEAD_QUEUED:
+            self._todo.popleft()
         if self._todo:
             self._lot.unpark_all()
 
