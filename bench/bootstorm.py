@@ -405,6 +405,10 @@ def _report(r: dict[str, Any]) -> None:
     if fetch:
         kinds = (f"  (fetched: waited for {fetch['critical_bytes'] / MIB:.1f} MiB, background {fetch['background_bytes'] / MIB:.1f}, "
                  f"evicted from the fetch buffer {fetch.get('evicted_bytes', 0) / MIB:.1f})")  # fmt: skip
+    ahead = r.get("peer_read_ahead")
+    if ahead:
+        kinds = (f"  (from peers {r.get('peer_bytes', 0) / MIB:.1f} MiB; chunks read ahead {ahead['peer_read_ahead_chunks']}, "
+                 f"of them taken by a request {ahead['peer_read_ahead_used']})")  # fmt: skip
     _say(f"  {r['setup']:<28} NFS {r['nfs_bytes'] / MIB:8.1f} MiB  guests {r['guest_bytes'] / MIB:7.1f} MiB  "
          f"read median {r['read_s_median']:6.2f} s max {r['read_s_max']:6.2f} s  bad files {r['bad_files']}{kinds}")  # fmt: skip
 
@@ -485,14 +489,18 @@ def run_peers(ctx: Ctx, rtt: float, n: int, key_file: Path) -> dict[str, Any]:
             time.sleep(0.5)
         summary_known = knows()
         disks_b = make_overlays(mb.mountpoint, [f"ov-{tag}-b{i}.qcow2" for i in range(n)])
-        before = fc_stats(mb.mountpoint)["images"]
+        start = fc_stats(mb.mountpoint)
+        before, ahead_before = start["images"], start.get("fetch") or {}
         meter_b = Meter([pb], ctx.srv.ganesha.pid)
         meter_b.mark_start()
         rb = storm(ctx.build, disks_b, ctx.work / f"{tag}-b", ctx.userland, meter_b.mark_end, ctx.memory_mib, ctx.verify)
-        after = fc_stats(mb.mountpoint)["images"]
+        end = fc_stats(mb.mountpoint)
+        after, ahead_after = end["images"], end.get("fetch") or {}
         peer_bytes = sum(v.get("peer_bytes", 0) for v in after.values()) - sum(v.get("peer_bytes", 0) for v in before.values())
+        # B's readahead from A: chunks fetched ahead of its guests' streams, and how many a request then took
+        ahead = {k: ahead_after.get(k, 0) - ahead_before.get(k, 0) for k in ("peer_read_ahead_chunks", "peer_read_ahead_used")}
     r = row(rtt, n, "peers: host B after A (incl.)", meter_b, rb, peer_bytes=peer_bytes, host_a=row(rtt, n, "host A", meter_a, ra),
-            a_summary_known=summary_known)
+            a_summary_known=summary_known, peer_read_ahead=ahead)
     _report(r)
     return r
 

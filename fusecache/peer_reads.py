@@ -37,6 +37,7 @@ CLUSTER_SAMPLE = 200_000  # locations looked at per count of cluster holdings
 READ_AHEAD_MAX = 16  # chunks fetched ahead of a sequential stream at most (1 MiB)
 READY_BYTES = 16 << 20  # chunks fetched ahead and not yet asked for, at most
 READ_AHEAD_TASKS = 8  # fetches ahead in flight at once (each one chunk from one peer)
+QUEUE_SLACK = 4  # requests a stream's request may come behind its neighbours and still count as sequential
 READ_AHEAD_QUEUED = 256  # chunks waiting to be fetched ahead, at most (the oldest, least likely still useful, dropped)
 
 Stamp = Hashable  # the file's (generation, write epoch) when a fetch ahead was asked; None while a write is in flight
@@ -155,12 +156,16 @@ class PeerReads:
         s = self._streams.get(ahead.stream)
         if s is None:
             s = self._streams[ahead.stream] = _Stream()
-        if s.next - 1 <= first <= s.next:  # (a request may start in the chunk the last one ended in)
+        # (a request may start in the chunk the last one ended in; and some slack: a guest's queue depth reorders
+        # neighbouring requests, one of up to QUEUE_SLACK requests issued together may come after those beyond it)
+        n = last - first + 1
+        if s.next >= 0 and s.next - QUEUE_SLACK * n - 1 <= first <= s.next + n:
             s.run += 1
+            s.next = max(s.next, last + 1)
         else:
             s.run = 0
             s.ahead = -1
-        s.next = last + 1
+            s.next = last + 1
         if s.run == 0:
             return
         window = min(READ_AHEAD_MAX, 2 << min(s.run, 4))

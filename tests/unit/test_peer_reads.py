@@ -199,3 +199,22 @@ def test_a_chunk_fetched_ahead_while_a_write_is_in_flight_is_not_kept() -> None:
         assert reads.read_ahead == 4
 
     _with_readahead(peers, body)
+
+
+def test_a_stream_whose_requests_come_reordered_by_queue_depth_is_still_read_ahead() -> None:
+    """QEMU keeps several requests of a guest in flight: neighbours arrive out of order (here in pairs swapped).
+    That is still one sequential stream: it is read ahead, and no chunk is fetched twice."""
+    peers = AheadPeers(0.01)
+    f = _File(40, held=set())
+
+    async def body(reads: PeerReads) -> None:
+        order = [0, 4, 2, 8, 6, 12, 10, 16, 14, 20, 18, 24, 22, 28, 26, 32, 30]
+        for first in order:
+            got = await reads.fetch(7, V1, [first, first + 1], ahead=f.reader)
+            assert got == {c: bytes([c, 0]) * 4 for c in (first, first + 1)}
+            await trio.sleep(0.03)
+
+    reads = _with_readahead(peers, body)
+    asked = [c for _, _, c in peers.asked]
+    assert sorted(asked) == sorted(set(asked)), "a chunk was fetched twice"
+    assert reads.read_ahead_used >= 16
