@@ -18,6 +18,8 @@ namespaces), all on one backing directory (the stand-in for the NFS export).
    three take turns, 10 reads each, so all see the same load. And the floor,
    `--no-cache` on the local directory. With `--qemu-depth N`, also QEMU's own
    block layer (`qemu-img bench`, 64 KiB O_DIRECT) at depth 1 and N, peer vs NFS.
+   And sequential streams (`--stream-mib`): 128 KiB O_DIRECT reads in order, peer
+   vs NFS taking turns: what readahead (from peers, and the fetcher's from NFS) is for.
 3. Summary size and lookup cost: Bloom bytes per GiB of cache (the server's
    own sizing: pages at capacity, locations at 2x chunks), and the
    candidate-selection cost of one fetch (`may_hold` over every peer, the
@@ -133,6 +135,22 @@ def direct_reads(path: str, offsets: list[int]) -> list[float]:
         buf.close()
 
 
+def stream_read(path: str, start: int, length: int, request: int = 128 << 10) -> float:
+    """Seconds to read [start, start + length) in order, O_DIRECT, `request` bytes at a time (a guest's sequential
+    reads): what readahead is for."""
+    buf = mmap.mmap(-1, request)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        t = time.perf_counter()
+        for off in range(start, start + length, request):
+            n = os.preadv(fd, [buf], off)
+            assert n == request, n
+        return time.perf_counter() - t
+    finally:
+        os.close(fd)
+        buf.close()
+
+
 def summarise(samples: list[float]) -> dict[str, float]:
     s = sorted(samples)
     return {"n": len(s), "p50_ms": 1000 * s[len(s) // 2], "p90_ms": 1000 * s[int(len(s) * 0.9)], "mean_ms": 1000 * statistics.fmean(s)}
@@ -180,7 +198,7 @@ def backing_bytes(work: Path, images: Path, names: list[str], key_file: str, n: 
 
 # ---- 2. latency ----------------------------------------------------------------------
 def latency(work: Path, images: Path, name: str, key_file: str, delays: list[float], reads: int, nfs: bool,
-            qemu_depth: int = 0) -> dict[str, Any]:  # fmt: skip
+            qemu_depth: int = 0, stream_mib: int = 0) -> dict[str, Any]:  # fmt: skip
     size = os.path.getsize(images / name)
     rng = random.Random(1)
     offsets = [rng.randrange(size // CHUNK) * CHUNK for _ in range(reads)]
@@ -230,6 +248,17 @@ def latency(work: Path, images: Path, name: str, key_file: str, delays: list[flo
                             if nfs_path is not None:
                                 samples["nfs"] += direct_reads(nfs_path, offsets[i : i + BLOCK])
                         qemu = _qemu_depths(path, nfs_path, qemu_depth, reads) if qemu_depth else None
+                        # Sequential streams: 128 KiB reads in order over `stream_mib`, peer and NFS taking turns, two
+                        # regions 2 x stream_mib apart (b admits nothing: each pass is read from a again)
+                        stream: dict[str, Any] | None = None
+                        if stream_mib:
+                            length = stream_mib * MiB
+                            stream = {"bytes": length, "peer_s": [], "nfs_s": []}
+                            for k in range(2):
+                                at = (2 * k * length) % max(size - length, 1) // MiB * MiB
+                                stream["peer_s"].append(stream_read(path, at, length))
+                                if nfs_path is not None:
+                                    stream["nfs_s"].append(stream_read(nfs_path, at, length))
                 finally:
                     raw_client.close()
                 peer = summarise(samples["peer"])
@@ -241,7 +270,7 @@ def latency(work: Path, images: Path, name: str, key_file: str, delays: list[flo
                 unmount(mb)
                 net.mounts.remove(mb)
                 row = {"delay_ms": d, "peer_hit": peer, "tcp_64k": raw, "nfs_64k": summarise(samples["nfs"]) if samples["nfs"] else None,
-                       "qemu_img_bench": qemu}  # fmt: skip
+                       "qemu_img_bench": qemu, "stream": stream}  # fmt: skip
                 out["rows"].append(row)
         finally:
             raw_server.terminate()
@@ -390,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reads", type=int, default=200, help="64 KiB reads per latency sample")
     ap.add_argument("--no-nfs", action="store_true", help="skip the ganesha NFS baseline")
     ap.add_argument("--qemu-depth", type=int, default=0, help="also time qemu-img bench at depth 1 and this depth (peer vs NFS)")
+    ap.add_argument("--stream-mib", type=int, default=8, help="also time sequential 128 KiB reads of this much, peer vs NFS (0: skip)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster.json"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -420,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{base / max(r['backing_bytes'], 1):>6.2f}x {r['seconds']:>6.1f}")  # fmt: skip
 
         print(f"\n== 2. per 64 KiB chunk, O_DIRECT, one at a time, {args.reads} reads (ms)")
-        lat = latency(work, images, names[0], str(key_file), args.delays, args.reads, not args.no_nfs, args.qemu_depth)
+        lat = latency(work, images, names[0], str(key_file), args.delays, args.reads, not args.no_nfs, args.qemu_depth, args.stream_mib)
         result["latency"] = lat
         lp = lat["local_passthrough"]
         print(f"local --no-cache passthrough (floor): p50 {lp['p50_ms']:.3f} p90 {lp['p90_ms']:.3f}")
@@ -435,6 +465,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"   (warning: {p['backing_bytes']} bytes of the peer-hit sample came from the backing)")
         if "nfs_error" in lat:
             print(f"nfs baseline failed: {lat['nfs_error']}")
+        if args.stream_mib:
+            print(f"\nsequential 128 KiB O_DIRECT reads of {args.stream_mib} MiB, two passes each, peer and NFS taking turns (MB/s)")
+            for row in lat["rows"]:
+                st = row["stream"]
+                rates = {k: [st["bytes"] / t / 1e6 for t in st[f"{k}_s"]] for k in ("peer", "nfs")}
+                ratio = f"peer/nfs time {sum(st['peer_s']) / sum(st['nfs_s']):.2f}x" if st["nfs_s"] else ""
+                txt = "  ".join(f"{k} {'/'.join(f'{r:.0f}' for r in v)}" for k, v in rates.items() if v)
+                print(f"{row['delay_ms']:>5.1f}ms: {txt}  {ratio}")
         if args.qemu_depth:
             print(f"\nqemu-img bench, 64 KiB O_DIRECT reads, {args.reads} per run, 2 runs each, peer and NFS taking turns (reads/s)")
             for row in lat["rows"]:
