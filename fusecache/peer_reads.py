@@ -19,6 +19,7 @@ fetcher reads ahead only for what went to the backing).
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,8 @@ from fusecache.version import UNKNOWN, Version
 
 if TYPE_CHECKING:
     from fusecache.peers import PeerSet
+
+log = logging.getLogger(__name__)
 
 CLUSTER_SAMPLE = 200_000  # locations looked at per count of cluster holdings
 READ_AHEAD_MAX = 16  # chunks fetched ahead of a sequential stream at most (1 MiB)
@@ -80,6 +83,7 @@ class PeerReads:
         self._lot = trio.lowlevel.ParkingLot()  # readahead tasks with nothing to fetch
         self.read_ahead = 0  # chunks fetched ahead from peers
         self.read_ahead_used = 0  # of those, asked for by a request before they were dropped
+        self.read_ahead_errors = 0  # fetches ahead that failed with an error of ours (logged; the request reads anyway)
 
     async def run(self) -> None:
         """The readahead's fetching tasks; cancel to stop."""
@@ -188,30 +192,40 @@ class PeerReads:
             self._lot.unpark_all()
 
     async def _fetch_ahead(self) -> None:
-        """One readahead task: fetch queued chunks one at a time; keep each answer while the file's stamp holds."""
+        """One readahead task: fetch queued chunks one at a time; keep each answer while the file's stamp holds.
+
+        A readahead is a guess: whatever fails in one (a bug included) is logged and dropped, never the mount's
+        tasks; a request for that chunk asks the peers itself, then the backing."""
         todo = self._todo
         while True:
             while not todo:
                 await self._lot.park()
-            key, stamp, stamp_now = todo.popleft()
-            if key in self._flights or key in self._ready or stamp_now() != stamp:
-                continue
-            flight = self._flights[key] = _Flight()
             try:
-                flight.data = await self.peers.fetch_location(*key, trio.current_time() + self.peers.fetch_timeout)
-            finally:
-                del self._flights[key]
-                flight.done.set()
-            data = flight.data
-            if data is None:
-                continue
-            self.read_ahead += 1
-            if flight.joined or stamp_now() != stamp:
-                continue  # a request took it already, or a write came between
-            self._ready[key] = (stamp, data)
-            self._ready_bytes += len(data)
-            while self._ready_bytes > READY_BYTES:
-                self._ready_bytes -= len(self._ready.popitem(last=False)[1][1])
+                await self._fetch_one_ahead(*todo.popleft())
+            except Exception:
+                self.read_ahead_errors += 1
+                if self.read_ahead_errors & (self.read_ahead_errors - 1) == 0:  # the 1st, 2nd, 4th, 8th...
+                    log.exception("reading ahead from peers failed (%d times so far); requests ask for themselves", self.read_ahead_errors)
+
+    async def _fetch_one_ahead(self, key: tuple[int, Version, int], stamp: Stamp, stamp_now: Callable[[], Stamp | None]) -> None:
+        if key in self._flights or key in self._ready or stamp_now() != stamp:
+            return
+        flight = self._flights[key] = _Flight()
+        try:
+            flight.data = await self.peers.fetch_location(*key, trio.current_time() + self.peers.fetch_timeout)
+        finally:
+            del self._flights[key]
+            flight.done.set()
+        data = flight.data
+        if data is None:
+            return
+        self.read_ahead += 1
+        if flight.joined or stamp_now() != stamp:
+            return  # a request took it already, or a write came between
+        self._ready[key] = (stamp, data)
+        self._ready_bytes += len(data)
+        while self._ready_bytes > READY_BYTES:
+            self._ready_bytes -= len(self._ready.popitem(last=False)[1][1])
 
     def holds(self, key: Key) -> bool:
         """Whether a peer's summary says it holds this chunk of the file's current version."""

@@ -218,3 +218,35 @@ def test_a_stream_whose_requests_come_reordered_by_queue_depth_is_still_read_ahe
     asked = [c for _, _, c in peers.asked]
     assert sorted(asked) == sorted(set(asked)), "a chunk was fetched twice"
     assert reads.read_ahead_used >= 16
+
+
+class FailingPeers(AheadPeers):
+    """AheadPeers whose fetches of chunks in `broken` raise (a bug of ours, not a peer's answer)."""
+
+    def __init__(self, delay: float, broken: frozenset[int]) -> None:
+        super().__init__(delay)
+        self.broken = broken
+
+    async def fetch_location(self, ino: int, version: Version, chunk: int, deadline: float) -> bytes | None:
+        if chunk in self.broken:
+            raise RuntimeError(f"a bug fetching chunk {chunk}")
+        return await super().fetch_location(ino, version, chunk, deadline)
+
+
+def test_a_failing_readahead_is_logged_and_dropped_and_the_rest_goes_on(expect_log: Callable[..., None]) -> None:
+    """Readahead is a guess: an error in one fetch ahead does not take its task (or the mount's nursery) down."""
+    expect_log("reading ahead from peers failed")
+    peers = FailingPeers(0.005, broken=frozenset({5, 6}))
+    f = _File(24, held=set())
+
+    async def body(reads: PeerReads) -> None:
+        for c in range(4):
+            await reads.fetch(7, V1, [c], ahead=f.reader)
+            await trio.sleep(0.02)
+        for c in range(7, 16):  # (a request for 5 or 6 would raise here too: the cache counts that as a fault)
+            assert await reads.fetch(7, V1, [c], ahead=f.reader) == {c: bytes([c, 0]) * 4}
+            await trio.sleep(0.02)
+
+    reads = _with_readahead(peers, body)
+    assert reads.read_ahead_errors == 2  # (logged both times: the 1st and 2nd)
+    assert reads.read_ahead_used >= 6
