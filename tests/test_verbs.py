@@ -215,7 +215,11 @@ def test_ctrl_c_stops_the_warm_and_keeps_what_it_cached(mounter, tmp_path):
     data = write_random(str(root / "golden.img"), 64 * MiB, 11)
     m = mounter.mount(str(root), "--cache-dir", str(tmp_path / "cache"))
     cmd = [*FUSECACHE, "warm", m.mountpoint, "golden.img", "--rate", "4M"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches a command run in a terminal's foreground; a suite started in the background of a
+    # non-interactive shell (nohup, `&`) has SIGINT ignored, and its children inherit that: give the command
+    # a terminal's default, or Python never turns SIGINT into KeyboardInterrupt and the warm runs to its end
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         wait_for(lambda: any(w.done_bytes >= 2 * MiB for w in stats(m.mountpoint).warms), "the warm to make progress")
         # top shows the running warm
