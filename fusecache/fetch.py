@@ -94,6 +94,12 @@ class Reader:
     # which of chunks first..last the cache holds, in one look (one index scan, not a lookup per chunk); None: ask `held`
     held_range: Callable[[int, int], set[int]] | None = None
 
+    def held_in(self, first: int, last: int) -> set[int]:
+        """Which of chunks first..last the cache holds: one look for them all when the cache gives one."""
+        if self.held_range is not None:
+            return self.held_range(first, last)
+        return {c for c in range(first, last + 1) if self.held(c)}
+
 
 class _Block:
     """A buffered block: its bytes; which pages are read (`valid`), being read (`loading`), for the background to read
@@ -442,11 +448,13 @@ class Fetcher:
             if self._bytes > self.buffer_bytes:
                 self._shrink()
 
-    def _forget(self, e: _Block) -> None:
-        """e left the buffer: its pages no longer count (reads still in flight for it fill it for their requests)."""
-        if e.held > 0:
-            self._bytes -= e.held.bit_count() * self.ps
+    def _forget(self, e: _Block) -> int:
+        """e left the buffer: its pages no longer count (reads still in flight for it fill it for their requests).
+        Returns the bytes it counted."""
+        freed = max(e.held, 0).bit_count() * self.ps
+        self._bytes -= freed
         e.held = -1
+        return freed
 
     def _shrink(self) -> None:
         """Evict the least recently used blocks until the buffer is within its bound (the youngest always stays).
@@ -457,8 +465,7 @@ class Fetcher:
             key, old = chunks.popitem(last=False)
             self._queue.pop(key, None)
             self.counters.evicted_blocks += 1
-            self.counters.evicted_bytes += max(old.held, 0).bit_count() * self.ps
-            self._forget(old)
+            self.counters.evicted_bytes += self._forget(old)
 
     def _claim(self, e: _Block, pages: int, ev: trio.Event | None = None) -> trio.Event:
         self._count(e, pages)
@@ -708,7 +715,7 @@ class Fetcher:
         cs, cpb, ppc = self.cs, self.cpb, self.ppc
         first, last = start // cs, (limit - 1) // cs  # the chunks read ahead: whole ones, as admission takes them
         # one look at the index for them all
-        held = r.held_range(first, last) if r.held_range is not None else {c for c in range(first, last + 1) if r.held(c)}
+        held = r.held_in(first, last)
         ino, buffered, queue, cf = r.ino, self._chunks, self._queue, self.chunk_full
         queued = 0
         for b in range(first // cpb, last // cpb + 1):

@@ -116,13 +116,17 @@ class PeerReads:
             with trio.move_on_at(deadline):
                 await flight.done.wait()
             return flight.data
+        return (await self._fly(key, deadline)).data
+
+    async def _fly(self, key: tuple[int, Version, int], deadline: float) -> _Flight:
+        """Ask the peers for one chunk, as the one flight for it: whoever wants it meanwhile waits for this answer."""
         flight = self._flights[key] = _Flight()
         try:
-            flight.data = await self.peers.fetch_location(ino, version, c, deadline)
+            flight.data = await self.peers.fetch_location(*key, deadline)
         finally:
             del self._flights[key]
             flight.done.set()  # an answer, or None (not held, timed out, cancelled): then each reads the backing
-        return flight.data
+        return flight
 
     async def fetch(
         self, ino: int, version: Version, chunks: list[int], timeout: float | None = None, ahead: Reader | None = None
@@ -179,7 +183,7 @@ class PeerReads:
         if start > end or s.ahead - last > window // 2:
             return  # (topped up once half the window is read)
         s.ahead = end
-        held = ahead.held_range(start, end) if ahead.held_range is not None else {c for c in range(start, end + 1) if ahead.held(c)}
+        held = ahead.held_in(start, end)
         peers, flights, ready = self.peers, self._flights, self._ready
         for c in range(start, end + 1):
             key = (ino, version, c)
@@ -210,12 +214,7 @@ class PeerReads:
     async def _fetch_one_ahead(self, key: tuple[int, Version, int], stamp: Stamp, stamp_now: Callable[[], Stamp | None]) -> None:
         if key in self._flights or key in self._ready or stamp_now() != stamp:
             return
-        flight = self._flights[key] = _Flight()
-        try:
-            flight.data = await self.peers.fetch_location(*key, trio.current_time() + self.peers.fetch_timeout)
-        finally:
-            del self._flights[key]
-            flight.done.set()
+        flight = await self._fly(key, trio.current_time() + self.peers.fetch_timeout)
         data = flight.data
         if data is None:
             return
