@@ -323,30 +323,33 @@ def test_a_write_racing_a_background_completion_never_caches_old_bytes():
     old = os.urandom(2 * CS)
     backing = FakeBacking({"disk.img": old})
     f = File(backing, "disk.img")
-    backing.hold = lambda offset, size: offset == 4096  # the completion of chunk 0 (pages 1..15)
-    new = os.urandom(CS - 4096)
+    # a stream's second request queues the rest of chunk 0 (pages 2..15, with what it reads ahead): that read waits
+    backing.hold = lambda offset, size: offset == 8192 and size > 4096
+    new = os.urandom(CS - 8192)
 
     async def body(fetcher: Fetcher) -> None:
         assert await read(fetcher, f, 0, 4096) == old[:4096]
-        await trio.to_thread.run_sync(backing.held.wait, 5)  # the completion has old bytes in hand, and waits
+        assert await read(fetcher, f, 4096, 4096) == old[4096:8192]  # sequential now: the rest goes in the background
+        assert await trio.to_thread.run_sync(backing.held.wait, 5), "the completion was never read"
         # a write, as the cache does it: epoch bumped at start and end, the backing written in between
         f.writing += 1
         f.epoch += 1
-        backing.write("disk.img", 4096, new)
+        backing.write("disk.img", 8192, new)
         # a read while the write is in flight reads the backing directly
-        assert await read(fetcher, f, 4096, 4096) == new[:4096]
+        assert await read(fetcher, f, 8192, 4096) == new[:4096]
         f.writing -= 1
         f.epoch += 1
         backing.gate.set()  # the completion returns its old bytes now
         await settle(fetcher)
-        assert await read(fetcher, f, 4096, CS - 4096) == new
-        assert await read(fetcher, f, 0, CS) == old[:4096] + new
+        assert await read(fetcher, f, 8192, CS - 8192) == new
+        assert await read(fetcher, f, 0, CS) == old[:8192] + new
         await settle(fetcher)
 
     run_with_fetcher(backing, body)
-    assert f.offers, "the chunk read after the write is offered"
+    now = old[:8192] + new + old[CS:]
+    assert any(c == 0 for c, _ in f.offers), "the chunk read after the write is offered"
     for c, d in f.offers:
-        assert c == 0 and d == old[:4096] + new, "an offered chunk held bytes from before the write"
+        assert d == now[c * CS : (c + 1) * CS], "an offered chunk held bytes from before the write"
 
 
 def test_readahead_follows_a_sequential_stream_and_stops_at_end_of_file():
