@@ -1,6 +1,6 @@
 # Two commands work on a fresh Debian 12 machine as root:
 #   make demo   installs what it needs, then runs the demo on an embedded default
-#   make test   installs what it needs, then runs the whole test suite (the unit tier as nobody first)
+#   make test   installs what it needs, then runs the whole test suite: the unit tier as nobody, then the rest as root
 # Both are idempotent: a second run installs nothing. `make unit` runs the unit tier alone (tests/unit/:
 # no root, FUSE or servers needed; started as root, it runs the tests as nobody).
 
@@ -41,7 +41,7 @@ demo: setup
 	$(PY) -m examples.demo
 
 test: setup lint unit
-	$(PYTEST) tests
+	$(PYTEST) tests --ignore=tests/unit
 
 # Run as root, the unit tier runs as $(UNIT_USER) with a scratch HOME and TMPDIR of its own (and nothing
 # else from root's environment): that it passes there is what shows it needs no root, FUSE or servers.

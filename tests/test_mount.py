@@ -227,6 +227,15 @@ def _check_permissions(m, backing):
     w = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "touch", os.path.join(m.mountpoint, "x")],
                        capture_output=True, text=True)
     assert w.returncode != 0 and not (backing / "x").exists()
+    # the daemon runs as root: what a user creates through the mount is that user's, on the backing too
+    os.mkdir(backing / "drop")
+    os.chmod(backing / "drop", 0o777)
+    for make in (["touch", "f"], ["mkdir", "d"]):
+        made = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", make[0],
+                               os.path.join(m.mountpoint, "drop", make[1])], capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
+        st = (backing / "drop" / make[1]).stat()
+        assert (st.st_uid, st.st_gid) == (65534, 65534), f"{make[1]} belongs to {st.st_uid}:{st.st_gid}, not its creator"
 
 
 def test_enospc_from_the_backing_reaches_the_writer(mounter, tmp_path):
