@@ -7,9 +7,10 @@ deleted. Every image is built independently, so files land at different
 offsets in each: the case a content-deduplicating cache meets when guests
 were installed separately rather than cloned from one golden image.
 
-The images are cached under `/work/main/.cache/images/<VERSION>/NAME.img`
-(gitignored); change VERSION or a package set and the next run builds a new
-set. A build works in `NAME.partial/` and `NAME.img.partial`, and the image
+The images are cached under `~/.cache/fusecache/images/<VERSION>/NAME.img`
+(`$XDG_CACHE_HOME` if set), beside the test guest's kernel, so a fresh clone
+reuses what an earlier one built; change VERSION or a package set and the
+next run builds a new set. A build works in `NAME.partial/` and `NAME.img.partial`, and the image
 appears only by an atomic rename when complete, so an interrupted run leaves
 no half-built image: its leftovers are deleted and the image rebuilt. A lock
 file keeps two processes from building at once. Downloaded packages are
@@ -36,9 +37,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 VERSION = "bookworm-minbase-v1"
-CACHE_DIR = REPO / ".cache" / "images" / VERSION
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fusecache" / "images" / VERSION
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 IMAGE_SIZE = "1G"

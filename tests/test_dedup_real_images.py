@@ -1,7 +1,7 @@
 """Dedup on real VM images: two independently built Debian root filesystems through the real Store.
 
 The images come from `bench/images.py` (debootstrap + mkfs.ext4, cached under
-`.cache/images/`): the first run builds them (about 1.5 minutes, needs
+`~/.cache/fusecache/images/`): the first run builds them (about 1.5 minutes, needs
 Debian's package mirror), later runs reuse them. Without the mirror the test
 is skipped with the builder's one-line reason.
 
