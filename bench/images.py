@@ -9,13 +9,14 @@ were installed separately rather than cloned from one golden image.
 
 The images are cached under `~/.cache/fusecache/images/<VERSION>/NAME.img`
 (`$XDG_CACHE_HOME` if set), beside the test guest's kernel, so a fresh clone
-reuses what an earlier one built; change VERSION or a package set and the
-next run builds a new set. A build works in `NAME.partial/` and `NAME.img.partial`, and the image
-appears only by an atomic rename when complete, so an interrupted run leaves
-no half-built image: its leftovers are deleted and the image rebuilt. A lock
-file keeps two processes from building at once. Downloaded packages are
-kept in `<VERSION>/debs/` and shared by the builds (the file systems are
-still made separately); `NAME.json` records how long its build took.
+reuses what an earlier one built; change VERSION or a package set and the next
+run builds a new set. A build works in `NAME.partial/` and `NAME.img.partial`,
+and the image appears only by an atomic rename when complete, so an
+interrupted run leaves no half-built image: its leftovers are deleted and the
+image rebuilt. A lock file keeps two processes from building at once.
+Downloaded packages are kept in `<VERSION>/debs/` and shared by the builds
+(the file systems are still made separately); `NAME.json` records how long its
+build took.
 
 Use `build_images()` (-> list of image paths) from tests and benchmarks, or run
 `python -m bench.images [NAME...]`. Without Debian's mirror (or without root,
