@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +118,9 @@ def read_file(path: str) -> int:
     return n
 
 
-def direct_reads(path: str, offsets: list[int]) -> list[float]:
-    """Seconds per O_DIRECT 64 KiB read at each offset, one at a time."""
-    buf = mmap.mmap(-1, CHUNK)
+def direct_reads(path: str, offsets: Iterable[int], size: int = CHUNK) -> list[float]:
+    """Seconds per O_DIRECT read of `size` bytes (64 KiB) at each offset, one at a time."""
+    buf = mmap.mmap(-1, size)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         out = []
@@ -128,7 +128,7 @@ def direct_reads(path: str, offsets: list[int]) -> list[float]:
             t = time.perf_counter()
             n = os.preadv(fd, [buf], off)
             out.append(time.perf_counter() - t)
-            assert n == CHUNK, n
+            assert n == size, n
         return out
     finally:
         os.close(fd)
@@ -138,17 +138,7 @@ def direct_reads(path: str, offsets: list[int]) -> list[float]:
 def stream_read(path: str, start: int, length: int, request: int = 128 << 10) -> float:
     """Seconds to read [start, start + length) in order, O_DIRECT, `request` bytes at a time (a guest's sequential
     reads): what readahead is for."""
-    buf = mmap.mmap(-1, request)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        t = time.perf_counter()
-        for off in range(start, start + length, request):
-            n = os.preadv(fd, [buf], off)
-            assert n == request, n
-        return time.perf_counter() - t
-    finally:
-        os.close(fd)
-        buf.close()
+    return sum(direct_reads(path, range(start, start + length, request), request))
 
 
 def summarise(samples: list[float]) -> dict[str, float]:
