@@ -82,7 +82,7 @@ class PeerReads:
         self._todo: collections.deque[tuple[tuple[int, Version, int], Stamp, Callable[[], Stamp | None]]] = collections.deque()
         self._lot = trio.lowlevel.ParkingLot()  # readahead tasks with nothing to fetch
         self.read_ahead = 0  # chunks fetched ahead from peers
-        self.read_ahead_used = 0  # of those, asked for by a request before they were dropped
+        self.read_ahead_used = 0  # of those, asked for by a request (in flight, or kept) before they were dropped
         self.read_ahead_errors = 0  # fetches ahead that failed with an error of ours (logged; the request reads anyway)
 
     async def run(self) -> None:
@@ -219,8 +219,11 @@ class PeerReads:
         if data is None:
             return
         self.read_ahead += 1
-        if flight.joined or stamp_now() != stamp:
-            return  # a request took it already, or a write came between
+        if flight.joined:  # requests asked for it while it was fetched: they had this answer
+            self.read_ahead_used += 1
+            return
+        if stamp_now() != stamp:
+            return  # a write came between
         self._ready[key] = (stamp, data)
         self._ready_bytes += len(data)
         while self._ready_bytes > READY_BYTES:

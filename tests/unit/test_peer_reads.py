@@ -250,3 +250,20 @@ def test_a_failing_readahead_is_logged_and_dropped_and_the_rest_goes_on(expect_l
     reads = _with_readahead(peers, body)
     assert reads.read_ahead_errors == 2  # (logged both times: the 1st and 2nd)
     assert reads.read_ahead_used >= 6
+
+
+def test_a_request_that_joins_a_chunk_still_being_fetched_ahead_counts_as_a_use() -> None:
+    """A stream with no time between its requests catches its readahead in flight: each request waits for that
+    fetch, and each chunk fetched ahead is counted as used, once, whether it was taken from the buffer or in flight."""
+    peers = AheadPeers(0.01)
+    f = _File(32, held=set())
+
+    async def body(reads: PeerReads) -> None:
+        for c in range(32):
+            assert await reads.fetch(7, V1, [c], ahead=f.reader) == {c: bytes([c, 0]) * 4}
+
+    reads = _with_readahead(peers, body)
+    assert sorted(c for _, _, c in peers.asked) == list(range(32))  # each chunk asked once
+    assert reads.joined > 0  # (the case at hand: requests came while their chunk was in flight)
+    assert reads.read_ahead > 16
+    assert reads.read_ahead_used == reads.read_ahead  # the whole file was read: every chunk fetched ahead was used
