@@ -408,13 +408,11 @@ class Fetcher:
 
     def _pages(self, lo: int, hi: int) -> int:
         """The page bits covering bytes [lo, hi) of a block."""
-        first, last = lo // self.ps, (hi - 1) // self.ps
-        return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+        return _covering(lo, hi, self.ps)
 
     def _chunk_bits(self, lo: int, hi: int) -> int:
         """The chunk bits covering bytes [lo, hi) of a block."""
-        first, last = lo // self.cs, (hi - 1) // self.cs
-        return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+        return _covering(lo, hi, self.cs)
 
     def _chunk_pages(self, bits: int) -> int:
         """The page bits of the chunks in `bits`."""
@@ -948,6 +946,12 @@ def _close_all(sync: Any, handles: list[Any]) -> None:
             sync.close(h)
         except OSError:
             pass
+
+
+def _covering(lo: int, hi: int, unit: int) -> int:
+    """The bits of the `unit`-sized pieces (bit i: bytes [i * unit, (i + 1) * unit)) that bytes [lo, hi) touch."""
+    first, last = lo // unit, (hi - 1) // unit
+    return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
 
 
 def _bit_runs(bits: int) -> list[tuple[int, int]]:
