@@ -283,8 +283,10 @@ class Fetcher:
             elif e.base is not None and e.stamp == stamp:
                 # (a stream's request inside a block read whole: its view, without the lists below)
                 return self._view(r, [(first, e, self._chunk_bits(lo, lo + size))], offset, size, noted, e.base[0], e.base[1] + lo)
+            found = [e]  # (looked up once)
+        else:
+            found = [self._chunks.get((r.ino, b)) for b in range(first, last + 1)]
         needs = [(b, offset - b * bs if b == first else 0, offset + size - b * bs if b == last else bs) for b in range(first, last + 1)]
-        found = [self._chunks.get((r.ino, b)) for b in range(first, last + 1)]
         found = [e if e is not None and e.stamp == stamp else None for e in found]
         e0 = found[0]
         base = e0.base if e0 is not None else None
