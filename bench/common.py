@@ -288,6 +288,28 @@ def warm_page_cache(path: str) -> None:
             pass
 
 
+# ---- the serving process's CPU ----------------------------------------------------
+def server_pid(mountpoint: str) -> int | None:
+    """The process serving `mountpoint` (a fusecache daemon, memfs): the one whose arguments name it."""
+    want = os.path.abspath(mountpoint).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+            if want in f.read().split(b"\0"):
+                return int(entry)
+    return None
+
+
+def cpu_ns(pid: int) -> int:
+    """On-CPU time of every live thread of `pid` so far (/proc/PID/task/*/schedstat: nanoseconds, not clock ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
 # ---- fio -------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class FioResult:
@@ -299,6 +321,7 @@ class FioResult:
     io_bytes: int
     p50_us: float
     p99_us: float
+    server_cpu_us: float = 0.0  # CPU time of the process serving the mount, every thread, per request (0: not measured)
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)

@@ -29,6 +29,10 @@ is reported as "not available".
     .venv/bin/python -m bench.hitpath [--quick] [--repeats 3] [--size-mib 1024] [--rand-mib 64] [--cold-backing] [--dir /var/tmp]
 
 Prints a table; writes bench/results/hitpath.json (hitpath-quick.json with --quick, a smoke run).
+A second table gives, per setup, the CPU time of the process serving the
+mount (memfs, the daemon; every thread, from /proc/PID/task/*/schedstat)
+per request: at queue depth 1 a server whose CPU per request is close to
+the time per request (1 / IOPS) is bound by its own CPU, not by waiting.
 
 `--boundary` measures instead what the error boundary (issue 10: every read
 inside a try, served from the backing on a fault of the cache) costs a hit,
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shutil
 import sys
@@ -57,6 +62,7 @@ from bench.common import (
     FioResult,
     MountUnavailable,
     assert_nothing_mounted_under,
+    cpu_ns,
     drop_page_cache,
     fmt_bw,
     fmt_iops,
@@ -67,6 +73,7 @@ from bench.common import (
     memfs_mount,
     print_table,
     run_fio,
+    server_pid,
     warm_page_cache,
     write_results,
 )
@@ -110,11 +117,17 @@ class Bench:
         return memfs_mount(self.image, self._fresh("mnt"))
 
     def read(self, mountpoint: str, pattern: str, from_backing: bool) -> FioResult:
-        """One measured fio run of `pattern` on the file under `mountpoint`."""
+        """One measured fio run of `pattern` on the file under `mountpoint`, with the serving process's CPU per request."""
         rw, bs, nbytes = self.patterns()[pattern]
         if from_backing:
             self.prepare_backing()
-        return run_fio(os.path.join(mountpoint, "disk.img"), rw, bs, direct=True, io_size=nbytes)
+        pid = server_pid(mountpoint)
+        before = cpu_ns(pid) if pid else 0
+        result = run_fio(os.path.join(mountpoint, "disk.img"), rw, bs, direct=True, io_size=nbytes)
+        if not pid:
+            return result
+        requests = result.io_bytes / (MIB if bs == "1M" else 4096)
+        return dataclasses.replace(result, server_cpu_us=(cpu_ns(pid) - before) / 1e3 / max(requests, 1))
 
     def prepare_backing(self) -> None:
         """Drop or warm the backing file in the host page cache, as `--cold-backing` says."""
@@ -233,6 +246,12 @@ def summarize(runs: dict[str, dict[str, list[FioResult]]], patterns: list[str]) 
     return rows
 
 
+def _cpu_ratio(warm: FioResult | None, ceiling: FioResult | None) -> str:
+    if not warm or not ceiling or not warm.server_cpu_us or not ceiling.server_cpu_us:
+        return "-"
+    return f"{warm.server_cpu_us / ceiling.server_cpu_us:.2f}"
+
+
 def _verdict(ratio: float | None, met: bool | None) -> str:
     if ratio is None:
         return "-"
@@ -348,6 +367,19 @@ def main() -> int:
         f"hit path: O_DIRECT psync, 1 job, {args.size_mib} MiB file ({backing} the page cache), median of {args.repeats}",
         ["pattern", *SETUPS, f"warm/ceiling >= {WARM_GOAL}", f"cold/no-cache time <= {COLD_GOAL}"],
         table,
+    )
+    print_table(
+        "CPU per request of the process serving the mount (every thread; µs, median): at queue depth 1 a server "
+        "whose CPU per request is near the time per request is CPU-bound",
+        ["pattern", *SETUPS, "warm/ceiling"],
+        [
+            [
+                r["pattern"],
+                *(f"{m.server_cpu_us:.1f}" if (m := r["_medians"][s]) and m.server_cpu_us else "-" for s in SETUPS),
+                _cpu_ratio(r["_medians"]["warm"], r["_medians"]["ceiling"]),
+            ]
+            for r in rows
+        ],
     )
     passes = [FioResult(**r) for r in counters["prime_passes"]]
     if passes:

@@ -23,7 +23,8 @@ queued read: `--count 8192` ran 0.5 s and hid it; docs/internals.md,
 
     .venv/bin/python -m bench.qemu_bench [--repeats 5] [--size-mib 512] [--count 32768] [--dir /var/tmp]
 
-Prints a table; writes bench/results/qemu_bench.json.
+Prints a table, with the CPU time of the process serving each mount (memfs,
+the daemon; every thread) per request; writes bench/results/qemu_bench.json.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import MIB, MountUnavailable, assert_nothing_mounted_under, fmt_bw, print_table, write_results
+from bench.common import MIB, MountUnavailable, assert_nothing_mounted_under, cpu_ns, fmt_bw, print_table, server_pid, write_results
 from bench.hitpath import Bench, prime
 
 GOAL = 0.9
@@ -71,6 +72,7 @@ def main() -> int:
         return 2
     work = tempfile.mkdtemp(prefix="fusecache-qemu-bench-", dir=args.dir)
     runs: dict[str, list[float]] = {s: [] for s in SETUPS}
+    cpu: dict[str, list[float]] = {s: [] for s in SETUPS}  # the serving process's CPU µs per request
     primed: dict[str, Any] | None = None
     try:
         bench = Bench(work, args.size_mib, 0, "2G", cold_backing=False)
@@ -86,7 +88,11 @@ def main() -> int:
                     if setup == "no-cache":
                         bench.prepare_backing()
                     path = os.path.join(mounts[setup], "disk.img")
+                    pid = server_pid(mounts[setup])
+                    before = cpu_ns(pid) if pid else 0
                     runs[setup].append(qemu_img_bench(path, args.count, args.depth, args.block))
+                    if pid:
+                        cpu[setup].append((cpu_ns(pid) - before) / 1e3 / args.count)
     except MountUnavailable as exc:
         print(f"a mount could not start: {exc}", file=sys.stderr)
         return 1
@@ -100,8 +106,8 @@ def main() -> int:
     print_table(
         f"qemu-img bench -t none -n -d {args.depth} -s {args.block} -c {args.count}, {args.size_mib} MiB file, "
         f"median of {args.repeats} ({cached / MIB:.0f} MiB cached before the warm runs)",
-        ["setup", "seconds", "throughput", "/ ceiling"],
-        [[s, f"{med[s]:.3f}", fmt_bw(nbytes / med[s]), f"{med['ceiling'] / med[s]:.2f}"] for s in SETUPS],
+        ["setup", "seconds", "throughput", "/ ceiling", "server CPU µs / request"],
+        [[s, f"{med[s]:.3f}", fmt_bw(nbytes / med[s]), f"{med['ceiling'] / med[s]:.2f}", _cpu(cpu[s])] for s in SETUPS],
     )
     print(f"warm / ceiling = {ratio:.2f} (goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'})")
     results = {
@@ -111,9 +117,14 @@ def main() -> int:
         "warm_over_ceiling": ratio,
         "goal_met": ratio >= GOAL,
         "cached_bytes_before_warm_runs": cached,
+        "server_cpu_us_per_request": cpu,
     }
     print(f"wrote {write_results('qemu_bench', results)}")
     return 0
+
+
+def _cpu(samples: list[float]) -> str:
+    return f"{statistics.median(samples):.1f}" if samples else "-"
 
 
 if __name__ == "__main__":
