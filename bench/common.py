@@ -301,13 +301,21 @@ def server_pid(mountpoint: str) -> int | None:
     return None
 
 
-def cpu_ns(pid: int) -> int:
-    """On-CPU time of every live thread of `pid` so far (/proc/PID/task/*/schedstat: nanoseconds, not clock ticks)."""
-    total = 0
+def cpu_ns(pid: int) -> dict[str, int]:
+    """On-CPU time so far of each live thread of `pid`, by thread id (/proc/PID/task/*/schedstat: nanoseconds, not
+    clock ticks). Give it to `cpu_since` after the work to measure."""
+    out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            total += int(f.read().split()[0])
-    return total
+            out[tid] = int(f.read().split()[0])
+    return out
+
+
+def cpu_since(pid: int, before: dict[str, int]) -> int:
+    """Nanoseconds on CPU of `pid`'s threads since `before` (`cpu_ns`): each live thread's own difference, so a
+    thread that exits meanwhile (an idle worker timing out) takes only its time during the work with it, never
+    its whole past."""
+    return sum(ns - before.get(tid, 0) for tid, ns in cpu_ns(pid).items())
 
 
 # ---- fio -------------------------------------------------------------------------

@@ -63,6 +63,7 @@ from bench.common import (
     MountUnavailable,
     assert_nothing_mounted_under,
     cpu_ns,
+    cpu_since,
     drop_page_cache,
     fmt_bw,
     fmt_iops,
@@ -122,12 +123,12 @@ class Bench:
         if from_backing:
             self.prepare_backing()
         pid = server_pid(mountpoint)
-        before = cpu_ns(pid) if pid else 0
+        before = cpu_ns(pid) if pid else {}
         result = run_fio(os.path.join(mountpoint, "disk.img"), rw, bs, direct=True, io_size=nbytes)
         if not pid:
             return result
-        requests = result.io_bytes / (MIB if bs == "1M" else 4096)
-        return dataclasses.replace(result, server_cpu_us=(cpu_ns(pid) - before) / 1e3 / max(requests, 1))
+        requests = result.io_bytes / (int(bs[:-1]) << {"k": 10, "M": 20}[bs[-1]])
+        return dataclasses.replace(result, server_cpu_us=cpu_since(pid, before) / 1e3 / max(requests, 1))
 
     def prepare_backing(self) -> None:
         """Drop or warm the backing file in the host page cache, as `--cold-backing` says."""

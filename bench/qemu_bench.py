@@ -41,7 +41,17 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import MIB, MountUnavailable, assert_nothing_mounted_under, cpu_ns, fmt_bw, print_table, server_pid, write_results
+from bench.common import (
+    MIB,
+    MountUnavailable,
+    assert_nothing_mounted_under,
+    cpu_ns,
+    cpu_since,
+    fmt_bw,
+    print_table,
+    server_pid,
+    write_results,
+)
 from bench.hitpath import Bench, prime
 
 GOAL = 0.9
@@ -89,10 +99,10 @@ def main() -> int:
                         bench.prepare_backing()
                     path = os.path.join(mounts[setup], "disk.img")
                     pid = server_pid(mounts[setup])
-                    before = cpu_ns(pid) if pid else 0
+                    before = cpu_ns(pid) if pid else {}
                     runs[setup].append(qemu_img_bench(path, args.count, args.depth, args.block))
                     if pid:
-                        cpu[setup].append((cpu_ns(pid) - before) / 1e3 / args.count)
+                        cpu[setup].append(cpu_since(pid, before) / 1e3 / args.count)
     except MountUnavailable as exc:
         print(f"a mount could not start: {exc}", file=sys.stderr)
         return 1
