@@ -38,8 +38,10 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.harness.tinyguest import CACHE_DIR as GUEST_CACHE_DIR
+
 VERSION = "bookworm-minbase-v1"
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fusecache" / "images" / VERSION
+CACHE_DIR = GUEST_CACHE_DIR.parent / "images" / VERSION  # beside the test guest's kernel
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 IMAGE_SIZE = "1G"
