@@ -219,20 +219,18 @@ def test_permissions_are_honoured(mounter, backing):
 
 
 def _check_permissions(m, backing):
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat"]
-    denied = subprocess.run([*as_nobody, os.path.join(m.mountpoint, "secret.img")], capture_output=True, text=True)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    denied = subprocess.run([*as_nobody, "cat", os.path.join(m.mountpoint, "secret.img")], capture_output=True, text=True)
     assert denied.returncode != 0 and "Permission denied" in denied.stderr
-    allowed = subprocess.run([*as_nobody, os.path.join(m.mountpoint, "public.img")], capture_output=True, text=True)
+    allowed = subprocess.run([*as_nobody, "cat", os.path.join(m.mountpoint, "public.img")], capture_output=True, text=True)
     assert allowed.stdout == "public"
-    w = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "touch", os.path.join(m.mountpoint, "x")],
-                       capture_output=True, text=True)
+    w = subprocess.run([*as_nobody, "touch", os.path.join(m.mountpoint, "x")], capture_output=True, text=True)
     assert w.returncode != 0 and not (backing / "x").exists()
     # the daemon runs as root: what a user creates through the mount is that user's, on the backing too
     os.mkdir(backing / "drop")
     os.chmod(backing / "drop", 0o777)
     for make in (["touch", "f"], ["mkdir", "d"]):
-        made = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", make[0],
-                               os.path.join(m.mountpoint, "drop", make[1])], capture_output=True, text=True)
+        made = subprocess.run([*as_nobody, make[0], os.path.join(m.mountpoint, "drop", make[1])], capture_output=True, text=True)
         assert made.returncode == 0, made.stderr
         st = (backing / "drop" / make[1]).stat()
         assert (st.st_uid, st.st_gid) == (65534, 65534), f"{make[1]} belongs to {st.st_uid}:{st.st_gid}, not its creator"
