@@ -26,14 +26,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 FUSECACHE = [sys.executable, "-m", "fusecache"]
 MIB = 1 << 20
+T = TypeVar("T")
 
 
 class MountUnavailable(Exception):
@@ -301,9 +302,9 @@ def server_pid(mountpoint: str) -> int | None:
     return None
 
 
-def cpu_ns(pid: int) -> dict[str, int]:
+def _thread_cpu_ns(pid: int) -> dict[str, int]:
     """On-CPU time so far of each live thread of `pid`, by thread id (/proc/PID/task/*/schedstat: nanoseconds, not
-    clock ticks). Give it to `cpu_since` after the work to measure."""
+    clock ticks)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
@@ -311,11 +312,16 @@ def cpu_ns(pid: int) -> dict[str, int]:
     return out
 
 
-def cpu_since(pid: int, before: dict[str, int]) -> int:
-    """Nanoseconds on CPU of `pid`'s threads since `before` (`cpu_ns`): each live thread's own difference, so a
-    thread that exits meanwhile (an idle worker timing out) takes only its time during the work with it, never
-    its whole past."""
-    return sum(ns - before.get(tid, 0) for tid, ns in cpu_ns(pid).items())
+def with_server_cpu(mountpoint: str, work: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, int | None]:
+    """`work(*args, **kwargs)`'s result, and the nanoseconds the process serving `mountpoint` (`server_pid`) spent on CPU
+    meanwhile, every thread (None: no such process). Each live thread's own difference is summed, so a thread
+    that exits meanwhile (an idle worker timing out) takes only its time during the work with it, never its past."""
+    pid = server_pid(mountpoint)
+    before = _thread_cpu_ns(pid) if pid else {}
+    result = work(*args, **kwargs)
+    if not pid:
+        return result, None
+    return result, sum(ns - before.get(tid, 0) for tid, ns in _thread_cpu_ns(pid).items())
 
 
 # ---- fio -------------------------------------------------------------------------

@@ -62,8 +62,6 @@ from bench.common import (
     FioResult,
     MountUnavailable,
     assert_nothing_mounted_under,
-    cpu_ns,
-    cpu_since,
     drop_page_cache,
     fmt_bw,
     fmt_iops,
@@ -74,8 +72,8 @@ from bench.common import (
     memfs_mount,
     print_table,
     run_fio,
-    server_pid,
     warm_page_cache,
+    with_server_cpu,
     write_results,
 )
 
@@ -122,13 +120,11 @@ class Bench:
         rw, bs, nbytes = self.patterns()[pattern]
         if from_backing:
             self.prepare_backing()
-        pid = server_pid(mountpoint)
-        before = cpu_ns(pid) if pid else {}
-        result = run_fio(os.path.join(mountpoint, "disk.img"), rw, bs, direct=True, io_size=nbytes)
-        if not pid:
+        result, cpu = with_server_cpu(mountpoint, run_fio, os.path.join(mountpoint, "disk.img"), rw, bs, direct=True, io_size=nbytes)
+        if cpu is None:
             return result
         requests = result.io_bytes / (int(bs[:-1]) << {"k": 10, "M": 20}[bs[-1]])
-        return dataclasses.replace(result, server_cpu_us=cpu_since(pid, before) / 1e3 / max(requests, 1))
+        return dataclasses.replace(result, server_cpu_us=cpu / 1e3 / max(requests, 1))
 
     def prepare_backing(self) -> None:
         """Drop or warm the backing file in the host page cache, as `--cold-backing` says."""

@@ -45,11 +45,9 @@ from bench.common import (
     MIB,
     MountUnavailable,
     assert_nothing_mounted_under,
-    cpu_ns,
-    cpu_since,
     fmt_bw,
     print_table,
-    server_pid,
+    with_server_cpu,
     write_results,
 )
 from bench.hitpath import Bench, prime
@@ -98,11 +96,10 @@ def main() -> int:
                     if setup == "no-cache":
                         bench.prepare_backing()
                     path = os.path.join(mounts[setup], "disk.img")
-                    pid = server_pid(mounts[setup])
-                    before = cpu_ns(pid) if pid else {}
-                    runs[setup].append(qemu_img_bench(path, args.count, args.depth, args.block))
-                    if pid:
-                        cpu[setup].append(cpu_since(pid, before) / 1e3 / args.count)
+                    seconds, ns = with_server_cpu(mounts[setup], qemu_img_bench, path, args.count, args.depth, args.block)
+                    runs[setup].append(seconds)
+                    if ns is not None:
+                        cpu[setup].append(ns / 1e3 / args.count)
     except MountUnavailable as exc:
         print(f"a mount could not start: {exc}", file=sys.stderr)
         return 1
