@@ -280,7 +280,7 @@ def headline(results: list[dict[str, Any]]) -> str:
 
 
 @contextlib.contextmanager
-def _terminate_cleanly() -> Iterator[None]:
+def terminate_cleanly() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so the mounts, proxies and server still come down."""
 
     def raise_exit(signum: int, frame: object) -> None:
@@ -311,7 +311,7 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     work = tempfile.mkdtemp(prefix="fusecache-bench-nfs-", dir=args.dir)
     try:
-        with _terminate_cleanly(), NfsServer(Path(work) / "server") as server:
+        with terminate_cleanly(), NfsServer(Path(work) / "server") as server:
             with open(server.export_dir / IMAGE, "wb") as f:
                 for _ in range(args.size_mib):
                     f.write(os.urandom(MIB))
