@@ -280,6 +280,23 @@ def headline(results: list[dict[str, Any]]) -> str:
 
 
 @contextlib.contextmanager
+def served_image(size_mib: int, where: str, prefix: str) -> Iterator[tuple[str, NfsServer]]:
+    """A scratch directory under `where`, and nfs-ganesha exporting IMAGE (`size_mib` MiB of random bytes) from it:
+    (the directory, the server). Afterwards the server is stopped and the directory gone, nothing mounted under
+    it (asserted); meanwhile SIGTERM unwinds like Ctrl-C, so that still happens."""
+    work = tempfile.mkdtemp(prefix=prefix, dir=where)
+    try:
+        with terminate_cleanly(), NfsServer(Path(work) / "server") as server:
+            with open(server.export_dir / IMAGE, "wb") as f:
+                for _ in range(size_mib):
+                    f.write(os.urandom(MIB))
+            yield work, server
+    finally:
+        assert_nothing_mounted_under(work)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def terminate_cleanly() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so the mounts, proxies and server still come down."""
 
@@ -309,12 +326,8 @@ def main() -> int:
         return 2
     size = args.size_mib * MIB
     results: list[dict[str, Any]] = []
-    work = tempfile.mkdtemp(prefix="fusecache-bench-nfs-", dir=args.dir)
     try:
-        with terminate_cleanly(), NfsServer(Path(work) / "server") as server:
-            with open(server.export_dir / IMAGE, "wb") as f:
-                for _ in range(args.size_mib):
-                    f.write(os.urandom(MIB))
+        with served_image(args.size_mib, args.dir, "fusecache-bench-nfs-") as (work, server):
             run = Run(work, size, args.rand_reads, args.cache_size)
             for rtt in ROUND_TRIPS_MS:
                 t = time.monotonic()
@@ -323,9 +336,6 @@ def main() -> int:
     except (MountUnavailable, RuntimeError) as exc:  # no ganesha, a mount that failed, fio failing: one line
         print(f"bench/nfs.py: {exc}", file=sys.stderr)
         return 1
-    finally:
-        assert_nothing_mounted_under(work)
-        shutil.rmtree(work, ignore_errors=True)
 
     rows = []
     for r in results:

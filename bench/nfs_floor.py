@@ -45,19 +45,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
     MIB,
     FioResult,
     MountUnavailable,
-    assert_nothing_mounted_under,
     fusecache_mount,
     memfs_mount,
     print_table,
@@ -65,7 +61,7 @@ from bench.common import (
     with_server_cpu,
     write_results,
 )
-from bench.nfs import IMAGE, nfs_getattr_rtt, nfs_random_4k, progress, terminate_cleanly
+from bench.nfs import IMAGE, nfs_getattr_rtt, nfs_random_4k, progress, served_image
 from fusecache.backing.nfs import NfsBacking
 from tests.harness.delay_proxy import DelayProxy
 from tests.harness.nfs_server import EXPORT, MOUNT_PORT, NFS_PORT, NfsServer
@@ -133,12 +129,8 @@ def main() -> int:
         return 2
     size = args.size_mib * MIB
     results: list[dict[str, Any]] = []
-    work = tempfile.mkdtemp(prefix="fusecache-bench-nfs-floor-", dir=args.dir)
     try:
-        with terminate_cleanly(), NfsServer(Path(work) / "server") as server:
-            with open(server.export_dir / IMAGE, "wb") as f:
-                for _ in range(args.size_mib):
-                    f.write(os.urandom(MIB))
+        with served_image(args.size_mib, args.dir, "fusecache-bench-nfs-floor-") as (work, server):
             for rtt in args.rtts:
                 t = time.monotonic()
                 results.append(measure(work, server, rtt, size, args.reads, args.repeats))
@@ -146,9 +138,6 @@ def main() -> int:
     except (MountUnavailable, RuntimeError) as exc:  # no ganesha, a mount that failed, fio failing: one line
         print(f"bench/nfs_floor.py: {exc}", file=sys.stderr)
         return 1
-    finally:
-        assert_nothing_mounted_under(work)
-        shutil.rmtree(work, ignore_errors=True)
 
     rows = []
     for r in results:
