@@ -392,6 +392,16 @@ def run_fio(
     )
 
 
+def run_fio_served(mountpoint: str, filename: str, rw: str, bs: str, **kwargs: Any) -> FioResult:
+    """`run_fio` of `filename` under `mountpoint`, with the CPU time per request of the process serving the mount
+    (`with_server_cpu`) in `server_cpu_us` (left 0 when no process names the mountpoint). `bs`: 4k, 64k, 1M and the like."""
+    result, cpu_ns = with_server_cpu(mountpoint, run_fio, filename, rw, bs, **kwargs)
+    if cpu_ns is None:
+        return result
+    requests = result.io_bytes / (int(bs[:-1]) << {"k": 10, "M": 20}[bs[-1]])
+    return dataclasses.replace(result, server_cpu_us=cpu_ns / 1e3 / max(requests, 1))
+
+
 def median_result(results: Sequence[FioResult]) -> FioResult:
     """Field-by-field median of repeats of one measurement."""
     fields = [f.name for f in dataclasses.fields(FioResult)]

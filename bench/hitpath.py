@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import shutil
 import sys
@@ -72,8 +71,8 @@ from bench.common import (
     memfs_mount,
     print_table,
     run_fio,
+    run_fio_served,
     warm_page_cache,
-    with_server_cpu,
     write_results,
 )
 
@@ -120,11 +119,7 @@ class Bench:
         rw, bs, nbytes = self.patterns()[pattern]
         if from_backing:
             self.prepare_backing()
-        result, cpu = with_server_cpu(mountpoint, run_fio, os.path.join(mountpoint, "disk.img"), rw, bs, direct=True, io_size=nbytes)
-        if cpu is None:
-            return result
-        requests = result.io_bytes / (int(bs[:-1]) << {"k": 10, "M": 20}[bs[-1]])
-        return dataclasses.replace(result, server_cpu_us=cpu / 1e3 / max(requests, 1))
+        return run_fio_served(mountpoint, os.path.join(mountpoint, "disk.img"), rw, bs, direct=True, io_size=nbytes)
 
     def prepare_backing(self) -> None:
         """Drop or warm the backing file in the host page cache, as `--cold-backing` says."""

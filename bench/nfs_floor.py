@@ -52,13 +52,11 @@ from typing import Any
 
 from bench.common import (
     MIB,
-    FioResult,
     MountUnavailable,
     fusecache_mount,
     memfs_mount,
     print_table,
-    run_fio,
-    with_server_cpu,
+    run_fio_served,
     write_results,
 )
 from bench.nfs import IMAGE, nfs_getattr_rtt, nfs_random_4k, progress, served_image
@@ -73,9 +71,8 @@ RATIOS = (("floor", "direct"), ("no-cache", "floor"), ("default", "no-cache"), (
 
 def fio_4k(mountpoint: str, reads: int) -> dict[str, float]:
     """`reads` 4 KiB O_DIRECT reads at random offsets, one at a time: p50, p99, IOPS and the server's CPU per read."""
-    result: FioResult
-    result, cpu_ns = with_server_cpu(mountpoint, run_fio, os.path.join(mountpoint, IMAGE), "randread", "4k", io_size=reads * 4 * KIB)
-    return {"p50_us": result.p50_us, "p99_us": result.p99_us, "iops": result.iops, "server_cpu_us": (cpu_ns or 0) / reads / 1e3}
+    result = run_fio_served(mountpoint, os.path.join(mountpoint, IMAGE), "randread", "4k", io_size=reads * 4 * KIB)
+    return {"p50_us": result.p50_us, "p99_us": result.p99_us, "iops": result.iops, "server_cpu_us": result.server_cpu_us}
 
 
 def measure(work: str, server: NfsServer, rtt_ms: float, size: int, reads: int, repeats: int) -> dict[str, Any]:
