@@ -329,7 +329,7 @@ class Cache:
                 from_peers.add(c)
             pieces = [(c, piece) for c, piece in offered.items() if piece]
             if pieces and reader.offer is not None:
-                reader.offer(pieces)
+                reader.offer(pieces, ())  # (none was held: they were missing)
         rest = [(c, *bounds(c)) for c in need if c not in got]
         if rest:
             try:
@@ -372,13 +372,17 @@ class Cache:
                         out.add(c)
             return out
 
-        def offer(pieces: list[Piece]) -> Collection[int]:
+        def offer(pieces: list[Piece], taken: Collection[int]) -> Collection[int]:
             """Offer fetched chunks, (chunk, bytes) each, for admission, unless a write or a new generation overlapped
             their fetch.
 
             Admission sees every read (the recently-read lists); a chunk already held or queued is not admitted
-            twice. Returns the chunks the writer, too far behind, did not take: the fetcher offers them again later.
-            A fault of admission or of the store here is counted; the chunks are served all the same.
+            twice. Only the chunks admission took at an earlier touch (`taken`) can be held: the index is looked
+            up for those alone (one scan); the rest were not held when they were fetched, and the queue is asked
+            for them (a chunk admitted meanwhile by another way in, and committed too, is admitted again: the
+            store keeps one copy). Returns the chunks the writer, too far behind, did not take: the fetcher
+            offers them again later. A fault of admission or of the store here is counted; the chunks are served
+            all the same.
             """
             if not snap.still_current(st):
                 return ()
@@ -387,9 +391,16 @@ class Cache:
                     health.inject("admission")
                 admit = self.admission.on_miss(f, snap.gen, pieces)
                 if admit:
-                    chunks = [c for c, _ in admit]
-                    held_now = held_range(min(chunks), max(chunks))  # (one scan of the index, not a look per chunk)
-                    return [c for c, piece in admit if c not in held_now and not self.files.admit((st.ino, snap.gen, c), piece, f.path)]
+                    again = [c for c, _ in admit if c in taken] if taken else ()
+                    held_now = held_range(min(again), max(again)) if again else ()  # (one scan of the index)
+                    todo = []
+                    for c, piece in admit:
+                        key = (st.ino, snap.gen, c)
+                        if c in held_now or (queue.pending(key) is not None and not queue.is_dropped(key)):
+                            continue  # held, or queued by another way in
+                        todo.append((key, piece))
+                    taken_now = self.files.admit_many(todo, f.path)  # (one call: the queue wakes its writer once)
+                    return [key[2] for key, _ in todo[taken_now:]]
             except Exception as exc:  # the chunks are served all the same; they are only not admitted
                 self.health.fault(health.layer_of(exc, "admission"), exc, "the chunk is served, not admitted")
             return ()

@@ -57,7 +57,9 @@ from fusecache.stats import FetchStats
 
 log = logging.getLogger(__name__)
 
-Offer = Callable[[list[tuple[int, bytes | memoryview]]], Collection[int]]
+# (chunk, bytes) each, and which of those chunks admission took at an earlier touch (the cache may hold them now;
+# the rest were not held when they were fetched); returns the chunks not taken
+Offer = Callable[[list[tuple[int, bytes | memoryview]], Collection[int]], Collection[int]]
 BUFFER_BYTES = 64 << 20  # recently fetched blocks kept for the next requests
 # the buffer's unit, a multiple of the chunk: at 64 KiB (one entry per chunk) a cold 1 MiB stream cost the loop
 # ~145 µs of CPU per MiB against ~65 for --no-cache, at 256 KiB ~75, at 1 MiB ~55 (/tmp paired runs, issue 13)
@@ -87,8 +89,9 @@ class Reader:
     stream: Hashable  # the open file, for sequential detection
     size: int | None  # the file's size as last seen (readahead stops there), None if not known
     stamp: Callable[[], Hashable | None]  # the file's content stamp now; None while a write is in flight
-    # complete chunks a request touched, (chunk, bytes) each, for admission (read-only), all in one call; returns the
-    # chunks not taken: offered again at their next touch. None: admission wants nothing of this file now (nothing offered)
+    # complete chunks a request touched, (chunk, bytes) each, for admission (read-only), all in one call, with those of
+    # them admission took at an earlier touch; returns the chunks not taken: offered again at their next touch.
+    # None: admission wants nothing of this file now (nothing offered)
     offer: Offer | None
     held: Callable[[int], bool] = lambda chunk: False  # the cache holds this chunk already: readahead skips it
     # which of chunks first..last the cache holds, in one look (one index scan, not a lookup per chunk); None: ask `held`
@@ -622,14 +625,15 @@ class Fetcher:
         file's current content.
 
         A request offers the chunks it read at each touch, with its own `offer`, in one call (admission sees every
-        read a guest makes, as when every re-read was a miss; the cache's offer skips chunks it already holds);
+        read a guest makes, as when every re-read was a miss; the cache's offer skips chunks it already holds: it
+        is told which of them admission took at an earlier touch, the only ones it can hold);
         `background` work offers each touched chunk once, with the creating request's offer, until taken. An offer
         of None (admission wants nothing of the file: no guest reads it) offers nothing.
         """
         if offer is None and not background:
             return
         cs, ppc, cf, cpb, chunks = self.cs, self.ppc, self.chunk_full, self.cpb, self._chunks
-        groups: dict[int, tuple[Offer, list[tuple[_Block, int]], list[tuple[int, bytes | memoryview]]]] = {}
+        groups: dict[int, tuple[Offer, list[tuple[_Block, int]], list[tuple[int, bytes | memoryview]], list[int]]] = {}
         stamps: dict[int, Hashable] = {}  # ino -> its stamp now (one look per file)
         for e, bits in spans:
             fn = e.offer if background else offer
@@ -663,11 +667,13 @@ class Fetcher:
                     continue
                 group = groups.get(id(fn))
                 if group is None:
-                    group = groups[id(fn)] = (fn, [], [])
+                    group = groups[id(fn)] = (fn, [], [], [])
                 group[1].append((e, i))
                 group[2].append((e.block * cpb + i, data))
-        for fn, members, pieces in groups.values():
-            refused = fn(pieces)
+                if e.offered >> i & 1:
+                    group[3].append(e.block * cpb + i)
+        for fn, members, pieces, taken in groups.values():
+            refused = fn(pieces, taken)
             for e, i in members:
                 if e.block * cpb + i not in refused:
                     e.offered |= 1 << i

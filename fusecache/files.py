@@ -294,6 +294,14 @@ class Files:
         self.images[name or self.name(key[0])].admitted_chunks += 1
         return True
 
+    def admit_many(self, chunks: list[tuple[Key, bytes]], name: str, owner: str | None = None) -> int:
+        """Queue chunks of one image, (key, bytes) each, as `admit` one by one: how many were taken (the first n)."""
+        if not self.health.caching:
+            return 0
+        n = self.queue.admit_many(chunks, owner)
+        self.images[name].admitted_chunks += n
+        return n
+
     async def admit_current(self, key: Key, data: bytes, wait: bool = False, owner: str | None = None) -> bool:
         """Admit a chunk read earlier, unless its file has changed since or is being written.
 

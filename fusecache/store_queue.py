@@ -166,6 +166,26 @@ class StoreQueue:
         self._enqueue("admit", ((*key, data), owner))
         return True
 
+    def admit_many(self, chunks: list[tuple[Key, bytes]], owner: str | None = None) -> int:
+        """Queue chunks, (key, bytes) each, in order, as `admit` would one by one with one wake-up of the writer;
+        how many were taken: the first n (the writer is too far behind for the rest)."""
+        room = MAX_PENDING_ADMIT_BYTES - self._pending_admit_bytes
+        pending, queue, seq, added = self._pending, self._queue, self._seq, 0
+        for key, data in chunks:
+            if added + len(data) > room:
+                break
+            added += len(data)
+            pending[key] = data
+            seq += 1
+            queue.append((seq, "admit", ((*key, data), owner)))
+        n = seq - self._seq
+        self.skipped_admissions += len(chunks) - n
+        if n:
+            self._pending_admit_bytes += added
+            self._seq = seq
+            self._wakeup.set()
+        return n
+
     def _enqueue(self, kind: str, item: object) -> int:
         self._seq += 1
         self._queue.append((self._seq, kind, item))

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+from fusecache import store_queue
 from fusecache.admission import Inclusive, SecondChance
 from fusecache.backing import Attr, OffLoop
 from fusecache.cache import Cache
@@ -502,28 +503,47 @@ def test_a_stream_not_aligned_to_chunks_is_served_from_the_fetchers_buffer_witho
     assert len(general) < len(requests) // 3, f"{len(general)} of {len(requests)} requests took the general path"
 
 
-def test_the_chunks_one_request_offers_are_checked_against_the_index_in_one_look(mem, monkeypatch):
-    """A cold 1 MiB read admits its sixteen chunks (inclusive): which of them the cache holds already is one scan of
-    the index (`held_chunks` over their range), not a look per chunk; each is admitted once, with its own bytes."""
+def test_a_cold_read_admits_its_chunks_in_one_call_without_asking_the_index_again(mem, monkeypatch):
+    """A cold 1 MiB read admits its sixteen chunks (inclusive) in one call to the queue, each once, with its own
+    bytes, and does not look the index up again after the fetch (the cold path's look found none held). An offer
+    looks up only the chunks admission took at an earlier touch (the only ones the cache can hold), in one scan;
+    a chunk queued already is not queued twice."""
     backing, cache = mem
     data = os.urandom(2 * MiB)
     backing.put("a.img", data)
     looks: list[tuple[int, int]] = []
-    held_chunks = cache.store.held_chunks
+    calls: list[int] = []
+    held_chunks, admit_many = cache.store.held_chunks, cache.files.admit_many
 
     def counted(ino: int, gen: int, first: int, last: int) -> set[int]:
         looks.append((first, last))
         return held_chunks(ino, gen, first, last)
 
+    def counted_admit(chunks, name, owner=None):
+        calls.append(len(chunks))
+        return admit_many(chunks, name, owner)
+
     monkeypatch.setattr(cache.store, "held_chunks", counted)
+    monkeypatch.setattr(cache.files, "admit_many", counted_admit)
+    per = MiB // CS
 
     async def go():
         f = await open_file(cache, backing, "a.img")
         assert bytes(await cache.read(f, MiB, MiB)) == data[MiB:]
+        assert (looks, calls) == ([], [per]), "a cold read's chunks: no second look, one admission call"
+        assert cache.images["a.img"].admitted_chunks == per
+        reader = cache._reader(f, cache.files.get(f.ino))
+        pieces = [(c, data[c * CS : (c + 1) * CS]) for c in range(per, 2 * per)]
+        assert not reader.offer(pieces, ())  # queued already (not committed): not queued twice
+        assert cache.images["a.img"].admitted_chunks == per
         await cache.queue.drain()
         reads = backing.preads
         assert bytes(await cache.read(f, MiB, MiB)) == data[MiB:]  # a hit: each chunk was admitted with its own bytes
         assert backing.preads == reads
+        looks.clear()
+        assert not reader.offer(pieces, [c for c, _ in pieces])  # taken before, held now: one scan, nothing queued
+        assert looks == [(per, 2 * per - 1)], f"the index was looked up per chunk: {looks}"
+        assert cache.images["a.img"].admitted_chunks == per
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -532,9 +552,28 @@ def test_the_chunks_one_request_offers_are_checked_against_the_index_in_one_look
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    per = MiB // CS
-    assert looks == [(per, 2 * per - 1)], f"the index was looked up per chunk: {looks}"
-    assert cache.images["a.img"].admitted_chunks == per
+
+
+def test_admitting_many_takes_what_fits_in_order_as_admitting_one_by_one(tmp_path, monkeypatch):
+    """`StoreQueue.admit_many` takes the chunks that fit under the pending bound, in order; the rest are refused and
+    counted as skipped, as `admit` one by one would; the writer commits exactly the ones taken, with their bytes."""
+    monkeypatch.setattr(store_queue, "MAX_PENDING_ADMIT_BYTES", 3 * CS)
+    store = Store(str(tmp_path / "cache"), 16 * MiB)
+    queue = StoreQueue(store)
+    chunks = [((1, 1, c), os.urandom(CS)) for c in range(5)]
+    try:
+        assert queue.admit_many(chunks) == 3
+        assert (queue.skipped_admissions, queue.pending_admit_bytes) == (2, 3 * CS)
+        assert [queue.pending(k) is not None for k, _ in chunks] == [True] * 3 + [False] * 2
+        assert queue.admit_many(chunks[3:]) == 0  # full: nothing more until the writer commits
+        trio.run(queue.drain)
+        assert (queue.settled, queue.pending_admit_bytes) == (True, 0)
+        assert queue.admit_many(chunks[3:]) == 2
+        trio.run(queue.drain)
+        for key, data in chunks:
+            assert bytes(store.read_span(key[0], key[1], key[2], key[2], 0, CS)) == data
+    finally:
+        store.close()
 
 
 def test_a_stream_re_reading_what_admission_took_counts_hits_not_the_fetchers_buffer(mem):

@@ -10,7 +10,7 @@ import errno
 import itertools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import hypothesis as hyp
@@ -114,7 +114,7 @@ class File:
     def stamp(self) -> Any:
         return None if self.writing else (self.gen, self.epoch)
 
-    def offer(self, pieces: list[tuple[int, bytes]]) -> list[int]:
+    def offer(self, pieces: list[tuple[int, bytes]], taken: Collection[int]) -> list[int]:
         self.offers += pieces
         return []
 
@@ -224,7 +224,7 @@ def test_the_chunks_a_request_completes_are_offered_in_one_call():
     f = File(backing, "disk.img")
     calls: list[list[int]] = []
 
-    def offer(pieces: list[tuple[int, bytes]]) -> list[int]:
+    def offer(pieces: list[tuple[int, bytes]], taken: Collection[int]) -> list[int]:
         calls.append([c for c, _ in pieces])
         f.offers += pieces
         return []
@@ -483,11 +483,13 @@ def test_a_chunk_the_writer_refused_is_offered_again_at_the_next_read():
     backing = FakeBacking({"disk.img": data})
     f = File(backing, "disk.img")
     answers = [False, True]
+    said_taken: list[list[int]] = []
 
-    def offer(pieces: list[tuple[int, bytes]]) -> list[int]:
+    def offer(pieces: list[tuple[int, bytes]], taken: Collection[int]) -> list[int]:
         f.offers += pieces
-        taken = answers.pop(0) if answers else True
-        return [] if taken else [c for c, _ in pieces]
+        said_taken.append(sorted(taken))
+        took = answers.pop(0) if answers else True
+        return [] if took else [c for c, _ in pieces]
 
     f.offer = offer  # type: ignore[method-assign]
 
@@ -498,6 +500,9 @@ def test_a_chunk_the_writer_refused_is_offered_again_at_the_next_read():
 
     run_with_fetcher(backing, body)
     assert f.offers[:2] == [(0, data[:CS]), (0, data[:CS])]
+    # the offer is told which chunks admission took at an earlier touch (those alone the cache can hold): not the
+    # refused one, then the one taken
+    assert said_taken[:3] == [[], [], [0]]
     assert max(backing.read_counts(f.ino, CS)) == 1  # chunk 0 read once (a re-read counts as a stream: chunk 1 may be read ahead)
 
 
