@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # able to reach its interpreter (a python3 under /root, e.g. pyenv's, is out of nobody's reach).
 SYSTEM_PYTHON := /usr/bin/python3
 STAMP := $(VENV)/.installed
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev fio e2fsprogs tmux cpio \
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc libc6-dev python3-venv python3-dev fio e2fsprogs tmux cpio \
 	qemu-system-x86 qemu-utils busybox-static \
 	nfs-ganesha nfs-ganesha-vfs rpcbind libnfs13 iproute2 util-linux \
 	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev debootstrap

@@ -8,7 +8,8 @@ Nothing is committed: the kernel comes from `apt-get download
 linux-image-cloud-amd64` and the versioned package it depends on, unpacked
 with `dpkg -x` (never installed). The build is cached under
 `~/.cache/fusecache/guest/<package>_<version>/`, so only the first
-run downloads anything; the initramfs is rebuilt when its /init changes.
+run downloads anything; the initramfs is rebuilt when its /init (or its
+`preads` helper, tests/harness/preads.c, built static with gcc) changes.
 
 The guest:
 
@@ -16,6 +17,9 @@ The guest:
   modules in the cloud kernel; ext4 and the 8250 serial port are built in),
   mounts /dev/vda on /mnt when the kernel command line says `fc.mount=ro` or
   `fc.mount=rw`, then serves the command channel on /dev/ttyS1.
+- `/bin/preads FILE BLOCK N...` reads blocks at random offsets in one process,
+  as one `dd bs=BLOCK skip=N count=1` each would (a process start is ~10 ms
+  under TCG).
 - The console (ttyS0, kernel messages) goes to a log file on the host.
 - Command channel protocol (ttyS1 in raw mode, one line per command):
   the host sends `NONCE COMMAND\\n`; the guest answers `@@fc-start NONCE\\n`,
@@ -62,6 +66,7 @@ META_PACKAGE = "linux-image-cloud-amd64"
 # Load order matters: each module needs the ones before it.
 MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk", "virtio_balloon"]
 BUSYBOX = "/bin/busybox"
+PREADS_C = Path(__file__).with_name("preads.c")  # built static into the initramfs as /bin/preads
 
 INIT_SCRIPT = r"""#!/bin/sh
 /bin/busybox --install -s /bin
@@ -166,6 +171,7 @@ def _build_initramfs(modules: Path, target: Path) -> None:
         for d in ("bin", "dev", "proc", "sys", "mnt", "tmp", "lib/modules"):
             (root / d).mkdir(parents=True)
         shutil.copy(BUSYBOX, root / "bin" / "busybox")
+        _build_preads(root / "bin" / "preads")
         # The kernel runs /init through its #! line before busybox has installed its links.
         (root / "bin" / "sh").symlink_to("busybox")
         for ko in modules.glob("*.ko"):
@@ -178,6 +184,17 @@ def _build_initramfs(modules: Path, target: Path) -> None:
         partial = target.with_name(target.name + ".tmp")
         partial.write_bytes(gzip.compress(archive, compresslevel=6))
         partial.rename(target)
+
+
+def _build_preads(target: Path) -> None:
+    """The guest's random reader (tests/harness/preads.c), a static binary: the initramfs has no libc."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise GuestUnavailable("gcc is not installed (the guest's preads helper is built with it): run make setup")
+    done = subprocess.run([gcc, "-static", "-O2", "-o", str(target), str(PREADS_C)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise GuestUnavailable(f"gcc -static could not build {PREADS_C.name} (libc6-dev installs the static libc: run make setup): "
+                               + (done.stderr.strip().splitlines() or ["no message"])[-1])
 
 
 def build_guest() -> GuestBuild:
@@ -197,7 +214,7 @@ def build_guest() -> GuestBuild:
             if not kdir.exists():
                 _unpack_kernel(kdir)
         busybox = Path(BUSYBOX).read_bytes()
-        key = hashlib.sha256(INIT_SCRIPT.encode() + hashlib.sha256(busybox).digest()).hexdigest()[:16]
+        key = hashlib.sha256(INIT_SCRIPT.encode() + hashlib.sha256(busybox).digest() + PREADS_C.read_bytes()).hexdigest()[:16]
         initramfs = kdir / f"initramfs-{key}.cpio.gz"
         if not initramfs.exists():
             _build_initramfs(kdir / "modules", initramfs)
