@@ -67,7 +67,10 @@ BLOCK_SIZE = 1 << 20
 # bytes read ahead of a sequential stream, at most. The window grows with the stream (16x its requests at most: 2 MiB
 # for 128 KiB requests); a long stream of 1 MiB requests topped up 1 MiB at a time paid a hand-off and its wake-ups
 # per request (bench/miss_profile.py's CPU table). Linux's NFS client read 15 x rsize ahead (15 MiB) before 5.4.
-READAHEAD_MAX = 8 << 20
+# At 8 MiB a stream of 1 MiB requests was topped up with ~3 MiB left ahead, and caught up with the 4 MiB batch in
+# flight at its start (a batch's reads come back together) about every 8 MiB: 74-80 of 512 requests waited 0.07-0.09 s
+# of a 0.37-0.39 s pass; at 16 MiB 43-59 waited 0.04-0.05 s (3 bench/coldpath.py runs, 1-9 repeats each, issue 13)
+READAHEAD_MAX = 16 << 20
 PARALLEL_PART = 256 << 10  # a critical-path read larger than this is split into parts read in parallel
 PARALLEL_MAX = 4
 BATCH_BYTES = 4 << 20  # background bytes handed to one worker thread at a time
