@@ -399,7 +399,7 @@ class Cache:
                         if c in held_now or (queue.pending(key) is not None and not queue.is_dropped(key)):
                             continue  # held, or queued by another way in
                         todo.append((key, piece))
-                    taken_now = self.files.admit_many(todo, f.path)  # (one call: the queue wakes its writer once)
+                    taken_now = self.files.admit_many(todo, f.path)  # (one call for the offer, not one per chunk)
                     return [key[2] for key, _ in todo[taken_now:]]
             except Exception as exc:  # the chunks are served all the same; they are only not admitted
                 self.health.fault(health.layer_of(exc, "admission"), exc, "the chunk is served, not admitted")

@@ -289,13 +289,11 @@ class Files:
 
         owner: the guest it is admitted for, whose share of the cache it counts in (None: the host).
         """
-        if not self.health.caching or not self.queue.admit(key, data, owner):
-            return False
-        self.images[name or self.name(key[0])].admitted_chunks += 1
-        return True
+        return self.admit_many([(key, data)], name or self.name(key[0]), owner) == 1
 
     def admit_many(self, chunks: list[tuple[Key, bytes]], name: str, owner: str | None = None) -> int:
-        """Queue chunks of one image, (key, bytes) each, as `admit` one by one: how many were taken (the first n)."""
+        """Queue chunks of image `name`, (key, bytes) each, in order, counted: how many were taken, the first n (none
+        while the cache is degraded); owner as in `admit`."""
         if not self.health.caching:
             return 0
         n = self.queue.admit_many(chunks, owner)

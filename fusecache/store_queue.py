@@ -158,32 +158,20 @@ class StoreQueue:
 
     def admit(self, key: Key, data: bytes, owner: str | None = None) -> bool:
         """Queue one chunk for the store, charged to `owner`'s share (None: the host); False when the writer is too far behind."""
-        if self._pending_admit_bytes + len(data) > MAX_PENDING_ADMIT_BYTES:
-            self.skipped_admissions += 1
-            return False
-        self._pending_admit_bytes += len(data)
-        self._pending[key] = data
-        self._enqueue("admit", ((*key, data), owner))
-        return True
+        return self.admit_many([(key, data)], owner) == 1
 
     def admit_many(self, chunks: list[tuple[Key, bytes]], owner: str | None = None) -> int:
-        """Queue chunks, (key, bytes) each, in order, as `admit` would one by one with one wake-up of the writer;
-        how many were taken: the first n (the writer is too far behind for the rest)."""
-        room = MAX_PENDING_ADMIT_BYTES - self._pending_admit_bytes
-        pending, queue, seq, added = self._pending, self._queue, self._seq, 0
+        """Queue chunks, (key, bytes) each, in order, charged to `owner`'s share: how many were taken, the first n
+        (past MAX_PENDING_ADMIT_BYTES pending, the writer is too far behind: the rest are refused and counted)."""
+        n = 0
         for key, data in chunks:
-            if added + len(data) > room:
+            if self._pending_admit_bytes + len(data) > MAX_PENDING_ADMIT_BYTES:
                 break
-            added += len(data)
-            pending[key] = data
-            seq += 1
-            queue.append((seq, "admit", ((*key, data), owner)))
-        n = seq - self._seq
+            self._pending_admit_bytes += len(data)
+            self._pending[key] = data
+            self._enqueue("admit", ((*key, data), owner))
+            n += 1
         self.skipped_admissions += len(chunks) - n
-        if n:
-            self._pending_admit_bytes += added
-            self._seq = seq
-            self._wakeup.set()
         return n
 
     def _enqueue(self, kind: str, item: object) -> int:
