@@ -359,10 +359,11 @@ class Cache:
 
         queue, store = self.queue, self.store
 
-        def held_range(first: int, last: int) -> set[int]:
-            """Which of chunks first..last the cache holds: one scan of the index's keys, then the queue's changes
-            on top (a chunk dropped and not yet committed is not held, one admitted and not yet committed is)."""
-            out = store.held_chunks(st.ino, st.gen, first, last)
+        def held_range(first: int, last: int, index: bool = True) -> set[int]:
+            """Which of chunks first..last the cache holds: one scan of the index's keys (none without `index`: the
+            caller knows none is there), then the queue's changes on top (a chunk dropped and not yet committed is
+            not held, one admitted and not yet committed is)."""
+            out = store.held_chunks(st.ino, st.gen, first, last) if index else set()
             if not queue.settled:
                 for c in range(first, last + 1):
                     key = (st.ino, st.gen, c)
@@ -377,10 +378,10 @@ class Cache:
             their fetch.
 
             Admission sees every read (the recently-read lists); a chunk already held or queued is not admitted
-            twice. Only the chunks admission took at an earlier touch (`taken`) can be held: the index is looked
-            up for those alone (one scan); the rest were not held when they were fetched, and the queue is asked
-            for them (a chunk admitted meanwhile by another way in, and committed too, is admitted again: the
-            store keeps one copy). Returns the chunks the writer, too far behind, did not take: the fetcher
+            twice. Only the chunks admission took at an earlier touch (`taken`) can be in the index (the rest were
+            not held when they were fetched): the index is scanned once if one of them is offered, else only the
+            queue is asked (a chunk admitted meanwhile by another way in, and committed too, is then admitted
+            again: the store keeps one copy). Returns the chunks the writer, too far behind, did not take: the fetcher
             offers them again later. A fault of admission or of the store here is counted; the chunks are served
             all the same.
             """
@@ -391,14 +392,9 @@ class Cache:
                     health.inject("admission")
                 admit = self.admission.on_miss(f, snap.gen, pieces)
                 if admit:
-                    again = [c for c, _ in admit if c in taken] if taken else ()
-                    held_now = held_range(min(again), max(again)) if again else ()  # (one scan of the index)
-                    todo = []
-                    for c, piece in admit:
-                        key = (st.ino, snap.gen, c)
-                        if c in held_now or (queue.pending(key) is not None and not queue.is_dropped(key)):
-                            continue  # held, or queued by another way in
-                        todo.append((key, piece))
+                    chunks = [c for c, _ in admit]
+                    held_now = held_range(min(chunks), max(chunks), index=any(c in taken for c in chunks))
+                    todo = [((st.ino, snap.gen, c), piece) for c, piece in admit if c not in held_now]
                     taken_now = self.files.admit_many(todo, f.path)  # (one call for the offer, not one per chunk)
                     return [key[2] for key, _ in todo[taken_now:]]
             except Exception as exc:  # the chunks are served all the same; they are only not admitted
