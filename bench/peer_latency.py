@@ -43,7 +43,7 @@ def make_store(seed: int, key: bytes) -> tuple[dict[bytes, bytes], dict[int, tup
     chunks = {}
     for n in range(CHUNKS):
         data = rng.randbytes(65536)
-        chunks[n] = (data, [page_digest(names, data[i : i + 4096]) for i in range(0, 65536, 4096)])
+        chunks[n] = data
     return pages, chunks
 
 
@@ -54,7 +54,7 @@ class MemoryStore:
     def read_page(self, digest: bytes) -> bytes | None:
         return self.pages.get(digest)
 
-    def read_location(self, ino: int, version: tuple[int, int, int, int], chunk: int) -> tuple[bytes, list[bytes]] | None:
+    def read_location(self, ino: int, version: tuple[int, int, int, int], chunk: int) -> bytes | None:
         return self.chunks.get(chunk) if (ino, version) == (7, VERSION) else None
 
     def iter_digests(self) -> list[bytes]:

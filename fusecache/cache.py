@@ -93,9 +93,6 @@ class Cache:
         self.store = files.store
         self.admission = admission
         self.peer_reads = peer_reads
-        # what `_hit` asks the store to answer for a one-chunk miss: MISSING sends it straight to the cold path;
-        # with peers a miss goes the per-chunk way (the peers may hold it), so None
-        self._missing = MISSING if peer_reads is None else None
         self.chunk_size = files.chunk_size
         self.fetcher = Fetcher(backing, chunk_size=self.chunk_size)
         self.images: dict[str, ImageCounters] = files.images  # the same counters, one hop shorter on the hit path
@@ -181,7 +178,7 @@ class Cache:
             health.inject("store.read")
         cs = self.chunk_size
         first, last = offset // cs, (offset + size - 1) // cs
-        span = self.store.read_span(st.ino, st.gen, first, last, offset - first * cs, offset + size - last * cs, self._missing)
+        span = self.store.read_span(st.ino, st.gen, first, last, offset - first * cs, offset + size - last * cs, MISSING)
         if span is None or span is MISSING:
             return span
         counters = self.images[f.path]
@@ -238,8 +235,9 @@ class Cache:
             """The part of chunk c the request covers."""
             return (lo if c == first else 0), (hi if c == last else cs)
 
-        # (a cold request the fetcher did not take whole: counted as misses already; the backing is the truth)
-        stored = [None] * (last - first + 1) if cold else self.store.read_chunks(st.ino, st.gen, first, last, lo, hi)
+        # (a cold request the fetcher did not take whole, or one `_hit` found absent and peers may hold: counted as
+        # misses already, nothing to look up again)
+        stored = [None] * (last - first + 1) if cold or absent else self.store.read_chunks(st.ino, st.gen, first, last, lo, hi)
         pieces: dict[int, bytes] = {}
         need: list[int] = []
         for i, c in enumerate(range(first, last + 1)):

@@ -5,7 +5,7 @@ This module owns everything both ends of a peer connection must agree on
 limit, the message encodings, the HMAC-SHA256 challenge-response handshake
 (whose HELLO carries the protocol version and the page and chunk sizes of
 `fusecache.geometry`: hosts that differ refuse each other, naming why)
-and the per-frame MACs under the session keys it derives, the page digest
+and the sealing of every later frame (AES-256-GCM under the session keys it derives), the page digest
 rule (a page's name, keyed BLAKE3 under a key derived from the cluster key:
 `fusecache/identity.py`; an all-zero page has a name any host answers
 by itself), and the checks on
@@ -25,11 +25,12 @@ import stat
 import struct
 from collections.abc import Callable, Sequence
 
-import blake3
 import trio
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fusecache.errors import QuietError
-from fusecache.geometry import CHUNK_SIZE, PAGE_SIZE, PAGES_PER_CHUNK
+from fusecache.geometry import CHUNK_SIZE, PAGE_SIZE
 from fusecache.identity import NAME_SIZE, cluster_names_key, page_name
 from fusecache.peers.summary import BloomFilter
 
@@ -40,7 +41,10 @@ log = logging.getLogger(__name__)
 # Version 4: a CHUNK frame's MAC covers its header, page count and page names, not its data: the receiver checks
 # every data byte against those names (keyed BLAKE3 under the names key), so each byte is checked once, not twice
 # (~16 µs of BLAKE3 per 64 KiB chunk at each end).
-VERSION = 4
+# Version 5: every frame after the handshake is sealed with AES-256-GCM: its payload encrypted, its header and payload
+# authenticated (~21 µs per 64 KiB, against ~73 for the sixteen page names a version 4 receiver hashed, and ~23 for
+# one keyed BLAKE3 call); a CHUNK carries its data only.
+VERSION = 5
 MAGIC = b"FCPEER"
 
 DIGEST_SIZE = NAME_SIZE
@@ -49,8 +53,10 @@ DIGEST_SIZE = NAME_SIZE
 # cluster key (`names_key`). An all-zero page, a hole, is never stored or
 # sent: any host answers its name (`hole_digest`) with zeros by itself.
 
-# Frame: type u8, flags u8, request id u32, payload length u32, payload, then
-# (after the handshake) a 16-byte tag: keyed BLAKE3 under the direction's session key.
+# Frame: type u8, flags u8, request id u32, payload length u32, payload, then (after the handshake)
+# a 16-byte tag. After the handshake the payload is encrypted with AES-256-GCM under the direction's
+# session key, with the direction's frame sequence number as the nonce and the header as associated
+# data: the tag authenticates header and payload.
 HEADER = struct.Struct("!BBII")
 TAG_SIZE = 16
 MAX_PAYLOAD = 1024 * 1024
@@ -78,7 +84,6 @@ HELLO_PREFIX = struct.Struct(f"!{len(MAGIC)}sH")  # what every version's HELLO s
 # (ino, size, mtime_ns, ctime_ns, change, chunk_no): a location, and the bytes
 # the location summary hashes.
 LOCATION = struct.Struct("!QQqqQQ")
-CHUNK_HEAD = struct.Struct("!H")
 ERROR_HEAD = struct.Struct("!H")
 MAX_ERROR_TEXT = 256
 # generation, kind, k, reserved, salt, nbits, items, offset; then filter bytes.
@@ -131,16 +136,6 @@ def page_matches(names: bytes, page: bytes | memoryview, digest: bytes) -> bool:
     return 0 < len(page) <= PAGE_SIZE and page_name(names, page) == digest
 
 
-def chunk_matches(names: bytes, data: bytes, digests: Sequence[bytes]) -> bool:
-    """Whether `data` is exactly the pages `digests` name, in order (the last may be short)."""
-    if not digests or len(digests) > PAGES_PER_CHUNK:
-        return False
-    if not (len(digests) - 1) * PAGE_SIZE < len(data) <= len(digests) * PAGE_SIZE:
-        return False
-    view = memoryview(data)
-    return all(page_matches(names, view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], d) for i, d in enumerate(digests))
-
-
 def encode_location(ino: int, version: Version, chunk: int) -> bytes:
     size, mtime_ns, ctime_ns, change = version
     return LOCATION.pack(ino, size, mtime_ns, ctime_ns, change, chunk)
@@ -149,22 +144,6 @@ def encode_location(ino: int, version: Version, chunk: int) -> bytes:
 def decode_location(payload: bytes) -> tuple[int, Version, int]:
     ino, size, mtime_ns, ctime_ns, change, chunk = LOCATION.unpack(payload)
     return ino, (size, mtime_ns, ctime_ns, change), chunk
-
-
-def encode_chunk(data: bytes, digests: Sequence[bytes]) -> bytes:
-    return CHUNK_HEAD.pack(len(digests)) + b"".join(digests) + data
-
-
-def decode_chunk(payload: bytes) -> tuple[bytes, list[bytes]]:
-    """Split a CHUNK payload; the sizes are checked here, the content by `chunk_matches`."""
-    if len(payload) < CHUNK_HEAD.size:
-        raise BadFrame("CHUNK shorter than its header")
-    (count,) = CHUNK_HEAD.unpack_from(payload)
-    end = CHUNK_HEAD.size + count * DIGEST_SIZE
-    if not 1 <= count <= PAGES_PER_CHUNK or len(payload) - end > CHUNK_SIZE or len(payload) < end:
-        raise BadFrame(f"CHUNK with {count} pages and {len(payload)} bytes")
-    digests = [payload[i : i + DIGEST_SIZE] for i in range(CHUNK_HEAD.size, end, DIGEST_SIZE)]
-    return payload[end:], digests
 
 
 def encode_error(code: int, text: str) -> bytes:
@@ -179,10 +158,10 @@ def encode_summary(generation: int, kind: int, bloom: BloomFilter) -> list[bytes
 
 
 class FramedStream:
-    """One peer connection as a sequence of frames, MAC'd once the handshake is done.
+    """One peer connection as a sequence of frames, sealed (encrypted and authenticated) once the handshake is done.
 
     `receive()` returns one checked frame; `encode()` builds one frame to send.
-    Frames must be sent in the order they were encoded (the MAC covers a
+    Frames must be sent in the order they were encoded (the tag covers a
     per-direction sequence number, so a frame replayed, dropped or reordered
     on the path is detected).
     """
@@ -190,8 +169,8 @@ class FramedStream:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._buffer = bytearray()
-        self._send_key: bytes | None = None
-        self._receive_key: bytes | None = None
+        self._send_aead: AESGCM | None = None
+        self._receive_aead: AESGCM | None = None
         self._send_seq = 0
         self._receive_seq = 0
 
@@ -201,16 +180,15 @@ class FramedStream:
         return len(self._buffer)
 
     def start_session(self, send_key: bytes, receive_key: bytes) -> None:
-        self._send_key, self._receive_key = send_key, receive_key
+        self._send_aead, self._receive_aead = AESGCM(send_key), AESGCM(receive_key)
 
     def encode(self, type_: int, request_id: int, payload: bytes = b"") -> bytes:
         header = HEADER.pack(type_, 0, request_id, len(payload))
-        if self._send_key is None:
+        if self._send_aead is None:
             return header + payload
-        with memoryview(payload) as view:
-            tag = _tag(self._send_key, self._send_seq, header, view[: _mac_covers(type_, view)])
+        sealed = self._send_aead.encrypt(_nonce(self._send_seq), payload, header)  # the payload encrypted, then the tag
         self._send_seq += 1
-        return b"".join((header, payload, tag))  # one copy of the payload, not one per piece added
+        return header + sealed
 
     async def send(self, type_: int, request_id: int, payload: bytes = b"") -> None:
         await self.stream.send_all(self.encode(type_, request_id, payload))
@@ -220,22 +198,23 @@ class FramedStream:
         if not await self._fill(HEADER.size, at_boundary=True):
             return None
         type_, flags, request_id, length = HEADER.unpack_from(self._buffer)
-        limit = MAX_PAYLOAD if self._receive_key is not None else MAX_PREAUTH_PAYLOAD
+        limit = MAX_PAYLOAD if self._receive_aead is not None else MAX_PREAUTH_PAYLOAD
         if length > limit:
             raise BadFrame(f"frame of {length} bytes, over the limit of {limit}")
         if flags != 0:
             raise BadFrame(f"frame with unknown flags {flags:#x}")
-        tag_size = TAG_SIZE if self._receive_key is not None else 0
+        tag_size = TAG_SIZE if self._receive_aead is not None else 0
         end = HEADER.size + length
         await self._fill(end + tag_size, at_boundary=False)
         buffer = self._buffer
         with memoryview(buffer) as view:
-            payload = bytes(view[HEADER.size : end])  # the one copy of the payload (a bytearray slice would be two)
-            if self._receive_key is not None:
-                with memoryview(payload) as body:
-                    tag = _tag(self._receive_key, self._receive_seq, view[: HEADER.size], body[: _mac_covers(type_, body)])
-                if not hmac.compare_digest(tag, view[end : end + TAG_SIZE]):
-                    raise BadFrame("frame with a wrong MAC (altered or injected on the path)")
+            if self._receive_aead is None:
+                payload = bytes(view[HEADER.size : end])  # the one copy of the payload (a bytearray slice would be two)
+            else:
+                try:  # the tag is checked before a byte is decrypted; the plaintext is the one copy
+                    payload = self._receive_aead.decrypt(_nonce(self._receive_seq), view[HEADER.size : end + TAG_SIZE], view[: HEADER.size])
+                except InvalidTag:
+                    raise BadFrame("frame with a wrong MAC (altered or injected on the path)") from None
                 self._receive_seq += 1
         del buffer[: end + tag_size]
         return type_, request_id, payload
@@ -258,7 +237,7 @@ class FrameWriter:
     ahead of it and the socket takes all of it (the common case: a request, or an
     answer on a quiet connection), saving the hand-off to the writing task and its
     scheduling (two loop passes per frame); otherwise it queues, and `run` writes
-    the queue in order. Frames are MAC'd in the order they go out (the sequence
+    the queue in order. Frames are sealed in the order they go out (the sequence
     numbers follow the wire), and a frame is never left half written by a caller
     that stops waiting. `on_written` is called once the whole frame is in the socket.
     """
@@ -306,24 +285,10 @@ class FrameWriter:
                 on_written()
 
 
-def _mac_covers(type_: int, payload: bytes | memoryview) -> int:
-    """How many bytes of a frame's payload its MAC covers: all of it, but for a CHUNK its page count and names only.
-
-    A CHUNK's data is checked by its receiver against those names (`chunk_matches`: keyed BLAKE3 under the names
-    key, which only the cluster's hosts hold) before it is used, so the MAC need not hash it again: names bound to
-    the frame by the MAC, and data bound to the names by the check, is the data authenticated. A count that does
-    not fit the payload covers what there is (`decode_chunk` refuses such a frame after its MAC passed)."""
-    if type_ != CHUNK or len(payload) < CHUNK_HEAD.size:
-        return len(payload)
-    return min(len(payload), CHUNK_HEAD.size + int.from_bytes(payload[: CHUNK_HEAD.size], "big") * DIGEST_SIZE)
-
-
-def _tag(key: bytes, seq: int, header: bytes | memoryview, payload: bytes | memoryview = b"") -> bytes:
-    """A frame's MAC: keyed BLAKE3 (a PRF, so a MAC) of its sequence number, header and payload."""
-    mac = blake3.blake3(seq.to_bytes(8, "big"), key=key)
-    mac.update(header)
-    mac.update(payload)
-    return mac.digest(TAG_SIZE)
+def _nonce(seq: int) -> bytes:
+    """The GCM nonce of a direction's frame number `seq`: never repeated under a session key, which no other
+    direction or connection has."""
+    return seq.to_bytes(12, "big")
 
 
 def _proof(key: bytes, label: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
@@ -375,7 +340,7 @@ async def _receive_proof(framed: FramedStream) -> bytes:
 
 
 def _session_keys(key: bytes, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes, bytes]:
-    """(client-to-server, server-to-client) MAC keys, fresh for every connection."""
+    """(client-to-server, server-to-client) session keys, fresh for every connection."""
     return _proof(key, b"c2s", client_nonce, server_nonce), _proof(key, b"s2c", client_nonce, server_nonce)
 
 

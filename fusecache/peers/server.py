@@ -26,17 +26,16 @@ from typing import Protocol
 
 import trio
 
+from fusecache.geometry import PAGES_PER_CHUNK
 from fusecache.peers.protocol import (
     CHUNK,
     CHUNK_SIZE,
-    DIGEST_SIZE,
     ERROR,
     ERROR_INTERNAL,
     GET_PAGE,
     NOT_FOUND,
     PAGE,
     PAGE_SIZE,
-    PAGES_PER_CHUNK,
     PING,
     PONG,
     REQUEST_SIZES,
@@ -48,7 +47,6 @@ from fusecache.peers.protocol import (
     ProtocolError,
     Version,
     decode_location,
-    encode_chunk,
     encode_error,
     encode_location,
     encode_summary,
@@ -81,9 +79,8 @@ class PageProvider(Protocol):
         """The page named `digest`, or None if it is not held."""
         ...
 
-    def read_location(self, ino: int, version: Version, chunk: int) -> tuple[bytes, list[bytes]] | None:
-        """Chunk `chunk` of file `ino` and its page digests, only if the held record of
-        `ino` has exactly `version`; else None."""
+    def read_location(self, ino: int, version: Version, chunk: int) -> bytes | None:
+        """Chunk `chunk` of file `ino`, verified, only if the held record of `ino` has exactly `version`; else None."""
         ...
 
     def iter_digests(self) -> Iterable[bytes]: ...
@@ -544,16 +541,14 @@ class PeerServer:
                     raise ValueError(f"the provider returned a page of {len(page)} bytes")
                 remote.hits_given += 1
                 return PAGE, bytes(page)
-            found = self._provider.read_location(*decode_location(payload))
-            if found is None:
+            data = self._provider.read_location(*decode_location(payload))
+            if data is None:
                 remote.not_found += 1
                 return NOT_FOUND, b""
-            data, digests = found
-            pages = -(-len(data) // PAGE_SIZE)
-            if not (0 < len(data) <= CHUNK_SIZE and len(digests) == pages and all(len(d) == DIGEST_SIZE for d in digests)):
-                raise ValueError(f"the provider returned a chunk of {len(data)} bytes with {len(digests)} digests")
+            if not 0 < len(data) <= CHUNK_SIZE:
+                raise ValueError(f"the provider returned a chunk of {len(data)} bytes")
             remote.hits_given += 1
-            return CHUNK, encode_chunk(bytes(data), digests)
+            return CHUNK, bytes(data)
         except Exception:
             remote.errors += 1
             log.exception("answering a peer's request of type %d failed", type_)

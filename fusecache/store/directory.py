@@ -158,8 +158,8 @@ class Store:
         """Every stored page's name."""
         return self._reader.iter_keys(self._reader.tables.pages)
 
-    def read_location(self, ino: int, version: tuple[int, int, int, int], chunk: int) -> tuple[bytes, list[bytes]] | None:
-        """For a peer: the chunk and its page digests, only if the held record of `ino` has exactly `version`."""
+    def read_location(self, ino: int, version: tuple[int, int, int, int], chunk: int) -> bytes | None:
+        """For a peer: the chunk, verified, only if the held record of `ino` has exactly `version`."""
         return self._reader.peer_chunk(ino, version, chunk)
 
     def iter_locations(self) -> Iterator[tuple[int, Version, int]]:

@@ -458,9 +458,9 @@ class Reader:
             value = txn.get(pack_key(ino, gen, chunk))
             return None if value is None else decode_loc(value)
 
-    def peer_chunk(self, ino: int, version: Version, chunk: int) -> tuple[bytes, list[bytes]] | None:
-        """A chunk and its page names, only if the record of `ino` has exactly `version`: one read
-        transaction (a peer hit waits for it), so the names are those of the bytes read."""
+    def peer_chunk(self, ino: int, version: Version, chunk: int) -> bytes | None:
+        """A chunk, verified, only if the record of `ino` has exactly `version`: one read transaction (a peer hit
+        waits for it), so the bytes are those of that version."""
         with self.env.begin(buffers=True) as txn:
             value = txn.get(INO.pack(ino), db=self.tables.files)
             if value is None:
@@ -473,13 +473,9 @@ class Reader:
             if data is None:
                 self.counters["misses"] += 1
                 return None
-            loc = decode_loc(txn.get(key, db=self.tables.loc))
         self.counters["hits"] += 1
         self.eviction.touch(key)
-        digests = [self.keys.zero_name] * ((loc.length + PAGE_SIZE - 1) >> SHIFT)
-        for i, digest, _ in loc.pages():
-            digests[i] = digest
-        return data, digests
+        return data
 
     def chunk_digests(self, ino: int, gen: int, chunk: int) -> list[bytes] | None:
         loc = self.location(ino, gen, chunk)

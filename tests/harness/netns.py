@@ -21,13 +21,9 @@ Shape, and why:
   namespace) listens on that namespace's 127.0.0.1 and connects over the
   veth to the peer's address. It reuses `tests/harness/delay_proxy.py`'s delayed
   half-connection (every byte held back `--delay-ms` one way, order kept),
-  and can corrupt the server's CHUNK frames: `wire` flips a byte of a page
-  name (bytes the frame MAC covers: it no longer matches), `data` flips a
-  data byte (which the MAC does not cover since protocol version 4: the page
-  names catch it), `remac` flips a data byte and re-MACs the
-  frame with the session key it derives from the cluster key and the nonces
-  it saw: a peer that holds the key but sends a wrong block (bad memory, a
-  buggy or compromised member), which only the page digests can catch.
+  and can corrupt the server's CHUNK frames: `wire` flips a data byte (the
+  frame MAC covers every byte of a frame since protocol version 5: it no
+  longer matches).
 - `Net.close()` unmounts every mount (`force_unmount`: umount, fusermount3,
   then the daemon by PID), stops every proxy by PID, then deletes the
   namespaces, whatever happened before.
@@ -80,11 +76,9 @@ class Host:
 class LinkProxy:
     """A proxy in namespace `ns` from 127.0.0.1:`port` to `upstream`, with a delay and optional corruption."""
 
-    def __init__(self, ns: str, upstream: str, delay_ms: float = 0.0, corrupt: str = "none", key_file: str | None = None) -> None:
+    def __init__(self, ns: str, upstream: str, delay_ms: float = 0.0, corrupt: str = "none") -> None:
         cmd = ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "tests.harness.netns", "proxy",
                "--delay-ms", str(delay_ms), "--corrupt", corrupt, upstream]  # fmt: skip
-        if key_file:
-            cmd[-1:-1] = ["--key-file", key_file]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         line = self.proc.stdout.readline().split() if self.proc.stdout else []
         if len(line) != 2 or line[0] != "READY":
@@ -132,9 +126,9 @@ class Net:
         self._made.append(name)
         _ip("-n", name, "link", "set", "lo", "up")
 
-    def proxy(self, src: Host, dst: Host, delay_ms: float = 0.0, corrupt: str = "none", key_file: str | None = None) -> LinkProxy:
+    def proxy(self, src: Host, dst: Host, delay_ms: float = 0.0, corrupt: str = "none") -> LinkProxy:
         """A proxy on `src`'s loopback to `dst`'s peer port: give `src` its `.address` as --peer."""
-        p = LinkProxy(src.ns, dst.peer_address, delay_ms, corrupt, key_file)
+        p = LinkProxy(src.ns, dst.peer_address, delay_ms, corrupt)
         self.proxies.append(p)
         return p
 
@@ -220,20 +214,11 @@ class _Corrupter:
     HEADER_SIZE = 10
     TAG_SIZE = 16
 
-    def __init__(self, mode: str, key: bytes | None) -> None:
+    def __init__(self, mode: str) -> None:
         self.mode = mode
-        self.key = key
         self.buffer = bytearray()
         self.plain_frames = 2  # HELLO and AUTH come without a MAC
-        self.seq = 0
-        self.client_nonce: bytes | None = None
-        self.server_nonce: bytes | None = None
-        self.s2c_key: bytes | None = None
         self.spoiled = 0
-
-    def client_data(self, data: bytes) -> None:
-        if self.client_nonce is None and len(data) >= 10 + 40:
-            self.client_nonce = bytes(data[10 + 8 : 10 + 40])
 
     def server_data(self, data: bytes) -> bytes:
         self.buffer += data
@@ -247,44 +232,12 @@ class _Corrupter:
             frame = bytearray(self.buffer[:total])
             del self.buffer[:total]
             if self.plain_frames:
-                if type_ == 1 and self.server_nonce is None:
-                    self.server_nonce = bytes(frame[10 + 8 : 10 + 40])
                 self.plain_frames -= 1
-                if self.plain_frames == 0 and self.key is not None and self.client_nonce and self.server_nonce:
-                    from fusecache.peers.protocol import _session_keys
-
-                    self.s2c_key = _session_keys(self.key, self.client_nonce, self.server_nonce)[1]
-            else:
-                if type_ == 34 and self.mode != "none":  # CHUNK: count u16, digests, data
-                    count = int.from_bytes(frame[10:12], "big")
-                    data_at = 10 + 2 + 16 * count
-                    if self.mode == "wire":
-                        frame[10 + 2] ^= 0x5A  # the first page name: bytes the frame MAC covers
-                        self.spoiled += 1
-                    elif data_at < 10 + length:
-                        frame[data_at + (10 + length - data_at) // 2] ^= 0x5A
-                        self.spoiled += 1
-                        if self.mode == "remac" and self.s2c_key is not None:
-                            from fusecache.peers.protocol import _mac_covers, _tag
-
-                            payload = bytes(frame[10 : 10 + length])
-                            covered = payload[: _mac_covers(type_, payload)]
-                            frame[-self.TAG_SIZE :] = _tag(self.s2c_key, self.seq, bytes(frame[:10]), covered)
-                self.seq += 1
+            elif type_ == 34 and self.mode == "wire" and length:  # CHUNK: a data byte, which the frame MAC covers
+                frame[10 + length // 2] ^= 0x5A
+                self.spoiled += 1
             out += frame
         return bytes(out)
-
-
-class _SniffHalf(_Half):
-    """The client-facing half: forwards as usual, and shows the client's HELLO to the corrupter."""
-
-    def __init__(self, delay: float, corrupter: _Corrupter) -> None:
-        super().__init__(delay)
-        self.corrupter = corrupter
-
-    def data_received(self, data: bytes) -> None:
-        self.corrupter.client_data(data)
-        super().data_received(data)
 
 
 class _CorruptHalf(_Half):
@@ -303,7 +256,7 @@ class _CorruptHalf(_Half):
             super().data_received(spoiled)
 
 
-async def _serve_proxy(sock: socket.socket, upstream: tuple[str, int], delay: float, mode: str, key: bytes | None) -> None:
+async def _serve_proxy(sock: socket.socket, upstream: tuple[str, int], delay: float, mode: str) -> None:
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
 
@@ -317,8 +270,8 @@ async def _serve_proxy(sock: socket.socket, upstream: tuple[str, int], delay: fl
         client.attach(server)
 
     def accepted() -> _Half:
-        corrupter = _Corrupter(mode, key)
-        client = _SniffHalf(delay, corrupter)
+        corrupter = _Corrupter(mode)
+        client = _Half(delay)
         tasks.add(task := loop.create_task(connect(client, corrupter)))
         task.add_done_callback(tasks.discard)
         return client
@@ -336,12 +289,10 @@ async def _serve_proxy(sock: socket.socket, upstream: tuple[str, int], delay: fl
 def _proxy_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m tests.harness.netns proxy", description="a link proxy: delay, and CHUNK corruption")
     ap.add_argument("--delay-ms", type=float, default=0.0)
-    ap.add_argument("--corrupt", choices=["none", "wire", "data", "remac"], default="none")
-    ap.add_argument("--key-file")
+    ap.add_argument("--corrupt", choices=["none", "wire"], default="none")
     ap.add_argument("upstream", help="host:port of the peer server")
     args = ap.parse_args(argv)
     host, port = args.upstream.rsplit(":", 1)
-    key = Path(args.key_file).read_bytes() if args.key_file else None
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -351,11 +302,11 @@ def _proxy_main(argv: list[str]) -> None:
     # proxy (asyncio's default epoll loop rounds every wait up to a whole millisecond).
     fine_timers()
     with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selectors.SelectSelector())) as runner:
-        runner.run(_serve_proxy(sock, (host, int(port)), args.delay_ms / 1000.0, args.corrupt, key))
+        runner.run(_serve_proxy(sock, (host, int(port)), args.delay_ms / 1000.0, args.corrupt))
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["proxy"]:
         _proxy_main(sys.argv[2:])
     else:
-        sys.exit("usage: python -m tests.harness.netns proxy [--delay-ms D] [--corrupt none|wire|data|remac] [--key-file F] HOST:PORT")
+        sys.exit("usage: python -m tests.harness.netns proxy [--delay-ms D] [--corrupt none|wire] HOST:PORT")

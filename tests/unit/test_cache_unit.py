@@ -469,6 +469,54 @@ def test_a_one_chunk_miss_looks_the_index_up_once(mem, monkeypatch):
     assert looks == [(1, 2)], f"the index was looked up again for one-chunk misses: {looks}"
 
 
+class StubPeerReads:
+    """Stands in for PeerReads: peers that hold the chunks in `held` of `data`, every ask recorded."""
+
+    def __init__(self, data: bytes, held: set[int]) -> None:
+        self.data, self.held = data, held
+        self.asked: list[list[int]] = []
+
+    async def fetch(self, ino, version, chunks, timeout=None, ahead=None):
+        self.asked.append(list(chunks))
+        return {c: self.data[c * CS : (c + 1) * CS] for c in chunks if c in self.held}
+
+    def closed(self, stream) -> None:
+        pass
+
+
+def test_with_peers_a_one_chunk_miss_looks_the_store_up_once_and_asks_them(mem, monkeypatch):
+    """With peers, a request inside one chunk the hit path found missing goes to the peers without a second look
+    at the store (`read_chunks`), counted as one miss; what no peer holds comes from the backing. A request over
+    two chunks still takes the general path's look."""
+    backing, cache = mem
+    data = os.urandom(8 * CS)
+    backing.put("a.img", data)
+    peers = cache.peer_reads = StubPeerReads(data, held={3, 5, 6})
+    looks: list[tuple[int, int]] = []
+    read_chunks = cache.store.read_chunks
+
+    def counted(ino, gen, first, last, lo, hi):
+        looks.append((first, last))
+        return read_chunks(ino, gen, first, last, lo, hi)
+
+    monkeypatch.setattr(cache.store, "read_chunks", counted)
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        misses, preads = cache.store.stats().misses, backing.preads
+        for at in (3 * CS + 4096, CS + 8192):  # a peer holds chunk 3, none holds chunk 1
+            assert bytes(await cache.read(f, at, 4096)) == data[at : at + 4096]
+            await cache.queue.drain()  # (what admission took: the hit path looks only when nothing is queued)
+        one_chunk = cache.store.stats().misses - misses, backing.preads - preads
+        assert bytes(await cache.read(f, 6 * CS - 4096, 8192)) == data[6 * CS - 4096 : 6 * CS + 4096]
+        return one_chunk
+
+    assert trio.run(go) == (2, 1)  # two misses counted once each; the backing read only chunk 1
+    assert peers.asked == [[3], [1], [5, 6]]
+    assert looks == [(5, 6)], f"the store was looked up again for one-chunk misses: {looks}"
+    assert cache.images["a.img"].peer_bytes == 4096 + 8192
+
+
 def test_a_stream_not_aligned_to_chunks_is_served_from_the_fetchers_buffer_without_the_general_path(mem, monkeypatch):
     """128 KiB requests from 4 KiB on (each starts in a chunk its predecessor read, so it is not "read ahead"): once
     the stream's readahead has whole blocks in the fetcher's buffer, a request inside one is answered from there,

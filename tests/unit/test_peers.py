@@ -44,10 +44,7 @@ from fusecache.peers.protocol import (
     FramedStream,
     FrameWriter,
     ProtocolError,
-    chunk_matches,
     client_handshake,
-    decode_chunk,
-    encode_chunk,
     encode_location,
     encode_summary,
     page_matches,
@@ -63,7 +60,8 @@ NAMES = names_key(KEY)  # what the hosts of KEY's cluster name pages with
 def name(page: bytes) -> bytes:
     return page_digest(NAMES, page)
 SLACK = 2.0  # seconds past a deadline a loaded CI machine may take to notice it
-VERSION_A: Version = (1 << 20, 1_700_000_000_000_000_000, 1_700_000_000_000_000_001, 7)
+# A file of 7 whole chunks and a short eighth (what FakeStore holds of it): a chunk's length is its version's.
+VERSION_A: Version = (7 * CHUNK_SIZE + 14 * PAGE_SIZE + 100, 1_700_000_000_000_000_000, 1_700_000_000_000_000_001, 7)
 
 
 class FakeStore:
@@ -71,7 +69,7 @@ class FakeStore:
 
     def __init__(self, pages: int = 64, chunks: int = 8, key: bytes | None = KEY) -> None:
         self.pages: dict[bytes, bytes] = {}
-        self.locations: dict[tuple[int, Version, int], tuple[bytes, list[bytes]]] = {}
+        self.locations: dict[tuple[int, Version, int], bytes] = {}
         names = names_key(key)  # a store names pages as its cluster does
 
         def name(page: bytes) -> bytes:
@@ -81,14 +79,14 @@ class FakeStore:
             page = os.urandom(4096)
             self.pages[name(page)] = page
         for n in range(chunks):
-            # A hole in the middle and a short tail on the last chunk: both must verify.
-            data = os.urandom(4096 * 5) + bytes(4096) + os.urandom(4096 * 9 + (100 if n == chunks - 1 else 4096))
-            self.locations[(42, VERSION_A, n)] = (data, [name(data[i : i + 4096]) for i in range(0, len(data), 4096)])
+            # A hole in the middle, and VERSION_A's short tail on its last chunk.
+            length = min(CHUNK_SIZE, VERSION_A[0] - n * CHUNK_SIZE)
+            self.locations[(42, VERSION_A, n)] = os.urandom(4096 * 5) + bytes(4096) + os.urandom(length - 6 * 4096)
 
     def read_page(self, digest: bytes) -> bytes | None:
         return self.pages.get(digest)
 
-    def read_location(self, ino: int, version: Version, chunk: int) -> tuple[bytes, list[bytes]] | None:
+    def read_location(self, ino: int, version: Version, chunk: int) -> bytes | None:
         return self.locations.get((ino, version, chunk))
 
     def iter_digests(self) -> list[bytes]:
@@ -99,18 +97,15 @@ class FakeStore:
 
 
 class CorruptingStore(FakeStore):
-    """A peer with bad memory: right digests, one flipped byte in the data."""
+    """A peer with a broken store: a page with a flipped byte, a chunk one byte short of its version's length."""
 
     def read_page(self, digest: bytes) -> bytes | None:
         page = self.pages.get(digest)
         return None if page is None else bytes([page[0] ^ 1]) + page[1:]
 
-    def read_location(self, ino: int, version: Version, chunk: int) -> tuple[bytes, list[bytes]] | None:
-        found = self.locations.get((ino, version, chunk))
-        if found is None:
-            return None
-        data, digests = found
-        return data[:-1] + bytes([data[-1] ^ 1]), digests
+    def read_location(self, ino: int, version: Version, chunk: int) -> bytes | None:
+        data = self.locations.get((ino, version, chunk))
+        return None if data is None else data[:-1]
 
 
 @contextlib.asynccontextmanager
@@ -198,9 +193,8 @@ def test_fetch_by_digest_and_by_location() -> None:
             for digest, page in store.pages.items():
                 assert peers.may_hold(digest)
                 assert await peers.fetch_page(digest, far()) == page
-            for (ino, version, n), (data, digests) in store.locations.items():
-                got = await peers.fetch_location(ino, version, n, far())
-                assert got == data and chunk_matches(NAMES, got, digests)
+            for (ino, version, n), data in store.locations.items():
+                assert await peers.fetch_location(ino, version, n, far()) == data
             # Another version of the same file is not this content: never asked, never served.
             other = (VERSION_A[0], VERSION_A[1] + 1, *VERSION_A[2:])
             assert await peers.fetch_location(42, other, 0, far()) is None
@@ -234,7 +228,7 @@ def test_many_concurrent_requests_share_one_connection() -> None:
                 for n in range(len(store.locations)):
                     nursery.start_soon(fetch_chunk, n)
             assert all(results[d] == p for d, p in store.pages.items())
-            assert all(results[bytes([n])] == store.locations[(42, VERSION_A, n)][0] for n in range(len(store.locations)))
+            assert all(results[bytes([n])] == store.locations[(42, VERSION_A, n)] for n in range(len(store.locations)))
             remote = server.stats()["127.0.0.1"]
             # Many requests were outstanding on the one connection at once. (The server writes each
             # answer as it reads its request when the socket takes it, so its own in-flight count can
@@ -327,15 +321,12 @@ def test_frames_written_directly_or_queued_arrive_whole_in_order_and_macd() -> N
     trio.run(main)
 
 
-def test_a_chunk_frame_is_checked_whole_by_its_mac_and_its_page_names() -> None:
-    """Every byte of a CHUNK frame is checked once: a flip in its header, page count or page names fails the
-    frame MAC (the connection ends); a flip in its data passes the MAC and fails the page names (the fetch
-    takes nothing). Any other frame's MAC covers its whole payload."""
-    names = names_key(KEY)
-    data = os.urandom(3 * PAGE_SIZE + 100)  # a short last page too
-    digests = [page_digest(names, data[i : i + PAGE_SIZE]) for i in range(0, len(data), PAGE_SIZE)]
-    payload = encode_chunk(data, digests)
-    data_at = HEADER.size + len(payload) - len(data)
+def test_a_frame_is_sealed_every_byte_authenticated_and_its_payload_encrypted() -> None:
+    """A flip in a frame's type, request id, payload or tag ends the connection: a CHUNK's data too (version 4
+    left that to the page names its receiver hashed). And what goes on the wire is not the payload: disk images
+    hold tenants' data (version 4 sent it in the clear)."""
+    data = os.urandom(3 * PAGE_SIZE + 100)
+    page = b"tenant data " * 341  # 4092 bytes anyone would recognise on the wire
 
     async def one(type_: int, body: bytes, flip: int | None) -> tuple[int, int, bytes] | None:
         a, b = trio.testing.memory_stream_pair()
@@ -349,17 +340,33 @@ def test_a_chunk_frame_is_checked_whole_by_its_mac_and_its_page_names() -> None:
         return await receiver.receive()
 
     async def main() -> None:
-        got = await one(CHUNK, payload, None)
-        assert got is not None and chunk_matches(names, *decode_chunk(got[2]))
-        for flip in (0, 5, HEADER.size, HEADER.size + 2, data_at - 1, HEADER.size + len(payload)):  # ..., the MAC itself
-            with pytest.raises(BadFrame, match="wrong MAC"):
-                await one(CHUNK, payload, flip)
-        for flip in (data_at, data_at + 2 * PAGE_SIZE + 17, HEADER.size + len(payload) - 1):
-            got = await one(CHUNK, payload, flip)
-            assert got is not None and not chunk_matches(names, *decode_chunk(got[2]))
-        for flip in (HEADER.size, HEADER.size + len(data) - 1):  # a PAGE (or any other frame): the MAC covers it all
-            with pytest.raises(BadFrame, match="wrong MAC"):
-                await one(PAGE, data, flip)
+        sender = FramedStream(trio.testing.memory_stream_pair()[0])
+        sender.start_session(b"s" * 32, b"r" * 32)
+        frame = sender.encode(PAGE, 7, page)
+        assert len(frame) == HEADER.size + len(page) + 16 and b"tenant data" not in frame
+        assert sender.encode(PAGE, 7, page)[HEADER.size :] != frame[HEADER.size :]  # a fresh nonce each frame
+        for type_ in (CHUNK, PAGE):
+            assert await one(type_, data, None) == (type_, 7, data)
+            for flip in (0, 2, 5, HEADER.size, HEADER.size + 2 * PAGE_SIZE + 17, HEADER.size + len(data) - 1, HEADER.size + len(data)):
+                with pytest.raises(BadFrame, match="wrong MAC"):
+                    await one(type_, data, flip)
+        # The same frame sent again (replayed) or under the other direction's key fails too.
+        a, b = trio.testing.memory_stream_pair()
+        sender, receiver = FramedStream(a), FramedStream(b)
+        sender.start_session(b"s" * 32, b"r" * 32)
+        receiver.start_session(b"r" * 32, b"s" * 32)
+        frame = bytes(sender.encode(CHUNK, 7, data))
+        await a.send_all(frame + frame)
+        assert await receiver.receive() == (CHUNK, 7, data)
+        with pytest.raises(BadFrame, match="wrong MAC"):
+            await receiver.receive()
+        a, b = trio.testing.memory_stream_pair()
+        sender, receiver = FramedStream(a), FramedStream(b)
+        sender.start_session(b"s" * 32, b"r" * 32)
+        receiver.start_session(b"s" * 32, b"r" * 32)  # the sender's own key for what it receives: a reflected frame
+        await a.send_all(bytes(sender.encode(CHUNK, 7, data)))
+        with pytest.raises(BadFrame, match="wrong MAC"):
+            await receiver.receive()
 
     trio.run(main)
 
@@ -380,7 +387,7 @@ def half_answering_server(store: FakeStore, then: str):
             if type_ == PING:
                 await framed.send(PONG, request_id)
             elif type_ == GET_LOCATION:
-                whole = framed.encode(CHUNK, request_id, encode_chunk(*store.locations[(42, VERSION_A, 0)]))
+                whole = framed.encode(CHUNK, request_id, store.locations[(42, VERSION_A, 0)])
                 await stream.send_all(whole[: len(whole) // 2])
                 if then == "hang":
                     await trio.sleep_forever()
@@ -426,7 +433,7 @@ def test_a_stuck_peer_is_hedged_around(expect_log) -> None:
                         await trio.sleep(0.01)
                 # Whichever is asked first, the answer comes from the live peer.
                 for n in range(len(store.locations)):
-                    assert await peers.fetch_location(42, VERSION_A, n, far()) == store.locations[(42, VERSION_A, n)][0]
+                    assert await peers.fetch_location(42, VERSION_A, n, far()) == store.locations[(42, VERSION_A, n)]
             nursery.cancel_scope.cancel()
 
     trio.run(main)
