@@ -195,39 +195,60 @@ class FramedStream:
 
     async def receive(self) -> tuple[int, int, bytes] | None:
         """The next frame as (type, request id, payload), or None at a clean end of stream."""
-        if not await self._fill(HEADER.size, at_boundary=True):
-            return None
-        type_, flags, request_id, length = HEADER.unpack_from(self._buffer)
+        buffer = self._buffer
+        while isinstance(got := self._next(), int):
+            data = await self.stream.receive_some(max(got - len(buffer), 256 * 1024))
+            if not data:
+                if not buffer:
+                    return None
+                raise ProtocolError("connection closed in the middle of a frame")
+            buffer += data
+        return got
+
+    def receive_nowait(self, fd: int) -> tuple[int, int, bytes] | None:
+        """The next frame if it is whole in the buffer or the socket `fd` (non-blocking) has the rest now; None if
+        not yet. For a task that waits for `fd` to be readable itself (the peer client: fusecache/peers/client.py).
+        An end of stream raises ProtocolError, as does a bad frame; a broken socket, OSError."""
+        buffer = self._buffer
+        while isinstance(got := self._next(), int):
+            try:
+                data = os.read(fd, max(got - len(buffer), 256 * 1024))
+            except BlockingIOError:
+                return None
+            if not data:
+                raise ProtocolError("the peer closed the connection" if not buffer else "connection closed in the middle of a frame")
+            buffer += data
+        return got
+
+    def _next(self) -> tuple[int, int, bytes] | int:
+        """The next frame, checked and taken from the buffer; else how many bytes the buffer needs first.
+
+        The header is checked as soon as it is whole: an oversized frame is refused before its payload.
+        """
+        buffer = self._buffer
+        if len(buffer) < HEADER.size:
+            return HEADER.size
+        type_, flags, request_id, length = HEADER.unpack_from(buffer)
         limit = MAX_PAYLOAD if self._receive_aead is not None else MAX_PREAUTH_PAYLOAD
         if length > limit:
             raise BadFrame(f"frame of {length} bytes, over the limit of {limit}")
         if flags != 0:
             raise BadFrame(f"frame with unknown flags {flags:#x}")
-        tag_size = TAG_SIZE if self._receive_aead is not None else 0
         end = HEADER.size + length
-        await self._fill(end + tag_size, at_boundary=False)
-        buffer = self._buffer
+        whole = end + TAG_SIZE if self._receive_aead is not None else end
+        if len(buffer) < whole:
+            return whole
         with memoryview(buffer) as view:
             if self._receive_aead is None:
                 payload = bytes(view[HEADER.size : end])  # the one copy of the payload (a bytearray slice would be two)
             else:
                 try:  # the tag is checked before a byte is decrypted; the plaintext is the one copy
-                    payload = self._receive_aead.decrypt(_nonce(self._receive_seq), view[HEADER.size : end + TAG_SIZE], view[: HEADER.size])
+                    payload = self._receive_aead.decrypt(_nonce(self._receive_seq), view[HEADER.size : whole], view[: HEADER.size])
                 except InvalidTag:
                     raise BadFrame("frame with a wrong MAC (altered or injected on the path)") from None
                 self._receive_seq += 1
-        del buffer[: end + tag_size]
+        del buffer[:whole]
         return type_, request_id, payload
-
-    async def _fill(self, size: int, *, at_boundary: bool) -> bool:
-        while len(self._buffer) < size:
-            data = await self.stream.receive_some(max(size - len(self._buffer), 256 * 1024))
-            if not data:
-                if at_boundary and not self._buffer:
-                    return False
-                raise ProtocolError("connection closed in the middle of a frame")
-            self._buffer += data
-        return True
 
 
 class FrameWriter:

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from fusecache.errors import QuietError
 from fusecache.geometry import CHUNK_SIZE, PAGE_SIZE
 from fusecache.peers import BloomFilter, PeerServer, PeerSet, RemoteStats, Version, hole_digest, load_cluster_key, names_key, page_digest
+from fusecache.peers.client import Answer, _Answers
 from fusecache.peers.protocol import (
     CHUNK,
     GET_LOCATION,
@@ -234,6 +235,40 @@ def test_many_concurrent_requests_share_one_connection() -> None:
             # answer as it reads its request when the socket takes it, so its own in-flight count can
             # stay at 1: the concurrency is seen from the asking side.)
             assert remote.connections == 1 and peers.stats()[f"127.0.0.1:{server.port}"].peak_outstanding > 1
+
+    trio.run(main)
+
+
+def test_a_fetch_reads_its_own_answer_and_the_connection_reader_reads_again_after(monkeypatch) -> None:
+    """A fetch waiting on one peer reads the socket itself (no hand-off from the connection's reading task), and
+    gives the socket back when it is done or gives up: the reading task then reads the pings' answers again."""
+    store = FakeStore()
+    takers = []
+    handed = _Answers.send_nowait
+
+    def recording(answers: _Answers, answer: Answer) -> None:
+        takers.append(trio.lowlevel.current_task())
+        handed(answers, answer)
+
+    monkeypatch.setattr(_Answers, "send_nowait", recording)
+
+    async def main() -> None:
+        async with serving(store) as server, peer_set([server.port], ping_interval=0.05) as peers:
+            await wait_for_summaries(peers)
+            address = f"127.0.0.1:{server.port}"
+            (ino, version, n), _ = next(iter(store.locations.items()))
+            # Given up at once (its deadline has passed): the fetch stops reading in its wait; its answer comes
+            # later, to no one.
+            assert await peers.fetch_location(ino, version, n, trio.current_time()) is None
+            takers.clear()
+            for (ino, version, n), data in store.locations.items():
+                assert await peers.fetch_location(ino, version, n, far()) == data
+            assert takers == [trio.lowlevel.current_task()] * len(store.locations)
+            # Nobody leads now: were the reading task not reading, the silence limit (3 pings) would end the
+            # connection and a new one would be made.
+            await trio.sleep(1)
+            stats = peers.stats()[address]
+            assert stats.up and stats.connects == 1 and stats.lost == 0 and stats.abandoned == 1
 
     trio.run(main)
 
