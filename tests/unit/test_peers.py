@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import struct
 from collections.abc import AsyncIterator
 
@@ -352,6 +353,51 @@ def test_frames_written_directly_or_queued_arrive_whole_in_order_and_macd() -> N
             for s in (a, b, listener):
                 await s.aclose()
             nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_frames_arrive_whole_however_the_reads_split_them() -> None:
+    """The receive buffer is read into in place, compacted when a frame runs past its end and grown for a large one:
+    every frame comes out whole and in order, whether taken by `receive` or `receive_nowait`, however the stream
+    was cut."""
+    rng = random.Random(5)
+    sizes = [rng.choice([0, 1, 26, PAGE_SIZE, CHUNK_SIZE, CHUNK_SIZE + 7, 300_000, MAX_PAYLOAD]) for _ in range(60)]
+    payloads = [rng.randbytes(size) for size in sizes]
+
+    async def main() -> None:
+        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        a = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+        b = await listener.accept()
+        sender, receiver = FramedStream(a), FramedStream(b)
+        sender.start_session(b"s" * 32, b"r" * 32)
+        receiver.start_session(b"r" * 32, b"s" * 32)
+        wire = b"".join(sender.encode(CHUNK, i, payload) for i, payload in enumerate(payloads))
+
+        async def send() -> None:
+            at = 0
+            while at < len(wire):
+                n = rng.choice([1, 9, 4096, 65_000, 200_000])
+                await a.send_all(wire[at : at + n])
+                at += n
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            with trio.fail_after(30):
+                for i, payload in enumerate(payloads):
+                    if i % 2:
+                        frame = await receiver.receive()
+                    else:
+                        while (frame := receiver.receive_nowait(b.socket.fileno())) is None:
+                            await trio.lowlevel.wait_readable(b.socket)
+                    assert frame == (CHUNK, i, payload)
+        assert receiver.buffered == 0
+        await a.aclose()
+        with trio.fail_after(10):
+            assert await receiver.receive() is None  # a clean end, between frames
+        for stream in (b, listener):
+            await stream.aclose()
 
     trio.run(main)
 
