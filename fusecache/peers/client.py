@@ -38,6 +38,7 @@ from fusecache.peers.protocol import (
     SUMMARY_HEAD,
     SUMMARY_LOCATIONS,
     BadFrame,
+    Frame,
     FramedStream,
     FrameWriter,
     ProtocolError,
@@ -151,7 +152,6 @@ class _Peer:
         # Reading the connection's frames (see `PeerSet._lead`): one task at a time, the connection's reading
         # task or a fetch that leads. All None / False between connections.
         self.framed: FramedStream | None = None
-        self.socket: trio.socket.SocketType | None = None
         self.leading = False  # a fetch reads the socket: the reading task is parked on `lot`
         self.waiting: trio.CancelScope | None = None  # the reading task's wait on the socket, which a fetch cancels to lead
         self.lot = trio.lowlevel.ParkingLot()  # where the reading task waits while a fetch leads
@@ -324,7 +324,7 @@ class PeerSet:
         peer whose socket nobody else is reading, else handed over by the connections' reading tasks."""
         if len(asked) == 1 and not answers.ready:
             peer = next(iter(asked))
-            if not peer.leading and peer.socket is not None:
+            if not peer.leading and peer.framed is not None:
                 await self._lead(peer, answers)
         return await answers.receive()
 
@@ -338,8 +338,10 @@ class PeerSet:
         A fault of the connection met here is left for the reading task to raise (`failure`): it ends the
         connection, and every fetch waiting on it, this one too, gets LOST.
         """
-        framed, sock = peer.framed, peer.socket
-        assert framed is not None and sock is not None
+        framed = peer.framed
+        assert framed is not None
+        sock = framed.socket
+        assert sock is not None  # (a connection made by `_connect_and_serve`: TCP)
         peer.leading = True
         if peer.waiting is not None:
             peer.waiting.cancel()
@@ -429,7 +431,7 @@ class PeerSet:
                 raise
         async with stream:
             peer.ip = stream.socket.getpeername()[0]
-            peer.framed, peer.socket, peer.failure = framed, stream.socket, None
+            peer.framed, peer.failure = framed, None
             peer.note_rtt((trio.current_time() - started) / 2)  # the handshake is two round trips
             peer.connected = True
             peer.stats.connects += 1
@@ -446,7 +448,7 @@ class PeerSet:
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
-                peer.writer = peer.scope = peer.framed = peer.socket = peer.quiet = peer.waiting = None
+                peer.writer = peer.scope = peer.framed = peer.quiet = peer.waiting = None
                 peer.in_progress.clear()
                 for answers, _ in peer.pending.values():
                     if answers is not None:
@@ -475,7 +477,7 @@ class PeerSet:
     async def _read(self, peer: _Peer, framed: FramedStream) -> None:
         """Read the connection's frames, except while a fetch does (`_lead`), until it fails or falls silent."""
         silence = 3 * self._ping_interval
-        sock = peer.socket
+        sock = framed.socket
         assert sock is not None
         # One scope for the connection, its deadline moved on by each frame (not a scope per frame).
         with trio.move_on_after(silence) as peer.quiet:
@@ -498,7 +500,7 @@ class PeerSet:
                     await trio.lowlevel.checkpoint()
         raise ProtocolError(f"no answer for {silence:.1f} s")
 
-    def _take(self, peer: _Peer, frame: tuple[int, int, bytes]) -> None:
+    def _take(self, peer: _Peer, frame: Frame) -> None:
         """One frame received from `peer`: a summary part, or an answer for the fetch waiting for it."""
         now = trio.current_time()
         quiet, silence = peer.quiet, 3 * self._ping_interval

@@ -106,6 +106,8 @@ ERROR_INTERNAL = 1
 REQUEST_SIZES = {GET_PAGE: DIGEST_SIZE, GET_LOCATION: LOCATION.size, PING: 0}
 
 Version = tuple[int, int, int, int]  # (size, mtime_ns, ctime_ns, change)
+Frame = tuple[int, int, bytes]  # (type, request id, payload), received and checked
+_END = object()  # `FramedStream._pull`: a clean end of stream
 
 
 class ProtocolError(Exception):
@@ -179,8 +181,9 @@ class FramedStream:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        # Only a plain socket is read in place (tests run the protocol over memory streams too).
-        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # The plain socket under the stream, read (and written, `FrameWriter`) in place without trio's stream
+        # calls; None for other streams (tests run the protocol over memory streams too).
+        self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._buffer = bytearray(PREAUTH_BUFFER)
         self._start = self._end = 0  # the bytes received and not yet taken as frames: _buffer[_start:_end]
         self._send_aead: AESGCM | None = None
@@ -214,7 +217,7 @@ class FramedStream:
     async def send(self, type_: int, request_id: int, payload: bytes = b"") -> None:
         await self.stream.send_all(self.encode(type_, request_id, payload))
 
-    async def receive(self) -> tuple[int, int, bytes] | None:
+    async def receive(self) -> Frame | None:
         """The next frame as (type, request id, payload), or None at a clean end of stream.
 
         As a trio stream's receive: a checkpoint, unless the frame was whole in the buffer already.
@@ -222,29 +225,19 @@ class FramedStream:
         got = self._next()
         if not isinstance(got, int):
             return got
-        sock = self._socket
+        sock = self.socket
         if sock is None:
             return await self._receive_from_stream(got)
         await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
-        while True:
-            try:
-                n = self._read_into(sock.fileno(), got)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                waited = True
-                continue
-            if not n:
-                if not self.buffered:
-                    return None
-                raise ProtocolError("connection closed in the middle of a frame")
-            got = self._next()
-            if not isinstance(got, int):
-                if not waited:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                return got
+        frame = self._pull(sock.fileno())
+        if frame is not None:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # (read without waiting: yield once, as trio's streams do)
+        while frame is None:
+            await trio.lowlevel.wait_readable(sock)
+            frame = self._pull(sock.fileno())
+        return None if frame is _END else frame
 
-    async def _receive_from_stream(self, got: int) -> tuple[int, int, bytes] | None:
+    async def _receive_from_stream(self, got: int) -> Frame | None:
         while True:
             self._room(got)
             data = await self.stream.receive_some(len(self._buffer) - self._end)
@@ -258,17 +251,27 @@ class FramedStream:
             if not isinstance(got, int):
                 return got
 
-    def receive_nowait(self, fd: int) -> tuple[int, int, bytes] | None:
+    def receive_nowait(self, fd: int) -> Frame | None:
         """The next frame if it is whole in the buffer or the socket `fd` (non-blocking) has the rest now; None if
         not yet. For a task that waits for `fd` to be readable itself (the peer client: fusecache/peers/client.py).
         An end of stream raises ProtocolError, as does a bad frame; a broken socket, OSError."""
+        frame = self._pull(fd)
+        if frame is _END:
+            raise ProtocolError("the peer closed the connection")
+        return frame
+
+    def _pull(self, fd: int) -> Frame | object | None:
+        """The next frame, reading the socket `fd` (non-blocking) as far as it needs and has; None if it has no more
+        now; _END at a clean end of stream (nothing held). An end in the middle of a frame raises ProtocolError."""
         while isinstance(got := self._next(), int):
             try:
                 n = self._read_into(fd, got)
             except BlockingIOError:
                 return None
             if not n:
-                raise ProtocolError("the peer closed the connection" if not self.buffered else "connection closed in the middle of a frame")
+                if self.buffered:
+                    raise ProtocolError("connection closed in the middle of a frame")
+                return _END
         return got
 
     def _read_into(self, fd: int, need: int) -> int:
@@ -292,7 +295,7 @@ class FramedStream:
         if need > len(buffer) or held >= len(buffer):
             buffer.extend(bytes(max(need, held + 1) - len(buffer)))
 
-    def _next(self) -> tuple[int, int, bytes] | int:
+    def _next(self) -> Frame | int:
         """The next frame, checked and taken from the buffer; else how many bytes it needs from the first not taken.
 
         The header is checked as soon as it is whole: an oversized frame is refused before its payload.
@@ -343,8 +346,7 @@ class FrameWriter:
 
     def __init__(self, framed: FramedStream) -> None:
         self.framed = framed
-        # Only a plain socket is written directly (tests run the protocol over memory streams too).
-        self._socket = framed.stream.socket if isinstance(framed.stream, trio.SocketStream) else None
+        self._socket = framed.socket  # written directly only when a plain socket
         # (encoded bytes or None, type, request id, payload, on_written)
         self._queue: collections.deque[tuple[bytes | memoryview | None, int, int, bytes, Callable[[], None] | None]] = collections.deque()
         self._busy = False
