@@ -5,7 +5,11 @@ the host page cache (the strictest test of the miss path's own cost); fio
 reads with psync and O_DIRECT (QEMU `cache=none`), 1 job:
 
 - 1M seq: the whole file once, in 1 MiB reads;
-- 4k random: `--rand-mib` of 4 KiB reads at random offsets, none repeated.
+- 4k random: `--rand-mib` of 4 KiB reads at random offsets, none repeated;
+- 4k re-read: the same 4 KiB reads (fio's fixed seed) twice in a row, the
+  second pass measured: what a second guest pays for what the first just
+  read (the fetcher's buffer of recent reads answers it; its backing bytes
+  show whether anything was read again).
 
 Setups: `--no-cache` (the baseline), the default (second-chance) mount,
 `--admit inclusive`. Every (tree, setup) pair runs once per repeat, in
@@ -63,7 +67,7 @@ from bench.common import (
 )
 
 SETUPS = {"no-cache": ["--no-cache"], "default": [], "inclusive": ["--admit", "inclusive"]}
-PATTERNS = ("1M seq", "4k random")
+PATTERNS = ("1M seq", "4k random", "4k re-read")
 
 
 class Bench:
@@ -96,6 +100,8 @@ class Bench:
         with self.mount(code, setup) as mp:
             path = os.path.join(mp, "disk.img")
             pid = daemon_pid(mp)
+            if pattern == "4k re-read":
+                run_fio(path, "randread", "4k", direct=True, io_size=self.rand_bytes)  # the first pass, not measured
             before = settled_rchar(pid)
             cpu0 = daemon_cpu(pid)
             if pattern == "1M seq":

@@ -12,7 +12,10 @@ cold:
 
 - 1 MiB in order through a 256 MiB file, twice (second chance stores
   nothing a guest reads: the second pass is as cold as the first);
-- 4 KiB at random page-aligned offsets, none read before.
+- 4 KiB at random page-aligned offsets, none read before;
+- the same 4 KiB reads again, at once: every page is in the fetcher's buffer
+  of recent reads (second chance stores nothing), as a second guest reading
+  what the first just read finds it; no backing read.
 
 For each it records the event loop's CPU time per request
 (`time.thread_time_ns` on the trio thread: what every other request of every
@@ -57,6 +60,7 @@ with tempfile.TemporaryDirectory(dir=sys.argv[1]) as work:
     patterns = {
         "1 MiB in order": (MIB, list(range(0, SIZE, MIB)) * 2),
         "4 KiB random": (4096, [p * 4096 for p in randoms]),
+        "4 KiB random, again": (4096, [p * 4096 for p in randoms]),  # (each page in the fetcher's buffer now)
     }
 
     async def timed(read, f, size, offsets):

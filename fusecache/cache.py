@@ -145,6 +145,8 @@ class Cache:
             absent = span is MISSING
             if span is not None and not absent:
                 return span
+            if absent and self.peer_reads is None:
+                return await self._read(f, offset, size, st, True)  # (its cold path is the fetcher's, first thing)
             fetcher = self.fetcher
             if st is not None and not st.writing and (
                 fetcher.read_ahead(st.ino, offset, stamp := (st.gen, st.epoch)) or fetcher.buffered(st.ino, offset, size, stamp)

@@ -112,8 +112,8 @@ class _Block:
     (`want`); which of its chunks a request read (`touched`) and admission took (`offered`)."""
 
     __slots__ = (
-        "base", "block", "data", "done", "held", "ino", "length", "loading", "offer", "offered", "parts", "path", "stamp",
-        "stamp_now", "touched", "valid", "want",
+        "base", "block", "data", "done", "held", "ino", "length", "loading", "offer", "offered", "part_of", "parts", "path",
+        "stamp", "stamp_now", "touched", "valid", "want",
     )
 
     def __init__(self, r: Reader, block: int, stamp: Hashable) -> None:
@@ -132,6 +132,9 @@ class _Block:
         # a chunk read out of them, or offered, is copied out of them alone (`_assemble`); only a block complete in
         # parts is copied into one buffer of its own, once, when a request reads from it (`_materialize`)
         self.parts: list[tuple[int, bytes, int]] = []
+        # page -> the index in `parts` of the read that brought it: a request's pages are found in one look each, not
+        # by a walk over every part (a block of a random workload gathers up to one part per page)
+        self.part_of: dict[int, int] = {}
         self.valid = 0  # bit p: page p is read (or known to lie beyond end of file)
         self.held = 0  # the pages the buffer's bound counts for this block: every page ever read, being read or wanted
         self.loading = 0  # bit p: a read of page p is in flight
@@ -286,9 +289,17 @@ class Fetcher:
                 if not noted:
                     # (the common cold case: a request inside one block nobody has read or queued)
                     return await self._read_fresh(r, [(first, lo, lo + size)], offset, size, stamp)
-            elif e.base is not None and e.stamp == stamp:
-                # (a stream's request inside a block read whole: its view, without the lists below)
-                return self._view(r, [(first, e, self._chunk_bits(lo, lo + size))], offset, size, noted, e.base[0], e.base[1] + lo)
+            elif e.stamp == stamp:
+                if e.base is not None:
+                    # (a stream's request inside a block read whole: its view, without the lists below)
+                    return self._view(r, [(first, e, self._chunk_bits(lo, lo + size))], offset, size, noted, e.base[0], e.base[1] + lo)
+                pages = _covering(lo, lo + size, self.ps)
+                if not (e.valid | e.loading) & pages:
+                    if not noted:
+                        # (a random request in a block others read pages of: none of its own pages there yet)
+                        return await self._read_fresh(r, [(first, lo, lo + size)], offset, size, stamp)
+                elif e.valid & pages == pages:
+                    return self._buffered(r, first, e, lo, offset, size, noted)
             found = [e]  # (looked up once)
         else:
             found = [self._chunks.get((r.ino, b)) for b in range(first, last + 1)]
@@ -329,22 +340,51 @@ class Fetcher:
         self._offer([(e, bits) for _, e, bits in blocks], r.offer)
         return memoryview(data)[at : at + size]
 
+    def _buffered(self, r: Reader, b: int, e: _Block, lo: int, offset: int, size: int, noted: bool) -> memoryview:
+        """`read_span` of a request inside block `b` (entry `e`, of the file's current content, not read whole by one
+        read) all of whose pages are read: its bytes, copied once (as `read` answers it, without its lists)."""
+        self.counters.buffer_hits += 1
+        self._chunks.move_to_end((r.ino, b))
+        bits = _covering(lo, lo + size, self.cs)
+        e.touched |= bits
+        urgent = False if noted else self._note_stream(r, offset, offset + size)
+        end = lo + size if e.length is None else max(lo, min(lo + size, e.length))
+        if e.parts and e.valid == self.full:
+            self._materialize(e)  # complete, in parts: into one buffer once, not a copy per request
+        if e.parts:
+            out = self._assemble(e, lo, end - lo)
+        elif e.data is None:
+            out = memoryview(b"")  # (every page it asked for lies beyond end of file)
+        else:
+            out = memoryview(bytes(memoryview(e.data)[lo:end]))
+        spans = ((e, bits),)
+        self._queue_rest(spans, urgent)
+        self._offer(spans, r.offer)
+        return out
+
     async def _read_fresh(self, r: Reader, needs: list[tuple[int, int, int]], offset: int, size: int, stamp: Hashable) -> memoryview:
         """`read_span` of a request none of whose pages is buffered or being read: one read, a view of its bytes."""
-        ps = self.ps
+        ps, cs = self.ps, self.cs
         urgent = self._note_stream(r, offset, offset + size)
-        entries = [self._entry(r, b, stamp) for b, _, _ in needs]
         start = offset // ps * ps
         end = -(-(offset + size) // ps) * ps
-        fills = [(e, b, self._pages(lo, hi)) for e, (b, lo, hi) in zip(entries, needs, strict=True)]
-        spans = [(e, self._chunk_bits(lo, hi)) for e, (_, lo, hi) in zip(entries, needs, strict=True)]
-        for e, bits in spans:
+        # (plain loops, not comprehensions: most requests are one block, and a comprehension is a call of its own)
+        fills: list[tuple[_Block, int, int]] = []  # (entry, block, the request's pages in it)
+        spans: list[tuple[_Block, int]] = []  # (entry, the request's chunks in it)
+        for b, lo, hi in needs:
+            e = self._entry(r, b, stamp)
+            bits = _covering(lo, hi, cs)
             e.touched |= bits
+            fills.append((e, b, _covering(lo, hi, ps)))
+            spans.append((e, bits))
         head = self.backing.pread_cached(r.handle, start, end - start)
         # the host page cache held it all: read on the loop with nothing awaited, so no neighbour can come between
         # the entries' creation and their filling (no claim, no event to wait on); else claim, then read the rest
-        claims = None if head is not None and len(head) == end - start else [self._claim(e, pages) for e, _, pages in fills]
-        if claims is not None:
+        claims = None
+        if head is None or len(head) != end - start:
+            claims = []
+            for e, _, pages in fills:
+                claims.append(self._claim(e, pages))
             self._queue_rest(spans, urgent)
         try:
             data = head if claims is None else await self.backing.pread_rest(r.handle, start, end - start, head)
@@ -483,7 +523,12 @@ class Fetcher:
     def _release(self, e: _Block, pages: int, ev: trio.Event) -> None:
         """A read of `pages` ended (filled or failed): waiters look again."""
         e.loading &= ~pages
-        e.done = [(p, x) for p, x in e.done if x is not ev]
+        done = e.done
+        if len(done) == 1:  # (the usual case, without a comprehension's call)
+            if done[0][1] is ev:
+                e.done = []
+        else:
+            e.done = [(p, x) for p, x in done if x is not ev]
         ev.set()
 
     def _fill(self, e: _Block, b: int, pages: int, start: int, data: bytes, asked: int) -> None:
@@ -502,7 +547,11 @@ class Fetcher:
             e.valid = self.full
             return
         if e.data is None and isinstance(data, bytes):
+            part_of, i = e.part_of, len(e.parts)
             e.parts.append((pages, data, at))
+            for first, count in _bit_runs(pages):
+                for page in range(first, first + count):
+                    part_of[page] = i
         else:
             self._materialize(e)
             assert isinstance(e.data, bytearray)
@@ -520,16 +569,33 @@ class Fetcher:
         for pages, data, at in e.parts:
             self._copy(e.data, pages, data, at)  # type: ignore[arg-type]
         e.parts = []
+        e.part_of = {}
 
     def _assemble(self, e: _Block, at: int, n: int, *, own: bool = True) -> memoryview:
         """Bytes [at, at + n) of a block read in parts (pages not read are zeros): as bytes of their own (`own`: an
         answer is immutable, as a read's own bytes are), else a read-only view of a buffer (the caller joins it)."""
+        if n <= 0:
+            return memoryview(b"")
+        ps, parts, part_of = self.ps, e.parts, e.part_of
+        first, last = at // ps, (at + n - 1) // ps
+        i = part_of.get(first, -1)
+        if i >= 0 and all(part_of.get(p, -1) == i for p in range(first + 1, last + 1)):
+            _, data, off = parts[i]  # (the usual case: one read holds every page asked for: one copy, no zeroing)
+            piece = bytes(memoryview(data)[off + at : off + at + n])
+            if len(piece) == n:
+                return memoryview(piece)
         buf = bytearray(n)
-        if n:
-            keep = self._pages(at, at + n)
-            for pages, data, off in e.parts:
-                if pages & keep:
-                    self._copy(buf, pages & keep, data, off, at)
+        p = first
+        while p <= last:  # runs of pages from one read, each copied at once; pages not read stay zeros
+            i, q = part_of.get(p, -1), p
+            while q < last and part_of.get(q + 1, -1) == i:
+                q += 1
+            if i >= 0:
+                _, data, off = parts[i]
+                lo, hi = max(at, p * ps), min(at + n, (q + 1) * ps)
+                piece = memoryview(data)[off + lo : off + hi]
+                buf[lo - at : lo - at + len(piece)] = piece
+            p = q + 1
         return memoryview(bytes(buf)) if own else memoryview(buf).toreadonly()
 
     def _copy(self, buf: bytearray, pages: int, data: bytes, at: int, shift: int = 0) -> None:

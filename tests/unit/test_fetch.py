@@ -784,3 +784,40 @@ def test_a_request_inside_a_block_read_whole_is_known_to_be_buffered():
 
     run_with_fetcher(backing, body)
     assert max(backing.read_counts(f.ino, len(data))) == 1
+
+
+def test_a_request_whose_pages_were_read_by_earlier_requests_is_answered_from_the_buffer_in_one_step():
+    """A request inside one block whose pages earlier random reads brought, each read its own (a boot's re-reads, a
+    second guest reading what the first just read): `read_span` answers it from those reads' bytes, nothing read
+    again, whether one read holds all its pages or several do, unaligned, and at end of file."""
+    size = 3 * CS + 1000  # (end of file inside chunk 3, page 48)
+    data = os.urandom(size)
+    backing = FakeBacking({"disk.img": data})
+    # one open file per request: none of them is a sequential stream, so each reads its own pages and no more
+    files = iter(File(backing, "disk.img", fh=fh) for fh in itertools.count(1))
+
+    async def span(fetcher: Fetcher, offset: int, n: int) -> bytes | None:
+        got = await fetcher.read_span(next(files).reader(), offset, n)
+        return None if got is None else bytes(got)
+
+    async def body(fetcher: Fetcher) -> None:
+        # earlier reads: pages 5 and 6 (one read each), pages 20-23 (one read), the last page (past end of file)
+        for offset, n in ((5 * PS, PS), (6 * PS, PS), (20 * PS, 4 * PS), (48 * PS, PS)):
+            assert await span(fetcher, offset, n) == data[offset : offset + n]
+        reads = list(backing.reads)
+        hits = fetcher.counters.buffer_hits
+        for offset, n in (
+            (5 * PS, PS),  # a page one read brought
+            (5 * PS + 100, 2 * PS - 200),  # across the pages of two reads, unaligned
+            (21 * PS + 7, 2 * PS),  # inside one read of several pages, unaligned
+            (48 * PS + 500, 3000),  # past end of file: the file's bytes up to its end
+        ):
+            assert await span(fetcher, offset, n) == data[offset : offset + n], (offset, n)
+        assert backing.reads == reads, "pages already buffered were read again"
+        assert fetcher.counters.buffer_hits == hits + 4
+        # a request with one page buffered and one not is not the buffer's alone: `read` reads the missing page
+        assert await span(fetcher, 6 * PS, 2 * PS) is None
+        assert await read(fetcher, next(files), 6 * PS, 2 * PS) == data[6 * PS : 8 * PS]
+        assert backing.reads == [*reads, (next(files).ino, 7 * PS, PS)]
+
+    run_with_fetcher(backing, body, block_size=4 * CS)
