@@ -46,7 +46,7 @@ from bench.common import (
 )
 
 SETUPS = {"no-cache": ["--no-cache"], "second-chance": [], "inclusive": ["--admit", "inclusive"]}
-PATTERNS = ("128K seq @4K", "1M seq", "4k random")
+PATTERNS = ("128K seq @4K", "1M seq", "4k random", "128K runs of 4")
 SETTLE = 0.5  # seconds rchar must stay still to count as settled
 
 
@@ -142,6 +142,9 @@ class Bench:
                 requested, seconds = read_seq_direct(path, 4096, 128 << 10)
             elif pattern == "1M seq":
                 r = run_fio(path, "read", "1M", direct=True, io_size=self.size_mib * MIB)
+                requested, seconds = r.io_bytes, r.runtime_s
+            elif pattern == "128K runs of 4":
+                r = run_fio(path, "randread:4", "128k", direct=True, io_size=self.rand_bytes)
                 requested, seconds = r.io_bytes, r.runtime_s
             else:
                 r = run_fio(path, "randread", "4k", direct=True, io_size=self.rand_bytes)

@@ -6,6 +6,9 @@ reads with psync and O_DIRECT (QEMU `cache=none`), 1 job:
 
 - 1M seq: the whole file once, in 1 MiB reads;
 - 4k random: `--rand-mib` of 4 KiB reads at random offsets, none repeated;
+- 128K runs of 4: `--rand-mib` of 128 KiB reads in runs of 4 in a row at
+  random places (fio `randread:4`): a guest reading small files, the
+  readahead's worst case (whatever it reads past a run is never read);
 - 4k re-read: the same 4 KiB reads (fio's fixed seed) twice in a row, the
   second pass measured: what a second guest pays for what the first just
   read (the fetcher's buffer of recent reads answers it; its backing bytes
@@ -67,7 +70,7 @@ from bench.common import (
 )
 
 SETUPS = {"no-cache": ["--no-cache"], "default": [], "inclusive": ["--admit", "inclusive"]}
-PATTERNS = ("1M seq", "4k random", "4k re-read")
+PATTERNS = ("1M seq", "4k random", "4k re-read", "128K runs of 4")
 
 
 class Bench:
@@ -106,6 +109,8 @@ class Bench:
             cpu0 = daemon_cpu(pid)
             if pattern == "1M seq":
                 r = run_fio(path, "read", "1M", direct=True, io_size=self.size)
+            elif pattern == "128K runs of 4":
+                r = run_fio(path, "randread:4", "128k", direct=True, io_size=self.rand_bytes)
             else:
                 r = run_fio(path, "randread", "4k", direct=True, io_size=self.rand_bytes)
             cpu = daemon_cpu(pid) - cpu0  # (read at once: the writer's catching up afterwards is not the reads' cost)
