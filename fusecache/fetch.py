@@ -6,8 +6,7 @@ sequential stream (detected per open file) the rest of each chunk it touched
 and readahead are read in the background by a few runner tasks that batch
 many reads into one worker-thread hand-off; a request that is not sequential
 reads nothing more than its own pages (the backing never reads more than the
-guests asked for, but at the end of a stream's readahead, which is at most a
-sixteenth of what the stream read: READAHEAD_SHARE). Fetched pages land
+guests asked for, but at the end of a stream's readahead). Fetched pages land
 in a bounded buffer of recently fetched blocks, which is also the
 single-flight table: a request that needs a page already buffered takes it
 from there, one that needs a page being read waits for that read, so a byte
@@ -72,14 +71,6 @@ BLOCK_SIZE = 1 << 20
 # flight at its start (a batch's reads come back together) about every 8 MiB: 74-80 of 512 requests waited 0.07-0.09 s
 # of a 0.37-0.39 s pass; at 16 MiB 43-59 waited 0.04-0.05 s (3 bench/coldpath.py runs, 1-9 repeats each, issue 13)
 READAHEAD_MAX = 16 << 20
-# readahead is at most this share of what the stream has read so far (the window grows with it, and ends on a chunk's
-# end at or before its own): what a stream reads ahead past its last request is never read by it, so a stream that
-# stops costs the backing at most 1/16 more than it asked for; none is read before the window is a chunk and one
-# request (a stream of 16 of them), so a guest reading a small file gets none. Before, runs of 4 sequential 128 KiB
-# requests at random places read 2.80x their bytes from the backing (bench/coldpath.py's "128K runs of 4", local
-# backing; 1.0x now, in half the time): the window was 2x-16x the request from the stream's second request on,
-# rounded up to a block's end.
-READAHEAD_SHARE = 16
 PARALLEL_PART = 256 << 10  # a critical-path read larger than this is split into parts read in parallel
 PARALLEL_MAX = 4
 BATCH_BYTES = 4 << 20  # background bytes handed to one worker thread at a time
@@ -164,7 +155,6 @@ class _Stream:
 
     next: int = -1  # where the next sequential request would start
     run: int = 0  # sequential requests in a row
-    read: int = 0  # bytes those requests asked for (the first of them included)
     ahead: int = 0  # readahead has been queued up to here
     last: tuple[int, int] = (-1, -1)  # the last request noted, (offset, end)
 
@@ -181,7 +171,6 @@ class Fetcher:
         page_size: int = PAGE_SIZE,
         buffer_bytes: int = BUFFER_BYTES,
         readahead_max: int = READAHEAD_MAX,
-        readahead_share: int = READAHEAD_SHARE,
         parallel_part: int = PARALLEL_PART,
         runners: int = RUNNERS,
     ) -> None:
@@ -201,7 +190,6 @@ class Fetcher:
         self.buffer_bytes = max(buffer_bytes, block_size)
         self._bytes = 0  # the pages counted (`_Block.held`) over the buffered blocks, in bytes
         self.readahead_max = readahead_max
-        self.readahead_share = readahead_share
         self.parallel_part = parallel_part
         self.runners = runners
         self.counters = FetchStats()
@@ -778,27 +766,18 @@ class Fetcher:
         # a little slack: a guest's queue depth can reorder neighbouring requests
         if s.next >= 0 and s.next - size <= offset <= s.next + size:
             s.run += 1
-            s.read += size
         else:
             s.run = 0
             s.ahead = 0
-            s.read = size
         s.next = max(s.next, end) if s.run else end
         if s.run == 0:
             return False
         if self.readahead_max <= 0:
             return True
-        window = min(self.readahead_max, max(size, 128 << 10) << min(s.run, 4), s.read // self.readahead_share)
-        if window < max(self.cs, size):
-            # (a stream too young to read a chunk ahead for: it may stop at its next request. Nor less than one
-            # request ahead: its next request would find its block part read, part not, and take the slow way)
-            return True
-        # to a block's end once the window is a block: a block read ahead whole is one read and one view of it; a
-        # window ending inside a block left the rest of that block to the next top-up, a second read, and every
-        # request in it a copy. A smaller window ends at a chunk's end (readahead reads whole chunks). Either end is
-        # at or before the window's: never more than the window ahead
-        unit = self.bs if window >= self.bs else self.cs
-        limit = (end + window) // unit * unit
+        window = min(self.readahead_max, max(size, 128 << 10) << min(s.run, 4))
+        # to a block's end: a block read ahead whole is one read and one view of it; a window ending inside a block
+        # left the rest of that block to the next top-up, a second read, and every request in it a copy
+        limit = -(-(end + window) // self.bs) * self.bs
         if r.size is not None:
             limit = min(limit, r.size)  # readahead stops at end of file
         start = max(s.ahead, end)

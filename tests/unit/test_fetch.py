@@ -353,67 +353,31 @@ def test_a_write_racing_a_background_completion_never_caches_old_bytes():
 
 
 def test_readahead_follows_a_sequential_stream_and_stops_at_end_of_file():
-    """A stream reads ahead once it has read 16 chunks (READAHEAD_SHARE): from then on its requests make no backing
-    read of their own; nothing is read past end of file, and every page once."""
-    size = 40 * CS + 12345  # not on a page or chunk boundary
+    size = 5 * CS + 12345  # not on a page or chunk boundary
     data = os.urandom(size)
     backing = FakeBacking({"disk.img": data})
     f = File(backing, "disk.img")
 
     async def body(fetcher: Fetcher) -> None:
-        pos = 0
-        while pos < size:
-            if pos == 20 * CS:
-                own = fetcher.counters.critical_reads  # (the requests' own reads so far)
-            assert await read(fetcher, f, pos, CS) == data[pos : pos + CS]
-            await settle(fetcher)  # (what was read ahead has landed: the next request finds it, whatever the timing)
-            pos += CS
+        for pos in range(0, 2 * CS, 16384):
+            assert await read(fetcher, f, pos, 16384) == data[pos : pos + 16384]
         await settle(fetcher)
         assert fetcher.counters.readahead_chunks > 0
-        assert fetcher.counters.critical_reads == own, "a request past the stream's first 20 chunks read for itself"
-        assert fetcher.counters.readahead_chunks <= 41 - 16  # (none before the stream had read 16 chunks)
+        before = len(backing.reads)
+        # the rest of the file is read ahead already: the next requests wait for no backing read
+        pos = 2 * CS
+        while pos < size:
+            got = await read(fetcher, f, pos, 16384)
+            assert got == data[pos : pos + 16384]
+            pos += 16384
+        await settle(fetcher)
+        assert len(backing.reads) == before, backing.reads[before:]
 
     run_with_fetcher(backing, body)
     assert all(offset < size for _, offset, _ in backing.reads), "a read started past end of file"
     assert max(backing.read_counts(f.ino, size)) == 1
-    assert sorted({c for c, _ in f.offers}) == list(range(41))
-    assert dict(f.offers)[40] == data[40 * CS :]
-
-
-def test_readahead_costs_a_stream_that_stops_at_most_a_sixteenth_of_what_it_read():
-    """What a stream reads ahead past its last request is never read by it: short runs of sequential requests (a
-    guest reading small files) read nothing ahead, and a long stream that stops cost the backing at most 1/16 more
-    than its requests asked for (READAHEAD_SHARE), whatever the request size and where it stops."""
-    data = os.urandom(64 * CS)
-    backing = FakeBacking({"disk.img": data})
-
-    async def body(fetcher: Fetcher) -> None:
-        fhs = itertools.count(1)
-        # runs of 4 x 128 KiB at scattered places, each run an open file of its own
-        for c in (40, 2, 25, 12):
-            f = File(backing, "disk.img", fh=next(fhs))
-            for k in range(4):
-                at = c * CS + k * 2 * CS
-                assert await read(fetcher, f, at, 2 * CS) == data[at : at + 2 * CS]
-                await trio.sleep(0)
-        await settle(fetcher)
-        assert fetcher.counters.readahead_chunks == 0
-        assert sum(n for _, _, n in backing.reads) == 4 * 4 * 2 * CS, "a run of 4 read more than it asked for"
-        # long streams, of several request sizes, stopping in several places
-        for n, stop in ((16384, 30 * CS + 5 * 16384), (CS, 41 * CS), (3 * CS, 60 * CS)):
-            backing.reads.clear()
-            f = File(backing, "disk.img", fh=next(fhs))
-            fetcher._chunks.clear()  # (nothing buffered: every byte this stream gets is read for it)
-            fetcher._bytes = 0
-            for at in range(0, stop, n):
-                assert await read(fetcher, f, at, n) == data[at : at + n]
-                await trio.sleep(0)
-            await settle(fetcher)
-            asked = -(-stop // n) * n
-            assert sum(size for _, _, size in backing.reads) <= asked + asked // 16, (n, stop)
-
-    run_with_fetcher(backing, body)
-
+    assert sorted({c for c, _ in f.offers}) == list(range(6))
+    assert dict(f.offers)[5] == data[5 * CS :]
 
 
 def test_readahead_skips_chunks_the_cache_holds():
@@ -430,7 +394,7 @@ def test_readahead_skips_chunks_the_cache_holds():
         await settle(fetcher)
         assert fetcher.counters.readahead_chunks > 0
 
-    run_with_fetcher(backing, body, readahead_share=1)  # (readahead from the second request)
+    run_with_fetcher(backing, body)
     counts = backing.read_counts(f.ino, size)
     assert not any(counts[c * 16 + p] for c in f.held for p in range(16)), "a chunk the cache holds was read ahead"
     assert max(counts) == 1
@@ -577,7 +541,7 @@ def test_a_stream_catching_up_with_its_readahead_gets_a_view_of_it_once_it_lands
             assert await read(fetcher, f, at, mib) == data[at : at + mib]
         await settle(fetcher)
 
-    run_with_fetcher(backing, body, readahead_share=1)  # (readahead from the second request)
+    run_with_fetcher(backing, body)
     assert max(backing.read_counts(f.ino, size)) == 1
 
 
@@ -617,7 +581,7 @@ def test_a_request_waiting_for_a_failed_readahead_reads_its_bytes_itself():
         assert await read(fetcher, f, 3 * mib, mib) == data[3 * mib :]
         await settle(fetcher)
 
-    run_with_fetcher(backing, body, readahead_share=1)  # (readahead from the second request)
+    run_with_fetcher(backing, body)
 
 
 class PageCacheFake(FakeBacking):
@@ -661,7 +625,7 @@ def test_misses_the_page_cache_holds_are_read_on_the_loop_each_page_once():
             assert await read(fetcher, f, at, 3 * PS) == data[at : at + 3 * PS]
         await settle(fetcher)
 
-    run_with_fetcher(backing, body, readahead_share=1)  # (readahead from the second request)
+    run_with_fetcher(backing, body)
     counts = backing.read_counts(f.ino, size)
     assert max(counts) == 1, f"pages read more than once: {[p for p, n in enumerate(counts) if n > 1][:10]}"
     assert backing.loop_reads, "no miss was read on the loop"
@@ -722,10 +686,9 @@ _REQUEST = hst.tuples(hst.integers(min_value=0, max_value=40 * PS), hst.integers
         hst.tuples(hst.integers(min_value=0, max_value=1), _REQUEST, hst.integers(min_value=1, max_value=6)), min_size=1, max_size=12
     ),
     tail=hst.integers(min_value=0, max_value=CS - 1),
-    share=hst.sampled_from([1, 16]),
 )
 def test_any_mix_of_requests_gets_the_files_bytes_and_offers_only_whole_chunks(
-    block_size: int, requests: list[tuple[int, tuple[int, int, bool], int]], tail: int, share: int
+    block_size: int, requests: list[tuple[int, tuple[int, int, bool], int]], tail: int
 ) -> None:
     """Whatever the block size and the requests (two open files; runs of neighbouring requests make streams, with
     readahead; random ones read only their pages; some go to `read` per chunk): every answer is the file's bytes,
@@ -747,7 +710,7 @@ def test_any_mix_of_requests_gets_the_files_bytes_and_offers_only_whole_chunks(
         await settle(fetcher)
         assert fetcher._bytes == counted(fetcher) <= fetcher.buffer_bytes
 
-    run_with_fetcher(backing, body, block_size=block_size, buffer_bytes=8 * CS, readahead_share=share)
+    run_with_fetcher(backing, body, block_size=block_size, buffer_bytes=8 * CS)
     for f in files:
         for c, piece in f.offers:
             assert bytes(piece) == data[c * CS : (c + 1) * CS], f"chunk {c} offered with the wrong bytes"
@@ -780,9 +743,9 @@ def test_a_read_ahead_chunk_is_the_fetchers_until_a_request_reads_it_and_a_held_
     f.held = {6}
 
     async def body(fetcher: Fetcher) -> None:
-        for at in range(0, 4 * CS, CS):  # a stream: its readahead reaches chunk 7, but chunk 6
-            assert await read(fetcher, f, at, CS) == data[at : at + CS]
-            await settle(fetcher)
+        for at in range(0, 2 * CS, 16384):  # a stream: readahead over the rest of the block, but chunk 6
+            assert await read(fetcher, f, at, 16384) == data[at : at + 16384]
+        await settle(fetcher)
         stamp = f.stamp()
         assert fetcher.read_ahead(f.ino, 4 * CS, stamp) and fetcher.read_ahead(f.ino, 7 * CS + PS, stamp)
         assert not fetcher.read_ahead(f.ino, 6 * CS, stamp), "a chunk the cache holds was taken for readahead"
@@ -791,7 +754,7 @@ def test_a_read_ahead_chunk_is_the_fetchers_until_a_request_reads_it_and_a_held_
         assert await read(fetcher, f, 4 * CS, PS) == data[4 * CS : 4 * CS + PS]
         assert not fetcher.read_ahead(f.ino, 4 * CS, stamp)
 
-    run_with_fetcher(backing, body, readahead_share=1)  # (readahead from the second request)
+    run_with_fetcher(backing, body)
     assert not any(backing.read_counts(f.ino, len(data))[6 * 16 : 7 * 16])
 
 
@@ -799,29 +762,27 @@ def test_a_request_inside_a_block_read_whole_is_known_to_be_buffered():
     """`buffered` (the cache skips the store for such a request): true for a request inside one block that one read
     brought whole (or is bringing), false across blocks, for a block read in parts, and for other content."""
     mib = 1 << 20
-    data = os.urandom(6 * mib)
+    data = os.urandom(4 * mib)
     backing = FakeBacking({"disk.img": data})
     f = File(backing, "disk.img")
 
     async def body(fetcher: Fetcher) -> None:
-        other = File(backing, "disk.img", fh=2)  # (another open file: not part of the stream)
-        assert await read(fetcher, other, 8192, 4096) == data[8192:12288]  # block 0: in parts from here on
-        for at in (mib, 2 * mib):  # a stream: its readahead reads blocks 3 and 4 whole
-            assert await read(fetcher, f, at, mib) == data[at : at + mib]
+        assert await read(fetcher, f, 0, 4096) == data[:4096]  # block 0: in parts from here on
+        for at in range(4096, 10 * 65536, 65536):  # a stream: readahead reads blocks 1.. whole
+            assert await read(fetcher, f, at, 65536) == data[at : at + 65536]
         await settle(fetcher)
         stamp = f.stamp()
-        b3 = 3 * mib
-        assert fetcher.buffered(f.ino, b3 + 4096, 200 << 10, stamp)
-        assert not fetcher.buffered(f.ino, b3 - 4096, 8192, stamp), "a request across two blocks"
+        assert fetcher.buffered(f.ino, mib + 4096, 200 << 10, stamp)
+        assert not fetcher.buffered(f.ino, 2 * mib - 4096, 8192, stamp), "a request across two blocks"
         assert not fetcher.buffered(f.ino, 8192, 4096, stamp), "a block read in parts is never one view"
-        assert not fetcher.buffered(f.ino, b3, 4096, (stamp[0] + 1, stamp[1])), "another content"
-        view = await fetcher.read_span(f.reader(), b3 + 4096, 200 << 10)
-        assert view is not None and bytes(view) == data[b3 + 4096 : b3 + 4096 + (200 << 10)]
+        assert not fetcher.buffered(f.ino, mib, 4096, (stamp[0] + 1, stamp[1])), "another content"
+        view = await fetcher.read_span(f.reader(), mib + 4096, 200 << 10)
+        assert view is not None and bytes(view) == data[mib + 4096 : mib + 4096 + (200 << 10)]
         # admission took the chunks that request completed: they are the store's now, a re-read of them a hit
-        assert f.offers and not fetcher.buffered(f.ino, b3 + 4096, 200 << 10, stamp)
-        assert fetcher.buffered(f.ino, b3 + (256 << 10), 4096, stamp), "a chunk of the block nobody read is still the buffer's"
+        assert f.offers and not fetcher.buffered(f.ino, mib + 4096, 200 << 10, stamp)
+        assert fetcher.buffered(f.ino, mib + (256 << 10), 4096, stamp), "a chunk of the block nobody read is still the buffer's"
 
-    run_with_fetcher(backing, body, readahead_share=1)  # (readahead from the second request)
+    run_with_fetcher(backing, body)
     assert max(backing.read_counts(f.ino, len(data))) == 1
 
 
