@@ -330,24 +330,26 @@ class Fetcher:
     ) -> memoryview:
         """`read_span` of a request wholly inside one read's bytes (`data`, the request's first byte at `at`), over
         `blocks` ((block, entry, the request's chunks in it) each): a view of them, no copy."""
+        self._served(r, blocks, offset, size, noted)
+        return memoryview(data)[at : at + size]
+
+    def _served(self, r: Reader, blocks: list[tuple[int, _Block, int]], offset: int, size: int, noted: bool) -> bool:
+        """What a request the buffer answers does to it, over `blocks` ((block, entry, the request's chunks in it)
+        each): counted, its entries made young, its chunks touched, the stream noted (unless `noted`: done before it
+        waited), its complete chunks offered. Returns whether the stream is sequential."""
         self.counters.buffer_hits += 1
         chunks = self._chunks
         for b, e, bits in blocks:
             chunks.move_to_end((r.ino, b))  # the LRU's young end (found there just now, its stamp current)
             e.touched |= bits
-        if not noted:
-            self._note_stream(r, offset, offset + size)  # (its readahead may evict the oldest entries: not these, just moved)
+        # (its readahead may evict the oldest entries: not these, just moved)
+        urgent = False if noted else self._note_stream(r, offset, offset + size)
         self._offer([(e, bits) for _, e, bits in blocks], r.offer)
-        return memoryview(data)[at : at + size]
+        return urgent
 
     def _buffered(self, r: Reader, b: int, e: _Block, lo: int, offset: int, size: int, noted: bool) -> memoryview:
         """`read_span` of a request inside block `b` (entry `e`, of the file's current content, not read whole by one
         read) all of whose pages are read: its bytes, copied once (as `read` answers it, without its lists)."""
-        self.counters.buffer_hits += 1
-        self._chunks.move_to_end((r.ino, b))
-        bits = _covering(lo, lo + size, self.cs)
-        e.touched |= bits
-        urgent = False if noted else self._note_stream(r, offset, offset + size)
         end = lo + size if e.length is None else max(lo, min(lo + size, e.length))
         if e.parts and e.valid == self.full:
             self._materialize(e)  # complete, in parts: into one buffer once, not a copy per request
@@ -357,9 +359,9 @@ class Fetcher:
             out = memoryview(b"")  # (every page it asked for lies beyond end of file)
         else:
             out = memoryview(bytes(memoryview(e.data)[lo:end]))
-        spans = ((e, bits),)
-        self._queue_rest(spans, urgent)
-        self._offer(spans, r.offer)
+        bits = _covering(lo, lo + size, self.cs)
+        urgent = self._served(r, [(b, e, bits)], offset, size, noted)
+        self._queue_rest(((e, bits),), urgent)  # (a block not read whole: the rest of a stream's chunk may be unread)
         return out
 
     async def _read_fresh(self, r: Reader, needs: list[tuple[int, int, int]], offset: int, size: int, stamp: Hashable) -> memoryview:
