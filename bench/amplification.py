@@ -11,7 +11,10 @@ in the host page cache (the strictest test of the miss path's own cost):
 - 128K seq @4K: 128 KiB sequential O_DIRECT reads starting at 4 KiB (not on
   a 64 KiB boundary), to the end of the file (a Python reader);
 - 1M seq: fio, psync, O_DIRECT, 1 MiB reads of the whole file;
-- 4k random: fio, psync, O_DIRECT, `--rand-mib` of 4 KiB reads, none repeated.
+- 4k random: fio, psync, O_DIRECT, `--rand-mib` of 4 KiB reads, none repeated;
+- 128K runs of 4: fio, psync, O_DIRECT, `--rand-mib` of 128 KiB reads in runs
+  of 4 in a row at random places (`randread:4`): readahead's worst case, what
+  it reads past the end of each run is never asked for.
 Setups: `--no-cache` (the baseline), the default (second-chance) mount, `--admit inclusive`.
 
     .venv/bin/python -m bench.amplification [--size-mib 256] [--rand-mib 16] [--repeats 3] [--dir /var/tmp]
