@@ -24,7 +24,10 @@ ratio, and the daemon's CPU seconds (all threads, /proc/PID/stat) during
 the reads over no-cache's: the work the cache adds, less disturbed by load;
 and the daemon's peak resident memory (VmHWM), its buffers and memory reserve; and the requests that waited
 for a read already in flight (readahead a stream caught up with), with the seconds they waited (`fusecache
-stats --json`'s fetch counters). Bytes read from the backing are counted by the
+stats --json`'s fetch counters); and, for `--admit inclusive`, its time over the default mount's in the same
+repeat (paired): what admitting every chunk read (the writer naming, copying and committing them while the reads
+go on) costs those reads, since the default mount admits nothing a guest reads; with the chunks its writer had
+committed when the reads ended and those it refused meanwhile (too far behind). Bytes read from the backing are counted by the
 daemon's `/proc/PID/io` rchar once it has stopped moving (background reads
 included), an oracle independent of fusecache's own counters.
 
@@ -114,12 +117,16 @@ class Bench:
             else:
                 r = run_fio(path, "randread", "4k", direct=True, io_size=self.rand_bytes)
             cpu = daemon_cpu(pid) - cpu0  # (read at once: the writer's catching up afterwards is not the reads' cost)
-            fetch = (fusecache_stats(mp) or {}).get("fetch") or {}  # (--no-cache has no fetcher: zeros)
+            stats = fusecache_stats(mp) or {}
+            fetch = stats.get("fetch") or {}  # (--no-cache has no fetcher: zeros)
             backing = settled_rchar(pid) - before
             peak = daemon_peak_rss(pid)
         return {"seconds": r.runtime_s, "requested": r.io_bytes, "backing": backing, "p50_us": r.p50_us, "bw": r.bw, "cpu_s": cpu,
                 "peak_rss_mib": peak,
-                "waited_requests": fetch.get("waited_requests", 0), "waited_s": fetch.get("waited_seconds", 0.0)}  # fmt: skip
+                "waited_requests": fetch.get("waited_requests", 0), "waited_s": fetch.get("waited_seconds", 0.0),
+                # chunks the writer had committed when the reads ended, and those refused meanwhile (it was too far behind)
+                "admitted_chunks": (stats.get("store") or {}).get("admitted_chunks", 0),
+                "skipped_admissions": stats.get("skipped_admissions", 0)}  # fmt: skip
 
 
 def daemon_peak_rss(pid: int) -> float:
@@ -184,9 +191,14 @@ def main() -> int:
     for pattern in patterns:
         for tree in trees:
             base = runs[tree]["no-cache"][pattern]
+            default = runs[tree]["default"][pattern] if "default" in setups else None
             for setup in setups:
                 rs = runs[tree][setup][pattern]
                 ratios = [r["seconds"] / b["seconds"] for r, b in zip(rs, base, strict=True)]
+                # what admitting costs the reads it admits (inclusive's writer at work; the default admits nothing read)
+                over_default = None if default is None or setup in ("no-cache", "default") else [
+                    r["seconds"] / d["seconds"] for r, d in zip(rs, default, strict=True)
+                ]  # fmt: skip
                 row = {
                     "pattern": pattern, "tree": tree, "setup": setup,
                     "seconds": statistics.median(r["seconds"] for r in rs),
@@ -201,6 +213,11 @@ def main() -> int:
                     "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
                     "waited_requests": statistics.median(r.get("waited_requests", 0) for r in rs),
                     "waited_s": statistics.median(r.get("waited_s", 0.0) for r in rs),
+                    "time_over_default": statistics.median(over_default) if over_default else None,
+                    "over_default_min": min(over_default) if over_default else None,
+                    "over_default_max": max(over_default) if over_default else None,
+                    "admitted_chunks": statistics.median(r.get("admitted_chunks", 0) for r in rs),
+                    "skipped_admissions": statistics.median(r.get("skipped_admissions", 0) for r in rs),
                 }  # fmt: skip
                 rows.append(row)
                 table.append([
@@ -209,6 +226,8 @@ def main() -> int:
                     f"{row['best_over_best']:.2f}", f"{row['p50_over_no_cache']:.2f}", f"{row['cpu_over_no_cache']:.2f}",
                     f"{row['backing_over_requested']:.3f}", f"{row['peak_rss_mib']:.0f}",
                     f"{row['waited_requests']:.0f} / {row['waited_s']:.3f}",
+                    f"{row['time_over_default']:.3f} ({row['over_default_min']:.2f}-{row['over_default_max']:.2f}); "
+                    f"{row['admitted_chunks']:.0f} admitted, {row['skipped_admissions']:.0f} skipped" if over_default else "",
                 ])  # fmt: skip
     print_table(
         f"cold reads, {args.size_mib} MiB file warm in the host page cache"
@@ -227,6 +246,7 @@ def main() -> int:
             "backing / requested",
             "peak RSS MiB",
             "waits (requests / s)",
+            "time / default",
         ],
         table,
     )
