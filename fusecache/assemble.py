@@ -253,7 +253,10 @@ async def _touch_reserve(nbytes: int) -> None:
     """The memory the cache's buffers keep alive at most, touched now rather than on the first cold pass."""
     t0 = time.monotonic()
     touched = await trio.to_thread.run_sync(memory.touch, nbytes)
-    log.info("memory reserve: %d MiB touched in %.1f s", touched >> 20, time.monotonic() - t0)
+    log.info(
+        "memory reserve: %d MiB touched in %.1f s (the process has %d MiB in huge pages)",
+        touched >> 20, time.monotonic() - t0, memory.huge_page_bytes() >> 20,
+    )  # fmt: skip
 
 
 async def _close_store(store: Store) -> None:
