@@ -65,8 +65,8 @@ def keep_freed_memory() -> bool:
 
 
 def touch(nbytes: int) -> int:
-    """Allocate `nbytes` of heap in 1 MiB blocks, ask for huge pages under them, write each once, free them all
-    (in a worker thread). Returns bytes touched."""
+    """Allocate `nbytes` of heap in 1 MiB blocks, write each once, put them in huge pages, free them all (in a
+    worker thread). Returns bytes touched."""
     libc = _libc()
     if libc is None or nbytes <= 0:
         return 0
@@ -79,12 +79,24 @@ def touch(nbytes: int) -> int:
             blocks.append(block)
         for block in blocks:
             libc.memset(block, 0, BLOCK)
-        if blocks:
-            _huge_pages(libc, min(blocks), max(blocks) + BLOCK)
+        for start, end in _runs(blocks):
+            _huge_pages(libc, start, end)
     finally:
         for block in reversed(blocks):
             libc.free(block)
     return len(blocks) * BLOCK
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """The address ranges the blocks lie in: consecutive ones (the heap's, a chunk header apart) make one range;
+    a gap of a huge page or more (a heap continued elsewhere) starts another."""
+    runs: list[tuple[int, int]] = []
+    for block in sorted(blocks):
+        if runs and block - runs[-1][1] < HUGE_PAGE:
+            runs[-1] = (runs[-1][0], block + BLOCK)
+        else:
+            runs.append((block, block + BLOCK))
+    return runs
 
 
 def huge_page_bytes() -> int:

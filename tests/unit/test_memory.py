@@ -38,3 +38,10 @@ def test_the_reserve_is_in_huge_pages_where_the_kernel_offers_them():
     assert memory.touch(64 * MiB) == 64 * MiB
     # (a reserve touched earlier in this process is reused, already in huge pages: the total is what counts)
     assert memory.huge_page_bytes() >= 48 * MiB, f"{memory.huge_page_bytes() >> 20} MiB in huge pages after a 64 MiB reserve"
+
+
+def test_the_reserve_is_put_in_huge_pages_range_by_range():
+    # blocks a chunk header apart are one range; a heap continued elsewhere is another (no madvise over the gap)
+    step = memory.BLOCK + 16
+    blocks = [1 << 30, (1 << 30) + step, (1 << 30) + 2 * step, 1 << 40]
+    assert memory._runs(list(reversed(blocks))) == [(1 << 30, (1 << 30) + 2 * step + memory.BLOCK), (1 << 40, (1 << 40) + memory.BLOCK)]
