@@ -50,20 +50,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from bench.common import (
-    MIB,
-    assert_nothing_mounted_under,
-    fusecache_mount,
-    fusecache_stats,
-    make_random_file,
-    print_table,
-    run_fio,
-    warm_page_cache,
-    write_results,
-)
+from bench.coldpath import Bench
+from bench.common import MIB, REPO, assert_nothing_mounted_under, fusecache_stats, print_table, run_fio, warm_page_cache, write_results
 
-SETUPS = ("no-cache", "default", "inclusive", "process", "idle process")
-OPTIONS = {"no-cache": ["--no-cache"], "inclusive": ["--admit", "inclusive"]}
+SETUPS = ("no-cache", "default", "inclusive", "process", "idle process")  # the process setups mount the default
 CHUNK = 64 << 10
 
 
@@ -124,21 +114,13 @@ def writer_process(work: str, idle: bool) -> Iterator[dict[str, Any]]:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
-def run(work: str, image: str, setup: str, n: int) -> dict[str, Any]:
-    warm_page_cache(image)
-    cache_dir = os.path.join(work, f"cache{n}")
-    options = OPTIONS.get(setup, [])
-    if setup != "no-cache":
-        options = [*options, "--cache-dir", cache_dir, "--cache-size", "2G"]
-    try:
-        with fusecache_mount(os.path.dirname(image), os.path.join(work, f"mnt{n}"), options, os.path.join(work, f"daemon{n}.log")) as mp:
-            path = os.path.join(mp, os.path.basename(image))
-            size = os.path.getsize(image)
-            with writer_process(work, setup == "idle process") if setup.endswith("process") else contextlib.nullcontext({}) as other:
-                r = run_fio(path, "read", "1M", direct=True, io_size=size)
-            stats = fusecache_stats(mp) or {}
-    finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+def run(bench: Bench, setup: str) -> dict[str, Any]:
+    """One whole read of `bench`'s file through a fresh mount of `setup` (the process setups: the default mount)."""
+    warm_page_cache(bench.image)
+    with bench.mount(REPO, "default" if setup.endswith("process") else setup) as mp:
+        with writer_process(bench.work, setup == "idle process") if setup.endswith("process") else contextlib.nullcontext({}) as other:
+            r = run_fio(os.path.join(mp, os.path.basename(bench.image)), "read", "1M", direct=True, io_size=bench.size)
+        stats = fusecache_stats(mp) or {}
     rate = other["admitted_mib"] / other["seconds"] if other.get("seconds") else None
     if setup == "inclusive":  # (committed by the time the reads ended: its rate over the reads)
         rate = (stats.get("store") or {}).get("admitted_chunks", 0) * CHUNK / MIB / r.runtime_s
@@ -158,13 +140,10 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="fusecache-writer-", dir=args.dir)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SETUPS}
     try:
-        os.makedirs(os.path.join(work, "backing"))
-        image = make_random_file(os.path.join(work, "backing", "disk.img"), args.size_mib)
-        n = 0
+        bench = Bench(work, args.size_mib, 0)  # (bench/coldpath.py's: the file, and a fresh mount with an empty cache)
         for i in range(args.repeats):
             for setup in SETUPS:
-                n += 1
-                runs[setup].append(run(work, image, setup, n))
+                runs[setup].append(run(bench, setup))
             print(f"repeat {i + 1}/{args.repeats}: " + ", ".join(f"{s} {runs[s][-1]['seconds']:.3f} s" for s in SETUPS), file=sys.stderr)
     finally:
         assert_nothing_mounted_under(work)

@@ -48,6 +48,7 @@ def _libc() -> ctypes.CDLL | None:
     libc.free.argtypes = [ctypes.c_void_p]
     libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
 
 
@@ -111,17 +112,14 @@ def huge_page_bytes() -> int:
     return 0
 
 
-def _huge_pages(libc: ctypes.CDLL, start: int, end: int) -> bool:
+def _huge_pages(libc: ctypes.CDLL, start: int, end: int) -> None:
     """Back the whole huge pages within [start, end), touched already, by 2 MiB pages: MADV_HUGEPAGE (where
     transparent huge pages are "madvise", Debian's default) and MADV_COLLAPSE (Linux 6.1: now, not when
     khugepaged gets to it). The copies into and out of the buffers the reserve holds then miss the TLB far less
-    (a cold 1 MiB stream: issue 13). False when the kernel says no (huge pages off, an older kernel)."""
+    (a cold 1 MiB stream: issue 13). Where the kernel says no (huge pages off, an older kernel), a debug line."""
     lo = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
     hi = end & ~(HUGE_PAGE - 1)
     if hi <= lo:
-        return False
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    ok = libc.madvise(lo, hi - lo, MADV_HUGEPAGE) == 0 and libc.madvise(lo, hi - lo, MADV_COLLAPSE) == 0
-    if not ok:
+        return
+    if libc.madvise(lo, hi - lo, MADV_HUGEPAGE) != 0 or libc.madvise(lo, hi - lo, MADV_COLLAPSE) != 0:
         log.debug("the memory reserve stays in 4 KiB pages (madvise refused: transparent huge pages off, or a kernel before 6.1)")
-    return ok
