@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import trio
 
 from fusecache import store_queue
@@ -31,8 +32,48 @@ def test_the_pacer_yields_only_while_reads_move(monkeypatch) -> None:
     now[0] += store_queue.READS_ACTIVE
     pacer()  # the reads paused: the writer runs at full speed
     Pacer()()  # a pacer with no reads to watch never sleeps
-    assert slept == [store_queue.YIELD, store_queue.YIELD]
+    assert len(slept) == 2 and slept[0] == store_queue.YIELD  # (how long: the next test)
     assert pacer.yields == 2
+
+
+def test_the_writer_keeps_its_share_of_the_time_while_reads_move(monkeypatch) -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(store_queue.time, "sleep", sleep)
+    monkeypatch.setattr(store_queue.time, "monotonic", lambda: now[0])
+    reads = [0]
+    pacer = Pacer(lambda: reads[0])
+    pacer.begin()
+    stretches = [0.001, 0.004, 0.00001, 0.5]
+    for work in stretches:
+        now[0] += work  # a stretch of the writer's work (or of its wait for the GIL)
+        reads[0] += 1  # reads keep moving
+        pacer()
+    share = store_queue.DUTY
+    expected = [min(store_queue.YIELD_MAX, max(store_queue.YIELD, w * (1 - share) / share)) for w in stretches]
+    assert slept == pytest.approx(expected)
+    assert 0.001 / (0.001 + slept[0]) == pytest.approx(share)  # within the bounds: work is DUTY of the time
+    assert expected[2] == store_queue.YIELD and expected[3] == store_queue.YIELD_MAX
+    # a new batch: the time the writer waited for work before it is no stretch
+    now[0] += 60
+    pacer.begin()
+    now[0] += 0.001
+    reads[0] += 1
+    pacer()
+    assert slept[-1] == pytest.approx(expected[0])
+    # reads paused: no sleep, and the next stretch starts from the last call
+    now[0] += 1
+    pacer()
+    assert len(slept) == len(stretches) + 1
+    now[0] += 0.002
+    reads[0] += 1
+    pacer()
+    assert slept[-1] == pytest.approx(0.002 * (1 - share) / share)
 
 
 def test_a_paced_batch_writes_the_same_store(tmp_path: Path) -> None:
