@@ -40,9 +40,10 @@ MAX_PENDING_ADMIT_BYTES = 128 << 20  # past this, misses are served but not admi
 READS_ACTIVE = 0.002  # seconds: reads this recent mean guests are reading now (the writer yields the GIL to them)
 YIELD = 0.0002  # seconds the writer thread sleeps at least, GIL released, between stretches of work while reads are active
 # While reads are active the writer works at most this share of the time: after a stretch of t seconds it sleeps
-# t * (1 - DUTY) / DUTY (YIELD at least, YIELD_MAX at most). A cold 1 MiB stream on `--admit inclusive`, 512 MiB,
-# 11 alternated repeats: time / `--no-cache` 1.25x with a fixed YIELD (the writer worked ~half the time), 1.10x at
-# 0.25, 1.07x at 0.1; chunks committed during the read 756, 760, 496 (bench/coldpath.py, issue 13)
+# t * (1 - DUTY) / DUTY (YIELD at least, YIELD_MAX at most). A cold 1 MiB stream on `--admit inclusive`, time /
+# `--no-cache`, two bench/coldpath.py runs of 7 and 11 alternated repeats: a fixed YIELD (the writer worked about half
+# the time) 1.33x and 1.25x, DUTY 0.25 1.10x and 1.10x, 0.1 1.26x and 1.07x; chunks committed during the second run's
+# read 756, 760 and 496 (issue 13)
 DUTY = 0.25
 YIELD_MAX = 0.02
 MAX_BATCH_ADMITS = 1024
