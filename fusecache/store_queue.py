@@ -41,10 +41,10 @@ READS_ACTIVE = 0.002  # seconds: reads this recent mean guests are reading now (
 YIELD = 0.0002  # seconds the writer thread sleeps at least, GIL released, between stretches of work while reads are active
 # While reads are active the writer works at most this share of the time: after a stretch of t seconds it sleeps
 # t * (1 - DUTY) / DUTY (YIELD at least, YIELD_MAX at most). A cold 1 MiB stream on `--admit inclusive`, time /
-# `--no-cache`, two bench/coldpath.py runs of 7 and 11 alternated repeats: a fixed YIELD (the writer worked about half
-# the time) 1.33x and 1.25x, DUTY 0.25 1.10x and 1.10x, 0.1 1.26x and 1.07x. At 0.01 (a writer all but idle while
-# reads run) inclusive still read 1.16x the default mount's time (0.25: 1.24x in that run): what is left of
-# admission's cost is the loop's side of it, not the writer (issue 13)
+# `--no-cache`, two bench/coldpath.py runs of 7 and 11 alternated repeats: a fixed YIELD 1.33x and 1.25x, DUTY 0.25
+# 1.10x and 1.10x, 0.1 1.26x and 1.07x (the writer's thread CPU during a ~1 s read of 1 GiB: 0.10-0.11 s with the fixed
+# YIELD, 0.05 s at 0.25). At 0.01 (a writer all but idle while reads run) inclusive still read 1.16x the default
+# mount's time (0.25: 1.24x in that run): what is left of admission's cost is not the writer's share (issue 13)
 DUTY = 0.25
 YIELD_MAX = 0.02
 MAX_BATCH_ADMITS = 1024
