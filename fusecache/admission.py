@@ -126,6 +126,10 @@ class AdmissionTarget(Protocol):
 
 class Admission(Protocol):
     name: str
+    # True: `on_miss` admits every piece offered without looking at it, so an offer the writer could not take
+    # need not be built (the fetcher counts its chunks as refused instead); False: it sees every miss, admitting
+    # or not (second chance keeps its recently-read lists from them)
+    passes_misses_through: bool
 
     def wants(self, ino: int) -> bool:
         """Whether chunks read from this file now are worth offering (`on_miss`): asked once per request, so cheap."""
@@ -152,6 +156,7 @@ class Inclusive:
     """Admit every chunk read."""
 
     name = "inclusive"
+    passes_misses_through = True
 
     def wants(self, ino: int) -> bool:
         return True
@@ -330,6 +335,7 @@ class SecondChance:
     """Admit what a guest evicts when its balloon inflates (see the module docstring)."""
 
     name = "second-chance"
+    passes_misses_through = False
 
     def __init__(
         self,

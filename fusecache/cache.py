@@ -100,6 +100,9 @@ class Cache:
         self._readers: dict[int, tuple[tuple[Any, ...], FileState, Reader]] = {}
         self.health = queue.health
         queue.pacer.reads = self._read_count  # the writer yields the GIL while reads are active
+        if admission.passes_misses_through:
+            self.fetcher.room = self._admission_room
+            self.fetcher.refused = self._admissions_refused
 
     # ---- the file's life (from fs.py) ------------------------------------------
     # Each reads the file's record from the store the first time: a fault there fails closed, never the request.
@@ -405,6 +408,16 @@ class Cache:
             st.ino, f.path, f.handle, f.fh, size, lambda: None if st.writing else (st.gen, st.epoch),
             offer if wants else None, held_range=held_range,
         )  # fmt: skip
+
+    def _admission_room(self) -> bool:
+        """Whether the writer would take a chunk offered now (`Fetcher.room`): not while it is too far behind, nor
+        while the cache is degraded (`Files.admit_many` takes nothing then)."""
+        return self.health.caching and self.queue.has_room(self.chunk_size)
+
+    def _admissions_refused(self, chunks: int) -> None:
+        """The fetcher built no offer for these chunks (`Fetcher.refused`): counted as the writer's refusals would be."""
+        if self.health.caching:
+            self.queue.skipped_admissions += chunks
 
     # ---- writes -----------------------------------------------------------
     async def write(self, f: OpenFile, offset: int, data: bytes) -> int:

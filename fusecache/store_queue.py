@@ -152,6 +152,10 @@ class StoreQueue:
         """Changes queued or being applied: not yet committed."""
         return self._seq - self._committed
 
+    def has_room(self, size: int) -> bool:
+        """Whether a chunk of `size` bytes admitted now would be taken (`admit_many` refuses past MAX_PENDING_ADMIT_BYTES)."""
+        return self._pending_admit_bytes + size <= MAX_PENDING_ADMIT_BYTES
+
     @property
     def pending_admit_bytes(self) -> int:
         """Bytes admitted and not yet committed (admissions are refused past MAX_PENDING_ADMIT_BYTES)."""

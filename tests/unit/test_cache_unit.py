@@ -624,6 +624,43 @@ def test_admitting_many_takes_what_fits_in_order_as_admitting_one_by_one(tmp_pat
         store.close()
 
 
+def test_while_the_writer_is_too_far_behind_a_miss_builds_no_offer_and_counts_its_chunks_refused(mem, monkeypatch):
+    """Inclusive admission, a writer too far behind to take a chunk: a cold read's chunks are counted as refused, as
+    the writer's refusals are, without an offer built or admission asked (it would be refused whole); they are
+    served all the same and offered at their next read once the writer has room. An offer it can take in part is
+    made as before (the chunks that fit are taken, the rest counted)."""
+    monkeypatch.setattr(store_queue, "MAX_PENDING_ADMIT_BYTES", 3 * CS)
+    backing, cache = mem
+    data = os.urandom(2 * MiB)
+    backing.put("a.img", data)
+    per = MiB // CS
+    asked: list[int] = []
+    on_miss = cache.admission.on_miss
+
+    def counted(f, gen, pieces):
+        asked.append(len(pieces))
+        return on_miss(f, gen, pieces)
+
+    monkeypatch.setattr(cache.admission, "on_miss", counted)
+
+    async def go():
+        f = await open_file(cache, backing, "a.img")
+        counters = cache.images["a.img"]
+        assert bytes(await cache.read(f, 0, MiB)) == data[:MiB]  # room for three: offered, three taken
+        assert (asked, counters.admitted_chunks, cache.queue.skipped_admissions) == ([per], 3, per - 3)
+        assert bytes(await cache.read(f, MiB, MiB)) == data[MiB:]  # no room: served, no offer, all counted
+        assert (asked, counters.admitted_chunks, cache.queue.skipped_admissions) == ([per], 3, 2 * per - 3)
+        await cache.queue.drain()
+        assert bytes(await cache.read(f, MiB, MiB)) == data[MiB:]  # room again: offered at this read
+        assert (asked, counters.admitted_chunks, cache.queue.skipped_admissions) == ([per, per], 6, 3 * per - 6)
+        await cache.queue.drain()
+        reads = backing.preads
+        assert bytes(await cache.read(f, MiB, 3 * CS)) == data[MiB : MiB + 3 * CS]  # the chunks taken are hits
+        assert backing.preads == reads
+
+    trio.run(go)
+
+
 def test_a_stream_re_reading_what_admission_took_counts_hits_not_the_fetchers_buffer(mem):
     """Inclusive admission takes a stream's chunks as it reads them: a second pass over them, before the writer has
     committed them, is answered from the admission queue and counted as hits, although the fetcher's buffer still

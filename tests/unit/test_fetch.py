@@ -506,6 +506,32 @@ def test_a_chunk_the_writer_refused_is_offered_again_at_the_next_read():
     assert max(backing.read_counts(f.ino, CS)) == 1  # chunk 0 read once (a re-read counts as a stream: chunk 1 may be read ahead)
 
 
+def test_while_the_writer_takes_nothing_no_offer_is_built_and_the_chunks_are_offered_at_their_next_touch():
+    """`room` says the writer takes nothing (inclusive admission, too far behind): a request's complete chunks are
+    counted to `refused`, no offer is made, and they are offered at their next touch once it has room; a chunk taken
+    at an earlier touch is neither offered nor counted while it has none."""
+    data = os.urandom(2 * CS)
+    backing = FakeBacking({"disk.img": data})
+    f = File(backing, "disk.img")
+    room = [False]
+    refused: list[int] = []
+
+    async def body(fetcher: Fetcher) -> None:
+        fetcher.room = lambda: room[0]
+        fetcher.refused = refused.append
+        assert await read(fetcher, f, 0, 2 * CS) == data
+        assert (f.offers, refused) == ([], [2])
+        room[0] = True
+        assert await read(fetcher, f, 0, 2 * CS) == data  # from the buffer: offered now
+        assert sorted((c, bytes(piece)) for c, piece in f.offers) == [(0, data[:CS]), (1, data[CS:])]
+        room[0] = False
+        assert await read(fetcher, f, 0, CS) == data[:CS]  # taken at the touch before: not counted
+        assert (len(f.offers), refused) == (2, [2])
+
+    run_with_fetcher(backing, body)
+    assert max(backing.read_counts(f.ino, CS)) == 1
+
+
 def test_a_stream_catching_up_with_its_readahead_gets_a_view_of_it_once_it_lands():
     """1 MiB sequential reads: a request whose pages are all being read ahead waits for that read and is served as a
     view of its bytes (no copy), each byte read from the backing once; a failed readahead is read by the request."""
