@@ -202,12 +202,11 @@ class Fetcher:
         self._handles: collections.OrderedDict[int, Any] = collections.OrderedDict()  # ino -> our own handle
         self._to_close: list[Any] = []
         # Set by the cache when admission takes whatever is offered (`--admit inclusive`): whether the writer would
-        # take a chunk now. While it says no, the complete chunks a touch would offer are counted to `refused` and
-        # no offer is built (it would be refused whole). A cold stream outruns the writer, which takes about one
-        # chunk in eight then: building and refusing the rest kept `_offer` 59 ms of a 0.58 s cold 1 GiB stream
-        # (wall, on the loop), 29 ms with the count.
-        # They are offered again at their next touch, as refused ones are. None: every offer is made (second
-        # chance sees each read, admitting or not).
+        # take a chunk now. While it says no, the complete chunks a touch would offer are counted to `refused`, no
+        # offer is built (it would be refused whole), and they are offered again at their next touch, as refused
+        # ones are. None: every offer is made (second chance sees each read, admitting or not). A cold stream
+        # outruns the writer, which takes about one chunk in eight then: building and refusing the rest kept
+        # `_offer` 59 ms of a 0.58 s cold 1 GiB stream on the loop (wall), 29 ms with the count.
         self.room: Callable[[], bool] | None = None
         self.refused: Callable[[int], None] = lambda chunks: None
 
