@@ -153,7 +153,8 @@ class StoreQueue:
         return self._seq - self._committed
 
     def has_room(self, size: int) -> bool:
-        """Whether a chunk of `size` bytes admitted now would be taken (`admit_many` refuses past MAX_PENDING_ADMIT_BYTES)."""
+        """Whether a chunk of `size` bytes admitted now would be taken: the one bound `admit_many` applies (not past
+        MAX_PENDING_ADMIT_BYTES pending), asked by the cache too before it builds an offer (`Fetcher.room`)."""
         return self._pending_admit_bytes + size <= MAX_PENDING_ADMIT_BYTES
 
     @property
@@ -188,7 +189,7 @@ class StoreQueue:
         (past MAX_PENDING_ADMIT_BYTES pending, the writer is too far behind: the rest are refused and counted)."""
         n = 0
         for key, data in chunks:
-            if self._pending_admit_bytes + len(data) > MAX_PENDING_ADMIT_BYTES:
+            if not self.has_room(len(data)):
                 break
             self._pending_admit_bytes += len(data)
             self._pending[key] = data
