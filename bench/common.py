@@ -111,6 +111,30 @@ def fusecache_mount(backing: str, mountpoint: str, options: Sequence[str], log_f
         _force_unmount(mountpoint, pid)
 
 
+@contextlib.contextmanager
+def constfs_mount(backing: str, mountpoint: str, log_file: str) -> Iterator[str]:
+    """`bench/constfs.py BACKING MOUNTPOINT` (the daemon answering every read with constant bytes: a hit's floor);
+    yields the mountpoint; always unmounted and stopped."""
+    os.makedirs(mountpoint, exist_ok=True)
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.constfs", backing, mountpoint], stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mountpoint):
+            if proc.poll() is not None:
+                raise MountUnavailable(f"bench/constfs.py exited with status {proc.returncode} (its log: {log_file})")
+            if time.monotonic() > deadline:
+                raise MountUnavailable(f"{mountpoint} was not mounted after 30 s")
+            time.sleep(0.02)
+        yield mountpoint
+    finally:
+        _force_unmount(mountpoint, proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+
+
 def _wait_reserve(log_file: str, timeout: float) -> None:
     """Until the daemon has touched its memory reserve (fusecache/memory.py), which it does once at start,
     before guests run: a cold run measured during it would time the mount's start, not its reads.

@@ -13,6 +13,9 @@ Every run is size-based, not time-based, so a cold run reads each block once
 and really is cold. The four setups:
 
 - ceiling: memfs serving the file from memory;
+- floor: the daemon answering every read with constant bytes
+  (`bench/constfs.py`): what any answer costs, so a hit's own cost is the
+  warm row's distance from this one;
 - no-cache: `fusecache mount --no-cache`;
 - cold: `fusecache mount --cache-dir (fresh, empty) --cache-size --admit inclusive`,
   a new mount and cache dir for every run;
@@ -50,6 +53,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -61,6 +65,7 @@ from bench.common import (
     FioResult,
     MountUnavailable,
     assert_nothing_mounted_under,
+    constfs_mount,
     drop_page_cache,
     fmt_bw,
     fmt_iops,
@@ -76,7 +81,7 @@ from bench.common import (
     write_results,
 )
 
-SETUPS = ("ceiling", "no-cache", "cold", "warm")
+SETUPS = ("ceiling", "floor", "no-cache", "cold", "warm")
 WARM_GOAL = 0.9  # warm >= 0.9 x ceiling (bandwidth / IOPS)
 COLD_GOAL = 1.1  # cold time <= 1.1 x no-cache time
 MAX_PRIME_PASSES = 5
@@ -113,6 +118,10 @@ class Bench:
 
     def memfs(self) -> contextlib.AbstractContextManager[str]:
         return memfs_mount(self.image, self._fresh("mnt"))
+
+    def floor(self) -> contextlib.AbstractContextManager[str]:
+        """The daemon answering every read with constant bytes (`bench/constfs.py`): a hit's floor."""
+        return constfs_mount(os.path.dirname(self.image), self._fresh("mnt"), self._fresh("floor") + ".log")
 
     def read(self, mountpoint: str, pattern: str, from_backing: bool) -> FioResult:
         """One measured fio run of `pattern` on the file under `mountpoint`, with the serving process's CPU per request."""
@@ -175,7 +184,13 @@ def measure(bench: Bench, repeats: int) -> tuple[dict[str, dict[str, list[FioRes
     counters: dict[str, Any] = {"prime_passes": [], "cold": []}
     with contextlib.ExitStack() as stack:
         mounts: dict[str, str | None] = {}
-        for setup, mount in (("ceiling", bench.memfs), ("no-cache", lambda: bench.fusecache(["--no-cache"])), ("warm", bench.cached)):
+        setups = (
+            ("ceiling", bench.memfs),
+            ("floor", bench.floor),
+            ("no-cache", lambda: bench.fusecache(["--no-cache"])),
+            ("warm", bench.cached),
+        )
+        for setup, mount in setups:
             mounts[setup], why = _try_mount(stack, mount)
             if why:
                 unavailable[setup] = why
@@ -187,6 +202,8 @@ def measure(bench: Bench, repeats: int) -> tuple[dict[str, dict[str, list[FioRes
             for pattern in bench.patterns():
                 if mounts["ceiling"]:
                     runs["ceiling"][pattern].append(bench.read(mounts["ceiling"], pattern, from_backing=False))
+                if mounts["floor"]:
+                    runs["floor"][pattern].append(bench.read(mounts["floor"], pattern, from_backing=False))
                 if mounts["no-cache"]:
                     runs["no-cache"][pattern].append(bench.read(mounts["no-cache"], pattern, from_backing=True))
                 if "cold" not in unavailable:
@@ -220,7 +237,7 @@ def summarize(runs: dict[str, dict[str, list[FioResult]]], patterns: list[str]) 
     rows = []
     for pattern in patterns:
         med = {s: median_result(runs[s][pattern]) if runs[s][pattern] else None for s in SETUPS}
-        ceiling, nocache, cold, warm = (med[s] for s in SETUPS)
+        ceiling, nocache, cold, warm = (med[s] for s in ("ceiling", "no-cache", "cold", "warm"))
         rate: Callable[[FioResult], float] = (lambda r: r.iops) if pattern == "4k random" else (lambda r: r.bw)
         warm_ratio = rate(warm) / rate(ceiling) if warm and ceiling else None
         cold_ratio = cold.runtime_s / nocache.runtime_s if cold and nocache else None
@@ -229,6 +246,8 @@ def summarize(runs: dict[str, dict[str, list[FioResult]]], patterns: list[str]) 
                 "pattern": pattern,
                 **{s: (r.as_dict() if r else None) for s, r in med.items()},
                 "warm_over_ceiling": warm_ratio,
+                "warm_over_ceiling_paired": _paired(runs["warm"][pattern], runs["ceiling"][pattern], rate),
+                "floor_over_ceiling_paired": _paired(runs["floor"][pattern], runs["ceiling"][pattern], rate),
                 "warm_goal_met": None if warm_ratio is None else warm_ratio >= WARM_GOAL,
                 "cold_time_over_no_cache": cold_ratio,
                 "cold_goal_met": None if cold_ratio is None else cold_ratio <= COLD_GOAL,
@@ -242,6 +261,16 @@ def _cpu_ratio(warm: FioResult | None, ceiling: FioResult | None) -> str:
     if not warm or not ceiling or not warm.server_cpu_us or not ceiling.server_cpu_us:
         return "-"
     return f"{warm.server_cpu_us / ceiling.server_cpu_us:.2f}"
+
+
+def _paired(runs: list[FioResult], ceiling: list[FioResult], rate: Callable[[FioResult], float]) -> float | None:
+    """The median over repeats of a setup's rate over the ceiling's in the same repeat (the machine's drift cancels)."""
+    pairs = list(zip(runs, ceiling, strict=False))
+    return statistics.median(rate(a) / rate(b) for a, b in pairs) if pairs else None
+
+
+def _ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
 
 
 def _verdict(ratio: float | None, met: bool | None) -> str:
@@ -350,6 +379,8 @@ def main() -> int:
             r["pattern"],
             *(_figure(r["pattern"], r["_medians"][s]) for s in SETUPS),
             _verdict(r["warm_over_ceiling"], r["warm_goal_met"]),
+            _ratio(r["warm_over_ceiling_paired"]),
+            _ratio(r["floor_over_ceiling_paired"]),
             _verdict(r["cold_time_over_no_cache"], r["cold_goal_met"]),
         ]
         for r in rows
@@ -357,7 +388,7 @@ def main() -> int:
     backing = "dropped from" if args.cold_backing else "warm in"
     print_table(
         f"hit path: O_DIRECT psync, 1 job, {args.size_mib} MiB file ({backing} the page cache), median of {args.repeats}",
-        ["pattern", *SETUPS, f"warm/ceiling >= {WARM_GOAL}", f"cold/no-cache time <= {COLD_GOAL}"],
+        ["pattern", *SETUPS, f"warm/ceiling >= {WARM_GOAL}", "paired", "floor/ceiling paired", f"cold/no-cache time <= {COLD_GOAL}"],
         table,
     )
     print_table(
