@@ -10,7 +10,7 @@ file of random bytes with psync and O_DIRECT (QEMU `cache=none`), 1 job:
   (fio's random map), same offsets every run (fio's fixed seed).
 
 Every run is size-based, not time-based, so a cold run reads each block once
-and really is cold. The four setups:
+and really is cold. The five setups:
 
 - ceiling: memfs serving the file from memory;
 - floor: the daemon answering every read with constant bytes
