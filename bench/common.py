@@ -71,9 +71,13 @@ def _stop_pid(pid: int, grace: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def _wait_mounted(mountpoint: str, timeout: float) -> None:
+def _wait_mounted(mountpoint: str, timeout: float, proc: subprocess.Popen[Any] | None = None) -> None:
+    """Until `mountpoint` is mounted; MountUnavailable after `timeout` seconds, or at once if `proc` (the process
+    that serves it) has exited."""
     deadline = time.monotonic() + timeout
     while not is_mounted(mountpoint):
+        if proc is not None and proc.poll() is not None:
+            raise MountUnavailable(f"the server of {mountpoint} exited with status {proc.returncode} before it was mounted")
         if time.monotonic() > deadline:
             raise MountUnavailable(f"{mountpoint} was not mounted after {timeout:.0f} s")
         time.sleep(0.02)
@@ -121,13 +125,7 @@ def constfs_mount(backing: str, mountpoint: str, log_file: str) -> Iterator[str]
             [sys.executable, "-m", "bench.constfs", backing, mountpoint], stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO
         )
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mountpoint):
-            if proc.poll() is not None:
-                raise MountUnavailable(f"bench/constfs.py exited with status {proc.returncode} (its log: {log_file})")
-            if time.monotonic() > deadline:
-                raise MountUnavailable(f"{mountpoint} was not mounted after 30 s")
-            time.sleep(0.02)
+        _wait_mounted(mountpoint, 30, proc)
         yield mountpoint
     finally:
         _force_unmount(mountpoint, proc.pid)
