@@ -148,12 +148,20 @@ def _wait_reserve(log_file: str, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def memfs_mount(source: str, mountpoint: str, timeout: float = 120, nfs: str | None = None) -> Iterator[str]:
+def memfs_mount(source: str, mountpoint: str, timeout: float = 120, nfs: str | None = None, fusecache_loop: bool = False) -> Iterator[str]:
     """`bench/memfs.py SOURCE MOUNTPOINT` (serves `os.path.basename(source)`); always unmounted and stopped.
-    `nfs`: SOURCE is a file of that NFS export, read at each request (`memfs.py --nfs`)."""
+    `nfs`: SOURCE is a file of that NFS export, read at each request (`memfs.py --nfs`). `fusecache_loop`: its
+    pyfuse3 waits for requests as the daemon's does (`memfs.py --fusecache-loop`)."""
     os.makedirs(mountpoint, exist_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(BENCH_DIR, "memfs.py"), *(["--nfs", nfs] if nfs else []), source, mountpoint],
+        [
+            sys.executable,
+            os.path.join(BENCH_DIR, "memfs.py"),
+            *(["--nfs", nfs] if nfs else []),
+            *(["--fusecache-loop"] if fusecache_loop else []),
+            source,
+            mountpoint,
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         text=True,

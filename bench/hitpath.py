@@ -10,9 +10,13 @@ file of random bytes with psync and O_DIRECT (QEMU `cache=none`), 1 job:
   (fio's random map), same offsets every run (fio's fixed seed).
 
 Every run is size-based, not time-based, so a cold run reads each block once
-and really is cold. The five setups:
+and really is cold. The six setups:
 
-- ceiling: memfs serving the file from memory;
+- ceiling: memfs serving the file from memory (stock pyfuse3: the goal's
+  reference);
+- ceiling-loop: the same, its pyfuse3 waiting for requests as the daemon's
+  does (`memfs.py --fusecache-loop`, fusecache/fuse_loop.py): a hit's own
+  cost is the warm row's distance from this one;
 - floor: the daemon answering every read with constant bytes
   (`bench/constfs.py`): what any answer costs, so a hit's own cost is the
   warm row's distance from this one;
@@ -81,7 +85,7 @@ from bench.common import (
     write_results,
 )
 
-SETUPS = ("ceiling", "floor", "no-cache", "cold", "warm")
+SETUPS = ("ceiling", "ceiling-loop", "floor", "no-cache", "cold", "warm")
 WARM_GOAL = 0.9  # warm >= 0.9 x ceiling (bandwidth / IOPS)
 COLD_GOAL = 1.1  # cold time <= 1.1 x no-cache time
 MAX_PRIME_PASSES = 5
@@ -116,8 +120,9 @@ class Bench:
         """A mount with a fresh, empty cache dir."""
         return self.fusecache(["--cache-dir", self._fresh("cache"), "--cache-size", self.cache_size, "--admit", "inclusive"])
 
-    def memfs(self) -> contextlib.AbstractContextManager[str]:
-        return memfs_mount(self.image, self._fresh("mnt"))
+    def memfs(self, fusecache_loop: bool = False) -> contextlib.AbstractContextManager[str]:
+        """The ceiling; with `fusecache_loop`, its pyfuse3 waits for requests as the daemon's does."""
+        return memfs_mount(self.image, self._fresh("mnt"), fusecache_loop=fusecache_loop)
 
     def floor(self) -> contextlib.AbstractContextManager[str]:
         """The daemon answering every read with constant bytes (`bench/constfs.py`): a hit's floor."""
@@ -186,6 +191,7 @@ def measure(bench: Bench, repeats: int) -> tuple[dict[str, dict[str, list[FioRes
         mounts: dict[str, str | None] = {}
         setups = (
             ("ceiling", bench.memfs),
+            ("ceiling-loop", lambda: bench.memfs(fusecache_loop=True)),
             ("floor", bench.floor),
             ("no-cache", lambda: bench.fusecache(["--no-cache"])),
             ("warm", bench.cached),
@@ -200,8 +206,9 @@ def measure(bench: Bench, repeats: int) -> tuple[dict[str, dict[str, list[FioRes
             counters["primed"] = primed
         for _ in range(repeats):
             for pattern in bench.patterns():
-                if mounts["ceiling"]:
-                    runs["ceiling"][pattern].append(bench.read(mounts["ceiling"], pattern, from_backing=False))
+                for setup in ("ceiling", "ceiling-loop"):
+                    if mounts[setup]:
+                        runs[setup][pattern].append(bench.read(mounts[setup], pattern, from_backing=False))
                 if mounts["floor"]:
                     runs["floor"][pattern].append(bench.read(mounts["floor"], pattern, from_backing=False))
                 if mounts["no-cache"]:
@@ -248,6 +255,7 @@ def summarize(runs: dict[str, dict[str, list[FioResult]]], patterns: list[str]) 
                 "warm_over_ceiling": warm_ratio,
                 "warm_over_ceiling_paired": _paired(runs["warm"][pattern], runs["ceiling"][pattern], rate),
                 "floor_over_ceiling_paired": _paired(runs["floor"][pattern], runs["ceiling"][pattern], rate),
+                "warm_over_ceiling_loop_paired": _paired(runs["warm"][pattern], runs["ceiling-loop"][pattern], rate),
                 "warm_goal_met": None if warm_ratio is None else warm_ratio >= WARM_GOAL,
                 "cold_time_over_no_cache": cold_ratio,
                 "cold_goal_met": None if cold_ratio is None else cold_ratio <= COLD_GOAL,
@@ -381,6 +389,7 @@ def main() -> int:
             _verdict(r["warm_over_ceiling"], r["warm_goal_met"]),
             _ratio(r["warm_over_ceiling_paired"]),
             _ratio(r["floor_over_ceiling_paired"]),
+            _ratio(r["warm_over_ceiling_loop_paired"]),
             _verdict(r["cold_time_over_no_cache"], r["cold_goal_met"]),
         ]
         for r in rows
@@ -388,7 +397,15 @@ def main() -> int:
     backing = "dropped from" if args.cold_backing else "warm in"
     print_table(
         f"hit path: O_DIRECT psync, 1 job, {args.size_mib} MiB file ({backing} the page cache), median of {args.repeats}",
-        ["pattern", *SETUPS, f"warm/ceiling >= {WARM_GOAL}", "paired", "floor/ceiling paired", f"cold/no-cache time <= {COLD_GOAL}"],
+        [
+            "pattern",
+            *SETUPS,
+            f"warm/ceiling >= {WARM_GOAL}",
+            "paired",
+            "floor/ceiling paired",
+            "warm/ceiling-loop paired",
+            f"cold/no-cache time <= {COLD_GOAL}",
+        ],
         table,
     )
     print_table(

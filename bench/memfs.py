@@ -7,12 +7,17 @@ daemon can answer, which is what fusecache's hit path is measured against
 (MEASURED.md's "pyfuse3, bytes from a dict"). Prints "ready" on stdout once
 mounted; unmounts on SIGTERM or SIGINT.
 
+With `--fusecache-loop`, its pyfuse3 waits for requests as the fusecache
+daemon's does (`fusecache/fuse_loop.py`: a request already queued is read at
+once): the ceiling with the daemon's loop, so what a hit costs beyond an
+in-memory answer is the distance between the two.
+
 With `--nfs URL`, SOURCE_FILE is a file of that NFS export instead, and each
 read is one blocking libnfs read (`fusecache.backing.nfs.NfsBacking`, the code
 the daemon reads NFS with) made inline: the least any pyfuse3 filesystem that
 reads NFS adds to an NFS read, one request at a time (bench/nfs_floor.py).
 
-    .venv/bin/python -m bench.memfs SOURCE_FILE MOUNTPOINT
+    .venv/bin/python -m bench.memfs [--fusecache-loop] SOURCE_FILE MOUNTPOINT
     .venv/bin/python -m bench.memfs --nfs nfs://HOST/EXPORT?version=3 NAME MOUNTPOINT
 """
 
@@ -124,6 +129,7 @@ async def _stop_on_signals() -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--nfs", metavar="URL", help="serve SOURCE_FILE of this NFS export, read at each request")
+    p.add_argument("--fusecache-loop", action="store_true", help="wait for requests as the fusecache daemon does (fusecache/fuse_loop.py)")
     p.add_argument("source", metavar="SOURCE_FILE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     args = p.parse_args()
@@ -139,6 +145,10 @@ def main() -> int:
             data = f.read()  # reading touches every page: no first-touch cost while measuring
         ops = MemoryFile(name, data)
     pyfuse3.init(ops, args.mountpoint, [*pyfuse3.default_options, "fsname=memfs", "subtype=memfs", "ro"])
+    if args.fusecache_loop:
+        from fusecache import fuse_loop
+
+        fuse_loop.install()
     try:
         print("ready", flush=True)
         trio.run(_serve)

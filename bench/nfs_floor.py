@@ -9,9 +9,11 @@ repeat, in this order, each reads 4 KiB at random offsets, one at a time:
 
 - direct: `fusecache.backing.nfs.NfsBacking` in this process (libnfs, the code
   the daemon reads NFS with), `--reads` distinct offsets;
-- floor: `bench/memfs.py --nfs`, a pyfuse3 filesystem whose read handler is one
-  blocking libnfs read of the same file, made inline: the FUSE hop and nothing
-  else, what any pyfuse3 filesystem reading NFS adds at least;
+- floor: `bench/memfs.py --nfs --fusecache-loop`, a pyfuse3 filesystem whose
+  read handler is one blocking libnfs read of the same file, made inline, its
+  requests taken as the daemon takes them (fusecache/fuse_loop.py): the FUSE
+  hop and nothing else, what any pyfuse3 filesystem reading NFS adds at least
+  (until 2026-12-04 stock pyfuse3's loop: slower);
 - no-cache: `fusecache mount URL --no-cache`;
 - default: `fusecache mount URL` (second-chance admission), a fresh mount with
   an empty cache in every repeat, so every read is a cold miss.
@@ -90,7 +92,7 @@ def measure(work: str, server: NfsServer, rtt_ms: float, size: int, reads: int, 
             progress(f"{where}: direct")
             runs["direct"].append(nfs_random_4k(backing, size, reads))
             progress(f"{where}: floor (memfs --nfs)")
-            with memfs_mount(IMAGE, os.path.join(work, f"floor-{rtt_ms:g}-{i}"), nfs=url) as mp:
+            with memfs_mount(IMAGE, os.path.join(work, f"floor-{rtt_ms:g}-{i}"), nfs=url, fusecache_loop=True) as mp:
                 runs["floor"].append(fio_4k(mp, reads))
             for setup, options in (("no-cache", ["--no-cache"]), ("default", [])):
                 progress(f"{where}: fusecache {setup}")

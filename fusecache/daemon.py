@@ -27,7 +27,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from fusecache import control, health, mounts
+from fusecache import control, fuse_loop, health, mounts
 from fusecache.assemble import assemble, cluster_key
 from fusecache.backing import open_backing
 from fusecache.errors import QuietError, find_in
@@ -244,6 +244,7 @@ async def _main(opts: MountOptions, readiness: Readiness) -> None:
                 gc.freeze()
                 gc.set_threshold(*GC_THRESHOLDS)
                 readiness.ready()
+                fuse_loop.install()  # a request already queued is read without a trip through trio's epoll
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
