@@ -15,8 +15,9 @@ and really is cold. The six setups:
 - ceiling: memfs serving the file from memory (stock pyfuse3: the goal's
   reference);
 - ceiling-loop: the same, its pyfuse3 waiting for requests as the daemon's
-  does (`memfs.py --fusecache-loop`, fusecache/fuse_loop.py): a hit's own
-  cost is the warm row's distance from this one;
+  does (`memfs.py --fusecache-loop`, fusecache/fuse_loop.py): the loop's gain
+  is the distance between the two ceilings, and warm against this one is
+  the goal's ratio with the loop in the ceiling too;
 - floor: the daemon answering every read with constant bytes
   (`bench/constfs.py`): what any answer costs, so a hit's own cost is the
   warm row's distance from this one;

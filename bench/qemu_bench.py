@@ -8,9 +8,9 @@ guest; `-t none` is O_DIRECT as a guest's `cache=none` disk, `-n` native AIO,
 - ceiling: `bench/memfs.py`, the file served from memory, answered inline
   by stock pyfuse3 (the goal's reference);
 - ceiling-loop: the same, its pyfuse3 waiting for requests as the daemon's
-  does (`memfs.py --fusecache-loop`, fusecache/fuse_loop.py): a warm hit's
-  own cost is its distance from this row, the loop's gain the distance
-  between the two ceilings;
+  does (`memfs.py --fusecache-loop`, fusecache/fuse_loop.py): the loop's gain
+  is the distance between the two ceilings, and warm against this row is
+  the goal's ratio with the loop in the ceiling too;
 - warm: a `fusecache mount --admit inclusive` whose cache was filled first
   (bench/hitpath.py's priming: whole-file reads until the stats say it is all
   cached);
