@@ -9,8 +9,8 @@ mounted; unmounts on SIGTERM or SIGINT.
 
 With `--fusecache-loop`, its pyfuse3 waits for requests as the fusecache
 daemon's does (`fusecache/fuse_loop.py`: a request already queued is read at
-once): the ceiling with the daemon's loop, so what a hit costs beyond an
-in-memory answer is the distance between the two.
+once): the ceiling with the daemon's loop, so the loop's gain is the
+distance between the two ceilings.
 
 With `--nfs URL`, SOURCE_FILE is a file of that NFS export instead, and each
 read is one blocking libnfs read (`fusecache.backing.nfs.NfsBacking`, the code
